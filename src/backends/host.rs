@@ -1,0 +1,320 @@
+//! Host backends: `cpu` (private anonymous memory) and `shm` (a file under /dev/shm that other
+//! processes can map). Both reserve their whole range up front without backing it; pages are
+//! backed by `commit` (MADV_POPULATE_WRITE) and given back by `release` (MADV_DONTNEED for
+//! anonymous memory, hole punching for the file).
+
+use super::{Backend, BackendError, Capacity, meminfo, tmpfs_capacity};
+use crate::protocol::{MemoryHandle, MemoryType};
+use memmap2::{Advice, MmapMut, MmapOptions, UncheckedAdvice};
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a capacity reading is reused: reading /proc/meminfo costs more than an allocation.
+const CAPACITY_TTL: Duration = Duration::from_millis(100);
+
+fn host_page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 { p as u64 } else { 4096 }
+}
+
+/// A capacity reading reused for [`CAPACITY_TTL`].
+struct CachedCapacity {
+    value: Capacity,
+    at: Option<Instant>,
+}
+
+impl CachedCapacity {
+    fn new() -> Self {
+        CachedCapacity {
+            value: Capacity { total: 0, free: 0 },
+            at: None,
+        }
+    }
+
+    fn get(&mut self, read: impl FnOnce() -> Capacity) -> Capacity {
+        if self.at.is_none_or(|t| t.elapsed() > CAPACITY_TTL) {
+            self.value = read();
+            self.at = Some(Instant::now());
+        }
+        self.value
+    }
+}
+
+/// Backs pages by prefaulting them writable. Falls back to touching one byte per page on
+/// kernels without MADV_POPULATE_WRITE (before 5.14); only pages that hold no live data are
+/// ever committed, so writing a zero there is harmless.
+fn populate(
+    map: &mut MmapMut,
+    device: &str,
+    offset: u64,
+    len: u64,
+    page: u64,
+) -> Result<(), BackendError> {
+    match map.advise_range(Advice::PopulateWrite, offset as usize, len as usize) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            let mut at = offset;
+            while at < offset + len {
+                map[at as usize] = 0;
+                at += page;
+            }
+            Ok(())
+        }
+        Err(source) => Err(BackendError::Os {
+            device: device.to_string(),
+            what: "backing pages",
+            source,
+        }),
+    }
+}
+
+/// `cpu`: private host RAM.
+pub struct CpuBackend {
+    map: MmapMut,
+    page: u64,
+    capacity: CachedCapacity,
+}
+
+impl CpuBackend {
+    /// Reserves `len` bytes of address space (rounded up to whole pages), backed by nothing yet.
+    pub fn new(len: u64) -> Result<Self, BackendError> {
+        let page = host_page_size();
+        let len = len.div_ceil(page).max(1) * page;
+        let map = MmapOptions::new()
+            .len(len as usize)
+            .no_reserve_swap()
+            .map_anon()
+            .map_err(|source| BackendError::Os {
+                device: "cpu".into(),
+                what: "reserving address space",
+                source,
+            })?;
+        Ok(CpuBackend {
+            map,
+            page,
+            capacity: CachedCapacity::new(),
+        })
+    }
+}
+
+impl Backend for CpuBackend {
+    fn device_id(&self) -> &str {
+        "cpu"
+    }
+    fn name(&self) -> &str {
+        "Host RAM"
+    }
+    fn memory_type(&self) -> MemoryType {
+        MemoryType::RAM
+    }
+    fn capacity(&mut self) -> Capacity {
+        self.capacity.get(meminfo)
+    }
+    fn len(&self) -> u64 {
+        self.map.len() as u64
+    }
+    fn page_size(&self) -> u64 {
+        self.page
+    }
+    fn commit(&mut self, offset: u64, len: u64) -> Result<(), BackendError> {
+        populate(&mut self.map, "cpu", offset, len, self.page)
+    }
+    fn release(&mut self, offset: u64, len: u64) {
+        // SAFETY: MADV_DONTNEED drops the pages' contents; the arena only releases pages that
+        // no live allocation touches, and nothing holds references into the mapping.
+        let r = unsafe {
+            self.map.unchecked_advise_range(
+                UncheckedAdvice::DontNeed,
+                offset as usize,
+                len as usize,
+            )
+        };
+        if let Err(e) = r {
+            tracing::warn!("cpu: releasing pages failed: {e}");
+        }
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) {
+        let o = offset as usize;
+        buf.copy_from_slice(&self.map[o..o + buf.len()]);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let o = offset as usize;
+        self.map[o..o + data.len()].copy_from_slice(data);
+    }
+    fn copy_within(&mut self, src: u64, dst: u64, len: u64) {
+        let s = src as usize;
+        self.map.copy_within(s..s + len as usize, dst as usize);
+    }
+    fn handle(&self, _offset: u64) -> Option<MemoryHandle> {
+        None
+    }
+}
+
+static SHM_FILES: AtomicU64 = AtomicU64::new(0);
+
+/// `shm`: a sparse file under a tmpfs (normally /dev/shm), mapped shared, so another process can
+/// map an allocation by its handle's path and offset. The file is removed when the backend is
+/// dropped.
+pub struct ShmBackend {
+    map: MmapMut,
+    file: File,
+    path: PathBuf,
+    dir: PathBuf,
+    page: u64,
+    capacity: CachedCapacity,
+}
+
+impl ShmBackend {
+    /// Creates `memcoord-<pid>-<n>-shm` in `dir`, `len` bytes long (rounded up to whole pages)
+    /// and sparse, and maps it.
+    pub fn new(dir: &Path, len: u64) -> Result<Self, BackendError> {
+        let os = |what: &'static str| {
+            move |source| BackendError::Os {
+                device: "shm".into(),
+                what,
+                source,
+            }
+        };
+        let page = host_page_size();
+        let len = len.div_ceil(page).max(1) * page;
+        let n = SHM_FILES.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!("memcoord-{}-{n}-shm", std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(os("creating the shared-memory file"))?;
+        let made = file
+            .set_len(len)
+            .map_err(os("sizing the shared-memory file"))
+            .and_then(|()| {
+                // SAFETY: the file is ours, freshly created; other processes may map it too,
+                // which is the point of `shm`: they follow the handle protocol (PROTOCOL.md §6).
+                unsafe { MmapOptions::new().len(len as usize).map_mut(&file) }
+                    .map_err(os("mapping the shared-memory file"))
+            });
+        match made {
+            Ok(map) => Ok(ShmBackend {
+                map,
+                file,
+                path,
+                dir: dir.to_path_buf(),
+                page,
+                capacity: CachedCapacity::new(),
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+
+    /// The file another process maps.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ShmBackend {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Backend for ShmBackend {
+    fn device_id(&self) -> &str {
+        "shm"
+    }
+    fn name(&self) -> &str {
+        "Host shared memory (/dev/shm)"
+    }
+    fn memory_type(&self) -> MemoryType {
+        MemoryType::SharedMemory
+    }
+    fn capacity(&mut self) -> Capacity {
+        let dir = &self.dir;
+        self.capacity.get(|| tmpfs_capacity(dir))
+    }
+    fn len(&self) -> u64 {
+        self.map.len() as u64
+    }
+    fn page_size(&self) -> u64 {
+        self.page
+    }
+    fn commit(&mut self, offset: u64, len: u64) -> Result<(), BackendError> {
+        populate(&mut self.map, "shm", offset, len, self.page)
+    }
+    fn release(&mut self, offset: u64, len: u64) {
+        // SAFETY: fallocate on our own descriptor; punching a hole frees the tmpfs pages and
+        // zaps them from every mapping; the arena only releases pages no live allocation touches.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            tracing::warn!(
+                "shm: releasing pages failed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) {
+        let o = offset as usize;
+        buf.copy_from_slice(&self.map[o..o + buf.len()]);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let o = offset as usize;
+        self.map[o..o + data.len()].copy_from_slice(data);
+    }
+    fn copy_within(&mut self, src: u64, dst: u64, len: u64) {
+        let s = src as usize;
+        self.map.copy_within(s..s + len as usize, dst as usize);
+    }
+    fn handle(&self, offset: u64) -> Option<MemoryHandle> {
+        Some(MemoryHandle {
+            path: self.path.to_string_lossy().into_owned(),
+            offset,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_commit_write_release() {
+        let mut b = CpuBackend::new(1 << 20).unwrap();
+        let p = b.page_size();
+        b.commit(0, p).unwrap();
+        b.write(10, b"hello");
+        let mut buf = [0u8; 5];
+        b.read(10, &mut buf);
+        assert_eq!(&buf, b"hello");
+        b.release(0, p);
+        b.read(10, &mut buf);
+        assert_eq!(buf, [0; 5], "released pages read back as zero");
+    }
+
+    #[test]
+    fn shm_file_is_shared_and_removed() {
+        let mut b = ShmBackend::new(Path::new("/dev/shm"), 1 << 20).unwrap();
+        let path = b.path().to_path_buf();
+        b.commit(0, b.page_size()).unwrap();
+        b.write(100, b"shared");
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(&on_disk[100..106], b"shared");
+        assert_eq!(b.handle(100).unwrap().offset, 100);
+        drop(b);
+        assert!(!path.exists());
+    }
+}

@@ -1,0 +1,79 @@
+//! Backends: where the bytes of a device's arena come from (host RAM, a shared-memory file,
+//! later CUDA). Each backend maps one contiguous range of address space, backs pages of it on
+//! request and gives them back; the arena above decides which pages.
+//!
+//! This is the only layer that calls the operating system's memory APIs.
+
+mod host;
+mod sysinfo;
+
+pub use host::{CpuBackend, ShmBackend};
+pub use sysinfo::{meminfo, tmpfs_capacity};
+
+use crate::protocol::{MemoryHandle, MemoryType};
+
+/// What went wrong in a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The operating system refused to map or back memory.
+    #[error("{device}: {what}: {source}")]
+    Os {
+        /// The device.
+        device: String,
+        /// What was being done.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A device's capacity as the device itself reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    /// Total bytes (RAM: MemTotal; tmpfs: its size).
+    pub total: u64,
+    /// Bytes free for anyone on the device now.
+    pub free: u64,
+}
+
+impl Capacity {
+    /// Bytes in use on the device, by every process.
+    pub fn used(&self) -> u64 {
+        self.total.saturating_sub(self.free)
+    }
+}
+
+/// One device's memory: a mapped range of `len()` bytes whose pages are backed on demand.
+///
+/// Offsets and lengths passed to `commit` and `release` are multiples of `page_size()`;
+/// `read`, `write` and `copy_within` take any in-bounds range.
+pub trait Backend: Send {
+    /// The device id (`cpu`, `shm`, `cuda:0`).
+    fn device_id(&self) -> &str;
+    /// A name for people.
+    fn name(&self) -> &str;
+    /// The kind of memory.
+    fn memory_type(&self) -> MemoryType;
+    /// The device's capacity now (may be cached for a short while).
+    fn capacity(&mut self) -> Capacity;
+    /// The mapped length in bytes.
+    fn len(&self) -> u64;
+    /// Whether the mapping is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The backing granularity in bytes.
+    fn page_size(&self) -> u64;
+    /// Backs the pages of `[offset, offset + len)` with real memory.
+    fn commit(&mut self, offset: u64, len: u64) -> Result<(), BackendError>;
+    /// Gives the pages of `[offset, offset + len)` back to the system; their contents are lost.
+    fn release(&mut self, offset: u64, len: u64);
+    /// Copies bytes out of the mapping.
+    fn read(&self, offset: u64, buf: &mut [u8]);
+    /// Copies bytes into the mapping.
+    fn write(&mut self, offset: u64, data: &[u8]);
+    /// Moves `len` bytes from `src` to `dst` inside the mapping (ranges may overlap).
+    fn copy_within(&mut self, src: u64, dst: u64, len: u64);
+    /// Where another process maps the bytes at `offset`, for shareable memory.
+    fn handle(&self, offset: u64) -> Option<MemoryHandle>;
+}

@@ -1,0 +1,214 @@
+//! Settings: device budgets and worker limits, from `--budget`/`--config` and defaults.
+
+use crate::backends::{Backend, CpuBackend, ShmBackend, meminfo, tmpfs_capacity};
+use crate::managers::DeviceSetup;
+use crate::units::{format_bytes, parse_size};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Host device ids, in the order they are listed.
+pub const HOST_DEVICES: [&str; 2] = ["cpu", "shm"];
+
+/// What went wrong reading settings or creating devices.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML of the expected shape.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// A bad `DEVICE=SIZE` or size.
+    #[error("{0}")]
+    Budget(String),
+    /// A device could not be created.
+    #[error(transparent)]
+    Backend(#[from] crate::backends::BackendError),
+}
+
+/// A size written as bytes (integer) or text (`"8GiB"`) in the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    budgets: BTreeMap<String, SizeValue>,
+    max_line_bytes: Option<SizeValue>,
+    shm_dir: Option<PathBuf>,
+}
+
+/// The worker's settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Budgets by device id; devices not named get their default.
+    pub budgets: BTreeMap<String, u64>,
+    /// The stdio line limit.
+    pub max_line_bytes: usize,
+    /// Where the `shm` device's file lives.
+    pub shm_dir: PathBuf,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            budgets: BTreeMap::new(),
+            max_line_bytes: 1 << 20,
+            shm_dir: PathBuf::from("/dev/shm"),
+        }
+    }
+}
+
+fn size_value(v: &SizeValue, what: &str) -> Result<u64, ConfigError> {
+    match v {
+        SizeValue::Bytes(b) => Ok(*b),
+        SizeValue::Text(t) => {
+            parse_size(t).map_err(|e| ConfigError::Budget(format!("{what}: {e}")))
+        }
+    }
+}
+
+fn check_device(device: &str) -> Result<(), ConfigError> {
+    if HOST_DEVICES.contains(&device) {
+        Ok(())
+    } else {
+        Err(ConfigError::Budget(format!(
+            "unknown device `{device}` in a budget: devices are {}",
+            HOST_DEVICES.join(", ")
+        )))
+    }
+}
+
+impl Settings {
+    /// Reads a TOML config file over the defaults.
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let file: ConfigFile = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let mut s = Settings::default();
+        for (device, size) in &file.budgets {
+            check_device(device)?;
+            s.budgets.insert(
+                device.clone(),
+                size_value(size, &format!("budget of {device}"))?,
+            );
+        }
+        if let Some(m) = &file.max_line_bytes {
+            s.max_line_bytes = size_value(m, "max_line_bytes")? as usize;
+        }
+        if let Some(dir) = file.shm_dir {
+            s.shm_dir = dir;
+        }
+        Ok(s)
+    }
+
+    /// Applies one `DEVICE=SIZE` from the command line.
+    pub fn set_budget(&mut self, spec: &str) -> Result<(), ConfigError> {
+        let (device, size) = spec.split_once('=').ok_or_else(|| {
+            ConfigError::Budget(format!("`{spec}` is not DEVICE=SIZE (e.g. cpu=8GiB)"))
+        })?;
+        let device = device.trim();
+        check_device(device)?;
+        let bytes = parse_size(size)
+            .map_err(|e| ConfigError::Budget(format!("budget of {device}: {e}")))?;
+        self.budgets.insert(device.to_string(), bytes);
+        Ok(())
+    }
+
+    /// The budget of a host device: as set, else half of the device's capacity (a worker
+    /// shares its machine).
+    pub fn budget(&self, device: &str) -> u64 {
+        if let Some(b) = self.budgets.get(device) {
+            return *b;
+        }
+        match device {
+            "cpu" => meminfo().total / 2,
+            "shm" => tmpfs_capacity(&self.shm_dir).total / 2,
+            _ => 0,
+        }
+    }
+
+    /// Creates the host devices with their budgets.
+    pub fn host_devices(&self) -> Result<Vec<DeviceSetup>, ConfigError> {
+        let mut devices = Vec::new();
+        for device in HOST_DEVICES {
+            let budget = self.budget(device);
+            if budget == 0 {
+                return Err(ConfigError::Budget(format!(
+                    "the budget of {device} is 0 bytes: give it at least one page"
+                )));
+            }
+            // The arena's range is a quarter larger than the budget: address space (and a sparse
+            // file) cost nothing until backed, and the sub-allocator's size classes round a
+            // request up by up to 1/8, so this lets any request within the budget fit an empty
+            // arena. The budget, not the range, bounds what is held.
+            let range = budget.saturating_add(budget / 4);
+            let backend: Box<dyn Backend> = match device {
+                "cpu" => Box::new(CpuBackend::new(range)?),
+                _ => Box::new(ShmBackend::new(&self.shm_dir, range)?),
+            };
+            tracing::debug!("{device}: budget {}", format_bytes(budget));
+            devices.push(DeviceSetup { backend, budget });
+        }
+        Ok(devices)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budgets_from_flags_and_file() {
+        let mut s = Settings::default();
+        s.set_budget("cpu=64MiB").unwrap();
+        assert_eq!(s.budget("cpu"), 64 << 20);
+        assert!(s.set_budget("gpu=1GiB").is_err());
+        assert!(s.set_budget("cpu").is_err());
+        assert!(s.set_budget("cpu=lots").is_err());
+
+        let dir = std::env::temp_dir().join(format!("memcoord-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(
+            &path,
+            "max_line_bytes = \"2MiB\"\n[budgets]\ncpu = \"8GiB\"\nshm = 1048576\n",
+        )
+        .unwrap();
+        let s = Settings::from_file(&path).unwrap();
+        assert_eq!(s.budget("cpu"), 8 << 30);
+        assert_eq!(s.budget("shm"), 1 << 20);
+        assert_eq!(s.max_line_bytes, 2 << 20);
+        std::fs::write(&path, "[budgets]\nnope = 1\n").unwrap();
+        assert!(Settings::from_file(&path).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn defaults_are_half_the_machine() {
+        let s = Settings::default();
+        assert!(s.budget("cpu") > 0);
+        assert!(s.budget("cpu") <= meminfo().total);
+    }
+}

@@ -1,0 +1,220 @@
+//! Dispatch: a request line becomes a typed request, a service call, and a response line. The
+//! seed's "instructor". Transports hand lines in and write what comes out; they know nothing
+//! of actions.
+
+use crate::protocol::envelope::{parse_request, write_error, write_success};
+use crate::protocol::requests::{
+    AllocateRequest, ClearRequest, DeallocateRequest, DeviceRequest, GetAllocationsRequest,
+    GetStatusRequest,
+};
+use crate::protocol::{ErrorCode, ProtocolError};
+use crate::service::{MemoryService, TryAllocate};
+use serde::Serialize;
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Every action of the contract, and whether this version carries it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// `memory.list_devices`
+    ListDevices,
+    /// `memory.get_status`
+    GetStatus,
+    /// `memory.get_usage`
+    GetUsage,
+    /// `memory.get_allocations`
+    GetAllocations,
+    /// `memory.allocate`
+    Allocate,
+    /// `memory.deallocate`
+    Deallocate,
+    /// `memory.clear`
+    Clear,
+    /// An action of the contract that a later version carries out.
+    NotYet(&'static str),
+}
+
+/// Actions of the contract that this version does not carry out yet.
+pub const PLANNED_ACTIONS: [&str; 13] = [
+    "memory.defragment",
+    "memory.transfer",
+    "memory.get_transfer",
+    "memory.optimize",
+    "memory.model_load",
+    "memory.model_unload",
+    "memory.model_acquire",
+    "memory.model_release",
+    "memory.model_status",
+    "memory.model_optimize",
+    "memory.get_pressure",
+    "memory.analytics",
+    "memory.optimization_recs",
+];
+
+impl Action {
+    /// Looks an action up by name.
+    pub fn from_name(name: &str) -> Option<Action> {
+        Some(match name {
+            "memory.list_devices" => Action::ListDevices,
+            "memory.get_status" => Action::GetStatus,
+            "memory.get_usage" => Action::GetUsage,
+            "memory.get_allocations" => Action::GetAllocations,
+            "memory.allocate" => Action::Allocate,
+            "memory.deallocate" => Action::Deallocate,
+            "memory.clear" => Action::Clear,
+            other => Action::NotYet(PLANNED_ACTIONS.iter().find(|a| **a == other)?),
+        })
+    }
+}
+
+/// A response that needs waiting for (an allocate waiting for memory). The transport runs it
+/// on the async runtime; if it panics, the transport answers `request_id` with INTERNAL_ERROR.
+pub struct Pending {
+    /// The request's id.
+    pub request_id: String,
+    /// Produces the response line.
+    pub response: Pin<Box<dyn Future<Output = Vec<u8>> + Send>>,
+}
+
+/// Turns request lines into response lines.
+#[derive(Clone)]
+pub struct Dispatcher {
+    service: Arc<MemoryService>,
+}
+
+fn respond<T: Serialize>(out: &mut Vec<u8>, id: &str, result: Result<T, ProtocolError>) {
+    match result {
+        Ok(data) => write_success(out, Some(id), &data),
+        Err(e) => write_error(out, Some(id), &e),
+    }
+}
+
+/// The INTERNAL_ERROR response for a request whose handling panicked.
+pub fn internal_error(out: &mut Vec<u8>, request_id: Option<&str>) {
+    write_error(
+        out,
+        request_id,
+        &ProtocolError::new(
+            ErrorCode::InternalError,
+            "internal error while handling the request (this is a bug in memcoord; the worker keeps serving)",
+        ),
+    );
+}
+
+impl Dispatcher {
+    /// A dispatcher over a service.
+    pub fn new(service: Arc<MemoryService>) -> Self {
+        Dispatcher { service }
+    }
+
+    /// The service.
+    pub fn service(&self) -> &Arc<MemoryService> {
+        &self.service
+    }
+
+    /// Handles one request line (without its line ending). Appends the response line to `out`,
+    /// or returns it as [`Pending`] when it has to wait.
+    pub fn handle_line(&self, line: &[u8], out: &mut Vec<u8>) -> Option<Pending> {
+        let start = out.len();
+        match catch_unwind(AssertUnwindSafe(|| self.handle_line_inner(line, out))) {
+            Ok(pending) => pending,
+            Err(_) => {
+                out.truncate(start);
+                let id = parse_request(line).ok().map(|r| r.request_id.into_owned());
+                internal_error(out, id.as_deref());
+                None
+            }
+        }
+    }
+
+    fn handle_line_inner(&self, line: &[u8], out: &mut Vec<u8>) -> Option<Pending> {
+        let request = match parse_request(line) {
+            Ok(r) => r,
+            Err(e) => {
+                write_error(out, e.request_id.as_deref(), &e.error);
+                return None;
+            }
+        };
+        let id: &str = &request.request_id;
+        let Some(action) = Action::from_name(&request.action) else {
+            let e = ProtocolError::new(
+                ErrorCode::UnknownAction,
+                format!("unknown action `{}`", request.action),
+            );
+            write_error(out, Some(id), &e);
+            return None;
+        };
+        if self.service.is_shutting_down() {
+            let e = ProtocolError::new(
+                ErrorCode::ShuttingDown,
+                "the worker is stopping; the request was not carried out",
+            );
+            write_error(out, Some(id), &e);
+            return None;
+        }
+        let data = request.data;
+        let s = &self.service;
+        match action {
+            Action::ListDevices => respond(out, id, Ok(s.list_devices())),
+            Action::GetStatus => respond(
+                out,
+                id,
+                GetStatusRequest::parse(data).and_then(|r| s.get_status(&r)),
+            ),
+            Action::GetUsage => respond(
+                out,
+                id,
+                DeviceRequest::parse(data).and_then(|r| s.get_usage(&r)),
+            ),
+            Action::GetAllocations => respond(
+                out,
+                id,
+                GetAllocationsRequest::parse(data).and_then(|r| s.get_allocations(&r)),
+            ),
+            Action::Deallocate => respond(
+                out,
+                id,
+                DeallocateRequest::parse(data).and_then(|r| s.deallocate(&r)),
+            ),
+            Action::Clear => respond(out, id, ClearRequest::parse(data).and_then(|r| s.clear(&r))),
+            Action::Allocate => {
+                let started = Instant::now();
+                let req = match AllocateRequest::parse(data) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        write_error(out, Some(id), &e);
+                        return None;
+                    }
+                };
+                match s.try_allocate(req, started) {
+                    TryAllocate::Ready(r) => respond(out, id, r),
+                    TryAllocate::MustWait(req) => {
+                        let service = Arc::clone(s);
+                        let request_id = id.to_string();
+                        let rid = request_id.clone();
+                        return Some(Pending {
+                            request_id,
+                            response: Box::pin(async move {
+                                let r = service.wait_and_allocate(req, started).await;
+                                let mut out = Vec::with_capacity(512);
+                                respond(&mut out, &rid, r);
+                                out
+                            }),
+                        });
+                    }
+                }
+            }
+            Action::NotYet(name) => {
+                let e = ProtocolError::new(
+                    ErrorCode::UnknownAction,
+                    format!("action `{name}` is not available in this version of memcoord"),
+                );
+                write_error(out, Some(id), &e);
+            }
+        }
+        None
+    }
+}

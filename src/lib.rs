@@ -1,0 +1,21 @@
+//! memcoord: the memory coordinator for machine-learning inference hosts.
+//!
+//! Data flows one way:
+//! [`transport`] (stdio) → [`dispatch`] (action → typed request → call → response) →
+//! [`service`] (one method per action) → [`managers`] (allocation engine, arenas) →
+//! [`backends`] (host memory). [`protocol`] holds the wire contract's types.
+//!
+//! As a library: build devices with [`config::Settings::host_devices`], wrap them in a
+//! [`service::MemoryService`], and call its methods; allocations' bytes are read and written
+//! with [`service::MemoryService::read`] and [`service::MemoryService::write`].
+
+#![warn(missing_docs)]
+
+pub mod backends;
+pub mod config;
+pub mod dispatch;
+pub mod managers;
+pub mod protocol;
+pub mod service;
+pub mod transport;
+pub mod units;

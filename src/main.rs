@@ -1,0 +1,166 @@
+//! The `memcoord` command: `worker` (the stdio protocol), `status` (a table of devices).
+
+use clap::{Args, Parser, Subcommand};
+use memcoord::config::{ConfigError, Settings};
+use memcoord::dispatch::Dispatcher;
+use memcoord::service::MemoryService;
+use memcoord::transport::stdio::{self, WorkerOptions};
+use memcoord::units::format_bytes;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(
+    name = "memcoord",
+    version,
+    about = "The memory coordinator for ML inference hosts"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer the memory protocol: NDJSON requests on stdin, responses on stdout.
+    Worker {
+        #[command(flatten)]
+        devices: DeviceArgs,
+        /// Lines longer than this many bytes are answered REQUEST_TOO_LARGE.
+        #[arg(long, value_name = "BYTES")]
+        max_line_bytes: Option<usize>,
+    },
+    /// Print a table of devices: capacity, use, budget.
+    Status {
+        #[command(flatten)]
+        devices: DeviceArgs,
+        /// Print JSON (`{devices: [...]}` with each device's MemoryInfo and usage) for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct DeviceArgs {
+    /// A device's budget, e.g. `cpu=8GiB` (repeatable). Default: half the device.
+    #[arg(long = "budget", value_name = "DEVICE=SIZE")]
+    budgets: Vec<String>,
+    /// A TOML config file (`[budgets]` table, `max_line_bytes`, `shm_dir`).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+impl DeviceArgs {
+    fn settings(&self) -> Result<Settings, ConfigError> {
+        let mut s = match &self.config {
+            Some(path) => Settings::from_file(path)?,
+            None => Settings::default(),
+        };
+        for b in &self.budgets {
+            s.set_budget(b)?;
+        }
+        Ok(s)
+    }
+}
+
+fn service(settings: &Settings) -> Result<Arc<MemoryService>, ConfigError> {
+    Ok(Arc::new(MemoryService::new(settings.host_devices()?)))
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Worker {
+            devices,
+            max_line_bytes,
+        } => {
+            let settings = devices.settings().map_err(|e| e.to_string())?;
+            let options = WorkerOptions {
+                max_line_bytes: max_line_bytes.unwrap_or(settings.max_line_bytes),
+            };
+            let service = service(&settings).map_err(|e| e.to_string())?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("memcoord-rt")
+                .enable_time()
+                .enable_io()
+                .build()
+                .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+            stdio::run(Dispatcher::new(service), &runtime, &options)
+                .map_err(|e| format!("worker failed: {e}"))?;
+            runtime.shutdown_background();
+            Ok(())
+        }
+        Command::Status { devices, json } => {
+            let settings = devices.settings().map_err(|e| e.to_string())?;
+            let service = service(&settings).map_err(|e| e.to_string())?;
+            print_status(&service, json);
+            service.close();
+            Ok(())
+        }
+    }
+}
+
+fn print_status(service: &MemoryService, json: bool) {
+    use memcoord::protocol::requests::DeviceRequest;
+    let devices = service.list_devices().devices;
+    let rows: Vec<_> = devices
+        .into_iter()
+        .filter_map(|info| {
+            let usage = service
+                .get_usage(&DeviceRequest {
+                    device_id: info.device_id.clone(),
+                })
+                .ok()?;
+            Some((info, usage))
+        })
+        .collect();
+    if json {
+        let list: Vec<_> = rows
+            .iter()
+            .map(|(info, usage)| serde_json::json!({"memory_info": info, "usage_stats": usage}))
+            .collect();
+        println!("{}", serde_json::json!({ "devices": list }));
+        return;
+    }
+    println!(
+        "{:<6} {:<13} {:>11} {:>11} {:>11} {:>11} {:>11}  {:<22}",
+        "DEVICE", "TYPE", "CAPACITY", "USED", "AVAILABLE", "ALLOCATED", "BUDGET", "USED (device)"
+    );
+    for (info, usage) in rows {
+        let filled = ((info.usage_percentage / 100.0) * 20.0)
+            .round()
+            .clamp(0.0, 20.0) as usize;
+        let bar = format!("[{}{}]", "#".repeat(filled), ".".repeat(20 - filled));
+        println!(
+            "{:<6} {:<13} {:>11} {:>11} {:>11} {:>11} {:>11}  {} {:>5.1}%",
+            info.device_id,
+            info.memory_type.name(),
+            format_bytes(info.total_memory),
+            format_bytes(info.used_memory),
+            format_bytes(info.available_memory),
+            format_bytes(usage.allocated_bytes),
+            format_bytes(usage.budget_bytes),
+            bar,
+            info.usage_percentage
+        );
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MEMCOORD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("memcoord: {message}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,698 @@
+//! The allocation engine: every device's arena and budget, every live allocation, and the
+//! counters the protocol reports. Callers serialise access (the service holds it in a mutex).
+
+use super::arena::{Arena, ArenaError, Placement};
+use super::health;
+use crate::backends::{Backend, BackendError};
+use crate::protocol::{
+    MemoryAllocation, MemoryAllocationType, MemoryFragmentation, MemoryInfo, MemoryUsageStats,
+    Timestamp,
+};
+use crate::units::format_bytes;
+use rustc_hash::FxHashMap;
+use std::time::SystemTime;
+use uuid::Uuid;
+
+/// What the engine refuses, in terms the service turns into protocol errors.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// No device with this id.
+    #[error("Device {0} not found")]
+    UnknownDevice(String),
+    /// No live allocation with this id (on this device, if one was named).
+    #[error("Allocation {0} not found")]
+    AllocationNotFound(String),
+    /// Not enough room now; freeing memory could make room.
+    #[error("{device}: requested {}, {} available", format_bytes(*requested), format_bytes(*available))]
+    NoRoom {
+        /// The device.
+        device: String,
+        /// Bytes asked for.
+        requested: u64,
+        /// Bytes available now.
+        available: u64,
+    },
+    /// More than the device's budget: it can never fit.
+    #[error("{device}: requested {}, more than the device's budget of {}", format_bytes(*requested), format_bytes(*budget))]
+    OverBudget {
+        /// The device.
+        device: String,
+        /// Bytes asked for.
+        requested: u64,
+        /// The budget.
+        budget: u64,
+    },
+    /// The allocation holds no bytes (a Reservation) or the range is outside it.
+    #[error("{0}")]
+    OutOfRange(String),
+    /// The backend failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+/// Who holds an allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// A protocol client.
+    Client,
+    /// A model, by name.
+    Model(String),
+}
+
+impl Owner {
+    /// `client` or `model:<name>`.
+    pub fn wire(&self) -> String {
+        match self {
+            Owner::Client => "client".to_string(),
+            Owner::Model(name) => format!("model:{name}"),
+        }
+    }
+}
+
+/// A device to create: its backend and budget.
+pub struct DeviceSetup {
+    /// The memory behind the device; its length should be at least the budget.
+    pub backend: Box<dyn Backend>,
+    /// The most bytes (allocations plus reservations) the service may hold on it.
+    pub budget: u64,
+}
+
+/// What to allocate.
+#[derive(Debug, Clone)]
+pub struct AllocationSpec {
+    /// Bytes, at least 1.
+    pub size: u64,
+    /// 0 = device default, else a power of two.
+    pub alignment: u64,
+    /// What it is for.
+    pub kind: MemoryAllocationType,
+    /// A label.
+    pub purpose: String,
+    /// Kept by `clear` without force; never moved.
+    pub persistent: bool,
+    /// Who holds it.
+    pub owner: Owner,
+}
+
+struct Device {
+    arena: Arena,
+    budget: u64,
+    allocated: u64,
+    reservation: u64,
+    peak_allocated: u64,
+    peak_reserved: u64,
+    live: u64,
+    total_allocations: u64,
+    total_deallocations: u64,
+    failed_allocations: u64,
+    allocation_time_ms_sum: f64,
+    waiting: u64,
+}
+
+impl Device {
+    fn charged(&self) -> u64 {
+        self.allocated + self.reservation
+    }
+
+    /// What an allocate could obtain now: room in the budget, capped by what the device has
+    /// free plus what this service holds but does not use.
+    fn available(&mut self) -> u64 {
+        let room = self.budget.saturating_sub(self.charged());
+        let free = self.arena.backend_mut().capacity().free;
+        let pooled = self.arena.backed_bytes().saturating_sub(self.allocated);
+        room.min(free.saturating_add(pooled))
+    }
+
+    fn utilization(&self) -> f64 {
+        if self.budget == 0 {
+            0.0
+        } else {
+            self.charged() as f64 / self.budget as f64 * 100.0
+        }
+    }
+}
+
+struct Record {
+    device: usize,
+    size: u64,
+    alignment: u64,
+    kind: MemoryAllocationType,
+    purpose: String,
+    persistent: bool,
+    owner: Owner,
+    created_at: SystemTime,
+    seq: u64,
+    placement: Option<Placement>,
+}
+
+/// A freed allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Freed {
+    /// Its device id.
+    pub device_id: String,
+    /// Its size.
+    pub bytes: u64,
+}
+
+/// What `clear` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cleared {
+    /// Allocations freed.
+    pub count: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Persistent allocations kept.
+    pub kept_persistent: u64,
+}
+
+/// Filters for listing allocations.
+#[derive(Debug, Clone, Default)]
+pub struct AllocationFilter {
+    /// Only this type.
+    pub kind: Option<MemoryAllocationType>,
+    /// Only this purpose.
+    pub purpose: Option<String>,
+    /// Only this owner (`client`, `model:<name>`).
+    pub owner: Option<String>,
+}
+
+/// Every device and every live allocation.
+pub struct AllocationEngine {
+    devices: Vec<Device>,
+    records: FxHashMap<Uuid, Record>,
+    next_seq: u64,
+}
+
+impl AllocationEngine {
+    /// An engine over the given devices, in the order `list_devices` reports them.
+    pub fn new(devices: Vec<DeviceSetup>) -> Self {
+        AllocationEngine {
+            devices: devices
+                .into_iter()
+                .map(|d| Device {
+                    arena: Arena::new(d.backend),
+                    budget: d.budget,
+                    allocated: 0,
+                    reservation: 0,
+                    peak_allocated: 0,
+                    peak_reserved: 0,
+                    live: 0,
+                    total_allocations: 0,
+                    total_deallocations: 0,
+                    failed_allocations: 0,
+                    allocation_time_ms_sum: 0.0,
+                    waiting: 0,
+                })
+                .collect(),
+            records: FxHashMap::default(),
+            next_seq: 0,
+        }
+    }
+
+    /// The index of a device, by id.
+    pub fn device_index(&self, device_id: &str) -> Result<usize, EngineError> {
+        self.devices
+            .iter()
+            .position(|d| d.arena.backend().device_id() == device_id)
+            .ok_or_else(|| EngineError::UnknownDevice(device_id.to_string()))
+    }
+
+    /// Every device id, in order.
+    pub fn device_ids(&self) -> Vec<String> {
+        self.devices
+            .iter()
+            .map(|d| d.arena.backend().device_id().to_string())
+            .collect()
+    }
+
+    fn device_id(&self, index: usize) -> &str {
+        self.devices[index].arena.backend().device_id()
+    }
+
+    /// Allocates now, or says why not: `NoRoom` if freeing memory could make room, `OverBudget`
+    /// if nothing could. A failure changes nothing.
+    pub fn try_allocate(
+        &mut self,
+        device: usize,
+        spec: &AllocationSpec,
+        now: SystemTime,
+    ) -> Result<(Uuid, MemoryAllocation), EngineError> {
+        let dev = &mut self.devices[device];
+        if spec.size > dev.budget {
+            return Err(EngineError::OverBudget {
+                device: dev.arena.backend().device_id().to_string(),
+                requested: spec.size,
+                budget: dev.budget,
+            });
+        }
+        let available = dev.available();
+        let no_room = |dev: &Device, available| EngineError::NoRoom {
+            device: dev.arena.backend().device_id().to_string(),
+            requested: spec.size,
+            available,
+        };
+        if spec.size > available {
+            return Err(no_room(dev, available));
+        }
+        let placement = if spec.kind == MemoryAllocationType::Reservation {
+            None
+        } else {
+            match dev.arena.allocate(spec.size, spec.alignment) {
+                Ok(p) => Some(p),
+                Err(ArenaError::NoSpace) => return Err(no_room(dev, available)),
+                Err(ArenaError::Backend(e)) => return Err(e.into()),
+            }
+        };
+        let alignment = if placement.is_some() {
+            spec.alignment.max(dev.arena.default_alignment())
+        } else {
+            spec.alignment
+        };
+        if placement.is_some() {
+            dev.allocated += spec.size;
+            dev.peak_allocated = dev.peak_allocated.max(dev.allocated);
+            dev.peak_reserved = dev.peak_reserved.max(dev.arena.backed_bytes());
+        } else {
+            dev.reservation += spec.size;
+        }
+        dev.live += 1;
+        dev.total_allocations += 1;
+        let id = Uuid::new_v4();
+        let record = Record {
+            device,
+            size: spec.size,
+            alignment,
+            kind: spec.kind,
+            purpose: spec.purpose.clone(),
+            persistent: spec.persistent,
+            owner: spec.owner.clone(),
+            created_at: now,
+            seq: self.next_seq,
+            placement,
+        };
+        self.next_seq += 1;
+        let wire = self.wire(&id, &record);
+        self.records.insert(id, record);
+        Ok((id, wire))
+    }
+
+    /// Adds the time an allocation took (waiting included) to the device's average.
+    pub fn record_allocation_time(&mut self, device: usize, ms: f64) {
+        self.devices[device].allocation_time_ms_sum += ms;
+    }
+
+    /// Counts an allocation that ended in OUT_OF_MEMORY.
+    pub fn record_failure(&mut self, device: usize) {
+        self.devices[device].failed_allocations += 1;
+    }
+
+    /// Counts a request starting (`+1`) or ending (`-1`) a wait for memory.
+    pub fn record_waiting(&mut self, device: usize, delta: i64) {
+        let w = &mut self.devices[device].waiting;
+        *w = w.saturating_add_signed(delta);
+    }
+
+    /// Requests waiting for memory on a device now.
+    pub fn waiting(&self, device: usize) -> u64 {
+        self.devices[device].waiting
+    }
+
+    fn find(&self, allocation_id: &str) -> Option<Uuid> {
+        Uuid::parse_str(allocation_id)
+            .ok()
+            .filter(|id| self.records.contains_key(id))
+    }
+
+    /// Frees an allocation; with `device`, only if it lives there.
+    pub fn deallocate(
+        &mut self,
+        allocation_id: &str,
+        device: Option<usize>,
+    ) -> Result<Freed, EngineError> {
+        let not_found = || EngineError::AllocationNotFound(allocation_id.to_string());
+        let id = self.find(allocation_id).ok_or_else(not_found)?;
+        if let Some(d) = device
+            && self.records.get(&id).map(|r| r.device) != Some(d)
+        {
+            return Err(not_found());
+        }
+        let record = self.records.remove(&id).ok_or_else(not_found)?;
+        Ok(self.release(record))
+    }
+
+    fn release(&mut self, record: Record) -> Freed {
+        let dev = &mut self.devices[record.device];
+        match &record.placement {
+            Some(p) => {
+                dev.arena.free(p);
+                dev.allocated -= record.size;
+            }
+            None => dev.reservation -= record.size,
+        }
+        dev.live -= 1;
+        dev.total_deallocations += 1;
+        Freed {
+            device_id: dev.arena.backend().device_id().to_string(),
+            bytes: record.size,
+        }
+    }
+
+    /// Frees every client allocation on a device; persistent ones only with `force`.
+    pub fn clear(&mut self, device: usize, force: bool) -> Cleared {
+        let mut cleared = Cleared::default();
+        let mut victims = Vec::new();
+        for (id, r) in &self.records {
+            if r.device != device || r.owner != Owner::Client {
+                continue;
+            }
+            if r.persistent && !force {
+                cleared.kept_persistent += 1;
+            } else {
+                victims.push(*id);
+            }
+        }
+        for id in victims {
+            if let Some(record) = self.records.remove(&id) {
+                cleared.count += 1;
+                cleared.bytes += self.release(record).bytes;
+            }
+        }
+        cleared
+    }
+
+    /// Frees every allocation on every device (shutdown).
+    pub fn release_all(&mut self) -> u64 {
+        let records: Vec<Record> = self.records.drain().map(|(_, r)| r).collect();
+        let n = records.len() as u64;
+        for r in records {
+            self.release(r);
+        }
+        n
+    }
+
+    /// Frees everything and drops every device (unmapping it, removing files).
+    pub fn close(&mut self) {
+        self.release_all();
+        self.devices.clear();
+    }
+
+    fn wire(&self, id: &Uuid, r: &Record) -> MemoryAllocation {
+        let dev = &self.devices[r.device];
+        MemoryAllocation {
+            allocation_id: id.hyphenated().to_string(),
+            device_id: dev.arena.backend().device_id().to_string(),
+            size_bytes: r.size,
+            alignment: r.alignment,
+            allocation_type: r.kind,
+            purpose: r.purpose.clone(),
+            persistent: r.persistent,
+            owner: r.owner.wire(),
+            created_at: Timestamp(r.created_at),
+            handle: r
+                .placement
+                .as_ref()
+                .and_then(|p| dev.arena.backend().handle(p.offset)),
+        }
+    }
+
+    /// One allocation as the protocol shows it.
+    pub fn allocation(&self, allocation_id: &str) -> Result<MemoryAllocation, EngineError> {
+        let id = self
+            .find(allocation_id)
+            .ok_or_else(|| EngineError::AllocationNotFound(allocation_id.to_string()))?;
+        Ok(self.wire(&id, &self.records[&id]))
+    }
+
+    /// A device's allocations matching `filter`, oldest first: the total count and one page.
+    pub fn allocations(
+        &self,
+        device: usize,
+        filter: &AllocationFilter,
+        offset: u64,
+        limit: u64,
+    ) -> (u64, Vec<MemoryAllocation>) {
+        let mut matching: Vec<(&Uuid, &Record)> = self
+            .records
+            .iter()
+            .filter(|(_, r)| {
+                r.device == device
+                    && filter.kind.is_none_or(|k| k == r.kind)
+                    && filter.purpose.as_deref().is_none_or(|p| p == r.purpose)
+                    && filter.owner.as_deref().is_none_or(|o| o == r.owner.wire())
+            })
+            .collect();
+        matching.sort_unstable_by_key(|(_, r)| r.seq);
+        let total = matching.len() as u64;
+        let page = matching
+            .into_iter()
+            .skip(offset.min(total) as usize)
+            .take(limit as usize)
+            .map(|(id, r)| self.wire(id, r))
+            .collect();
+        (total, page)
+    }
+
+    /// A device's counters.
+    pub fn usage(&self, device: usize) -> MemoryUsageStats {
+        let d = &self.devices[device];
+        MemoryUsageStats {
+            device_id: self.device_id(device).to_string(),
+            allocated_bytes: d.allocated,
+            reserved_bytes: d.arena.backed_bytes(),
+            peak_allocated_bytes: d.peak_allocated,
+            peak_reserved_bytes: d.peak_reserved,
+            reservation_bytes: d.reservation,
+            model_bytes: self
+                .records
+                .values()
+                .filter(|r| r.device == device && matches!(r.owner, Owner::Model(_)))
+                .map(|r| r.size)
+                .sum(),
+            budget_bytes: d.budget,
+            allocation_count: d.live,
+            total_allocations: d.total_allocations,
+            total_deallocations: d.total_deallocations,
+            failed_allocations: d.failed_allocations,
+            average_allocation_time_ms: if d.total_allocations == 0 {
+                0.0
+            } else {
+                d.allocation_time_ms_sum / d.total_allocations as f64
+            },
+        }
+    }
+
+    /// (allocated + reservations) / budget × 100.
+    pub fn utilization(&self, device: usize) -> f64 {
+        self.devices[device].utilization()
+    }
+
+    /// What an allocate on the device could obtain now.
+    pub fn available(&mut self, device: usize) -> u64 {
+        self.devices[device].available()
+    }
+
+    /// How the device's free memory is split up; `count_blocks` walks the free lists.
+    pub fn fragmentation(&mut self, device: usize, count_blocks: bool) -> MemoryFragmentation {
+        let free = self.available(device);
+        let d = &self.devices[device];
+        let largest = d.arena.largest_free_block().min(free);
+        MemoryFragmentation {
+            device_id: self.device_id(device).to_string(),
+            fragmentation_percentage: health::fragmentation_percentage(free, largest),
+            free_bytes: free,
+            largest_free_block_bytes: largest,
+            free_block_count: if count_blocks {
+                d.arena.free_regions()
+            } else {
+                0
+            },
+        }
+    }
+
+    /// A device's figures.
+    pub fn info(&mut self, device: usize) -> MemoryInfo {
+        let frag = self.fragmentation(device, false);
+        let usage = self.utilization(device);
+        let d = &mut self.devices[device];
+        let cap = d.arena.backend_mut().capacity();
+        let backend = d.arena.backend();
+        MemoryInfo {
+            device_id: backend.device_id().to_string(),
+            name: backend.name().to_string(),
+            memory_type: backend.memory_type(),
+            total_memory: cap.total,
+            available_memory: frag.free_bytes,
+            used_memory: cap.used(),
+            usage_percentage: if cap.total == 0 {
+                0.0
+            } else {
+                cap.used() as f64 / cap.total as f64 * 100.0
+            },
+            health: health::health(usage, frag.fragmentation_percentage),
+            fragmentation_percentage: frag.fragmentation_percentage,
+            last_updated: Timestamp::now(),
+        }
+    }
+
+    /// `health_score` of a device.
+    pub fn health_score(&mut self, device: usize) -> f64 {
+        let frag = self.fragmentation(device, false);
+        health::health_score(self.utilization(device), frag.fragmentation_percentage)
+    }
+
+    fn placement(
+        &self,
+        allocation_id: &str,
+        offset: u64,
+        len: usize,
+    ) -> Result<(usize, Placement), EngineError> {
+        let id = self
+            .find(allocation_id)
+            .ok_or_else(|| EngineError::AllocationNotFound(allocation_id.to_string()))?;
+        let r = &self.records[&id];
+        let p = r.placement.ok_or_else(|| {
+            EngineError::OutOfRange(format!(
+                "Allocation {allocation_id} is a Reservation and holds no bytes"
+            ))
+        })?;
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > r.size)
+        {
+            return Err(EngineError::OutOfRange(format!(
+                "bytes {offset}..{} are outside allocation {allocation_id} of {} bytes",
+                offset.saturating_add(len as u64),
+                r.size
+            )));
+        }
+        Ok((r.device, p))
+    }
+
+    /// Copies bytes of an allocation, from `offset` within it, into `buf`.
+    pub fn read(
+        &self,
+        allocation_id: &str,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), EngineError> {
+        let (device, p) = self.placement(allocation_id, offset, buf.len())?;
+        self.devices[device].arena.read(&p, offset, buf);
+        Ok(())
+    }
+
+    /// Copies `data` into an allocation, from `offset` within it.
+    pub fn write(
+        &mut self,
+        allocation_id: &str,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), EngineError> {
+        let (device, p) = self.placement(allocation_id, offset, data.len())?;
+        self.devices[device].arena.write(&p, offset, data);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backends::CpuBackend;
+    use crate::units::MIB;
+
+    fn engine(budget: u64) -> AllocationEngine {
+        AllocationEngine::new(vec![DeviceSetup {
+            backend: Box::new(CpuBackend::new(budget).unwrap()),
+            budget,
+        }])
+    }
+
+    fn spec(size: u64, kind: MemoryAllocationType) -> AllocationSpec {
+        AllocationSpec {
+            size,
+            alignment: 0,
+            kind,
+            purpose: String::new(),
+            persistent: false,
+            owner: Owner::Client,
+        }
+    }
+
+    #[test]
+    fn accounting_is_exact() {
+        let mut e = engine(16 * MIB);
+        let (a, _) = e
+            .try_allocate(
+                0,
+                &spec(1000, MemoryAllocationType::General),
+                SystemTime::now(),
+            )
+            .unwrap();
+        let (_r, w) = e
+            .try_allocate(
+                0,
+                &spec(MIB, MemoryAllocationType::Reservation),
+                SystemTime::now(),
+            )
+            .unwrap();
+        assert!(w.handle.is_none());
+        let u = e.usage(0);
+        assert_eq!(
+            (u.allocated_bytes, u.reservation_bytes, u.allocation_count),
+            (1000, MIB, 2)
+        );
+        assert!(
+            u.reserved_bytes >= 1000 && u.reserved_bytes < MIB,
+            "reservations hold no memory"
+        );
+        e.deallocate(&a.to_string(), None).unwrap();
+        let u = e.usage(0);
+        assert_eq!((u.allocated_bytes, u.reserved_bytes), (0, 0));
+    }
+
+    #[test]
+    fn budget_limits_and_over_budget() {
+        let mut e = engine(MIB);
+        assert!(matches!(
+            e.try_allocate(
+                0,
+                &spec(2 * MIB, MemoryAllocationType::General),
+                SystemTime::now()
+            ),
+            Err(EngineError::OverBudget { .. })
+        ));
+        e.try_allocate(
+            0,
+            &spec(MIB / 2, MemoryAllocationType::Reservation),
+            SystemTime::now(),
+        )
+        .unwrap();
+        let before = e.usage(0);
+        assert!(matches!(
+            e.try_allocate(
+                0,
+                &spec(MIB / 2 + 1, MemoryAllocationType::General),
+                SystemTime::now()
+            ),
+            Err(EngineError::NoRoom { .. })
+        ));
+        assert_eq!(e.usage(0), before, "a failure changes nothing");
+    }
+
+    #[test]
+    fn bytes_round_trip_and_bounds() {
+        let mut e = engine(MIB);
+        let (a, _) = e
+            .try_allocate(
+                0,
+                &spec(10, MemoryAllocationType::General),
+                SystemTime::now(),
+            )
+            .unwrap();
+        let id = a.to_string();
+        e.write(&id, 2, b"abc").unwrap();
+        let mut buf = [0u8; 3];
+        e.read(&id, 2, &mut buf).unwrap();
+        assert_eq!(&buf, b"abc");
+        assert!(e.write(&id, 8, b"abc").is_err());
+    }
+}

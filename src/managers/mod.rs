@@ -1,0 +1,9 @@
+//! Managers: the core of memcoord. Plain data in, plain data out; no I/O of their own (the
+//! backends they own do the system calls) and nothing printed.
+
+pub mod allocations;
+pub mod arena;
+pub mod health;
+
+pub use allocations::{AllocationEngine, AllocationSpec, DeviceSetup, EngineError, Owner};
+pub use arena::{Arena, ArenaError, Placement};

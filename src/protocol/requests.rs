@@ -1,0 +1,377 @@
+//! Request `data` objects of PROTOCOL.md section 4, parsed and checked.
+//!
+//! Every field is read as optional (an optional field sent as `null` counts as missing), then
+//! checked: a field missing, of the wrong type or out of range is `INVALID_PARAMETER` with a
+//! message that names it. Unknown fields are ignored.
+
+use super::enums::MemoryAllocationType;
+use super::error::ProtocolError;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
+
+/// The most bytes one `alignment` may ask for.
+pub const MAX_ALIGNMENT: u64 = 1 << 30;
+/// The longest `timeout_seconds`.
+pub const MAX_TIMEOUT_SECONDS: f64 = 3600.0;
+/// The largest page `memory.get_allocations` returns.
+pub const MAX_PAGE: u64 = 100_000;
+
+/// Parses a request's `data` (absent or `null` = `{}`) into `T`, naming the field at fault.
+pub fn parse_data<T: DeserializeOwned>(data: Option<&RawValue>) -> Result<T, ProtocolError> {
+    let text = data.map(RawValue::get).unwrap_or("{}");
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        // serde_json appends " at line 1 column N"; people want the field, not the column.
+        let text = inner.to_string();
+        let text = text.split(" at line ").next().unwrap_or(&text).to_string();
+        if path == "." || path.is_empty() {
+            ProtocolError::invalid_parameter(text)
+        } else {
+            ProtocolError::invalid_parameter(format!("field `{path}`: {text}"))
+        }
+    })
+}
+
+fn required<T>(value: Option<T>, field: &str) -> Result<T, ProtocolError> {
+    value.ok_or_else(|| ProtocolError::invalid_parameter(format!("field `{field}` is required")))
+}
+
+fn non_empty(value: Option<String>, field: &str) -> Result<String, ProtocolError> {
+    let v = required(value, field)?;
+    if v.is_empty() {
+        return Err(ProtocolError::invalid_parameter(format!(
+            "field `{field}` must not be empty"
+        )));
+    }
+    Ok(v)
+}
+
+/// Checks a size field: an integer number of bytes, at least 1.
+pub fn check_size(value: i64, field: &str) -> Result<u64, ProtocolError> {
+    if value < 1 {
+        return Err(ProtocolError::invalid_parameter(format!(
+            "field `{field}` must be an integer number of bytes ≥ 1, got {value}"
+        )));
+    }
+    Ok(value as u64)
+}
+
+fn check_timeout(value: Option<f64>, default: f64) -> Result<f64, ProtocolError> {
+    let v = value.unwrap_or(default);
+    if !(0.0..=MAX_TIMEOUT_SECONDS).contains(&v) {
+        return Err(ProtocolError::invalid_parameter(format!(
+            "field `timeout_seconds` must be a number from 0 to 3600, got {v}"
+        )));
+    }
+    Ok(v)
+}
+
+/// Wire form of `memory.get_status`'s data.
+#[derive(Deserialize)]
+struct GetStatusWire {
+    device_id: Option<String>,
+    include_allocations: Option<bool>,
+    include_usage_stats: Option<bool>,
+    include_fragmentation: Option<bool>,
+}
+
+/// `memory.get_status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GetStatusRequest {
+    /// The device.
+    pub device_id: String,
+    /// List the device's allocations (default true).
+    pub include_allocations: bool,
+    /// Include `usage_stats` (default true).
+    pub include_usage_stats: bool,
+    /// Include `fragmentation` (default false).
+    pub include_fragmentation: bool,
+}
+
+impl GetStatusRequest {
+    /// Parses and checks `data`.
+    pub fn parse(data: Option<&RawValue>) -> Result<Self, ProtocolError> {
+        let w: GetStatusWire = parse_data(data)?;
+        Ok(GetStatusRequest {
+            device_id: non_empty(w.device_id, "device_id")?,
+            include_allocations: w.include_allocations.unwrap_or(true),
+            include_usage_stats: w.include_usage_stats.unwrap_or(true),
+            include_fragmentation: w.include_fragmentation.unwrap_or(false),
+        })
+    }
+}
+
+/// Wire form of data that names one device.
+#[derive(Deserialize)]
+struct DeviceWire {
+    device_id: Option<String>,
+}
+
+/// A request whose only field is `device_id` (`memory.get_usage`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceRequest {
+    /// The device.
+    pub device_id: String,
+}
+
+impl DeviceRequest {
+    /// Parses and checks `data`.
+    pub fn parse(data: Option<&RawValue>) -> Result<Self, ProtocolError> {
+        let w: DeviceWire = parse_data(data)?;
+        Ok(DeviceRequest {
+            device_id: non_empty(w.device_id, "device_id")?,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct GetAllocationsWire {
+    device_id: Option<String>,
+    allocation_type: Option<MemoryAllocationType>,
+    purpose: Option<String>,
+    owner: Option<String>,
+    offset: Option<i64>,
+    limit: Option<i64>,
+}
+
+/// `memory.get_allocations`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GetAllocationsRequest {
+    /// The device.
+    pub device_id: String,
+    /// Only allocations of this type.
+    pub allocation_type: Option<MemoryAllocationType>,
+    /// Only allocations with exactly this purpose.
+    pub purpose: Option<String>,
+    /// Only allocations with exactly this owner.
+    pub owner: Option<String>,
+    /// Skip this many (oldest first).
+    pub offset: u64,
+    /// Return at most this many.
+    pub limit: u64,
+}
+
+impl GetAllocationsRequest {
+    /// Parses and checks `data`.
+    pub fn parse(data: Option<&RawValue>) -> Result<Self, ProtocolError> {
+        let w: GetAllocationsWire = parse_data(data)?;
+        let offset = w.offset.unwrap_or(0);
+        if offset < 0 {
+            return Err(ProtocolError::invalid_parameter(format!(
+                "field `offset` must be ≥ 0, got {offset}"
+            )));
+        }
+        let limit = w.limit.unwrap_or(1000);
+        if !(0..=MAX_PAGE as i64).contains(&limit) {
+            return Err(ProtocolError::invalid_parameter(format!(
+                "field `limit` must be from 0 to {MAX_PAGE}, got {limit}"
+            )));
+        }
+        Ok(GetAllocationsRequest {
+            device_id: non_empty(w.device_id, "device_id")?,
+            allocation_type: w.allocation_type,
+            purpose: w.purpose,
+            owner: w.owner,
+            offset: offset as u64,
+            limit: limit as u64,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct AllocateWire {
+    device_id: Option<String>,
+    size_bytes: Option<i64>,
+    allocation_type: Option<MemoryAllocationType>,
+    alignment: Option<i64>,
+    purpose: Option<String>,
+    persistent: Option<bool>,
+    timeout_seconds: Option<f64>,
+}
+
+/// `memory.allocate`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AllocateRequest {
+    /// The device.
+    pub device_id: String,
+    /// Bytes, at least 1.
+    pub size_bytes: u64,
+    /// What it is for (default General).
+    pub allocation_type: MemoryAllocationType,
+    /// 0 = device default, else a power of two up to 1 GiB.
+    pub alignment: u64,
+    /// A label.
+    pub purpose: String,
+    /// Survives `clear` without `force`; never moved.
+    pub persistent: bool,
+    /// How long to wait for room, 0..3600 seconds (default 30).
+    pub timeout_seconds: f64,
+}
+
+impl AllocateRequest {
+    /// Parses and checks `data`.
+    pub fn parse(data: Option<&RawValue>) -> Result<Self, ProtocolError> {
+        let w: AllocateWire = parse_data(data)?;
+        let device_id = non_empty(w.device_id, "device_id")?;
+        let size_bytes = check_size(required(w.size_bytes, "size_bytes")?, "size_bytes")?;
+        let alignment = w.alignment.unwrap_or(0);
+        if alignment < 0
+            || alignment as u64 > MAX_ALIGNMENT
+            || (alignment != 0 && !(alignment as u64).is_power_of_two())
+        {
+            return Err(ProtocolError::invalid_parameter(format!(
+                "field `alignment` must be 0 (device default) or a power of two up to 1 GiB, got {alignment}"
+            )));
+        }
+        Ok(AllocateRequest {
+            device_id,
+            size_bytes,
+            allocation_type: w.allocation_type.unwrap_or(MemoryAllocationType::General),
+            alignment: alignment as u64,
+            purpose: w.purpose.unwrap_or_default(),
+            persistent: w.persistent.unwrap_or(false),
+            timeout_seconds: check_timeout(w.timeout_seconds, 30.0)?,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct DeallocateWire {
+    allocation_id: Option<String>,
+    device_id: Option<String>,
+}
+
+/// `memory.deallocate`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeallocateRequest {
+    /// The allocation.
+    pub allocation_id: String,
+    /// Where the caller thinks it is; checked when given.
+    pub device_id: Option<String>,
+}
+
+impl DeallocateRequest {
+    /// Parses and checks `data`.
+    pub fn parse(data: Option<&RawValue>) -> Result<Self, ProtocolError> {
+        let w: DeallocateWire = parse_data(data)?;
+        Ok(DeallocateRequest {
+            allocation_id: non_empty(w.allocation_id, "allocation_id")?,
+            device_id: w.device_id,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct ClearWire {
+    device_id: Option<String>,
+    force: Option<bool>,
+}
+
+/// `memory.clear`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClearRequest {
+    /// The device.
+    pub device_id: String,
+    /// Clear persistent allocations too.
+    pub force: bool,
+}
+
+impl ClearRequest {
+    /// Parses and checks `data`.
+    pub fn parse(data: Option<&RawValue>) -> Result<Self, ProtocolError> {
+        let w: ClearWire = parse_data(data)?;
+        Ok(ClearRequest {
+            device_id: non_empty(w.device_id, "device_id")?,
+            force: w.force.unwrap_or(false),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ErrorCode;
+
+    fn raw(text: &str) -> Box<RawValue> {
+        RawValue::from_string(text.to_string()).unwrap()
+    }
+
+    fn allocate(text: &str) -> Result<AllocateRequest, ProtocolError> {
+        AllocateRequest::parse(Some(&raw(text)))
+    }
+
+    #[test]
+    fn allocate_defaults() {
+        let r = allocate(r#"{"device_id":"cpu","size_bytes":4096,"purpose":null}"#).unwrap();
+        assert_eq!(r.allocation_type, MemoryAllocationType::General);
+        assert_eq!(r.alignment, 0);
+        assert_eq!(r.purpose, "");
+        assert!(!r.persistent);
+        assert_eq!(r.timeout_seconds, 30.0);
+    }
+
+    #[test]
+    fn sizes_must_be_positive_integers() {
+        for bad in [
+            "-5",
+            "0",
+            "1.5",
+            "\"4096\"",
+            "1e3",
+            "true",
+            "99999999999999999999",
+        ] {
+            let e = allocate(&format!(r#"{{"device_id":"cpu","size_bytes":{bad}}}"#)).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidParameter, "{bad}");
+            assert!(e.message.contains("size_bytes"), "{bad}: {}", e.message);
+        }
+        let e = allocate(r#"{"device_id":"cpu"}"#).unwrap_err();
+        assert!(e.message.contains("size_bytes"));
+    }
+
+    #[test]
+    fn alignment_is_zero_or_a_power_of_two() {
+        for good in [0, 1, 64, 4096, 1 << 30] {
+            let r = allocate(&format!(
+                r#"{{"device_id":"cpu","size_bytes":1,"alignment":{good}}}"#
+            ));
+            assert!(r.is_ok(), "{good}");
+        }
+        for bad in [3, 100, -64, 1 << 31] {
+            let e = allocate(&format!(
+                r#"{{"device_id":"cpu","size_bytes":1,"alignment":{bad}}}"#
+            ))
+            .unwrap_err();
+            assert!(e.message.contains("alignment"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn enum_fields_take_names_and_integers() {
+        let r =
+            allocate(r#"{"device_id":"cpu","size_bytes":1,"allocation_type":"cACHE"}"#).unwrap();
+        assert_eq!(r.allocation_type, MemoryAllocationType::Cache);
+        let r = allocate(r#"{"device_id":"cpu","size_bytes":1,"allocation_type":6}"#).unwrap();
+        assert_eq!(r.allocation_type, MemoryAllocationType::Reservation);
+        let e = allocate(r#"{"device_id":"cpu","size_bytes":1,"allocation_type":9}"#).unwrap_err();
+        assert!(e.message.contains("allocation_type"));
+    }
+
+    #[test]
+    fn timeout_range() {
+        assert!(allocate(r#"{"device_id":"cpu","size_bytes":1,"timeout_seconds":0.5}"#).is_ok());
+        assert!(allocate(r#"{"device_id":"cpu","size_bytes":1,"timeout_seconds":3601}"#).is_err());
+        assert!(allocate(r#"{"device_id":"cpu","size_bytes":1,"timeout_seconds":-1}"#).is_err());
+    }
+
+    #[test]
+    fn paging_limits() {
+        let p = |t: &str| GetAllocationsRequest::parse(Some(&raw(t)));
+        assert_eq!(p(r#"{"device_id":"cpu"}"#).unwrap().limit, 1000);
+        assert!(p(r#"{"device_id":"cpu","limit":100001}"#).is_err());
+        assert!(p(r#"{"device_id":"cpu","offset":-1}"#).is_err());
+    }
+}

@@ -1,0 +1,213 @@
+//! Response shapes of PROTOCOL.md section 5, as plain serialisable data.
+//!
+//! Field names are the wire names; every field is always written (nullable ones as `null`).
+
+use super::enums::{MemoryAllocationType, MemoryHealthStatus, MemoryType};
+use serde::{Serialize, Serializer};
+use std::time::SystemTime;
+
+/// A point in time, written as an RFC 3339 UTC string with milliseconds
+/// (`2026-11-29T18:00:00.123Z`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timestamp(pub SystemTime);
+
+impl Timestamp {
+    /// The current time.
+    pub fn now() -> Self {
+        Timestamp(SystemTime::now())
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&humantime::format_rfc3339_millis(self.0))
+    }
+}
+
+/// A device as `memory.list_devices` and `memory.get_status` describe it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryInfo {
+    /// `cpu`, `shm`, `cuda:N`.
+    pub device_id: String,
+    /// A name for people.
+    pub name: String,
+    /// The kind of memory.
+    #[serde(rename = "type")]
+    pub memory_type: MemoryType,
+    /// The device's capacity in bytes.
+    pub total_memory: u64,
+    /// What a `memory.allocate` here could obtain now, in bytes.
+    pub available_memory: u64,
+    /// In use on the device as the device reports it, by every process, in bytes.
+    pub used_memory: u64,
+    /// `used_memory / total_memory × 100`.
+    pub usage_percentage: f64,
+    /// Health from usage and fragmentation.
+    pub health: MemoryHealthStatus,
+    /// The share of free memory one request cannot get.
+    pub fragmentation_percentage: f64,
+    /// When these figures were taken.
+    pub last_updated: Timestamp,
+}
+
+/// Counters of one device, as `memory.get_usage` reports them.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MemoryUsageStats {
+    /// The device.
+    pub device_id: String,
+    /// Sizes of live allocations that hold memory (Reservations excluded).
+    pub allocated_bytes: u64,
+    /// Memory this service holds from the device now (≥ allocated).
+    pub reserved_bytes: u64,
+    /// The highest `allocated_bytes` seen.
+    pub peak_allocated_bytes: u64,
+    /// The highest `reserved_bytes` seen.
+    pub peak_reserved_bytes: u64,
+    /// Sizes of live Reservations.
+    pub reservation_bytes: u64,
+    /// Bytes held by models on the device.
+    pub model_bytes: u64,
+    /// The service's budget for the device.
+    pub budget_bytes: u64,
+    /// Live allocations (Reservations included).
+    pub allocation_count: u64,
+    /// Allocations made since start.
+    pub total_allocations: u64,
+    /// Deallocations (including clears) since start.
+    pub total_deallocations: u64,
+    /// Allocations that ended in OUT_OF_MEMORY.
+    pub failed_allocations: u64,
+    /// Mean time from request to allocation, waiting included, in milliseconds.
+    pub average_allocation_time_ms: f64,
+}
+
+/// Where another process finds an `shm` allocation's bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemoryHandle {
+    /// The file to map.
+    pub path: String,
+    /// The byte offset of the allocation in that file.
+    pub offset: u64,
+}
+
+/// One live allocation.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryAllocation {
+    /// Lowercase hyphenated UUID v4.
+    pub allocation_id: String,
+    /// The device it lives on.
+    pub device_id: String,
+    /// Its size in bytes, as requested.
+    pub size_bytes: u64,
+    /// The alignment of its first byte, in bytes.
+    pub alignment: u64,
+    /// What it is for.
+    pub allocation_type: MemoryAllocationType,
+    /// The caller's free-form label.
+    pub purpose: String,
+    /// Whether `memory.clear` without `force` keeps it, and defragment leaves it in place.
+    pub persistent: bool,
+    /// `client`, or `model:<name>`.
+    pub owner: String,
+    /// When it was made.
+    pub created_at: Timestamp,
+    /// `shm` only: where another process maps it.
+    pub handle: Option<MemoryHandle>,
+}
+
+/// How the free memory of a device is split up.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MemoryFragmentation {
+    /// The device.
+    pub device_id: String,
+    /// `(1 − largest_free_block_bytes / free_bytes) × 100`, 0 when nothing is free.
+    pub fragmentation_percentage: f64,
+    /// Equal to `available_memory`.
+    pub free_bytes: u64,
+    /// The largest single allocation that would succeed right now.
+    pub largest_free_block_bytes: u64,
+    /// The free gaps in the device's arena.
+    pub free_block_count: u64,
+}
+
+/// `memory.get_status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct GetMemoryStatusResponse {
+    /// The device.
+    pub device_id: String,
+    /// Its figures.
+    pub memory_info: MemoryInfo,
+    /// Its counters, when asked.
+    pub usage_stats: Option<MemoryUsageStats>,
+    /// Its allocations, when asked (else empty).
+    pub allocations: Vec<MemoryAllocation>,
+    /// Its fragmentation, when asked.
+    pub fragmentation: Option<MemoryFragmentation>,
+    /// 0..100, from usage and fragmentation.
+    pub health_score: f64,
+    /// When these figures were taken.
+    pub last_updated: Timestamp,
+}
+
+/// `memory.allocate`.
+#[derive(Debug, Clone, Serialize)]
+pub struct AllocateMemoryResponse {
+    /// The device.
+    pub device_id: String,
+    /// The new allocation.
+    pub allocation: MemoryAllocation,
+    /// Always true in a successful response.
+    pub success: bool,
+    /// From request to allocation, waiting included.
+    pub allocation_time_ms: f64,
+    /// `available_memory` after the allocation.
+    pub available_memory_bytes: u64,
+    /// (allocated + reservation) / budget × 100 after the allocation.
+    pub utilization_percentage: f64,
+    /// A line for people.
+    pub message: String,
+    /// When it was made.
+    pub allocated_at: Timestamp,
+}
+
+/// `memory.list_devices`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListDevicesResponse {
+    /// Every device, host devices first.
+    pub devices: Vec<MemoryInfo>,
+}
+
+/// `memory.get_allocations`.
+#[derive(Debug, Clone, Serialize)]
+pub struct GetAllocationsResponse {
+    /// The device.
+    pub device_id: String,
+    /// How many allocations match the filters (before paging).
+    pub total_count: u64,
+    /// The page asked for, oldest first.
+    pub allocations: Vec<MemoryAllocation>,
+}
+
+/// `memory.deallocate`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeallocateResponse {
+    /// The allocation freed.
+    pub allocation_id: String,
+    /// Its device.
+    pub device_id: String,
+    /// Its size.
+    pub freed_bytes: u64,
+}
+
+/// `memory.clear`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClearResponse {
+    /// The device.
+    pub device_id: String,
+    /// Allocations freed.
+    pub cleared_count: u64,
+    /// Their bytes.
+    pub freed_bytes: u64,
+    /// Persistent allocations kept (0 with `force`).
+    pub kept_persistent_count: u64,
+}

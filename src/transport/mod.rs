@@ -1,0 +1,5 @@
+//! Transports: bytes in, bytes out. They frame requests, hand them to dispatch and write the
+//! responses; they know nothing of actions.
+
+pub mod framing;
+pub mod stdio;

@@ -1,0 +1,306 @@
+//! The stdio worker (`memcoord worker`): NDJSON requests on stdin, responses on stdout.
+//!
+//! [`serve`] is generic over any reader and writer (tests drive it in memory); [`run`] binds it
+//! to the process's stdin, stdout and signals, and is the only code that touches them.
+//!
+//! Threads: this thread reads and handles every request that can be answered at once, in
+//! arrival order, collecting a batch of responses per read; a writer thread writes batches and
+//! flushes when it has nothing more queued. Requests that wait for memory run on the async
+//! runtime and send their response when done.
+
+use super::framing::{Frame, LineReader};
+use crate::dispatch::{Dispatcher, Pending, internal_error};
+use crate::protocol::envelope::write_error;
+use crate::protocol::{ErrorCode, ProtocolError};
+use std::io::{self, BufWriter, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::thread::JoinHandle;
+
+/// Worker settings.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Lines longer than this are answered REQUEST_TOO_LARGE.
+    pub max_line_bytes: usize,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            max_line_bytes: 1 << 20,
+        }
+    }
+}
+
+enum ToWriter {
+    Bytes(Vec<u8>),
+    Flush(SyncSender<()>),
+}
+
+/// Counts requests still being handled on the runtime.
+#[derive(Default)]
+struct InFlight {
+    count: Mutex<usize>,
+    idle: Condvar,
+}
+
+impl InFlight {
+    fn add(&self) {
+        *self.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    }
+    fn done(&self) {
+        let mut c = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        *c -= 1;
+        if *c == 0 {
+            self.idle.notify_all();
+        }
+    }
+    fn wait_idle(&self) {
+        let mut c = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        while *c > 0 {
+            c = self.idle.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// A running worker's shared state: what the reader, the runtime tasks and a signal handler
+/// all need to finish cleanly.
+pub struct Worker {
+    dispatcher: Dispatcher,
+    runtime: tokio::runtime::Handle,
+    to_writer: Mutex<Option<Sender<ToWriter>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    in_flight: InFlight,
+    stopping: AtomicBool,
+    /// Held by the reader while it handles a batch, so a signal never cuts one in half.
+    batch: Mutex<()>,
+    finished: Once,
+}
+
+fn write_loop<W: Write>(output: W, rx: Receiver<ToWriter>) {
+    let mut out = BufWriter::with_capacity(64 * 1024, output);
+    let mut broken = false;
+    while let Ok(msg) = rx.recv() {
+        let mut next = Some(msg);
+        while let Some(msg) = next {
+            match msg {
+                ToWriter::Bytes(b) => {
+                    if !broken && out.write_all(&b).is_err() {
+                        broken = true;
+                    }
+                }
+                ToWriter::Flush(ack) => {
+                    let _ = out.flush();
+                    let _ = ack.send(());
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        if !broken && out.flush().is_err() {
+            broken = true;
+        }
+    }
+    let _ = out.flush();
+}
+
+impl Worker {
+    /// Starts a worker writing responses to `output`.
+    pub fn start<W: Write + Send + 'static>(
+        dispatcher: Dispatcher,
+        runtime: tokio::runtime::Handle,
+        output: W,
+    ) -> Arc<Worker> {
+        let (tx, rx) = mpsc::channel();
+        let writer = std::thread::Builder::new()
+            .name("memcoord-writer".into())
+            .spawn(move || write_loop(output, rx))
+            .ok();
+        Arc::new(Worker {
+            dispatcher,
+            runtime,
+            to_writer: Mutex::new(Some(tx)),
+            writer: Mutex::new(writer),
+            in_flight: InFlight::default(),
+            stopping: AtomicBool::new(false),
+            batch: Mutex::new(()),
+            finished: Once::new(),
+        })
+    }
+
+    fn send(&self, msg: ToWriter) {
+        if let Some(tx) = self
+            .to_writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = tx.send(msg);
+        }
+    }
+
+    fn sender(&self) -> Option<Sender<ToWriter>> {
+        self.to_writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn spawn_pending(self: &Arc<Self>, pending: Pending) {
+        self.in_flight.add();
+        let worker = Arc::clone(self);
+        let tx = self.sender();
+        let task = self.runtime.spawn(pending.response);
+        let request_id = pending.request_id;
+        self.runtime.spawn(async move {
+            let bytes = match task.await {
+                Ok(bytes) => bytes,
+                Err(_) => {
+                    let mut out = Vec::new();
+                    internal_error(&mut out, Some(&request_id));
+                    out
+                }
+            };
+            if let Some(tx) = tx {
+                let _ = tx.send(ToWriter::Bytes(bytes));
+            }
+            worker.in_flight.done();
+        });
+    }
+
+    /// Reads and answers requests from `input` until end of input, then finishes.
+    pub fn serve<R: Read>(self: &Arc<Self>, input: R, options: &WorkerOptions) {
+        let mut reader = LineReader::new(input, options.max_line_bytes);
+        let mut out = Vec::with_capacity(64 * 1024);
+        let too_large = ProtocolError::new(
+            ErrorCode::RequestTooLarge,
+            format!(
+                "the request line is longer than the limit of {} bytes (--max-line-bytes); it was discarded",
+                options.max_line_bytes
+            ),
+        );
+        loop {
+            {
+                let _batch = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+                if self.stopping.load(Ordering::Acquire) {
+                    return;
+                }
+                while let Some(frame) = reader.next_frame() {
+                    match frame {
+                        Frame::Line(line) => {
+                            if let Some(p) = self.dispatcher.handle_line(line, &mut out) {
+                                self.spawn_pending(p);
+                            }
+                        }
+                        Frame::TooLarge => write_error(&mut out, None, &too_large),
+                    }
+                }
+                if !out.is_empty() {
+                    self.send(ToWriter::Bytes(std::mem::replace(
+                        &mut out,
+                        Vec::with_capacity(64 * 1024),
+                    )));
+                }
+            }
+            match reader.fill() {
+                Ok(true) => {}
+                Ok(false) => {
+                    // Answer a last line that had no newline, then finish.
+                    let _batch = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+                    while let Some(frame) = reader.next_frame() {
+                        match frame {
+                            Frame::Line(line) if line.iter().all(u8::is_ascii_whitespace) => {}
+                            Frame::Line(line) => {
+                                if let Some(p) = self.dispatcher.handle_line(line, &mut out) {
+                                    self.spawn_pending(p);
+                                }
+                            }
+                            Frame::TooLarge => write_error(&mut out, None, &too_large),
+                        }
+                    }
+                    if !out.is_empty() {
+                        self.send(ToWriter::Bytes(std::mem::take(&mut out)));
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!("reading requests failed: {e}");
+                    break;
+                }
+            }
+        }
+        self.finish();
+    }
+
+    /// Stops taking requests (a signal): waits for the batch being handled, then finishes.
+    pub fn stop(self: &Arc<Self>) {
+        self.stopping.store(true, Ordering::Release);
+        let _batch = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+        self.finish();
+    }
+
+    /// Requests waiting for memory are answered SHUTTING_DOWN, every other in-flight request
+    /// is answered, responses are flushed, and every allocation is released. Runs once.
+    pub fn finish(&self) {
+        self.finished.call_once(|| {
+            let service = self.dispatcher.service();
+            service.begin_shutdown();
+            self.in_flight.wait_idle();
+            let (ack_tx, ack_rx) = mpsc::sync_channel(1);
+            self.send(ToWriter::Flush(ack_tx));
+            let _ = ack_rx.recv();
+            let released = service.release_all();
+            service.close();
+            tracing::info!("released {released} allocations; exiting");
+            // Closing the channel ends the writer thread.
+            self.to_writer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(w) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = w.join();
+            }
+        });
+    }
+}
+
+/// Serves `input`/`output` until end of input; returns once everything is answered and
+/// released. The in-memory entry point for tests.
+pub fn serve<R: Read, W: Write + Send + 'static>(
+    dispatcher: Dispatcher,
+    runtime: tokio::runtime::Handle,
+    input: R,
+    output: W,
+    options: &WorkerOptions,
+) {
+    let worker = Worker::start(dispatcher, runtime, output);
+    worker.serve(input, options);
+}
+
+/// Runs the worker on the process's stdin and stdout until EOF, SIGTERM or SIGINT; then exits
+/// the process with status 0.
+pub fn run(
+    dispatcher: Dispatcher,
+    runtime: &tokio::runtime::Runtime,
+    options: &WorkerOptions,
+) -> io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let worker = Worker::start(dispatcher, runtime.handle().clone(), io::stdout());
+    let mut term = runtime.block_on(async { signal(SignalKind::terminate()) })?;
+    let mut int = runtime.block_on(async { signal(SignalKind::interrupt()) })?;
+    let on_signal = Arc::clone(&worker);
+    runtime.spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("signal received: finishing in-flight requests");
+        let _ = tokio::task::spawn_blocking(move || {
+            on_signal.stop();
+            std::process::exit(0);
+        })
+        .await;
+    });
+    worker.serve(io::stdin().lock(), options);
+    Ok(())
+}

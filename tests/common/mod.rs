@@ -1,0 +1,223 @@
+//! A test harness that spawns the real `memcoord worker` and talks NDJSON to it.
+#![allow(dead_code)]
+
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_memcoord");
+
+pub struct Worker {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    rx: Receiver<Value>,
+    /// Responses received but not yet asked for, by request id ("" for null ids).
+    stash: HashMap<String, Vec<Value>>,
+    next_id: u64,
+}
+
+/// Every response must carry all six envelope fields with the right types.
+pub fn check_envelope(v: &Value) {
+    let o = v.as_object().expect("response is an object");
+    assert_eq!(o.len(), 6, "exactly six fields: {v}");
+    let ok = o["success"].as_bool().expect("success is a bool");
+    assert!(o["request_id"].is_string() || o["request_id"].is_null());
+    let status = o["status_code"]
+        .as_u64()
+        .expect("status_code is an integer");
+    if ok {
+        assert_eq!(status, 200);
+        assert!(o["error_code"].is_null() && o["error_message"].is_null());
+    } else {
+        assert!(o["data"].is_null());
+        assert!(
+            o["error_code"].is_string() && o["error_message"].is_string(),
+            "{v}"
+        );
+        assert!(!o["error_message"].as_str().unwrap().is_empty());
+    }
+}
+
+impl Worker {
+    pub fn spawn(args: &[&str]) -> Worker {
+        let mut child = Command::new(BIN)
+            .arg("worker")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn memcoord worker");
+        let stdout = child.stdout.take().unwrap();
+        let stdin = child.stdin.take();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let v: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {line}"));
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        Worker {
+            child,
+            stdin,
+            rx,
+            stash: HashMap::new(),
+            next_id: 0,
+        }
+    }
+
+    /// A worker with small budgets (cpu 64 MiB, shm 64 MiB).
+    pub fn small() -> Worker {
+        Worker::spawn(&["--budget", "cpu=64MiB", "--budget", "shm=64MiB"])
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(bytes).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Sends a request and returns its id without waiting.
+    pub fn submit(&mut self, action: &str, data: Value) -> String {
+        self.next_id += 1;
+        let id = format!("req-{}", self.next_id);
+        let line = json!({"request_id": id, "action": action, "data": data}).to_string();
+        self.send_raw(format!("{line}\n").as_bytes());
+        id
+    }
+
+    /// Waits for the response to `id` (`""` = a response with a null id).
+    pub fn wait_for(&mut self, id: &str, timeout: Duration) -> Value {
+        if let Some(v) = self
+            .stash
+            .get_mut(id)
+            .and_then(|q| (!q.is_empty()).then(|| q.remove(0)))
+        {
+            return v;
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(v) => {
+                    check_envelope(&v);
+                    let rid = v["request_id"].as_str().unwrap_or("").to_string();
+                    if rid == id {
+                        return v;
+                    }
+                    self.stash.entry(rid).or_default().push(v);
+                }
+                Err(RecvTimeoutError::Timeout) => panic!("no response to {id} within {timeout:?}"),
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("worker closed stdout before answering {id}")
+                }
+            }
+        }
+    }
+
+    /// Whether a response to `id` arrived within `timeout`.
+    pub fn answered_within(&mut self, id: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.stash.get(id).is_some_and(|q| !q.is_empty()) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(v) => {
+                    check_envelope(&v);
+                    let rid = v["request_id"].as_str().unwrap_or("").to_string();
+                    self.stash.entry(rid).or_default().push(v);
+                }
+                Err(_) => return false,
+            }
+        }
+    }
+
+    pub fn request(&mut self, action: &str, data: Value) -> Value {
+        let id = self.submit(action, data);
+        let v = self.wait_for(&id, Duration::from_secs(20));
+        assert_eq!(v["request_id"], json!(id));
+        v
+    }
+
+    /// Data of a successful response; panics with the error otherwise.
+    pub fn ok(&mut self, action: &str, data: Value) -> Value {
+        let v = self.request(action, data);
+        assert_eq!(v["success"], json!(true), "{action} failed: {v}");
+        v["data"].clone()
+    }
+
+    /// The error code of a failed response, checking its status code too.
+    pub fn err(&mut self, action: &str, data: Value) -> (String, String) {
+        let v = self.request(action, data);
+        assert_eq!(v["success"], json!(false), "{action} should fail: {v}");
+        (
+            v["error_code"].as_str().unwrap().to_string(),
+            v["error_message"].as_str().unwrap().to_string(),
+        )
+    }
+
+    pub fn usage(&mut self, device: &str) -> Value {
+        self.ok("memory.get_usage", json!({"device_id": device}))
+    }
+
+    pub fn allocate(&mut self, device: &str, size: u64) -> String {
+        let d = self.ok(
+            "memory.allocate",
+            json!({"device_id": device, "size_bytes": size}),
+        );
+        d["allocation"]["allocation_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Closes stdin and waits for the exit status (failing after `timeout`).
+    pub fn close(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        self.stdin.take();
+        self.wait_exit(timeout)
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("worker did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Drains every response still to come (after close).
+    pub fn remaining(&mut self) -> Vec<Value> {
+        let mut out: Vec<Value> = self.stash.drain().flat_map(|(_, v)| v).collect();
+        while let Ok(v) = self.rx.recv_timeout(Duration::from_secs(5)) {
+            check_envelope(&v);
+            out.push(v);
+        }
+        out
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
