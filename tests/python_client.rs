@@ -7,13 +7,26 @@ use std::process::Command;
 fn python_client_tests_pass_against_the_binary() {
     let root = env!("CARGO_MANIFEST_DIR");
     let out = Command::new("python3")
-        .args(["-m", "unittest", "discover", "-s", "clients/python/tests", "-v"])
+        .args([
+            "-m",
+            "unittest",
+            "discover",
+            "-s",
+            "clients/python/tests",
+            "-v",
+        ])
         .current_dir(root)
         .env("MEMCOORD_BIN", env!("CARGO_BIN_EXE_memcoord"))
         .output()
         .expect("python3 is needed to run the Python client's tests");
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{stderr}");
-    assert!(out.status.success(), "Python client tests failed:\n{stderr}");
-    assert!(stderr.contains("OK"), "unittest did not report OK:\n{stderr}");
+    assert!(
+        out.status.success(),
+        "Python client tests failed:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("OK"),
+        "unittest did not report OK:\n{stderr}"
+    );
 }

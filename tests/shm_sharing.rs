@@ -26,7 +26,10 @@ fn allocate(svc: &MemoryService, size: u64) -> (String, String, u64) {
         .build()
         .unwrap();
     let resp = rt.block_on(svc.allocate(req)).unwrap();
-    let h = resp.allocation.handle.expect("shm allocations have a handle");
+    let h = resp
+        .allocation
+        .handle
+        .expect("shm allocations have a handle");
     (resp.allocation.allocation_id, h.path, h.offset)
 }
 

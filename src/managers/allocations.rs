@@ -107,6 +107,7 @@ struct Device {
     failed_allocations: u64,
     allocation_time_ms_sum: f64,
     waiting: u64,
+    model_bytes: u64,
 }
 
 impl Device {
@@ -202,6 +203,7 @@ impl AllocationEngine {
                     failed_allocations: 0,
                     allocation_time_ms_sum: 0.0,
                     waiting: 0,
+                    model_bytes: 0,
                 })
                 .collect(),
             records: FxHashMap::default(),
@@ -277,6 +279,9 @@ impl AllocationEngine {
         }
         dev.live += 1;
         dev.total_allocations += 1;
+        if matches!(spec.owner, Owner::Model(_)) {
+            dev.model_bytes += spec.size;
+        }
         let id = Uuid::new_v4();
         let record = Record {
             device,
@@ -351,6 +356,9 @@ impl AllocationEngine {
         }
         dev.live -= 1;
         dev.total_deallocations += 1;
+        if matches!(record.owner, Owner::Model(_)) {
+            dev.model_bytes -= record.size;
+        }
         Freed {
             device_id: dev.arena.backend().device_id().to_string(),
             bytes: record.size,
@@ -462,12 +470,7 @@ impl AllocationEngine {
             peak_allocated_bytes: d.peak_allocated,
             peak_reserved_bytes: d.peak_reserved,
             reservation_bytes: d.reservation,
-            model_bytes: self
-                .records
-                .values()
-                .filter(|r| r.device == device && matches!(r.owner, Owner::Model(_)))
-                .map(|r| r.size)
-                .sum(),
+            model_bytes: d.model_bytes,
             budget_bytes: d.budget,
             allocation_count: d.live,
             total_allocations: d.total_allocations,

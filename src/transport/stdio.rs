@@ -4,19 +4,18 @@
 //! to the process's stdin, stdout and signals, and is the only code that touches them.
 //!
 //! Threads: this thread reads and handles every request that can be answered at once, in
-//! arrival order, collecting a batch of responses per read; a writer thread writes batches and
-//! flushes when it has nothing more queued. Requests that wait for memory run on the async
-//! runtime and send their response when done.
+//! arrival order, collecting the responses to everything one read brought in and writing them
+//! with one flush. Requests that wait for memory run on the async runtime and write their
+//! response when done.
 
 use super::framing::{Frame, LineReader};
 use crate::dispatch::{Dispatcher, Pending, internal_error};
 use crate::protocol::envelope::write_error;
 use crate::protocol::{ErrorCode, ProtocolError};
-use std::io::{self, BufWriter, Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, Once};
-use std::thread::JoinHandle;
 
 /// Worker settings.
 #[derive(Debug, Clone)]
@@ -31,11 +30,6 @@ impl Default for WorkerOptions {
             max_line_bytes: 1 << 20,
         }
     }
-}
-
-enum ToWriter {
-    Bytes(Vec<u8>),
-    Flush(SyncSender<()>),
 }
 
 /// Counts requests still being handled on the runtime.
@@ -64,44 +58,36 @@ impl InFlight {
     }
 }
 
+/// Batches at least this large go through the writer thread.
+const DIRECT_WRITE_LIMIT: usize = 16 * 1024;
+
+fn write_batch(output: &Mutex<Option<Box<dyn Write + Send>>>, bytes: &[u8]) {
+    let mut out = output.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(w) = out.as_mut()
+        && (w.write_all(bytes).is_err() || w.flush().is_err())
+    {
+        tracing::warn!("stdout is closed; responses are dropped");
+        *out = None;
+    }
+}
+
 /// A running worker's shared state: what the reader, the runtime tasks and a signal handler
 /// all need to finish cleanly.
 pub struct Worker {
     dispatcher: Dispatcher,
     runtime: tokio::runtime::Handle,
-    to_writer: Mutex<Option<Sender<ToWriter>>>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    /// Responses go here; `None` once output failed (the host went away).
+    output: Arc<Mutex<Option<Box<dyn Write + Send>>>>,
+    /// Large batches go to the writer thread, so reading and writing overlap.
+    to_writer: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Batches handed to the writer thread and not yet written.
+    queued: Arc<AtomicUsize>,
     in_flight: InFlight,
     stopping: AtomicBool,
     /// Held by the reader while it handles a batch, so a signal never cuts one in half.
     batch: Mutex<()>,
     finished: Once,
-}
-
-fn write_loop<W: Write>(output: W, rx: Receiver<ToWriter>) {
-    let mut out = BufWriter::with_capacity(64 * 1024, output);
-    let mut broken = false;
-    while let Ok(msg) = rx.recv() {
-        let mut next = Some(msg);
-        while let Some(msg) = next {
-            match msg {
-                ToWriter::Bytes(b) => {
-                    if !broken && out.write_all(&b).is_err() {
-                        broken = true;
-                    }
-                }
-                ToWriter::Flush(ack) => {
-                    let _ = out.flush();
-                    let _ = ack.send(());
-                }
-            }
-            next = rx.try_recv().ok();
-        }
-        if !broken && out.flush().is_err() {
-            broken = true;
-        }
-    }
-    let _ = out.flush();
 }
 
 impl Worker {
@@ -111,16 +97,27 @@ impl Worker {
         runtime: tokio::runtime::Handle,
         output: W,
     ) -> Arc<Worker> {
-        let (tx, rx) = mpsc::channel();
+        let output: Arc<Mutex<Option<Box<dyn Write + Send>>>> =
+            Arc::new(Mutex::new(Some(Box::new(output))));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::channel::<Vec<u8>>();
+        let (out, q) = (Arc::clone(&output), Arc::clone(&queued));
         let writer = std::thread::Builder::new()
             .name("memcoord-writer".into())
-            .spawn(move || write_loop(output, rx))
+            .spawn(move || {
+                while let Ok(batch) = rx.recv() {
+                    write_batch(&out, &batch);
+                    q.fetch_sub(1, Ordering::AcqRel);
+                }
+            })
             .ok();
         Arc::new(Worker {
             dispatcher,
             runtime,
-            to_writer: Mutex::new(Some(tx)),
+            output,
+            to_writer: Mutex::new(writer.as_ref().map(|_| tx)),
             writer: Mutex::new(writer),
+            queued,
             in_flight: InFlight::default(),
             stopping: AtomicBool::new(false),
             batch: Mutex::new(()),
@@ -128,28 +125,31 @@ impl Worker {
         })
     }
 
-    fn send(&self, msg: ToWriter) {
-        if let Some(tx) = self
-            .to_writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            let _ = tx.send(msg);
+    /// Writes a batch of response lines with one flush. A small batch with nothing queued is
+    /// written in the caller's thread (a thread wake-up costs more latency than the write);
+    /// a large one goes to the writer thread so that reading the next requests overlaps with
+    /// writing these responses.
+    fn emit(&self, bytes: Vec<u8>) {
+        if bytes.len() >= DIRECT_WRITE_LIMIT || self.queued.load(Ordering::Acquire) > 0 {
+            let tx = self.to_writer.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(tx) = tx.as_ref() {
+                self.queued.fetch_add(1, Ordering::AcqRel);
+                match tx.send(bytes) {
+                    Ok(()) => return,
+                    Err(mpsc::SendError(bytes)) => {
+                        self.queued.fetch_sub(1, Ordering::AcqRel);
+                        write_batch(&self.output, &bytes);
+                        return;
+                    }
+                }
+            }
         }
-    }
-
-    fn sender(&self) -> Option<Sender<ToWriter>> {
-        self.to_writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        write_batch(&self.output, &bytes);
     }
 
     fn spawn_pending(self: &Arc<Self>, pending: Pending) {
         self.in_flight.add();
         let worker = Arc::clone(self);
-        let tx = self.sender();
         let task = self.runtime.spawn(pending.response);
         let request_id = pending.request_id;
         self.runtime.spawn(async move {
@@ -161,9 +161,7 @@ impl Worker {
                     out
                 }
             };
-            if let Some(tx) = tx {
-                let _ = tx.send(ToWriter::Bytes(bytes));
-            }
+            worker.emit(bytes);
             worker.in_flight.done();
         });
     }
@@ -196,10 +194,7 @@ impl Worker {
                     }
                 }
                 if !out.is_empty() {
-                    self.send(ToWriter::Bytes(std::mem::replace(
-                        &mut out,
-                        Vec::with_capacity(64 * 1024),
-                    )));
+                    self.emit(std::mem::replace(&mut out, Vec::with_capacity(64 * 1024)));
                 }
             }
             match reader.fill() {
@@ -219,7 +214,7 @@ impl Worker {
                         }
                     }
                     if !out.is_empty() {
-                        self.send(ToWriter::Bytes(std::mem::take(&mut out)));
+                        self.emit(std::mem::take(&mut out));
                     }
                     break;
                 }
@@ -246,13 +241,7 @@ impl Worker {
             let service = self.dispatcher.service();
             service.begin_shutdown();
             self.in_flight.wait_idle();
-            let (ack_tx, ack_rx) = mpsc::sync_channel(1);
-            self.send(ToWriter::Flush(ack_tx));
-            let _ = ack_rx.recv();
-            let released = service.release_all();
-            service.close();
-            tracing::info!("released {released} allocations; exiting");
-            // Closing the channel ends the writer thread.
+            // Closing the channel lets the writer thread write what is queued and end.
             self.to_writer
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -260,6 +249,9 @@ impl Worker {
             if let Some(w) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 let _ = w.join();
             }
+            let released = service.release_all();
+            service.close();
+            tracing::info!("released {released} allocations; exiting");
         });
     }
 }
