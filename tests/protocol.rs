@@ -144,7 +144,10 @@ fn allocate_and_deallocate_keep_exact_accounting() {
     );
     let u = w.usage("cpu");
     assert_eq!(u["allocated_bytes"], 0);
-    assert_eq!(u["reserved_bytes"], 0, "freed pages go back");
+    assert!(
+        u["reserved_bytes"].as_u64().unwrap() <= 64 * 1024,
+        "freed pages go back, but for a small cache"
+    );
     assert_eq!(u["allocation_count"], 0);
     assert_eq!(u["total_allocations"], 1);
     assert_eq!(u["total_deallocations"], 1);
@@ -497,10 +500,28 @@ fn every_error_row_leaves_usage_unchanged() {
             "memory.launch_rockets",
         ),
         (
-            "memory.defragment",
+            "memory.transfer",
             json!({"device_id": "cpu"}),
             "UNKNOWN_ACTION",
+            "memory.transfer",
+        ),
+        (
             "memory.defragment",
+            json!({"device_id": "nope"}),
+            "INVALID_DEVICE",
+            "nope",
+        ),
+        (
+            "memory.optimize",
+            json!({"device_id": "cpu", "optimization_type": "Shrink"}),
+            "INVALID_PARAMETER",
+            "optimization_type",
+        ),
+        (
+            "memory.optimize",
+            json!({"device_id": "cpu", "optimization_type": "ReduceToTarget"}),
+            "INVALID_PARAMETER",
+            "target_usage_percentage",
         ),
     ];
     for (action, data, code, mentions) in cases {
@@ -613,12 +634,8 @@ fn clear_keeps_persistent_unless_forced() {
     );
     let u = w.usage("cpu");
     assert_eq!(
-        (
-            u["allocated_bytes"].clone(),
-            u["reserved_bytes"].clone(),
-            u["allocation_count"].clone()
-        ),
-        (json!(0), json!(0), json!(0))
+        (u["allocated_bytes"].clone(), u["allocation_count"].clone()),
+        (json!(0), json!(0))
     );
     // Other devices are untouched.
     let a = w.ok("memory.get_allocations", json!({"device_id": "shm"}));
@@ -687,10 +704,8 @@ fn a_size_over_the_budget_fails_at_once() {
 fn planned_actions_answer_unknown_action() {
     let mut w = Worker::small();
     for action in [
-        "memory.defragment",
         "memory.transfer",
         "memory.get_transfer",
-        "memory.optimize",
         "memory.model_load",
         "memory.model_unload",
         "memory.model_acquire",

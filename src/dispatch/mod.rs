@@ -5,9 +5,9 @@
 use crate::protocol::envelope::{parse_request, write_error, write_success};
 use crate::protocol::requests::{
     AllocateRequest, ClearRequest, DeallocateRequest, DeviceRequest, GetAllocationsRequest,
-    GetStatusRequest,
+    GetStatusRequest, OptimizeRequest,
 };
-use crate::protocol::{ErrorCode, ProtocolError};
+use crate::protocol::{ErrorCode, OptimizeResponse, ProtocolError};
 use crate::service::{MemoryService, TryAllocate};
 use serde::Serialize;
 use std::future::Future;
@@ -33,16 +33,18 @@ pub enum Action {
     Deallocate,
     /// `memory.clear`
     Clear,
+    /// `memory.defragment`
+    Defragment,
+    /// `memory.optimize`
+    Optimize,
     /// An action of the contract that a later version carries out.
     NotYet(&'static str),
 }
 
 /// Actions of the contract that this version does not carry out yet.
-pub const PLANNED_ACTIONS: [&str; 13] = [
-    "memory.defragment",
+pub const PLANNED_ACTIONS: [&str; 11] = [
     "memory.transfer",
     "memory.get_transfer",
-    "memory.optimize",
     "memory.model_load",
     "memory.model_unload",
     "memory.model_acquire",
@@ -65,6 +67,8 @@ impl Action {
             "memory.allocate" => Action::Allocate,
             "memory.deallocate" => Action::Deallocate,
             "memory.clear" => Action::Clear,
+            "memory.defragment" => Action::Defragment,
+            "memory.optimize" => Action::Optimize,
             other => Action::NotYet(PLANNED_ACTIONS.iter().find(|a| **a == other)?),
         })
     }
@@ -83,6 +87,27 @@ pub struct Pending {
 #[derive(Clone)]
 pub struct Dispatcher {
     service: Arc<MemoryService>,
+}
+
+/// A response computed on a blocking thread (work that holds the engine in passes, like a
+/// defragment), so the reading thread keeps answering other requests meanwhile.
+fn on_blocking_thread<T, F>(request_id: &str, work: F) -> Pending
+where
+    T: Serialize + Send + 'static,
+    F: FnOnce() -> Result<T, ProtocolError> + Send + 'static,
+{
+    let rid = request_id.to_string();
+    Pending {
+        request_id: request_id.to_string(),
+        response: Box::pin(async move {
+            let mut out = Vec::with_capacity(512);
+            match tokio::task::spawn_blocking(work).await {
+                Ok(r) => respond(&mut out, &rid, r),
+                Err(_) => internal_error(&mut out, Some(&rid)),
+            }
+            out
+        }),
+    }
 }
 
 fn respond<T: Serialize>(out: &mut Vec<u8>, id: &str, result: Result<T, ProtocolError>) {
@@ -206,6 +231,46 @@ impl Dispatcher {
                         });
                     }
                 }
+            }
+            Action::Defragment => match DeviceRequest::parse(data) {
+                Ok(r) => {
+                    let service = Arc::clone(s);
+                    return Some(on_blocking_thread(id, move || {
+                        service.defragment(&r.device_id, &[])
+                    }));
+                }
+                Err(e) => write_error(out, Some(id), &e),
+            },
+            Action::Optimize => {
+                let req = match OptimizeRequest::parse(data)
+                    .and_then(|r| s.check_device(&r.device_id).map(|u| (r, u)))
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        write_error(out, Some(id), &e);
+                        return None;
+                    }
+                };
+                let (req, usage) = req;
+                let service = Arc::clone(s);
+                if req.wait_for_completion {
+                    return Some(on_blocking_thread(id, move || service.optimize(&req)));
+                }
+                let scheduled = OptimizeResponse {
+                    device_id: req.device_id.clone(),
+                    optimization_type: req.optimization_type,
+                    freed_bytes: 0,
+                    actions: vec!["scheduled".to_string()],
+                    usage_before: usage,
+                    usage_after: usage,
+                    duration_ms: 0.0,
+                };
+                std::thread::spawn(move || {
+                    if let Err(e) = service.optimize(&req) {
+                        tracing::warn!("background optimize of {} failed: {e}", req.device_id);
+                    }
+                });
+                respond(out, id, Ok(scheduled));
             }
             Action::NotYet(name) => {
                 let e = ProtocolError::new(

@@ -1,7 +1,7 @@
 //! The allocation engine: every device's arena and budget, every live allocation, and the
 //! counters the protocol reports. Callers serialise access (the service holds it in a mutex).
 
-use super::arena::{Arena, ArenaError, Placement};
+use super::arena::{Arena, ArenaError, Compaction, Placement};
 use super::health;
 use crate::backends::{Backend, BackendError};
 use crate::protocol::{
@@ -10,7 +10,8 @@ use crate::protocol::{
 };
 use crate::units::format_bytes;
 use rustc_hash::FxHashMap;
-use std::time::SystemTime;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
 
 /// What the engine refuses, in terms the service turns into protocol errors.
@@ -56,7 +57,7 @@ pub enum Owner {
     /// A protocol client.
     Client,
     /// A model, by name.
-    Model(String),
+    Model(Arc<str>),
 }
 
 impl Owner {
@@ -65,6 +66,13 @@ impl Owner {
         match self {
             Owner::Client => "client".to_string(),
             Owner::Model(name) => format!("model:{name}"),
+        }
+    }
+
+    fn matches(&self, wire: &str) -> bool {
+        match self {
+            Owner::Client => wire == "client",
+            Owner::Model(name) => wire.strip_prefix("model:") == Some(name),
         }
     }
 }
@@ -131,19 +139,38 @@ impl Device {
             self.charged() as f64 / self.budget as f64 * 100.0
         }
     }
+
+    fn note_peaks(&mut self) {
+        self.peak_allocated = self.peak_allocated.max(self.allocated);
+        self.peak_reserved = self.peak_reserved.max(self.arena.backed_bytes());
+    }
 }
 
+/// One live allocation's bookkeeping, kept small (the metadata budget is 200 bytes a live
+/// allocation, purpose strings aside).
 struct Record {
-    device: usize,
     size: u64,
-    alignment: u64,
-    kind: MemoryAllocationType,
-    purpose: String,
-    persistent: bool,
-    owner: Owner,
-    created_at: SystemTime,
     seq: u64,
+    /// Microseconds since the Unix epoch.
+    created_us: u64,
     placement: Option<Placement>,
+    purpose: Box<str>,
+    owner: Owner,
+    device: u16,
+    kind: MemoryAllocationType,
+    persistent: bool,
+    /// log2 of the requested alignment, for Reservations (0 = none asked).
+    reservation_align_log2: u8,
+}
+
+impl Record {
+    fn alignment(&self) -> u64 {
+        match &self.placement {
+            Some(p) => p.alignment(),
+            None if self.reservation_align_log2 == 0 => 0,
+            None => 1 << self.reservation_align_log2,
+        }
+    }
 }
 
 /// A freed allocation.
@@ -155,7 +182,7 @@ pub struct Freed {
     pub bytes: u64,
 }
 
-/// What `clear` did.
+/// What `clear` or a reclaim did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cleared {
     /// Allocations freed.
@@ -177,11 +204,26 @@ pub struct AllocationFilter {
     pub owner: Option<String>,
 }
 
+/// What one defragmentation pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DefragmentPass {
+    /// The arena's report.
+    pub compaction: Compaction,
+    /// Allocations that may not move (persistent, in use).
+    pub pinned_count: u64,
+}
+
 /// Every device and every live allocation.
 pub struct AllocationEngine {
     devices: Vec<Device>,
     records: FxHashMap<Uuid, Record>,
     next_seq: u64,
+}
+
+fn micros(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 impl AllocationEngine {
@@ -219,15 +261,13 @@ impl AllocationEngine {
             .ok_or_else(|| EngineError::UnknownDevice(device_id.to_string()))
     }
 
-    /// Every device id, in order.
-    pub fn device_ids(&self) -> Vec<String> {
-        self.devices
-            .iter()
-            .map(|d| d.arena.backend().device_id().to_string())
-            .collect()
+    /// The number of devices.
+    pub fn device_count(&self) -> usize {
+        self.devices.len()
     }
 
-    fn device_id(&self, index: usize) -> &str {
+    /// A device's id.
+    pub fn device_id(&self, index: usize) -> &str {
         self.devices[index].arena.backend().device_id()
     }
 
@@ -238,7 +278,7 @@ impl AllocationEngine {
         device: usize,
         spec: &AllocationSpec,
         now: SystemTime,
-    ) -> Result<(Uuid, MemoryAllocation), EngineError> {
+    ) -> Result<Uuid, EngineError> {
         let dev = &mut self.devices[device];
         if spec.size > dev.budget {
             return Err(EngineError::OverBudget {
@@ -265,15 +305,9 @@ impl AllocationEngine {
                 Err(ArenaError::Backend(e)) => return Err(e.into()),
             }
         };
-        let alignment = if placement.is_some() {
-            spec.alignment.max(dev.arena.default_alignment())
-        } else {
-            spec.alignment
-        };
         if placement.is_some() {
             dev.allocated += spec.size;
-            dev.peak_allocated = dev.peak_allocated.max(dev.allocated);
-            dev.peak_reserved = dev.peak_reserved.max(dev.arena.backed_bytes());
+            dev.note_peaks();
         } else {
             dev.reservation += spec.size;
         }
@@ -284,21 +318,24 @@ impl AllocationEngine {
         }
         let id = Uuid::new_v4();
         let record = Record {
-            device,
             size: spec.size,
-            alignment,
-            kind: spec.kind,
-            purpose: spec.purpose.clone(),
-            persistent: spec.persistent,
-            owner: spec.owner.clone(),
-            created_at: now,
             seq: self.next_seq,
+            created_us: micros(now),
             placement,
+            purpose: spec.purpose.as_str().into(),
+            owner: spec.owner.clone(),
+            device: device as u16,
+            kind: spec.kind,
+            persistent: spec.persistent,
+            reservation_align_log2: if spec.alignment == 0 {
+                0
+            } else {
+                spec.alignment.trailing_zeros() as u8
+            },
         };
         self.next_seq += 1;
-        let wire = self.wire(&id, &record);
         self.records.insert(id, record);
-        Ok((id, wire))
+        Ok(id)
     }
 
     /// Adds the time an allocation took (waiting included) to the device's average.
@@ -337,16 +374,21 @@ impl AllocationEngine {
         let not_found = || EngineError::AllocationNotFound(allocation_id.to_string());
         let id = self.find(allocation_id).ok_or_else(not_found)?;
         if let Some(d) = device
-            && self.records.get(&id).map(|r| r.device) != Some(d)
+            && self.records.get(&id).map(|r| r.device as usize) != Some(d)
         {
             return Err(not_found());
         }
-        let record = self.records.remove(&id).ok_or_else(not_found)?;
-        Ok(self.release(record))
+        self.free_id(&id).ok_or_else(not_found)
+    }
+
+    /// Frees an allocation by id.
+    pub fn free_id(&mut self, id: &Uuid) -> Option<Freed> {
+        let record = self.records.remove(id)?;
+        Some(self.release(record))
     }
 
     fn release(&mut self, record: Record) -> Freed {
-        let dev = &mut self.devices[record.device];
+        let dev = &mut self.devices[record.device as usize];
         match &record.placement {
             Some(p) => {
                 dev.arena.free(p);
@@ -370,7 +412,7 @@ impl AllocationEngine {
         let mut cleared = Cleared::default();
         let mut victims = Vec::new();
         for (id, r) in &self.records {
-            if r.device != device || r.owner != Owner::Client {
+            if r.device as usize != device || r.owner != Owner::Client {
                 continue;
             }
             if r.persistent && !force {
@@ -380,12 +422,90 @@ impl AllocationEngine {
             }
         }
         for id in victims {
-            if let Some(record) = self.records.remove(&id) {
+            if let Some(f) = self.free_id(&id) {
                 cleared.count += 1;
-                cleared.bytes += self.release(record).bytes;
+                cleared.bytes += f.bytes;
             }
         }
         cleared
+    }
+
+    /// Frees client allocations of the given types, oldest first and type by type, until the
+    /// device's budget usage is at most `target_percentage`. Persistent allocations and those
+    /// in `preserve` are never freed unless `include_persistent`.
+    pub fn reclaim(
+        &mut self,
+        device: usize,
+        kinds: &[MemoryAllocationType],
+        target_percentage: f64,
+        include_persistent: bool,
+        preserve: &[Uuid],
+    ) -> Cleared {
+        let mut cleared = Cleared::default();
+        for kind in kinds {
+            if self.devices[device].utilization() <= target_percentage {
+                break;
+            }
+            let mut candidates: Vec<(u64, Uuid)> = self
+                .records
+                .iter()
+                .filter(|(id, r)| {
+                    r.device as usize == device
+                        && r.owner == Owner::Client
+                        && r.kind == *kind
+                        && (include_persistent || !r.persistent)
+                        && !preserve.contains(id)
+                })
+                .map(|(id, r)| (r.seq, *id))
+                .collect();
+            candidates.sort_unstable();
+            for (_, id) in candidates {
+                if self.devices[device].utilization() <= target_percentage {
+                    break;
+                }
+                if let Some(f) = self.free_id(&id) {
+                    cleared.count += 1;
+                    cleared.bytes += f.bytes;
+                }
+            }
+        }
+        cleared
+    }
+
+    /// One bounded defragmentation pass over a device: moves at most `max_bytes` (at least one
+    /// allocation). Persistent allocations and those in `pinned` stay where they are.
+    pub fn defragment_pass(
+        &mut self,
+        device: usize,
+        max_bytes: u64,
+        pinned: &[Uuid],
+    ) -> DefragmentPass {
+        let mut pinned_count = 0;
+        let mut placements: Vec<(&mut Placement, bool)> = Vec::new();
+        for (id, r) in self.records.iter_mut() {
+            if r.device as usize != device {
+                continue;
+            }
+            let persistent = r.persistent;
+            if let Some(p) = r.placement.as_mut() {
+                let movable = !persistent && !pinned.contains(id);
+                if !movable {
+                    pinned_count += 1;
+                }
+                placements.push((p, movable));
+            }
+        }
+        let dev = &mut self.devices[device];
+        let compaction = dev.arena.compact(&mut placements, max_bytes);
+        DefragmentPass {
+            compaction,
+            pinned_count,
+        }
+    }
+
+    /// Gives back the device's cached pages; returns the bytes.
+    pub fn trim(&mut self, device: usize) -> u64 {
+        self.devices[device].arena.trim()
     }
 
     /// Frees every allocation on every device (shutdown).
@@ -405,17 +525,17 @@ impl AllocationEngine {
     }
 
     fn wire(&self, id: &Uuid, r: &Record) -> MemoryAllocation {
-        let dev = &self.devices[r.device];
+        let dev = &self.devices[r.device as usize];
         MemoryAllocation {
             allocation_id: id.hyphenated().to_string(),
             device_id: dev.arena.backend().device_id().to_string(),
             size_bytes: r.size,
-            alignment: r.alignment,
+            alignment: r.alignment(),
             allocation_type: r.kind,
-            purpose: r.purpose.clone(),
+            purpose: r.purpose.to_string(),
             persistent: r.persistent,
             owner: r.owner.wire(),
-            created_at: Timestamp(r.created_at),
+            created_at: Timestamp(UNIX_EPOCH + Duration::from_micros(r.created_us)),
             handle: r
                 .placement
                 .as_ref()
@@ -431,6 +551,11 @@ impl AllocationEngine {
         Ok(self.wire(&id, &self.records[&id]))
     }
 
+    /// One allocation by id as the protocol shows it.
+    pub fn allocation_by_id(&self, id: &Uuid) -> Option<MemoryAllocation> {
+        self.records.get(id).map(|r| self.wire(id, r))
+    }
+
     /// A device's allocations matching `filter`, oldest first: the total count and one page.
     pub fn allocations(
         &self,
@@ -443,10 +568,10 @@ impl AllocationEngine {
             .records
             .iter()
             .filter(|(_, r)| {
-                r.device == device
+                r.device as usize == device
                     && filter.kind.is_none_or(|k| k == r.kind)
-                    && filter.purpose.as_deref().is_none_or(|p| p == r.purpose)
-                    && filter.owner.as_deref().is_none_or(|o| o == r.owner.wire())
+                    && filter.purpose.as_deref().is_none_or(|p| p == &*r.purpose)
+                    && filter.owner.as_deref().is_none_or(|o| r.owner.matches(o))
             })
             .collect();
         matching.sort_unstable_by_key(|(_, r)| r.seq);
@@ -494,8 +619,8 @@ impl AllocationEngine {
         self.devices[device].available()
     }
 
-    /// How the device's free memory is split up; `count_blocks` walks the free lists.
-    pub fn fragmentation(&mut self, device: usize, count_blocks: bool) -> MemoryFragmentation {
+    /// How the device's free memory is split up.
+    pub fn fragmentation(&mut self, device: usize) -> MemoryFragmentation {
         let free = self.available(device);
         let d = &self.devices[device];
         let largest = d.arena.largest_free_block().min(free);
@@ -504,17 +629,13 @@ impl AllocationEngine {
             fragmentation_percentage: health::fragmentation_percentage(free, largest),
             free_bytes: free,
             largest_free_block_bytes: largest,
-            free_block_count: if count_blocks {
-                d.arena.free_regions()
-            } else {
-                0
-            },
+            free_block_count: d.arena.free_regions(),
         }
     }
 
     /// A device's figures.
     pub fn info(&mut self, device: usize) -> MemoryInfo {
-        let frag = self.fragmentation(device, false);
+        let frag = self.fragmentation(device);
         let usage = self.utilization(device);
         let d = &mut self.devices[device];
         let cap = d.arena.backend_mut().capacity();
@@ -539,8 +660,18 @@ impl AllocationEngine {
 
     /// `health_score` of a device.
     pub fn health_score(&mut self, device: usize) -> f64 {
-        let frag = self.fragmentation(device, false);
+        let frag = self.fragmentation(device);
         health::health_score(self.utilization(device), frag.fragmentation_percentage)
+    }
+
+    /// Bytes of engine bookkeeping: the allocation table and every arena's metadata.
+    pub fn metadata_bytes(&self) -> usize {
+        self.records.capacity() * (std::mem::size_of::<(Uuid, Record)>() + 1)
+            + self
+                .devices
+                .iter()
+                .map(|d| d.arena.metadata_bytes())
+                .sum::<usize>()
     }
 
     fn placement(
@@ -568,7 +699,7 @@ impl AllocationEngine {
                 r.size
             )));
         }
-        Ok((r.device, p))
+        Ok((r.device as usize, p))
     }
 
     /// Copies bytes of an allocation, from `offset` within it, into `buf`.
@@ -604,7 +735,7 @@ mod tests {
 
     fn engine(budget: u64) -> AllocationEngine {
         AllocationEngine::new(vec![DeviceSetup {
-            backend: Box::new(CpuBackend::new(budget).unwrap()),
+            backend: Box::new(CpuBackend::new(budget + budget / 4).unwrap()),
             budget,
         }])
     }
@@ -620,24 +751,17 @@ mod tests {
         }
     }
 
+    fn alloc(e: &mut AllocationEngine, size: u64, kind: MemoryAllocationType) -> Uuid {
+        e.try_allocate(0, &spec(size, kind), SystemTime::now())
+            .unwrap()
+    }
+
     #[test]
     fn accounting_is_exact() {
         let mut e = engine(16 * MIB);
-        let (a, _) = e
-            .try_allocate(
-                0,
-                &spec(1000, MemoryAllocationType::General),
-                SystemTime::now(),
-            )
-            .unwrap();
-        let (_r, w) = e
-            .try_allocate(
-                0,
-                &spec(MIB, MemoryAllocationType::Reservation),
-                SystemTime::now(),
-            )
-            .unwrap();
-        assert!(w.handle.is_none());
+        let a = alloc(&mut e, 1000, MemoryAllocationType::General);
+        let r = alloc(&mut e, MIB, MemoryAllocationType::Reservation);
+        assert!(e.allocation_by_id(&r).unwrap().handle.is_none());
         let u = e.usage(0);
         assert_eq!(
             (u.allocated_bytes, u.reservation_bytes, u.allocation_count),
@@ -649,7 +773,11 @@ mod tests {
         );
         e.deallocate(&a.to_string(), None).unwrap();
         let u = e.usage(0);
-        assert_eq!((u.allocated_bytes, u.reserved_bytes), (0, 0));
+        assert_eq!(u.allocated_bytes, 0);
+        assert!(
+            u.reserved_bytes <= 16 * 4096,
+            "at most a small page cache stays"
+        );
     }
 
     #[test]
@@ -663,12 +791,7 @@ mod tests {
             ),
             Err(EngineError::OverBudget { .. })
         ));
-        e.try_allocate(
-            0,
-            &spec(MIB / 2, MemoryAllocationType::Reservation),
-            SystemTime::now(),
-        )
-        .unwrap();
+        alloc(&mut e, MIB / 2, MemoryAllocationType::Reservation);
         let before = e.usage(0);
         assert!(matches!(
             e.try_allocate(
@@ -679,23 +802,49 @@ mod tests {
             Err(EngineError::NoRoom { .. })
         ));
         assert_eq!(e.usage(0), before, "a failure changes nothing");
+        // The whole budget is allocatable in one piece.
+        let mut e = engine(MIB);
+        alloc(&mut e, MIB, MemoryAllocationType::General);
     }
 
     #[test]
     fn bytes_round_trip_and_bounds() {
         let mut e = engine(MIB);
-        let (a, _) = e
-            .try_allocate(
-                0,
-                &spec(10, MemoryAllocationType::General),
-                SystemTime::now(),
-            )
-            .unwrap();
-        let id = a.to_string();
+        let id = alloc(&mut e, 10, MemoryAllocationType::General).to_string();
         e.write(&id, 2, b"abc").unwrap();
         let mut buf = [0u8; 3];
         e.read(&id, 2, &mut buf).unwrap();
         assert_eq!(&buf, b"abc");
         assert!(e.write(&id, 8, b"abc").is_err());
+    }
+
+    #[test]
+    fn reclaim_takes_cache_then_temporary_oldest_first() {
+        let mut e = engine(10 * MIB);
+        let g = alloc(&mut e, 2 * MIB, MemoryAllocationType::General);
+        let t1 = alloc(&mut e, 2 * MIB, MemoryAllocationType::Temporary);
+        let c1 = alloc(&mut e, 2 * MIB, MemoryAllocationType::Cache);
+        let c2 = alloc(&mut e, 2 * MIB, MemoryAllocationType::Cache);
+        // 80% used; down to 45%: frees c1, c2 (40%), stop.
+        let r = e.reclaim(
+            0,
+            &[MemoryAllocationType::Cache, MemoryAllocationType::Temporary],
+            45.0,
+            false,
+            &[],
+        );
+        assert_eq!(r.count, 2);
+        assert!(e.allocation_by_id(&c1).is_none() && e.allocation_by_id(&c2).is_none());
+        assert!(e.allocation_by_id(&t1).is_some() && e.allocation_by_id(&g).is_some());
+        let r = e.reclaim(0, &[MemoryAllocationType::Temporary], 0.0, false, &[t1]);
+        assert_eq!(r.count, 0, "preserved");
+    }
+
+    #[test]
+    fn model_owner_matches_its_wire_name() {
+        let o = Owner::Model("sdxl".into());
+        assert!(o.matches("model:sdxl"));
+        assert!(!o.matches("client"));
+        assert_eq!(o.wire(), "model:sdxl");
     }
 }

@@ -1,21 +1,22 @@
-//! An arena: one device's mapped range, carved up by an out-of-band sub-allocator, with pages
-//! backed only while live allocations touch them.
+//! An arena: one device's mapped range, carved up by an out-of-band sub-allocator ([`Tlsf`]),
+//! with pages backed only while live allocations need them.
 //!
 //! All bookkeeping lives here, outside the managed memory (GPU memory cannot hold CPU headers).
 //! Page accounting is O(1) per allocate and free: a page inside an allocation belongs to it
-//! alone, so only the first and last page of each allocation need a reference count.
+//! alone, so only the first and last page of each allocation need a reference count. A bitmap
+//! records which pages are backed. Pages that stop being used stay backed as a small cache (up
+//! to 1/64 of the pages in use, at least 16 pages) so that a free followed by an allocate does
+//! not pay a page fault or a driver call; the rest go back to the system at once, and
+//! [`Arena::trim`] gives back the cache too.
 
+use super::tlsf::{Block, Tlsf};
 use crate::backends::{Backend, BackendError};
-use offset_allocator::{Allocation, Allocator};
 use rustc_hash::FxHashMap;
-
-/// The most live allocations one arena tracks (the sub-allocator preallocates its nodes).
-pub const MAX_LIVE_ALLOCATIONS: u32 = 512 * 1024;
 
 /// Why an arena could not place an allocation.
 #[derive(Debug, thiserror::Error)]
 pub enum ArenaError {
-    /// No free range is large enough (or the allocation table is full).
+    /// No free range is large enough.
     #[error("no free range large enough")]
     NoSpace,
     /// The backend could not back the pages.
@@ -24,38 +25,50 @@ pub enum ArenaError {
 }
 
 /// Where an allocation sits in its arena.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 pub struct Placement {
     /// Byte offset of the allocation's first byte (aligned as asked).
     pub offset: u64,
     /// Bytes of the allocation.
     pub size: u64,
-    block: Allocation,
-    block_start: u64,
-    block_len: u64,
+    block: Block,
+    align_log2: u8,
 }
 
-impl std::fmt::Debug for Placement {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Placement")
-            .field("offset", &self.offset)
-            .field("size", &self.size)
-            .field("block_start", &self.block_start)
-            .field("block_len", &self.block_len)
-            .finish()
+impl Placement {
+    /// Alignment of `offset`, in bytes.
+    pub fn alignment(&self) -> u64 {
+        1 << self.align_log2
     }
+}
+
+/// What a compaction pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Compaction {
+    /// Allocations moved.
+    pub moved_count: u64,
+    /// Their bytes.
+    pub moved_bytes: u64,
+    /// Movable allocations left in place because the pass's byte budget ran out.
+    pub deferred_count: u64,
+    /// Bytes of pages given back to the system afterwards.
+    pub released_bytes: u64,
 }
 
 /// One device's memory and its sub-allocator.
 pub struct Arena {
     backend: Box<dyn Backend>,
-    sub: Allocator,
+    tlsf: Tlsf,
     /// Sub-allocator unit in bytes (a power of two; the sub-allocator counts in u32 units).
     unit: u64,
     page: u64,
     /// Reference counts of pages that are the first or last page of some live allocation.
-    boundary_refs: FxHashMap<u64, u32>,
+    boundary_refs: FxHashMap<u32, u32>,
+    /// One bit per page: backed now.
+    backed: Vec<u64>,
     backed_bytes: u64,
+    /// Bytes of pages spanned by live allocations.
+    in_use_bytes: u64,
 }
 
 impl Arena {
@@ -72,13 +85,20 @@ impl Arena {
         }
         let units = (len / unit) as u32;
         let page = backend.page_size();
+        let pages = len.div_ceil(page);
+        assert!(
+            pages < u32::MAX as u64,
+            "an arena holds fewer than 2^32 pages"
+        );
         Arena {
             backend,
-            sub: Allocator::with_max_allocs(units, MAX_LIVE_ALLOCATIONS),
+            tlsf: Tlsf::new(units),
             unit,
             page,
             boundary_refs: FxHashMap::default(),
+            backed: vec![0; pages.div_ceil(64) as usize],
             backed_bytes: 0,
+            in_use_bytes: 0,
         }
     }
 
@@ -97,9 +117,18 @@ impl Arena {
         self.unit
     }
 
-    /// Bytes of pages backed now.
+    /// Bytes of pages backed now (`reserved_bytes`).
     pub fn backed_bytes(&self) -> u64 {
         self.backed_bytes
+    }
+
+    /// Bytes of pages backed but used by no live allocation (the cache).
+    pub fn cached_bytes(&self) -> u64 {
+        self.backed_bytes - self.in_use_bytes
+    }
+
+    fn cache_limit(&self) -> u64 {
+        (self.in_use_bytes / 64).max(16 * self.page)
     }
 
     /// Places `size` bytes at a multiple of `alignment` (0 = default) and backs their pages.
@@ -107,35 +136,44 @@ impl Arena {
         let align = alignment.max(self.unit);
         let units = size.div_ceil(self.unit) + (align / self.unit - 1);
         let units = u32::try_from(units).map_err(|_| ArenaError::NoSpace)?;
-        let block = self.sub.allocate(units).ok_or(ArenaError::NoSpace)?;
-        let block_start = block.offset as u64 * self.unit;
-        let block_len = units as u64 * self.unit;
-        let offset = block_start.next_multiple_of(align);
+        let block = self.tlsf.allocate(units).ok_or(ArenaError::NoSpace)?;
         let placement = Placement {
-            offset,
+            offset: (block.offset as u64 * self.unit).next_multiple_of(align),
             size,
             block,
-            block_start,
-            block_len,
+            align_log2: align.trailing_zeros() as u8,
         };
-        if let Some((start, len)) = self.acquire_pages(block_start, block_len)
-            && let Err(e) = self.backend.commit(start, len)
+        let (start, len) = self.block_range(&block);
+        if let Some((first, last)) = self.acquire_pages(start, len)
+            && let Err(e) = self.back(first, last)
         {
-            self.release_pages(block_start, block_len, false);
-            self.sub.free(block);
+            self.release_pages(start, len);
+            self.tlsf.free(block);
             return Err(e.into());
         }
         Ok(placement)
     }
 
-    /// Frees a placement and gives back the pages no other allocation touches.
+    /// Frees a placement; pages no other allocation touches are cached or given back.
     pub fn free(&mut self, placement: &Placement) {
-        self.sub.free(placement.block);
-        self.release_pages(placement.block_start, placement.block_len, true);
+        let (start, len) = self.block_range(&placement.block);
+        self.tlsf.free(placement.block);
+        if let Some((first, last)) = self.release_pages(start, len)
+            && self.cached_bytes() > self.cache_limit()
+        {
+            self.unback(first, last);
+        }
     }
 
-    /// Counts the pages of `[start, start + len)` as used; returns the range that was backed by
-    /// nothing before (to commit), if any.
+    fn block_range(&self, block: &Block) -> (u64, u64) {
+        (
+            block.offset as u64 * self.unit,
+            block.size as u64 * self.unit,
+        )
+    }
+
+    /// Counts the pages of `[start, start + len)` as used; returns the pages (first, last) that
+    /// no live allocation used before, if any.
     fn acquire_pages(&mut self, start: u64, len: u64) -> Option<(u64, u64)> {
         let first = start / self.page;
         let last = (start + len - 1) / self.page;
@@ -150,13 +188,13 @@ impl Arena {
         if new_first > new_last || (first == last && new_first != first) {
             return None;
         }
-        let bytes = (new_last - new_first + 1) * self.page;
-        self.backed_bytes += bytes;
-        Some((new_first * self.page, bytes))
+        self.in_use_bytes += (new_last - new_first + 1) * self.page;
+        Some((new_first, new_last))
     }
 
-    /// Uncounts the pages of `[start, start + len)`; gives back those left untouched.
-    fn release_pages(&mut self, start: u64, len: u64, give_back: bool) {
+    /// Uncounts the pages of `[start, start + len)`; returns the pages no live allocation uses
+    /// any more, if any.
+    fn release_pages(&mut self, start: u64, len: u64) -> Option<(u64, u64)> {
         let first = start / self.page;
         let last = (start + len - 1) / self.page;
         let mut free_first = first;
@@ -165,55 +203,135 @@ impl Arena {
             free_first += 1;
         }
         if last != first && self.drop_ref(last) > 0 {
-            free_last = free_last.saturating_sub(1);
+            free_last -= 1;
         }
         if free_first > free_last || (first == last && free_first != first) {
-            return;
+            return None;
         }
-        let bytes = (free_last - free_first + 1) * self.page;
-        self.backed_bytes -= bytes;
-        if give_back {
-            self.backend.release(free_first * self.page, bytes);
-        }
+        self.in_use_bytes -= (free_last - free_first + 1) * self.page;
+        Some((free_first, free_last))
     }
 
     fn add_ref(&mut self, page: u64) -> u32 {
-        let r = self.boundary_refs.entry(page).or_insert(0);
+        let r = self.boundary_refs.entry(page as u32).or_insert(0);
         *r += 1;
         *r
     }
 
     fn drop_ref(&mut self, page: u64) -> u32 {
-        match self.boundary_refs.get_mut(&page) {
+        match self.boundary_refs.get_mut(&(page as u32)) {
             Some(r) if *r > 1 => {
                 *r -= 1;
                 *r
             }
             _ => {
-                self.boundary_refs.remove(&page);
+                self.boundary_refs.remove(&(page as u32));
                 0
             }
         }
     }
 
-    /// The largest allocation (default alignment) that the sub-allocator could place now.
+    fn is_backed(&self, page: u64) -> bool {
+        self.backed[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+
+    fn set_backed(&mut self, page: u64, on: bool) {
+        let w = &mut self.backed[(page / 64) as usize];
+        if on {
+            *w |= 1 << (page % 64);
+        } else {
+            *w &= !(1 << (page % 64));
+        }
+    }
+
+    /// Runs `[a, b]` of pages in `[first, last]` whose backed bit equals `state`.
+    fn runs(&self, first: u64, last: u64, state: bool) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut p = first;
+        while p <= last {
+            // Skip whole words quickly.
+            let word = self.backed[(p / 64) as usize];
+            if p % 64 == 0 && p + 63 <= last && word == if state { 0 } else { u64::MAX } {
+                p += 64;
+                continue;
+            }
+            if self.is_backed(p) == state {
+                let a = p;
+                while p <= last && self.is_backed(p) == state {
+                    p += 1;
+                }
+                out.push((a, p - 1));
+            } else {
+                p += 1;
+            }
+        }
+        out
+    }
+
+    /// Backs every unbacked page of `[first, last]`.
+    fn back(&mut self, first: u64, last: u64) -> Result<(), BackendError> {
+        for (a, b) in self.runs(first, last, false) {
+            self.backend
+                .commit(a * self.page, (b - a + 1) * self.page)?;
+            for p in a..=b {
+                self.set_backed(p, true);
+            }
+            self.backed_bytes += (b - a + 1) * self.page;
+        }
+        Ok(())
+    }
+
+    /// Gives back every backed page of `[first, last]`; returns the bytes given back.
+    fn unback(&mut self, first: u64, last: u64) -> u64 {
+        let mut released = 0;
+        for (a, b) in self.runs(first, last, true) {
+            let bytes = (b - a + 1) * self.page;
+            self.backend.release(a * self.page, bytes);
+            for p in a..=b {
+                self.set_backed(p, false);
+            }
+            released += bytes;
+        }
+        self.backed_bytes -= released;
+        released
+    }
+
+    /// Gives back every backed page that no live allocation touches (the cache). Returns the
+    /// bytes given back.
+    pub fn trim(&mut self) -> u64 {
+        let mut released = 0;
+        for (offset, size) in self.tlsf.free_ranges() {
+            let start = offset as u64 * self.unit;
+            let end = start + size as u64 * self.unit;
+            let first = start.div_ceil(self.page);
+            let end_page = end / self.page;
+            if end_page > first {
+                released += self.unback(first, end_page - 1);
+            }
+        }
+        released
+    }
+
+    /// The largest allocation (default alignment) that could be placed now.
     pub fn largest_free_block(&self) -> u64 {
-        self.sub.storage_report().largest_free_region as u64 * self.unit
+        self.tlsf.largest_free() as u64 * self.unit
     }
 
     /// Free bytes in the arena, in whatever pieces.
     pub fn free_bytes(&self) -> u64 {
-        self.sub.storage_report().total_free_space as u64 * self.unit
+        self.tlsf.free_units() * self.unit
     }
 
     /// The number of free ranges in the arena.
     pub fn free_regions(&self) -> u64 {
-        self.sub
-            .storage_report_full()
-            .free_regions
-            .iter()
-            .map(|r| r.count as u64)
-            .sum()
+        self.tlsf.free_blocks()
+    }
+
+    /// Bytes of sub-allocator and page bookkeeping.
+    pub fn metadata_bytes(&self) -> usize {
+        self.tlsf.metadata_bytes()
+            + self.backed.capacity() * 8
+            + self.boundary_refs.capacity() * (std::mem::size_of::<(u32, u32)>() + 1)
     }
 
     /// Copies bytes of an allocation out, from `offset` within it.
@@ -224,6 +342,70 @@ impl Arena {
     /// Copies bytes into an allocation, from `offset` within it.
     pub fn write(&mut self, p: &Placement, offset: u64, data: &[u8]) {
         self.backend.write(p.offset + offset, data);
+    }
+
+    /// Slides movable allocations toward the start of the arena, in address order, moving at
+    /// most `max_bytes` (at least one allocation); pinned ones stay. Contents are preserved byte
+    /// for byte (overlapping moves are memmoves toward lower addresses); every placement is
+    /// updated in place; pages left unused are given back.
+    ///
+    /// `placements` holds every live placement of the arena with whether it may move.
+    pub fn compact(
+        &mut self,
+        placements: &mut [(&mut Placement, bool)],
+        max_bytes: u64,
+    ) -> Compaction {
+        placements.sort_unstable_by_key(|(p, _)| p.block.offset);
+        let mut report = Compaction::default();
+        let mut cursor = 0u32;
+        let mut layout = Vec::with_capacity(placements.len());
+        let mut stopped = false;
+        for (p, movable) in placements.iter_mut() {
+            let block = p.block;
+            let budget_left = report.moved_count == 0 || report.moved_bytes < max_bytes;
+            // Back the destination's pages before writing to them; if the system refuses,
+            // stop moving (everything stays consistent, nothing is lost).
+            let can_move = *movable && cursor < block.offset && budget_left && !stopped && {
+                let first = (cursor as u64 * self.unit) / self.page;
+                let last = ((cursor + block.size) as u64 * self.unit - 1) / self.page;
+                match self.back(first, last) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!("defragment stopped early: {e}");
+                        stopped = true;
+                        false
+                    }
+                }
+            };
+            if can_move {
+                let new_offset = (cursor as u64 * self.unit).next_multiple_of(p.alignment());
+                self.backend.copy_within(p.offset, new_offset, p.size);
+                p.offset = new_offset;
+                layout.push((cursor, block.size));
+                report.moved_count += 1;
+                report.moved_bytes += p.size;
+                cursor += block.size;
+            } else {
+                if *movable && cursor < block.offset {
+                    report.deferred_count += 1;
+                }
+                layout.push((block.offset, block.size));
+                cursor = block.offset + block.size;
+            }
+        }
+        let blocks = self.tlsf.rebuild(&layout);
+        for ((p, _), b) in placements.iter_mut().zip(blocks) {
+            p.block = b;
+        }
+        // Recount page use from the new layout.
+        self.boundary_refs.clear();
+        self.in_use_bytes = 0;
+        for (p, _) in placements.iter() {
+            let (start, len) = self.block_range(&p.block);
+            self.acquire_pages(start, len);
+        }
+        report.released_bytes = self.trim();
+        report
     }
 }
 
@@ -237,8 +419,8 @@ mod tests {
     }
 
     #[test]
-    fn backs_only_touched_pages_and_gives_them_back() {
-        let mut a = arena(1 << 20);
+    fn backs_only_touched_pages_and_caches_a_few() {
+        let mut a = arena(1 << 22);
         let x = a.allocate(100, 0).unwrap();
         assert_eq!(a.backed_bytes(), 4096);
         let y = a.allocate(100, 0).unwrap();
@@ -246,11 +428,25 @@ mod tests {
         let big = a.allocate(3 * 4096, 0).unwrap();
         assert_eq!(a.backed_bytes(), 4 * 4096);
         a.free(&x);
-        assert_eq!(a.backed_bytes(), 4 * 4096, "y still on page 0");
         a.free(&y);
         a.free(&big);
+        assert_eq!(a.backed_bytes(), 4 * 4096, "up to 16 pages stay cached");
+        assert_eq!(a.cached_bytes(), 4 * 4096);
+        assert_eq!(a.trim(), 4 * 4096);
         assert_eq!(a.backed_bytes(), 0);
-        assert_eq!(a.free_bytes(), 1 << 20);
+        assert_eq!(a.free_bytes(), 1 << 22);
+    }
+
+    #[test]
+    fn gives_back_pages_beyond_the_cache() {
+        let mut a = arena(1 << 24);
+        let big = a.allocate(1 << 20, 0).unwrap();
+        a.free(&big);
+        assert_eq!(
+            a.backed_bytes(),
+            0,
+            "256 pages exceed the cache: given back"
+        );
     }
 
     #[test]
@@ -271,5 +467,61 @@ mod tests {
         let mut a = arena(1 << 16);
         let _x = a.allocate(1 << 16, 0).unwrap();
         assert!(matches!(a.allocate(1, 0), Err(ArenaError::NoSpace)));
+    }
+
+    #[test]
+    fn compaction_moves_down_keeps_bytes_and_pins() {
+        let mut a = arena(1 << 24);
+        let mut ps: Vec<Placement> = (0..40)
+            .map(|i| a.allocate(10_000 + i * 100, 0).unwrap())
+            .collect();
+        for (i, p) in ps.iter().enumerate() {
+            let data: Vec<u8> = (0..p.size).map(|j| (i as u64 * 7 + j) as u8).collect();
+            a.write(p, 0, &data);
+        }
+        // Free every other one: fragmentation.
+        let kept: Vec<Placement> = ps
+            .drain(..)
+            .enumerate()
+            .filter_map(|(i, p)| {
+                if i % 2 == 0 {
+                    a.free(&p);
+                    None
+                } else {
+                    Some(p)
+                }
+            })
+            .collect();
+        let mut kept = kept;
+        let frag_before = a.largest_free_block();
+        let pinned_offset = kept[5].offset;
+        let originals: Vec<u64> = kept.iter().map(|p| p.offset).collect();
+        let mut refs: Vec<(&mut Placement, bool)> = kept
+            .iter_mut()
+            .enumerate()
+            .map(|(i, p)| (p, i != 5))
+            .collect();
+        let r = a.compact(&mut refs, u64::MAX);
+        assert!(r.moved_count > 0);
+        assert!(a.largest_free_block() > frag_before);
+        assert_eq!(kept[5].offset, pinned_offset, "pinned stays");
+        for (k, p) in kept.iter().enumerate() {
+            let i = 2 * k + 1;
+            let mut back = vec![0; p.size as usize];
+            a.read(p, 0, &mut back);
+            let want: Vec<u8> = (0..p.size).map(|j| (i as u64 * 7 + j) as u8).collect();
+            assert_eq!(
+                back, want,
+                "allocation {k} (was at {}, now {})",
+                originals[k], p.offset
+            );
+        }
+        // Everything frees cleanly afterwards.
+        for p in &kept {
+            a.free(p);
+        }
+        a.trim();
+        assert_eq!(a.backed_bytes(), 0);
+        assert_eq!(a.free_regions(), 1);
     }
 }

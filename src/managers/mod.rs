@@ -4,6 +4,7 @@
 pub mod allocations;
 pub mod arena;
 pub mod health;
+pub mod tlsf;
 
 pub use allocations::{AllocationEngine, AllocationSpec, DeviceSetup, EngineError, Owner};
 pub use arena::{Arena, ArenaError, Placement};

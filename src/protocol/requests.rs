@@ -4,7 +4,7 @@
 //! checked: a field missing, of the wrong type or out of range is `INVALID_PARAMETER` with a
 //! message that names it. Unknown fields are ignored.
 
-use super::enums::MemoryAllocationType;
+use super::enums::{MemoryAllocationType, MemoryOptimizationType};
 use super::error::ProtocolError;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -290,6 +290,64 @@ impl ClearRequest {
     }
 }
 
+#[derive(Deserialize)]
+struct OptimizeWire {
+    device_id: Option<String>,
+    optimization_type: Option<MemoryOptimizationType>,
+    force: Option<bool>,
+    target_usage_percentage: Option<f64>,
+    preserve_allocations: Option<Vec<String>>,
+    wait_for_completion: Option<bool>,
+}
+
+/// `memory.optimize` (the seed's OptimizeMemoryRequest).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimizeRequest {
+    /// The device.
+    pub device_id: String,
+    /// What to do.
+    pub optimization_type: MemoryOptimizationType,
+    /// Also reclaim General and persistent allocations (ReduceToTarget).
+    pub force: bool,
+    /// ReduceToTarget: the budget usage to get under, 0..100.
+    pub target_usage_percentage: Option<f64>,
+    /// Allocation ids never moved or freed.
+    pub preserve_allocations: Vec<String>,
+    /// Answer when done (true) or at once, running in the background (false).
+    pub wait_for_completion: bool,
+}
+
+impl OptimizeRequest {
+    /// Parses and checks `data`.
+    pub fn parse(data: Option<&RawValue>) -> Result<Self, ProtocolError> {
+        let w: OptimizeWire = parse_data(data)?;
+        let device_id = non_empty(w.device_id, "device_id")?;
+        let optimization_type = required(w.optimization_type, "optimization_type")?;
+        if let Some(t) = w.target_usage_percentage
+            && !(0.0..=100.0).contains(&t)
+        {
+            return Err(ProtocolError::invalid_parameter(format!(
+                "field `target_usage_percentage` must be from 0 to 100, got {t}"
+            )));
+        }
+        if optimization_type == MemoryOptimizationType::ReduceToTarget
+            && w.target_usage_percentage.is_none()
+        {
+            return Err(ProtocolError::invalid_parameter(
+                "field `target_usage_percentage` is required for ReduceToTarget",
+            ));
+        }
+        Ok(OptimizeRequest {
+            device_id,
+            optimization_type,
+            force: w.force.unwrap_or(false),
+            target_usage_percentage: w.target_usage_percentage,
+            preserve_allocations: w.preserve_allocations.unwrap_or_default(),
+            wait_for_completion: w.wait_for_completion.unwrap_or(true),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,6 +423,22 @@ mod tests {
         assert!(allocate(r#"{"device_id":"cpu","size_bytes":1,"timeout_seconds":0.5}"#).is_ok());
         assert!(allocate(r#"{"device_id":"cpu","size_bytes":1,"timeout_seconds":3601}"#).is_err());
         assert!(allocate(r#"{"device_id":"cpu","size_bytes":1,"timeout_seconds":-1}"#).is_err());
+    }
+
+    #[test]
+    fn optimize_needs_a_type_and_a_target_for_reduce() {
+        let p = |t: &str| OptimizeRequest::parse(Some(&raw(t)));
+        let r = p(r#"{"device_id":"cpu","optimization_type":"defragment"}"#).unwrap();
+        assert!(r.wait_for_completion);
+        assert_eq!(r.optimization_type, MemoryOptimizationType::Defragment);
+        assert!(p(r#"{"device_id":"cpu"}"#).is_err());
+        assert!(p(r#"{"device_id":"cpu","optimization_type":3}"#).is_err());
+        assert!(
+            p(r#"{"device_id":"cpu","optimization_type":3,"target_usage_percentage":101}"#)
+                .is_err()
+        );
+        let r = p(r#"{"device_id":"cpu","optimization_type":3,"target_usage_percentage":50,"preserve_allocations":["a"]}"#).unwrap();
+        assert_eq!(r.preserve_allocations, vec!["a".to_string()]);
     }
 
     #[test]

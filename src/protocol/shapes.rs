@@ -211,3 +211,43 @@ pub struct ClearResponse {
     /// Persistent allocations kept (0 with `force`).
     pub kept_persistent_count: u64,
 }
+
+/// `memory.defragment`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DefragmentResponse {
+    /// The device.
+    pub device_id: String,
+    /// Allocations moved.
+    pub moved_count: u64,
+    /// Their bytes.
+    pub moved_bytes: u64,
+    /// Allocations that may not move (persistent, in use) and were left in place.
+    pub skipped_count: u64,
+    /// `fragmentation_percentage` before.
+    pub fragmentation_before: f64,
+    /// `fragmentation_percentage` after.
+    pub fragmentation_after: f64,
+    /// Bytes of pages given back to the system.
+    pub released_bytes: u64,
+    /// Wall time.
+    pub duration_ms: f64,
+}
+
+/// `memory.optimize`.
+#[derive(Debug, Clone, Serialize)]
+pub struct OptimizeResponse {
+    /// The device.
+    pub device_id: String,
+    /// What was asked.
+    pub optimization_type: super::enums::MemoryOptimizationType,
+    /// Bytes of allocations freed plus bytes of pages given back.
+    pub freed_bytes: u64,
+    /// What was done, for people (`["scheduled"]` when running in the background).
+    pub actions: Vec<String>,
+    /// Budget usage (allocations + reservations) / budget × 100, before.
+    pub usage_before: f64,
+    /// The same, after.
+    pub usage_after: f64,
+    /// Wall time.
+    pub duration_ms: f64,
+}

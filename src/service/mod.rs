@@ -7,12 +7,17 @@ use crate::managers::allocations::{AllocationFilter, EngineError};
 use crate::managers::{AllocationEngine, AllocationSpec, DeviceSetup, Owner};
 use crate::protocol::requests::{
     AllocateRequest, ClearRequest, DeallocateRequest, DeviceRequest, GetAllocationsRequest,
-    GetStatusRequest,
+    GetStatusRequest, OptimizeRequest,
 };
 use crate::protocol::{
-    AllocateMemoryResponse, ClearResponse, DeallocateResponse, ErrorCode, GetAllocationsResponse,
-    GetMemoryStatusResponse, ListDevicesResponse, MemoryUsageStats, ProtocolError, Timestamp,
+    AllocateMemoryResponse, ClearResponse, DeallocateResponse, DefragmentResponse, ErrorCode,
+    GetAllocationsResponse, GetMemoryStatusResponse, ListDevicesResponse, MemoryAllocationType,
+    MemoryOptimizationType, MemoryUsageStats, OptimizeResponse, ProtocolError, Timestamp,
 };
+use uuid::Uuid;
+
+/// The most bytes one defragmentation pass moves while holding the engine.
+pub const DEFRAGMENT_PASS_BYTES: u64 = 64 << 20;
 use crate::units::format_bytes;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,7 +88,7 @@ impl MemoryService {
     /// `memory.list_devices`.
     pub fn list_devices(&self) -> ListDevicesResponse {
         let mut e = self.engine.lock();
-        let devices = (0..e.device_ids().len()).map(|d| e.info(d)).collect();
+        let devices = (0..e.device_count()).map(|d| e.info(d)).collect();
         ListDevicesResponse { devices }
     }
 
@@ -105,7 +110,7 @@ impl MemoryService {
             device_id: req.device_id.clone(),
             usage_stats: req.include_usage_stats.then(|| e.usage(d)),
             allocations,
-            fragmentation: req.include_fragmentation.then(|| e.fragmentation(d, true)),
+            fragmentation: req.include_fragmentation.then(|| e.fragmentation(d)),
             health_score: e.health_score(d),
             last_updated: memory_info.last_updated,
             memory_info,
@@ -180,7 +185,10 @@ impl MemoryService {
             owner: Owner::Client,
         };
         let now = SystemTime::now();
-        let (_, allocation) = e.try_allocate(d, &spec, now)?;
+        let id = e.try_allocate(d, &spec, now)?;
+        let allocation = e
+            .allocation_by_id(&id)
+            .ok_or_else(|| EngineError::AllocationNotFound(id.to_string()))?;
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         e.record_allocation_time(d, ms);
         let available = e.available(d);
@@ -305,6 +313,146 @@ impl MemoryService {
             cleared_count: cleared.count,
             freed_bytes: cleared.bytes,
             kept_persistent_count: cleared.kept_persistent,
+        })
+    }
+
+    /// `memory.defragment`: compacts the device in bounded passes of [`DEFRAGMENT_PASS_BYTES`],
+    /// releasing the engine between passes so other requests keep being served. Persistent
+    /// allocations and those in `pinned` stay put.
+    pub fn defragment(
+        &self,
+        device_id: &str,
+        pinned: &[Uuid],
+    ) -> Result<DefragmentResponse, ProtocolError> {
+        let started = Instant::now();
+        let before = {
+            let mut e = self.engine.lock();
+            let d = e.device_index(device_id)?;
+            e.fragmentation(d).fragmentation_percentage
+        };
+        let mut total = DefragmentResponse {
+            device_id: device_id.to_string(),
+            moved_count: 0,
+            moved_bytes: 0,
+            skipped_count: 0,
+            fragmentation_before: before,
+            fragmentation_after: before,
+            released_bytes: 0,
+            duration_ms: 0.0,
+        };
+        loop {
+            let pass = {
+                let mut e = self.engine.lock();
+                // Looked up each pass: the device may be gone if the worker is closing.
+                let d = e.device_index(device_id)?;
+                e.defragment_pass(d, DEFRAGMENT_PASS_BYTES, pinned)
+            };
+            total.moved_count += pass.compaction.moved_count;
+            total.moved_bytes += pass.compaction.moved_bytes;
+            total.released_bytes += pass.compaction.released_bytes;
+            total.skipped_count = pass.pinned_count;
+            if pass.compaction.deferred_count == 0 || pass.compaction.moved_count == 0 {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        {
+            let mut e = self.engine.lock();
+            let d = e.device_index(device_id)?;
+            total.fragmentation_after = e.fragmentation(d).fragmentation_percentage;
+        }
+        if total.moved_count > 0 {
+            self.room.notify_waiters();
+        }
+        total.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+        Ok(total)
+    }
+
+    /// Checks an optimize request against the devices before it runs (for background runs).
+    pub fn check_device(&self, device_id: &str) -> Result<f64, ProtocolError> {
+        let e = self.engine.lock();
+        let d = e.device_index(device_id)?;
+        Ok(e.utilization(d))
+    }
+
+    /// `memory.optimize`, run to completion.
+    pub fn optimize(&self, req: &OptimizeRequest) -> Result<OptimizeResponse, ProtocolError> {
+        use MemoryOptimizationType as T;
+        let started = Instant::now();
+        let usage_before = self.check_device(&req.device_id)?;
+        let preserve: Vec<Uuid> = req
+            .preserve_allocations
+            .iter()
+            .filter_map(|id| Uuid::parse_str(id).ok())
+            .collect();
+        let mut actions = Vec::new();
+        let mut freed = 0u64;
+        let t = req.optimization_type;
+
+        if matches!(t, T::EvictIdleModels | T::Full) {
+            actions.push("EvictIdleModels: no models are loaded; nothing to evict".to_string());
+        }
+        if let (true, Some(target)) = (
+            matches!(t, T::ReduceToTarget | T::Full),
+            req.target_usage_percentage,
+        ) {
+            let mut kinds = vec![MemoryAllocationType::Cache, MemoryAllocationType::Temporary];
+            if req.force {
+                kinds.push(MemoryAllocationType::General);
+            }
+            let cleared = {
+                let mut e = self.engine.lock();
+                let d = e.device_index(&req.device_id)?;
+                e.reclaim(d, &kinds, target, req.force, &preserve)
+            };
+            if cleared.count > 0 {
+                self.room.notify_waiters();
+            }
+            freed += cleared.bytes;
+            let usage_now = self.check_device(&req.device_id)?;
+            actions.push(format!(
+                "ReduceToTarget: freed {} allocations ({}) of types {}; usage {:.1}% (target {:.1}%){}",
+                cleared.count,
+                format_bytes(cleared.bytes),
+                kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(", "),
+                usage_now,
+                target,
+                if usage_now > target { "; General and persistent allocations are kept without force" } else { "" }
+            ));
+        }
+        if matches!(t, T::Defragment | T::Full) {
+            let r = self.defragment(&req.device_id, &preserve)?;
+            freed += r.released_bytes;
+            actions.push(format!(
+                "Defragment: moved {} allocations ({}), {} pinned; fragmentation {:.1}% -> {:.1}%; released {}",
+                r.moved_count,
+                format_bytes(r.moved_bytes),
+                r.skipped_count,
+                r.fragmentation_before,
+                r.fragmentation_after,
+                format_bytes(r.released_bytes)
+            ));
+        }
+        if matches!(t, T::ClearCache | T::Full) {
+            let released = {
+                let mut e = self.engine.lock();
+                let d = e.device_index(&req.device_id)?;
+                e.trim(d)
+            };
+            freed += released;
+            actions.push(format!(
+                "ClearCache: released {} of cached pages",
+                format_bytes(released)
+            ));
+        }
+        Ok(OptimizeResponse {
+            device_id: req.device_id.clone(),
+            optimization_type: t,
+            freed_bytes: freed,
+            actions,
+            usage_before,
+            usage_after: self.check_device(&req.device_id)?,
+            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
         })
     }
 
