@@ -251,7 +251,7 @@ impl Arena {
         while p <= last {
             // Skip whole words quickly.
             let word = self.backed[(p / 64) as usize];
-            if p % 64 == 0 && p + 63 <= last && word == if state { 0 } else { u64::MAX } {
+            if p.is_multiple_of(64) && p + 63 <= last && word == if state { 0 } else { u64::MAX } {
                 p += 64;
                 continue;
             }
