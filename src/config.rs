@@ -1,6 +1,8 @@
 //! Settings: device budgets and worker limits, from `--budget`/`--config` and defaults.
 
-use crate::backends::{Backend, CpuBackend, ShmBackend, meminfo, tmpfs_capacity};
+use crate::backends::{
+    Backend, CpuBackend, ShmBackend, meminfo, remove_stale_shm_files, tmpfs_capacity,
+};
 use crate::managers::DeviceSetup;
 use crate::units::{format_bytes, parse_size};
 use serde::Deserialize;
@@ -151,6 +153,7 @@ impl Settings {
 
     /// Creates the host devices with their budgets.
     pub fn host_devices(&self) -> Result<Vec<DeviceSetup>, ConfigError> {
+        remove_stale_shm_files(&self.shm_dir);
         let mut devices = Vec::new();
         for device in HOST_DEVICES {
             let budget = self.budget(device);

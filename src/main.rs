@@ -3,6 +3,8 @@
 use clap::{Args, Parser, Subcommand};
 use memcoord::config::{ConfigError, Settings};
 use memcoord::dispatch::Dispatcher;
+use memcoord::managers::AllocationEngine;
+use memcoord::managers::replay;
 use memcoord::service::MemoryService;
 use memcoord::transport::stdio::{self, WorkerOptions};
 use memcoord::units::format_bytes;
@@ -30,6 +32,26 @@ enum Command {
         /// Lines longer than this many bytes are answered REQUEST_TOO_LARGE.
         #[arg(long, value_name = "BYTES")]
         max_line_bytes: Option<usize>,
+    },
+    /// Replay an allocation trace (one JSON op a line) through the engine and report speed,
+    /// peak allocated and reserved bytes, and fragmentation at the peak.
+    Replay {
+        /// The trace file.
+        trace: PathBuf,
+        /// The device to replay on.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Multiply every size by this (0.0625 divides by 16).
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Defragment every N operations.
+        #[arg(long, value_name = "N")]
+        defragment_every: Option<u64>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        devices: DeviceArgs,
     },
     /// Print a table of devices: capacity, use, budget.
     Status {
@@ -89,6 +111,64 @@ fn run(cli: Cli) -> Result<(), String> {
             stdio::run(Dispatcher::new(service), &runtime, &options)
                 .map_err(|e| format!("worker failed: {e}"))?;
             runtime.shutdown_background();
+            Ok(())
+        }
+        Command::Replay {
+            trace,
+            device,
+            scale,
+            defragment_every,
+            json,
+            devices,
+        } => {
+            if !(scale.is_finite() && scale > 0.0) {
+                return Err(format!("--scale must be a positive number, got {scale}"));
+            }
+            let file = std::fs::File::open(&trace)
+                .map_err(|e| format!("cannot open {}: {e}", trace.display()))?;
+            let ops = replay::parse_trace(std::io::BufReader::new(file))
+                .map_err(|e| format!("{}: {e}", trace.display()))?;
+            let settings = devices.settings().map_err(|e| e.to_string())?;
+            let mut engine =
+                AllocationEngine::new(settings.host_devices().map_err(|e| e.to_string())?);
+            let d = engine.device_index(&device).map_err(|e| e.to_string())?;
+            let r = replay::replay(&mut engine, d, &ops, scale, defragment_every);
+            engine.close();
+            if json {
+                println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+            } else {
+                println!("trace                      {}", trace.display());
+                println!("device                     {device} (scale {scale})");
+                println!("ops                        {}", r.ops);
+                println!("ops per second             {:.0}", r.ops_per_second);
+                println!(
+                    "peak allocated             {} ({} bytes)",
+                    format_bytes(r.peak_allocated_bytes),
+                    r.peak_allocated_bytes
+                );
+                println!(
+                    "peak reserved              {} ({} bytes)",
+                    format_bytes(r.peak_reserved_bytes),
+                    r.peak_reserved_bytes
+                );
+                println!(
+                    "reserved / allocated       {:.4}",
+                    r.reserved_over_allocated
+                );
+                println!(
+                    "fragmentation at peak      {:.2}%",
+                    r.fragmentation_percentage_at_peak
+                );
+                if r.defragmentations > 0 {
+                    println!("defragmentations           {}", r.defragmentations);
+                }
+                if r.failed_allocations > 0 {
+                    println!(
+                        "failed allocations         {} (raise the budget)",
+                        r.failed_allocations
+                    );
+                }
+            }
             Ok(())
         }
         Command::Status { devices, json } => {

@@ -156,6 +156,38 @@ impl Backend for CpuBackend {
 
 static SHM_FILES: AtomicU64 = AtomicU64::new(0);
 
+/// Removes `memcoord-<pid>-<n>-shm` files in `dir` left by workers that no longer run (killed
+/// before they could clean up). Returns how many were removed.
+pub fn remove_stale_shm_files(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(pid) = name
+            .strip_prefix("memcoord-")
+            .and_then(|rest| rest.strip_suffix("-shm"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id()
+            && !Path::new(&format!("/proc/{pid}")).exists()
+            && std::fs::remove_file(entry.path()).is_ok()
+        {
+            tracing::info!(
+                "removed {} left by worker {pid}, which is gone",
+                entry.path().display()
+            );
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// `shm`: a sparse file under a tmpfs (normally /dev/shm), mapped shared, so another process can
 /// map an allocation by its handle's path and offset. The file is removed when the backend is
 /// dropped.
@@ -303,6 +335,23 @@ mod tests {
         b.release(0, p);
         b.read(10, &mut buf);
         assert_eq!(buf, [0; 5], "released pages read back as zero");
+    }
+
+    #[test]
+    fn stale_files_of_dead_workers_are_removed() {
+        let dir = std::env::temp_dir().join(format!("memcoord-stale-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // pid 0 never names a worker process.
+        std::fs::write(dir.join("memcoord-999999999-0-shm"), b"x").unwrap();
+        std::fs::write(
+            dir.join(format!("memcoord-{}-0-shm", std::process::id())),
+            b"x",
+        )
+        .unwrap();
+        std::fs::write(dir.join("unrelated-file"), b"x").unwrap();
+        assert_eq!(remove_stale_shm_files(&dir), 1);
+        assert!(dir.join("unrelated-file").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

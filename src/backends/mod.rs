@@ -7,7 +7,7 @@
 mod host;
 mod sysinfo;
 
-pub use host::{CpuBackend, ShmBackend};
+pub use host::{CpuBackend, ShmBackend, remove_stale_shm_files};
 pub use sysinfo::{meminfo, tmpfs_capacity};
 
 use crate::protocol::{MemoryHandle, MemoryType};

@@ -609,6 +609,12 @@ impl AllocationEngine {
         }
     }
 
+    /// `(allocated_bytes, reserved_bytes)` of a device, without building a report.
+    pub fn usage_counters(&self, device: usize) -> (u64, u64) {
+        let d = &self.devices[device];
+        (d.allocated, d.arena.backed_bytes())
+    }
+
     /// (allocated + reservations) / budget × 100.
     pub fn utilization(&self, device: usize) -> f64 {
         self.devices[device].utilization()

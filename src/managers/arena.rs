@@ -4,10 +4,10 @@
 //! All bookkeeping lives here, outside the managed memory (GPU memory cannot hold CPU headers).
 //! Page accounting is O(1) per allocate and free: a page inside an allocation belongs to it
 //! alone, so only the first and last page of each allocation need a reference count. A bitmap
-//! records which pages are backed. Pages that stop being used stay backed as a small cache (up
-//! to 1/64 of the pages in use, at least 16 pages) so that a free followed by an allocate does
-//! not pay a page fault or a driver call; the rest go back to the system at once, and
-//! [`Arena::trim`] gives back the cache too.
+//! records which pages are backed. Pages that stop being used stay backed as a cache while the
+//! arena holds no more than its working set's high-water mark (see `cache_limit`), so that a
+//! free followed by an allocate does not pay a page fault or a driver call; beyond that they go
+//! back to the system at once, and [`Arena::trim`] gives back the whole cache.
 
 use super::tlsf::{Block, Tlsf};
 use crate::backends::{Backend, BackendError};
@@ -69,6 +69,8 @@ pub struct Arena {
     backed_bytes: u64,
     /// Bytes of pages spanned by live allocations.
     in_use_bytes: u64,
+    /// The most `in_use_bytes` has been since the last trim.
+    peak_in_use_bytes: u64,
 }
 
 impl Arena {
@@ -99,6 +101,7 @@ impl Arena {
             backed: vec![0; pages.div_ceil(64) as usize],
             backed_bytes: 0,
             in_use_bytes: 0,
+            peak_in_use_bytes: 0,
         }
     }
 
@@ -127,18 +130,38 @@ impl Arena {
         self.backed_bytes - self.in_use_bytes
     }
 
+    /// Freed pages stay backed while the arena holds no more than the most it has ever had in
+    /// use (at least 16 pages): a workload that cycles through the same working set (denoising
+    /// steps) then reuses backed pages instead of faulting them in again, and `reserved` never
+    /// exceeds the working set's high-water mark. [`Arena::trim`] gives the cache back.
     fn cache_limit(&self) -> u64 {
-        (self.in_use_bytes / 64).max(16 * self.page)
+        (self.peak_in_use_bytes - self.in_use_bytes).max(16 * self.page)
     }
 
-    /// Places `size` bytes at a multiple of `alignment` (0 = default) and backs their pages.
+    /// Places `size` bytes at a multiple of `alignment` (0 = default) and backs their pages. If
+    /// the system refuses the pages while this arena caches some, the cache goes back first and
+    /// the allocation is tried once more.
     pub fn allocate(&mut self, size: u64, alignment: u64) -> Result<Placement, ArenaError> {
+        match self.try_allocate(size, alignment) {
+            Err(ArenaError::Backend(e)) if self.cached_bytes() > 0 => {
+                tracing::debug!("{e}; giving back cached pages and retrying");
+                self.trim();
+                self.try_allocate(size, alignment)
+            }
+            r => r,
+        }
+    }
+
+    fn try_allocate(&mut self, size: u64, alignment: u64) -> Result<Placement, ArenaError> {
         let align = alignment.max(self.unit);
-        let units = size.div_ceil(self.unit) + (align / self.unit - 1);
-        let units = u32::try_from(units).map_err(|_| ArenaError::NoSpace)?;
-        let block = self.tlsf.allocate(units).ok_or(ArenaError::NoSpace)?;
+        let units = u32::try_from(size.div_ceil(self.unit)).map_err(|_| ArenaError::NoSpace)?;
+        let align_units = u32::try_from(align / self.unit).map_err(|_| ArenaError::NoSpace)?;
+        let block = self
+            .tlsf
+            .allocate_aligned(units, align_units)
+            .ok_or(ArenaError::NoSpace)?;
         let placement = Placement {
-            offset: (block.offset as u64 * self.unit).next_multiple_of(align),
+            offset: block.offset as u64 * self.unit,
             size,
             block,
             align_log2: align.trailing_zeros() as u8,
@@ -189,6 +212,7 @@ impl Arena {
             return None;
         }
         self.in_use_bytes += (new_last - new_first + 1) * self.page;
+        self.peak_in_use_bytes = self.peak_in_use_bytes.max(self.in_use_bytes);
         Some((new_first, new_last))
     }
 
@@ -299,6 +323,7 @@ impl Arena {
     /// Gives back every backed page that no live allocation touches (the cache). Returns the
     /// bytes given back.
     pub fn trim(&mut self) -> u64 {
+        self.peak_in_use_bytes = self.in_use_bytes;
         let mut released = 0;
         for (offset, size) in self.tlsf.free_ranges() {
             let start = offset as u64 * self.unit;
@@ -363,11 +388,13 @@ impl Arena {
         for (p, movable) in placements.iter_mut() {
             let block = p.block;
             let budget_left = report.moved_count == 0 || report.moved_bytes < max_bytes;
+            let align_units = (p.alignment() / self.unit).max(1) as u32;
+            let target = cursor.next_multiple_of(align_units);
             // Back the destination's pages before writing to them; if the system refuses,
             // stop moving (everything stays consistent, nothing is lost).
-            let can_move = *movable && cursor < block.offset && budget_left && !stopped && {
-                let first = (cursor as u64 * self.unit) / self.page;
-                let last = ((cursor + block.size) as u64 * self.unit - 1) / self.page;
+            let can_move = *movable && target < block.offset && budget_left && !stopped && {
+                let first = (target as u64 * self.unit) / self.page;
+                let last = ((target + block.size) as u64 * self.unit - 1) / self.page;
                 match self.back(first, last) {
                     Ok(()) => true,
                     Err(e) => {
@@ -378,15 +405,15 @@ impl Arena {
                 }
             };
             if can_move {
-                let new_offset = (cursor as u64 * self.unit).next_multiple_of(p.alignment());
+                let new_offset = target as u64 * self.unit;
                 self.backend.copy_within(p.offset, new_offset, p.size);
                 p.offset = new_offset;
-                layout.push((cursor, block.size));
+                layout.push((target, block.size));
                 report.moved_count += 1;
                 report.moved_bytes += p.size;
-                cursor += block.size;
+                cursor = target + block.size;
             } else {
-                if *movable && cursor < block.offset {
+                if *movable && target < block.offset {
                     report.deferred_count += 1;
                 }
                 layout.push((block.offset, block.size));
@@ -438,15 +465,27 @@ mod tests {
     }
 
     #[test]
-    fn gives_back_pages_beyond_the_cache() {
+    fn caches_up_to_the_high_water_mark_and_trims() {
         let mut a = arena(1 << 24);
         let big = a.allocate(1 << 20, 0).unwrap();
         a.free(&big);
         assert_eq!(
             a.backed_bytes(),
-            0,
-            "256 pages exceed the cache: given back"
+            1 << 20,
+            "within the high-water mark: cached"
         );
+        // Reused without new pages.
+        let again = a.allocate(1 << 20, 0).unwrap();
+        assert_eq!(a.backed_bytes(), 1 << 20);
+        a.free(&again);
+        assert_eq!(a.trim(), 1 << 20);
+        assert_eq!(a.backed_bytes(), 0);
+        // After a trim the high-water mark starts again from what is in use.
+        let small = a.allocate(4096, 0).unwrap();
+        let big = a.allocate(1 << 20, 0).unwrap();
+        a.free(&big);
+        assert!(a.backed_bytes() <= (1 << 20) + 4096);
+        a.free(&small);
     }
 
     #[test]

@@ -23,6 +23,9 @@ const TOP_BINS: usize = 32;
 const LEAF_BINS_PER_TOP: usize = 8;
 const BINS: usize = TOP_BINS * LEAF_BINS_PER_TOP;
 const NONE: u32 = u32::MAX;
+/// How many free blocks an aligned allocation examines when no block fits it whatever its
+/// alignment (keeps it O(1)).
+pub const ALIGNED_SEARCH_LIMIT: u32 = 64;
 
 /// The class of `size`, rounding down (every block in the class is at least its floor).
 fn class_round_down(size: u32) -> u32 {
@@ -256,6 +259,96 @@ impl Tlsf {
         })
     }
 
+    /// Allocates `size` units starting at a multiple of `align` units (a power of two). The
+    /// padding a misaligned free block needs is given back at once, so it costs nothing while
+    /// the block lives. First a block that fits whatever its alignment (O(1)); failing that, up
+    /// to [`ALIGNED_SEARCH_LIMIT`] free blocks of the classes that could hold `size` are checked
+    /// for an aligned fit, so an exactly aligned gap is found when it is the only room.
+    pub fn allocate_aligned(&mut self, size: u32, align: u32) -> Option<Block> {
+        if align <= 1 {
+            return self.allocate(size);
+        }
+        if size == 0 {
+            return None;
+        }
+        let fits = |n: &Node| {
+            n.offset.next_multiple_of(align) as u64 + size as u64 <= n.offset as u64 + n.size as u64
+        };
+        let mut found = size
+            .checked_add(align - 1)
+            .and_then(|padded| self.first_class_from(class_round_up(padded)))
+            .map(|bin| self.heads[bin as usize]);
+        if found.is_none() {
+            let mut examined = 0;
+            let mut bin = Some(class_round_down(size));
+            'search: while let Some(b) = bin {
+                let mut i = self.heads[b as usize];
+                while i != NONE {
+                    if fits(&self.nodes[i as usize]) {
+                        found = Some(i);
+                        break 'search;
+                    }
+                    examined += 1;
+                    if examined >= ALIGNED_SEARCH_LIMIT {
+                        break 'search;
+                    }
+                    i = self.nodes[i as usize].next_free;
+                }
+                bin = self.first_class_from(b + 1);
+            }
+        }
+        let index = found?;
+        self.remove_free(index);
+        let n = self.nodes[index as usize];
+        let start = n.offset.next_multiple_of(align);
+        let mut mid = index;
+        if start > n.offset {
+            let m = self.split_used(index, start);
+            self.free(Block {
+                offset: n.offset,
+                size: start - n.offset,
+                node: index,
+            });
+            mid = m;
+        }
+        if start + size < n.offset + n.size {
+            let tail = self.split_used(mid, start + size);
+            self.free(Block {
+                offset: start + size,
+                size: n.offset + n.size - start - size,
+                node: tail,
+            });
+        }
+        Some(Block {
+            offset: start,
+            size,
+            node: mid,
+        })
+    }
+
+    /// Splits a used node at `at` (inside it): the node keeps `[offset, at)`, a new used node
+    /// gets `[at, end)`. Returns the new node.
+    fn split_used(&mut self, index: u32, at: u32) -> u32 {
+        let n = self.nodes[index as usize];
+        debug_assert!(!n.free && at > n.offset && at < n.offset + n.size);
+        let new = self.new_node(Node {
+            offset: at,
+            size: n.offset + n.size - at,
+            prev_phys: index,
+            next_phys: n.next_phys,
+            prev_free: NONE,
+            next_free: NONE,
+            free: false,
+        });
+        if n.next_phys != NONE {
+            self.nodes[n.next_phys as usize].prev_phys = new;
+        }
+        let node = &mut self.nodes[index as usize];
+        node.size = at - n.offset;
+        node.next_phys = new;
+        new
+    }
+
     /// Frees a block, merging it with free neighbours. O(1).
     pub fn free(&mut self, block: Block) {
         let mut index = block.node;
@@ -429,6 +522,27 @@ mod tests {
             t.free(all);
             assert_eq!(t.largest_free(), cap);
         }
+    }
+
+    #[test]
+    fn aligned_allocations_give_their_padding_back() {
+        let mut t = Tlsf::new(1000);
+        let a = t.allocate(3).unwrap();
+        let b = t.allocate_aligned(10, 64).unwrap();
+        assert_eq!(b.offset, 64);
+        assert_eq!(t.free_units(), 1000 - 3 - 10);
+        assert_eq!(t.free_ranges(), vec![(3, 61), (74, 926)]);
+        t.free(b);
+        t.free(a);
+        assert_eq!(t.free_ranges(), vec![(0, 1000)]);
+        // An exactly aligned gap of the right size is used when it is the only room.
+        let mut t = Tlsf::new(256);
+        let blocks = t.rebuild(&[(0, 64), (192, 64)]);
+        let c = t
+            .allocate_aligned(128, 64)
+            .unwrap_or_else(|| panic!("{:?}", t.free_ranges()));
+        assert_eq!(c.offset, 64);
+        let _ = blocks;
     }
 
     #[test]

@@ -47,6 +47,10 @@ impl<R: Read> LineReader<R> {
     /// of input, a last line without a newline is returned too.
     pub fn next_frame(&mut self) -> Option<Frame<'_>> {
         if self.start == self.end {
+            // An oversize last line without a newline is still answered.
+            if self.eof && std::mem::take(&mut self.discarding) {
+                return Some(Frame::TooLarge);
+            }
             return None;
         }
         match memchr::memchr(b'\n', &self.buf[self.start..self.end]) {
@@ -171,6 +175,15 @@ mod tests {
                     Ok("last".into())
                 ]
             );
+        }
+    }
+
+    #[test]
+    fn an_oversize_last_line_without_newline_is_reported() {
+        for chunk in [3, 1 << 20] {
+            let mut input = b"ok\n".to_vec();
+            input.extend(std::iter::repeat_n(b'x', 100_000));
+            assert_eq!(frames(&input, 5, chunk), vec![Ok("ok".into()), Err(())]);
         }
     }
 

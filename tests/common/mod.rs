@@ -216,7 +216,17 @@ impl Worker {
 }
 
 impl Drop for Worker {
+    /// Closes stdin so the worker cleans up (removing its shm file), killing it only if it
+    /// has not exited within two seconds.
     fn drop(&mut self) {
+        self.stdin.take();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
