@@ -9,7 +9,7 @@ use crate::protocol::{
     Timestamp,
 };
 use crate::units::format_bytes;
-use rustc_hash::FxHashMap;
+use super::records::{HasId, RecordTable};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
@@ -149,6 +149,7 @@ impl Device {
 /// One live allocation's bookkeeping, kept small (the metadata budget is 200 bytes a live
 /// allocation, purpose strings aside).
 struct Record {
+    id: Uuid,
     size: u64,
     seq: u64,
     /// Microseconds since the Unix epoch.
@@ -161,6 +162,12 @@ struct Record {
     persistent: bool,
     /// log2 of the requested alignment, for Reservations (0 = none asked).
     reservation_align_log2: u8,
+}
+
+impl HasId for Record {
+    fn id(&self) -> &Uuid {
+        &self.id
+    }
 }
 
 impl Record {
@@ -216,7 +223,7 @@ pub struct DefragmentPass {
 /// Every device and every live allocation.
 pub struct AllocationEngine {
     devices: Vec<Device>,
-    records: FxHashMap<Uuid, Record>,
+    records: RecordTable<Record>,
     next_seq: u64,
 }
 
@@ -248,7 +255,7 @@ impl AllocationEngine {
                     model_bytes: 0,
                 })
                 .collect(),
-            records: FxHashMap::default(),
+            records: RecordTable::new(),
             next_seq: 0,
         }
     }
@@ -316,8 +323,9 @@ impl AllocationEngine {
         if matches!(spec.owner, Owner::Model(_)) {
             dev.model_bytes += spec.size;
         }
-        let id = Uuid::new_v4();
+        let (id, slot) = self.records.next_id();
         let record = Record {
+            id,
             size: spec.size,
             seq: self.next_seq,
             created_us: micros(now),
@@ -334,7 +342,7 @@ impl AllocationEngine {
             },
         };
         self.next_seq += 1;
-        self.records.insert(id, record);
+        self.records.insert(slot, record);
         Ok(id)
     }
 
@@ -362,7 +370,7 @@ impl AllocationEngine {
     fn find(&self, allocation_id: &str) -> Option<Uuid> {
         Uuid::parse_str(allocation_id)
             .ok()
-            .filter(|id| self.records.contains_key(id))
+            .filter(|id| self.records.get(id).is_some())
     }
 
     /// Frees an allocation; with `device`, only if it lives there.
@@ -411,14 +419,14 @@ impl AllocationEngine {
     pub fn clear(&mut self, device: usize, force: bool) -> Cleared {
         let mut cleared = Cleared::default();
         let mut victims = Vec::new();
-        for (id, r) in &self.records {
+        for r in self.records.iter() {
             if r.device as usize != device || r.owner != Owner::Client {
                 continue;
             }
             if r.persistent && !force {
                 cleared.kept_persistent += 1;
             } else {
-                victims.push(*id);
+                victims.push(r.id);
             }
         }
         for id in victims {
@@ -449,14 +457,14 @@ impl AllocationEngine {
             let mut candidates: Vec<(u64, Uuid)> = self
                 .records
                 .iter()
-                .filter(|(id, r)| {
+                .filter(|r| {
                     r.device as usize == device
                         && r.owner == Owner::Client
                         && r.kind == *kind
                         && (include_persistent || !r.persistent)
-                        && !preserve.contains(id)
+                        && !preserve.contains(&r.id)
                 })
-                .map(|(id, r)| (r.seq, *id))
+                .map(|r| (r.seq, r.id))
                 .collect();
             candidates.sort_unstable();
             for (_, id) in candidates {
@@ -482,13 +490,14 @@ impl AllocationEngine {
     ) -> DefragmentPass {
         let mut pinned_count = 0;
         let mut placements: Vec<(&mut Placement, bool)> = Vec::new();
-        for (id, r) in self.records.iter_mut() {
+        for r in self.records.iter_mut() {
             if r.device as usize != device {
                 continue;
             }
             let persistent = r.persistent;
+            let id = r.id;
             if let Some(p) = r.placement.as_mut() {
-                let movable = !persistent && !pinned.contains(id);
+                let movable = !persistent && !pinned.contains(&id);
                 if !movable {
                     pinned_count += 1;
                 }
@@ -510,7 +519,7 @@ impl AllocationEngine {
 
     /// Frees every allocation on every device (shutdown).
     pub fn release_all(&mut self) -> u64 {
-        let records: Vec<Record> = self.records.drain().map(|(_, r)| r).collect();
+        let records: Vec<Record> = self.records.drain();
         let n = records.len() as u64;
         for r in records {
             self.release(r);
@@ -524,10 +533,10 @@ impl AllocationEngine {
         self.devices.clear();
     }
 
-    fn wire(&self, id: &Uuid, r: &Record) -> MemoryAllocation {
+    fn wire(&self, r: &Record) -> MemoryAllocation {
         let dev = &self.devices[r.device as usize];
         MemoryAllocation {
-            allocation_id: id.hyphenated().to_string(),
+            allocation_id: r.id.hyphenated().to_string(),
             device_id: dev.arena.backend().device_id().to_string(),
             size_bytes: r.size,
             alignment: r.alignment(),
@@ -539,7 +548,7 @@ impl AllocationEngine {
             handle: r
                 .placement
                 .as_ref()
-                .and_then(|p| dev.arena.backend().handle(p.offset)),
+                .and_then(|p| dev.arena.backend().handle(p.offset())),
         }
     }
 
@@ -548,12 +557,16 @@ impl AllocationEngine {
         let id = self
             .find(allocation_id)
             .ok_or_else(|| EngineError::AllocationNotFound(allocation_id.to_string()))?;
-        Ok(self.wire(&id, &self.records[&id]))
+        let r = self
+            .records
+            .get(&id)
+            .ok_or_else(|| EngineError::AllocationNotFound(allocation_id.to_string()))?;
+        Ok(self.wire(r))
     }
 
     /// One allocation by id as the protocol shows it.
     pub fn allocation_by_id(&self, id: &Uuid) -> Option<MemoryAllocation> {
-        self.records.get(id).map(|r| self.wire(id, r))
+        self.records.get(id).map(|r| self.wire(r))
     }
 
     /// A device's allocations matching `filter`, oldest first: the total count and one page.
@@ -564,23 +577,23 @@ impl AllocationEngine {
         offset: u64,
         limit: u64,
     ) -> (u64, Vec<MemoryAllocation>) {
-        let mut matching: Vec<(&Uuid, &Record)> = self
+        let mut matching: Vec<&Record> = self
             .records
             .iter()
-            .filter(|(_, r)| {
+            .filter(|r| {
                 r.device as usize == device
                     && filter.kind.is_none_or(|k| k == r.kind)
                     && filter.purpose.as_deref().is_none_or(|p| p == &*r.purpose)
                     && filter.owner.as_deref().is_none_or(|o| r.owner.matches(o))
             })
             .collect();
-        matching.sort_unstable_by_key(|(_, r)| r.seq);
+        matching.sort_unstable_by_key(|r| r.seq);
         let total = matching.len() as u64;
         let page = matching
             .into_iter()
             .skip(offset.min(total) as usize)
             .take(limit as usize)
-            .map(|(id, r)| self.wire(id, r))
+            .map(|r| self.wire(r))
             .collect();
         (total, page)
     }
@@ -607,6 +620,13 @@ impl AllocationEngine {
                 d.allocation_time_ms_sum / d.total_allocations as f64
             },
         }
+    }
+
+    /// Where an allocation's bytes are in its device's arena: `(offset, size)`; `None` for a
+    /// Reservation or an unknown id. For diagnostics and tests.
+    pub fn placement_of(&self, id: &Uuid) -> Option<(u64, u64)> {
+        let r = self.records.get(id)?;
+        r.placement.map(|p| (p.offset(), r.size))
     }
 
     /// `(allocated_bytes, reserved_bytes)` of a device, without building a report.
@@ -672,7 +692,7 @@ impl AllocationEngine {
 
     /// Bytes of engine bookkeeping: the allocation table and every arena's metadata.
     pub fn metadata_bytes(&self) -> usize {
-        self.records.capacity() * (std::mem::size_of::<(Uuid, Record)>() + 1)
+        self.records.heap_bytes()
             + self
                 .devices
                 .iter()
@@ -689,7 +709,10 @@ impl AllocationEngine {
         let id = self
             .find(allocation_id)
             .ok_or_else(|| EngineError::AllocationNotFound(allocation_id.to_string()))?;
-        let r = &self.records[&id];
+        let r = self
+            .records
+            .get(&id)
+            .ok_or_else(|| EngineError::AllocationNotFound(allocation_id.to_string()))?;
         let p = r.placement.ok_or_else(|| {
             EngineError::OutOfRange(format!(
                 "Allocation {allocation_id} is a Reservation and holds no bytes"

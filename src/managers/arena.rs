@@ -11,7 +11,6 @@
 
 use super::tlsf::{Block, Tlsf};
 use crate::backends::{Backend, BackendError};
-use rustc_hash::FxHashMap;
 
 /// Why an arena could not place an allocation.
 #[derive(Debug, thiserror::Error)]
@@ -24,21 +23,73 @@ pub enum ArenaError {
     Backend(#[from] BackendError),
 }
 
-/// Where an allocation sits in its arena.
+/// Where an allocation sits in its arena (16 bytes: it is kept for every live allocation).
 #[derive(Clone, Copy, Debug)]
 pub struct Placement {
-    /// Byte offset of the allocation's first byte (aligned as asked).
-    pub offset: u64,
-    /// Bytes of the allocation.
-    pub size: u64,
     block: Block,
     align_log2: u8,
+    unit_log2: u8,
 }
 
 impl Placement {
+    /// Byte offset of the allocation's first byte (aligned as asked).
+    pub fn offset(&self) -> u64 {
+        (self.block.offset as u64) << self.unit_log2
+    }
+
+    /// Bytes of the block holding the allocation (its size rounded up to whole units).
+    pub fn block_bytes(&self) -> u64 {
+        (self.block.size as u64) << self.unit_log2
+    }
+
     /// Alignment of `offset`, in bytes.
     pub fn alignment(&self) -> u64 {
         1 << self.align_log2
+    }
+}
+
+/// Reference counts of pages that are the first or last page of some live allocation, in
+/// chunks allocated on first use (a device's pages can number in the millions).
+struct PageRefs {
+    chunks: Vec<Option<Box<[u16]>>>,
+}
+
+const PAGE_REF_CHUNK: u64 = 4096;
+
+impl PageRefs {
+    fn new(pages: u64) -> Self {
+        PageRefs {
+            chunks: (0..pages.div_ceil(PAGE_REF_CHUNK)).map(|_| None).collect(),
+        }
+    }
+
+    fn slot(&mut self, page: u64) -> &mut u16 {
+        let chunk = self.chunks[(page / PAGE_REF_CHUNK) as usize]
+            .get_or_insert_with(|| vec![0u16; PAGE_REF_CHUNK as usize].into_boxed_slice());
+        &mut chunk[(page % PAGE_REF_CHUNK) as usize]
+    }
+
+    /// Adds a reference; returns the new count.
+    fn add(&mut self, page: u64) -> u32 {
+        let r = self.slot(page);
+        *r += 1;
+        *r as u32
+    }
+
+    /// Drops a reference; returns the new count.
+    fn drop_ref(&mut self, page: u64) -> u32 {
+        let r = self.slot(page);
+        *r = r.saturating_sub(1);
+        *r as u32
+    }
+
+    fn clear(&mut self) {
+        self.chunks.iter_mut().for_each(|c| *c = None);
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.chunks.capacity() * 8
+            + self.chunks.iter().flatten().count() * PAGE_REF_CHUNK as usize * 2
     }
 }
 
@@ -63,7 +114,7 @@ pub struct Arena {
     unit: u64,
     page: u64,
     /// Reference counts of pages that are the first or last page of some live allocation.
-    boundary_refs: FxHashMap<u32, u32>,
+    boundary_refs: PageRefs,
     /// One bit per page: backed now.
     backed: Vec<u64>,
     backed_bytes: u64,
@@ -97,7 +148,7 @@ impl Arena {
             tlsf: Tlsf::new(units),
             unit,
             page,
-            boundary_refs: FxHashMap::default(),
+            boundary_refs: PageRefs::new(pages),
             backed: vec![0; pages.div_ceil(64) as usize],
             backed_bytes: 0,
             in_use_bytes: 0,
@@ -161,10 +212,9 @@ impl Arena {
             .allocate_aligned(units, align_units)
             .ok_or(ArenaError::NoSpace)?;
         let placement = Placement {
-            offset: block.offset as u64 * self.unit,
-            size,
             block,
             align_log2: align.trailing_zeros() as u8,
+            unit_log2: self.unit.trailing_zeros() as u8,
         };
         let (start, len) = self.block_range(&block);
         if let Some((first, last)) = self.acquire_pages(start, len)
@@ -237,22 +287,11 @@ impl Arena {
     }
 
     fn add_ref(&mut self, page: u64) -> u32 {
-        let r = self.boundary_refs.entry(page as u32).or_insert(0);
-        *r += 1;
-        *r
+        self.boundary_refs.add(page)
     }
 
     fn drop_ref(&mut self, page: u64) -> u32 {
-        match self.boundary_refs.get_mut(&(page as u32)) {
-            Some(r) if *r > 1 => {
-                *r -= 1;
-                *r
-            }
-            _ => {
-                self.boundary_refs.remove(&(page as u32));
-                0
-            }
-        }
+        self.boundary_refs.drop_ref(page)
     }
 
     fn is_backed(&self, page: u64) -> bool {
@@ -356,17 +395,17 @@ impl Arena {
     pub fn metadata_bytes(&self) -> usize {
         self.tlsf.metadata_bytes()
             + self.backed.capacity() * 8
-            + self.boundary_refs.capacity() * (std::mem::size_of::<(u32, u32)>() + 1)
+            + self.boundary_refs.heap_bytes()
     }
 
     /// Copies bytes of an allocation out, from `offset` within it.
     pub fn read(&self, p: &Placement, offset: u64, buf: &mut [u8]) {
-        self.backend.read(p.offset + offset, buf);
+        self.backend.read(p.offset() + offset, buf);
     }
 
     /// Copies bytes into an allocation, from `offset` within it.
     pub fn write(&mut self, p: &Placement, offset: u64, data: &[u8]) {
-        self.backend.write(p.offset + offset, data);
+        self.backend.write(p.offset() + offset, data);
     }
 
     /// Slides movable allocations toward the start of the arena, in address order, moving at
@@ -406,11 +445,10 @@ impl Arena {
             };
             if can_move {
                 let new_offset = target as u64 * self.unit;
-                self.backend.copy_within(p.offset, new_offset, p.size);
-                p.offset = new_offset;
+                self.backend.copy_within(p.offset(), new_offset, p.block_bytes());
                 layout.push((target, block.size));
                 report.moved_count += 1;
-                report.moved_bytes += p.size;
+                report.moved_bytes += p.block_bytes();
                 cursor = target + block.size;
             } else {
                 if *movable && target < block.offset {
@@ -493,7 +531,7 @@ mod tests {
         let mut a = arena(1 << 22);
         let _pad = a.allocate(64, 0).unwrap();
         let p = a.allocate(1000, 65536).unwrap();
-        assert_eq!(p.offset % 65536, 0);
+        assert_eq!(p.offset() % 65536, 0);
         let data: Vec<u8> = (0..1000).map(|i| (i % 251) as u8).collect();
         a.write(&p, 0, &data);
         let mut back = vec![0; 1000];
@@ -511,11 +549,10 @@ mod tests {
     #[test]
     fn compaction_moves_down_keeps_bytes_and_pins() {
         let mut a = arena(1 << 24);
-        let mut ps: Vec<Placement> = (0..40)
-            .map(|i| a.allocate(10_000 + i * 100, 0).unwrap())
-            .collect();
+        let size = |i: u64| 10_000 + i * 100;
+        let mut ps: Vec<Placement> = (0..40).map(|i| a.allocate(size(i), 0).unwrap()).collect();
         for (i, p) in ps.iter().enumerate() {
-            let data: Vec<u8> = (0..p.size).map(|j| (i as u64 * 7 + j) as u8).collect();
+            let data: Vec<u8> = (0..size(i as u64)).map(|j| (i as u64 * 7 + j) as u8).collect();
             a.write(p, 0, &data);
         }
         // Free every other one: fragmentation.
@@ -533,8 +570,8 @@ mod tests {
             .collect();
         let mut kept = kept;
         let frag_before = a.largest_free_block();
-        let pinned_offset = kept[5].offset;
-        let originals: Vec<u64> = kept.iter().map(|p| p.offset).collect();
+        let pinned_offset = kept[5].offset();
+        let originals: Vec<u64> = kept.iter().map(|p| p.offset()).collect();
         let mut refs: Vec<(&mut Placement, bool)> = kept
             .iter_mut()
             .enumerate()
@@ -543,16 +580,18 @@ mod tests {
         let r = a.compact(&mut refs, u64::MAX);
         assert!(r.moved_count > 0);
         assert!(a.largest_free_block() > frag_before);
-        assert_eq!(kept[5].offset, pinned_offset, "pinned stays");
+        assert_eq!(kept[5].offset(), pinned_offset, "pinned stays");
         for (k, p) in kept.iter().enumerate() {
             let i = 2 * k + 1;
-            let mut back = vec![0; p.size as usize];
+            let n = size(i as u64);
+            let mut back = vec![0; n as usize];
             a.read(p, 0, &mut back);
-            let want: Vec<u8> = (0..p.size).map(|j| (i as u64 * 7 + j) as u8).collect();
+            let want: Vec<u8> = (0..n).map(|j| (i as u64 * 7 + j) as u8).collect();
             assert_eq!(
                 back, want,
                 "allocation {k} (was at {}, now {})",
-                originals[k], p.offset
+                originals[k],
+                p.offset()
             );
         }
         // Everything frees cleanly afterwards.
