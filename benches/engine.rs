@@ -108,6 +108,9 @@ fn defragment_vs_memcpy(total: u64) -> (f64, f64, u64) {
     let t = Instant::now();
     let pass = e.defragment_pass(0, u64::MAX, &[]);
     let secs = t.elapsed().as_secs_f64();
+    if std::env::var_os("DEBUG_TRIM").is_some() {
+        eprintln!("defrag {:.1} ms, released {} MiB", secs * 1e3, pass.compaction.released_bytes >> 20);
+    }
     let moved = pass.compaction.moved_bytes;
     // The baseline: memcpy of the same bytes in the same chunk size, buffers already backed.
     let src = vec![1u8; moved as usize];
