@@ -13,7 +13,11 @@ const BUDGET: u64 = 8 << 20;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Alloc { size: u64, align_log2: u8, persistent: bool },
+    Alloc {
+        size: u64,
+        align_log2: u8,
+        persistent: bool,
+    },
     Free(usize),
     Defragment(u64),
     Trim,
@@ -30,7 +34,9 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn fill(seed: u64, len: u64) -> Vec<u8> {
-    (0..len).map(|i| (seed.wrapping_mul(131).wrapping_add(i * 7) % 251) as u8).collect()
+    (0..len)
+        .map(|i| (seed.wrapping_mul(131).wrapping_add(i * 7) % 251) as u8)
+        .collect()
 }
 
 struct Live {
@@ -43,13 +49,21 @@ struct Live {
 fn check(e: &AllocationEngine, live: &[Live]) {
     let usage = e.usage(0);
     let total: u64 = live.iter().map(|l| l.size).sum();
-    assert_eq!(usage.allocated_bytes, total, "allocated = sum of live sizes");
-    assert!(usage.reserved_bytes >= usage.allocated_bytes, "reserved ≥ allocated");
+    assert_eq!(
+        usage.allocated_bytes, total,
+        "allocated = sum of live sizes"
+    );
+    assert!(
+        usage.reserved_bytes >= usage.allocated_bytes,
+        "reserved ≥ allocated"
+    );
     assert_eq!(usage.allocation_count, live.len() as u64);
     let mut spans: Vec<(u64, u64)> = live
         .iter()
         .map(|l| {
-            let (offset, size) = e.placement_of(&l.id).expect("live allocation has a placement");
+            let (offset, size) = e
+                .placement_of(&l.id)
+                .expect("live allocation has a placement");
             assert_eq!(size, l.size);
             assert_eq!(offset % l.align.max(1), 0, "alignment {} honoured", l.align);
             (offset, offset + size)
@@ -65,7 +79,11 @@ fn verify_bytes(e: &AllocationEngine, live: &[Live]) {
     for l in live {
         let mut buf = vec![0; l.size as usize];
         e.read(&l.id.to_string(), 0, &mut buf).unwrap();
-        assert!(buf == fill(l.seed, l.size), "allocation {} lost bytes", l.id);
+        assert!(
+            buf == fill(l.seed, l.size),
+            "allocation {} lost bytes",
+            l.id
+        );
     }
 }
 

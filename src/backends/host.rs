@@ -130,11 +130,8 @@ impl Backend for CpuBackend {
         // SAFETY: the pages' contents may be dropped; the arena only releases pages that no
         // live allocation touches, and nothing holds references into the mapping.
         let r = unsafe {
-            self.map.unchecked_advise_range(
-                UncheckedAdvice::Free,
-                offset as usize,
-                len as usize,
-            )
+            self.map
+                .unchecked_advise_range(UncheckedAdvice::Free, offset as usize, len as usize)
         };
         if let Err(e) = r {
             tracing::warn!("cpu: releasing pages failed: {e}");

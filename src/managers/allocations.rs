@@ -3,13 +3,13 @@
 
 use super::arena::{Arena, ArenaError, Compaction, Placement};
 use super::health;
+use super::records::{HasId, RecordTable};
 use crate::backends::{Backend, BackendError};
 use crate::protocol::{
     MemoryAllocation, MemoryAllocationType, MemoryFragmentation, MemoryInfo, MemoryUsageStats,
     Timestamp,
 };
 use crate::units::format_bytes;
-use super::records::{HasId, RecordTable};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use uuid::Uuid;

@@ -359,18 +359,35 @@ impl Arena {
         released
     }
 
-    /// Gives back every backed page that no live allocation touches (the cache). Returns the
-    /// bytes given back.
+    /// Gives back every backed page that no live allocation touches (the cache), and starts
+    /// the high-water mark again from what is in use. Returns the bytes given back.
     pub fn trim(&mut self) -> u64 {
         self.peak_in_use_bytes = self.in_use_bytes;
+        self.trim_to(0)
+    }
+
+    /// Gives back cached pages, highest addresses first, until at most `keep` bytes stay
+    /// cached. Returns the bytes given back.
+    fn trim_to(&mut self, keep: u64) -> u64 {
         let mut released = 0;
-        for (offset, size) in self.tlsf.free_ranges() {
+        for (offset, size) in self.tlsf.free_ranges().into_iter().rev() {
+            if self.cached_bytes() <= keep {
+                break;
+            }
             let start = offset as u64 * self.unit;
             let end = start + size as u64 * self.unit;
             let first = start.div_ceil(self.page);
             let end_page = end / self.page;
-            if end_page > first {
-                released += self.unback(first, end_page - 1);
+            if end_page <= first {
+                continue;
+            }
+            for (a, b) in self.runs(first, end_page - 1, true).into_iter().rev() {
+                let excess = self.cached_bytes().saturating_sub(keep);
+                if excess == 0 {
+                    break;
+                }
+                let pages = excess.div_ceil(self.page).min(b - a + 1);
+                released += self.unback(b + 1 - pages, b);
             }
         }
         released
@@ -393,9 +410,7 @@ impl Arena {
 
     /// Bytes of sub-allocator and page bookkeeping.
     pub fn metadata_bytes(&self) -> usize {
-        self.tlsf.metadata_bytes()
-            + self.backed.capacity() * 8
-            + self.boundary_refs.heap_bytes()
+        self.tlsf.metadata_bytes() + self.backed.capacity() * 8 + self.boundary_refs.heap_bytes()
     }
 
     /// Copies bytes of an allocation out, from `offset` within it.
@@ -411,7 +426,8 @@ impl Arena {
     /// Slides movable allocations toward the start of the arena, in address order, moving at
     /// most `max_bytes` (at least one allocation); pinned ones stay. Contents are preserved byte
     /// for byte (overlapping moves are memmoves toward lower addresses); every placement is
-    /// updated in place; pages left unused are given back.
+    /// updated in place. The pages the moves vacate follow the cache rule of `free`: kept up to
+    /// the working set's high-water mark, given back beyond it ([`Arena::trim`] gives back all).
     ///
     /// `placements` holds every live placement of the arena with whether it may move.
     pub fn compact(
@@ -445,7 +461,8 @@ impl Arena {
             };
             if can_move {
                 let new_offset = target as u64 * self.unit;
-                self.backend.copy_within(p.offset(), new_offset, p.block_bytes());
+                self.backend
+                    .copy_within(p.offset(), new_offset, p.block_bytes());
                 layout.push((target, block.size));
                 report.moved_count += 1;
                 report.moved_bytes += p.block_bytes();
@@ -469,7 +486,7 @@ impl Arena {
             let (start, len) = self.block_range(&p.block);
             self.acquire_pages(start, len);
         }
-        report.released_bytes = self.trim();
+        report.released_bytes = self.trim_to(self.cache_limit());
         report
     }
 }
@@ -552,7 +569,9 @@ mod tests {
         let size = |i: u64| 10_000 + i * 100;
         let mut ps: Vec<Placement> = (0..40).map(|i| a.allocate(size(i), 0).unwrap()).collect();
         for (i, p) in ps.iter().enumerate() {
-            let data: Vec<u8> = (0..size(i as u64)).map(|j| (i as u64 * 7 + j) as u8).collect();
+            let data: Vec<u8> = (0..size(i as u64))
+                .map(|j| (i as u64 * 7 + j) as u8)
+                .collect();
             a.write(p, 0, &data);
         }
         // Free every other one: fragmentation.
@@ -588,7 +607,8 @@ mod tests {
             a.read(p, 0, &mut back);
             let want: Vec<u8> = (0..n).map(|j| (i as u64 * 7 + j) as u8).collect();
             assert_eq!(
-                back, want,
+                back,
+                want,
                 "allocation {k} (was at {}, now {})",
                 originals[k],
                 p.offset()

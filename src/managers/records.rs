@@ -73,10 +73,7 @@ impl<R: HasId> RecordTable<R> {
     /// The record with this id, mutably.
     pub fn get_mut(&mut self, id: &Uuid) -> Option<&mut R> {
         let slot = self.slot_of(id);
-        self.slots
-            .get_mut(slot)?
-            .as_mut()
-            .filter(|r| r.id() == id)
+        self.slots.get_mut(slot)?.as_mut().filter(|r| r.id() == id)
     }
 
     /// Removes and returns the record with this id.
@@ -159,7 +156,10 @@ mod tests {
         assert!(t.get(&old).is_none());
         let (new, slot) = t.next_id();
         t.insert(slot, Rec(new, 1000));
-        assert!(t.get(&old).is_none(), "a reused slot does not answer to the old id");
+        assert!(
+            t.get(&old).is_none(),
+            "a reused slot does not answer to the old id"
+        );
         assert_eq!(t.get(&new).unwrap().1, 1000);
         assert!(t.get(&Uuid::new_v4()).is_none());
         assert_eq!(t.len(), 100);
