@@ -10,7 +10,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long a capacity reading is reused: reading /proc/meminfo costs more than an allocation.
 const CAPACITY_TTL: Duration = Duration::from_millis(100);
@@ -21,10 +21,23 @@ fn host_page_size() -> u64 {
     if p > 0 { p as u64 } else { 4096 }
 }
 
+/// Milliseconds of CLOCK_MONOTONIC_COARSE: a few nanoseconds to read where `Instant::now`
+/// costs tens (it is read on every allocation to decide whether a capacity reading is stale).
+fn coarse_millis() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
 /// A capacity reading reused for [`CAPACITY_TTL`].
 struct CachedCapacity {
     value: Capacity,
-    at: Option<Instant>,
+    /// When it was read (coarse milliseconds); `None` before the first reading.
+    at: Option<u64>,
 }
 
 impl CachedCapacity {
@@ -36,9 +49,13 @@ impl CachedCapacity {
     }
 
     fn get(&mut self, read: impl FnOnce() -> Capacity) -> Capacity {
-        if self.at.is_none_or(|t| t.elapsed() > CAPACITY_TTL) {
+        let now = coarse_millis();
+        if self
+            .at
+            .is_none_or(|t| now.saturating_sub(t) > CAPACITY_TTL.as_millis() as u64)
+        {
             self.value = read();
-            self.at = Some(Instant::now());
+            self.at = Some(now);
         }
         self.value
     }
