@@ -500,10 +500,10 @@ fn every_error_row_leaves_usage_unchanged() {
             "memory.launch_rockets",
         ),
         (
-            "memory.transfer",
+            "memory.get_pressure",
             json!({"device_id": "cpu"}),
             "UNKNOWN_ACTION",
-            "memory.transfer",
+            "memory.get_pressure",
         ),
         (
             "memory.defragment",
@@ -704,8 +704,6 @@ fn a_size_over_the_budget_fails_at_once() {
 fn planned_actions_answer_unknown_action() {
     let mut w = Worker::small();
     for action in [
-        "memory.transfer",
-        "memory.get_transfer",
         "memory.model_load",
         "memory.model_unload",
         "memory.model_acquire",

@@ -154,17 +154,26 @@ impl Backend for CpuBackend {
             tracing::warn!("cpu: releasing pages failed: {e}");
         }
     }
-    fn read(&self, offset: u64, buf: &mut [u8]) {
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
         let o = offset as usize;
         buf.copy_from_slice(&self.map[o..o + buf.len()]);
+        Ok(())
     }
-    fn write(&mut self, offset: u64, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
         let o = offset as usize;
         self.map[o..o + data.len()].copy_from_slice(data);
+        Ok(())
     }
-    fn copy_within(&mut self, src: u64, dst: u64, len: u64) {
+    fn copy_within(&mut self, src: u64, dst: u64, len: u64) -> Result<(), BackendError> {
         let s = src as usize;
         self.map.copy_within(s..s + len as usize, dst as usize);
+        Ok(())
+    }
+    fn host_slice(&self, offset: u64, len: u64) -> Option<&[u8]> {
+        self.map.get(offset as usize..(offset + len) as usize)
+    }
+    fn host_slice_mut(&mut self, offset: u64, len: u64) -> Option<&mut [u8]> {
+        self.map.get_mut(offset as usize..(offset + len) as usize)
     }
     fn handle(&self, _offset: u64) -> Option<MemoryHandle> {
         None
@@ -316,17 +325,26 @@ impl Backend for ShmBackend {
             );
         }
     }
-    fn read(&self, offset: u64, buf: &mut [u8]) {
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
         let o = offset as usize;
         buf.copy_from_slice(&self.map[o..o + buf.len()]);
+        Ok(())
     }
-    fn write(&mut self, offset: u64, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
         let o = offset as usize;
         self.map[o..o + data.len()].copy_from_slice(data);
+        Ok(())
     }
-    fn copy_within(&mut self, src: u64, dst: u64, len: u64) {
+    fn copy_within(&mut self, src: u64, dst: u64, len: u64) -> Result<(), BackendError> {
         let s = src as usize;
         self.map.copy_within(s..s + len as usize, dst as usize);
+        Ok(())
+    }
+    fn host_slice(&self, offset: u64, len: u64) -> Option<&[u8]> {
+        self.map.get(offset as usize..(offset + len) as usize)
+    }
+    fn host_slice_mut(&mut self, offset: u64, len: u64) -> Option<&mut [u8]> {
+        self.map.get_mut(offset as usize..(offset + len) as usize)
     }
     fn handle(&self, offset: u64) -> Option<MemoryHandle> {
         Some(MemoryHandle {
@@ -345,15 +363,15 @@ mod tests {
         let mut b = CpuBackend::new(1 << 20).unwrap();
         let p = b.page_size();
         b.commit(0, p).unwrap();
-        b.write(10, b"hello");
+        b.write(10, b"hello").unwrap();
         let mut buf = [0u8; 5];
-        b.read(10, &mut buf);
+        b.read(10, &mut buf).unwrap();
         assert_eq!(&buf, b"hello");
         b.release(0, p);
         // MADV_FREE: the page is the kernel's to take; a new commit makes it usable again.
         b.commit(0, p).unwrap();
-        b.write(10, b"again");
-        b.read(10, &mut buf);
+        b.write(10, b"again").unwrap();
+        b.read(10, &mut buf).unwrap();
         assert_eq!(&buf, b"again");
     }
 
@@ -379,7 +397,7 @@ mod tests {
         let mut b = ShmBackend::new(Path::new("/dev/shm"), 1 << 20).unwrap();
         let path = b.path().to_path_buf();
         b.commit(0, b.page_size()).unwrap();
-        b.write(100, b"shared");
+        b.write(100, b"shared").unwrap();
         let on_disk = std::fs::read(&path).unwrap();
         assert_eq!(&on_disk[100..106], b"shared");
         assert_eq!(b.handle(100).unwrap().offset, 100);

@@ -15,6 +15,16 @@ use crate::protocol::{MemoryHandle, MemoryType};
 /// What went wrong in a backend.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
+    /// The device failed a copy or a driver call.
+    #[error("{device}: {what} failed: {message}")]
+    Device {
+        /// The device.
+        device: String,
+        /// What was being done.
+        what: &'static str,
+        /// The driver's words.
+        message: String,
+    },
     /// The operating system refused to map or back memory.
     #[error("{device}: {what}: {source}")]
     Os {
@@ -69,11 +79,20 @@ pub trait Backend: Send {
     /// Gives the pages of `[offset, offset + len)` back to the system; their contents are lost.
     fn release(&mut self, offset: u64, len: u64);
     /// Copies bytes out of the mapping.
-    fn read(&self, offset: u64, buf: &mut [u8]);
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError>;
     /// Copies bytes into the mapping.
-    fn write(&mut self, offset: u64, data: &[u8]);
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), BackendError>;
     /// Moves `len` bytes from `src` to `dst` inside the mapping (ranges may overlap).
-    fn copy_within(&mut self, src: u64, dst: u64, len: u64);
+    fn copy_within(&mut self, src: u64, dst: u64, len: u64) -> Result<(), BackendError>;
+    /// The bytes of `[offset, offset + len)` as host memory, for memory the CPU addresses
+    /// directly (lets a transfer copy straight from or into it).
+    fn host_slice(&self, _offset: u64, _len: u64) -> Option<&[u8]> {
+        None
+    }
+    /// The same, mutably.
+    fn host_slice_mut(&mut self, _offset: u64, _len: u64) -> Option<&mut [u8]> {
+        None
+    }
     /// Where another process maps the bytes at `offset`, for shareable memory.
     fn handle(&self, offset: u64) -> Option<MemoryHandle>;
 }

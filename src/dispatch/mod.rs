@@ -5,7 +5,7 @@
 use crate::protocol::envelope::{parse_request, write_error, write_success};
 use crate::protocol::requests::{
     AllocateRequest, ClearRequest, DeallocateRequest, DeviceRequest, GetAllocationsRequest,
-    GetStatusRequest, OptimizeRequest,
+    GetStatusRequest, OptimizeRequest, TransferIdRequest, TransferRequest,
 };
 use crate::protocol::{ErrorCode, OptimizeResponse, ProtocolError};
 use crate::service::{MemoryService, TryAllocate};
@@ -37,14 +37,16 @@ pub enum Action {
     Defragment,
     /// `memory.optimize`
     Optimize,
+    /// `memory.transfer`
+    Transfer,
+    /// `memory.get_transfer`
+    GetTransfer,
     /// An action of the contract that a later version carries out.
     NotYet(&'static str),
 }
 
 /// Actions of the contract that this version does not carry out yet.
-pub const PLANNED_ACTIONS: [&str; 11] = [
-    "memory.transfer",
-    "memory.get_transfer",
+pub const PLANNED_ACTIONS: [&str; 9] = [
     "memory.model_load",
     "memory.model_unload",
     "memory.model_acquire",
@@ -69,6 +71,8 @@ impl Action {
             "memory.clear" => Action::Clear,
             "memory.defragment" => Action::Defragment,
             "memory.optimize" => Action::Optimize,
+            "memory.transfer" => Action::Transfer,
+            "memory.get_transfer" => Action::GetTransfer,
             other => Action::NotYet(PLANNED_ACTIONS.iter().find(|a| **a == other)?),
         })
     }
@@ -272,6 +276,33 @@ impl Dispatcher {
                 });
                 respond(out, id, Ok(scheduled));
             }
+            Action::Transfer => {
+                let started = TransferRequest::parse(data).and_then(|r| {
+                    let wait = r.wait_for_completion;
+                    s.start_transfer(&r).map(|t| (t, wait))
+                });
+                match started {
+                    Err(e) => write_error(out, Some(id), &e),
+                    Ok((t, true)) => {
+                        let service = Arc::clone(s);
+                        return Some(on_blocking_thread(id, move || service.run_transfer(&t)));
+                    }
+                    Ok((t, false)) => {
+                        respond(out, id, Ok(&t.wire));
+                        let service = Arc::clone(s);
+                        std::thread::spawn(move || {
+                            if let Err(e) = service.run_transfer(&t) {
+                                tracing::warn!("{}", e.message);
+                            }
+                        });
+                    }
+                }
+            }
+            Action::GetTransfer => respond(
+                out,
+                id,
+                TransferIdRequest::parse(data).and_then(|r| s.get_transfer(&r.transfer_id)),
+            ),
             Action::NotYet(name) => {
                 let e = ProtocolError::new(
                     ErrorCode::UnknownAction,

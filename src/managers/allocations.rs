@@ -46,6 +46,12 @@ pub enum EngineError {
     /// The allocation holds no bytes (a Reservation) or the range is outside it.
     #[error("{0}")]
     OutOfRange(String),
+    /// A transfer that cannot be: same device, wrong source, nothing to move.
+    #[error("{0}")]
+    InvalidTransfer(String),
+    /// The allocation belongs to a model or is being transferred.
+    #[error("{0}")]
+    InUse(String),
     /// The backend failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
@@ -162,6 +168,10 @@ struct Record {
     persistent: bool,
     /// log2 of the requested alignment, for Reservations (0 = none asked).
     reservation_align_log2: u8,
+    /// In a transfer: not freed, moved or transferred again until it ends.
+    busy: bool,
+    /// The destination of a transfer in progress: not listed until it completes.
+    hidden: bool,
 }
 
 impl HasId for Record {
@@ -340,6 +350,8 @@ impl AllocationEngine {
             } else {
                 spec.alignment.trailing_zeros() as u8
             },
+            busy: false,
+            hidden: false,
         };
         self.next_seq += 1;
         self.records.insert(slot, record);
@@ -381,10 +393,19 @@ impl AllocationEngine {
     ) -> Result<Freed, EngineError> {
         let not_found = || EngineError::AllocationNotFound(allocation_id.to_string());
         let id = self.find(allocation_id).ok_or_else(not_found)?;
-        if let Some(d) = device
-            && self.records.get(&id).map(|r| r.device as usize) != Some(d)
-        {
+        let r = self.records.get(&id).ok_or_else(not_found)?;
+        if device.is_some_and(|d| r.device as usize != d) || r.hidden {
             return Err(not_found());
+        }
+        if r.busy {
+            return Err(EngineError::InUse(format!(
+                "Allocation {allocation_id} is being transferred; deallocate it when the transfer ends"
+            )));
+        }
+        if let Owner::Model(name) = &r.owner {
+            return Err(EngineError::InUse(format!(
+                "Allocation {allocation_id} holds weights of model {name}; unload the model instead"
+            )));
         }
         self.free_id(&id).ok_or_else(not_found)
     }
@@ -420,7 +441,7 @@ impl AllocationEngine {
         let mut cleared = Cleared::default();
         let mut victims = Vec::new();
         for r in self.records.iter() {
-            if r.device as usize != device || r.owner != Owner::Client {
+            if r.device as usize != device || r.owner != Owner::Client || r.busy {
                 continue;
             }
             if r.persistent && !force {
@@ -462,6 +483,7 @@ impl AllocationEngine {
                         && r.owner == Owner::Client
                         && r.kind == *kind
                         && (include_persistent || !r.persistent)
+                        && !r.busy
                         && !preserve.contains(&r.id)
                 })
                 .map(|r| (r.seq, r.id))
@@ -494,10 +516,9 @@ impl AllocationEngine {
             if r.device as usize != device {
                 continue;
             }
-            let persistent = r.persistent;
-            let id = r.id;
+            let pinned_here = r.persistent || r.busy || pinned.contains(&r.id);
             if let Some(p) = r.placement.as_mut() {
-                let movable = !persistent && !pinned.contains(&id);
+                let movable = !pinned_here;
                 if !movable {
                     pinned_count += 1;
                 }
@@ -515,6 +536,165 @@ impl AllocationEngine {
     /// Gives back the device's cached pages; returns the bytes.
     pub fn trim(&mut self, device: usize) -> u64 {
         self.devices[device].arena.trim()
+    }
+
+    /// Starts a transfer of `allocation_id` from `src` to `dst`: checks the rules, allocates
+    /// the destination (same size, alignment, type, purpose and persistence; no waiting) and
+    /// marks both ends busy. Returns the source and destination ids and the size.
+    pub fn begin_transfer(
+        &mut self,
+        allocation_id: &str,
+        src: usize,
+        dst: usize,
+        now: SystemTime,
+    ) -> Result<(Uuid, Uuid, u64), EngineError> {
+        if src == dst {
+            return Err(EngineError::InvalidTransfer(
+                "Source and destination cannot be the same".into(),
+            ));
+        }
+        let id = self
+            .find(allocation_id)
+            .ok_or_else(|| EngineError::AllocationNotFound(allocation_id.to_string()))?;
+        let r = self
+            .records
+            .get(&id)
+            .ok_or_else(|| EngineError::AllocationNotFound(allocation_id.to_string()))?;
+        if r.hidden {
+            return Err(EngineError::AllocationNotFound(allocation_id.to_string()));
+        }
+        if r.device as usize != src {
+            return Err(EngineError::InvalidTransfer(format!(
+                "Allocation {allocation_id} is on {}, not on {}",
+                self.device_id(r.device as usize),
+                self.device_id(src)
+            )));
+        }
+        if r.placement.is_none() {
+            return Err(EngineError::InvalidTransfer(format!(
+                "Allocation {allocation_id} is a Reservation: it holds no bytes to transfer"
+            )));
+        }
+        if r.busy {
+            return Err(EngineError::InUse(format!(
+                "Allocation {allocation_id} is already being transferred"
+            )));
+        }
+        if let Owner::Model(name) = &r.owner {
+            return Err(EngineError::InUse(format!(
+                "Allocation {allocation_id} holds weights of model {name}"
+            )));
+        }
+        let spec = AllocationSpec {
+            size: r.size,
+            alignment: r.alignment(),
+            kind: r.kind,
+            purpose: r.purpose.to_string(),
+            persistent: r.persistent,
+            owner: Owner::Client,
+        };
+        let size = r.size;
+        let dst_id = self.try_allocate(dst, &spec, now)?;
+        if let Some(d) = self.records.get_mut(&dst_id) {
+            d.busy = true;
+            d.hidden = true;
+        }
+        if let Some(s) = self.records.get_mut(&id) {
+            s.busy = true;
+        }
+        Ok((id, dst_id, size))
+    }
+
+    /// Copies `len` bytes at `offset` of a transfer's source into its destination.
+    pub fn transfer_chunk(
+        &mut self,
+        src_id: &Uuid,
+        dst_id: &Uuid,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), EngineError> {
+        let gone = || EngineError::AllocationNotFound(src_id.to_string());
+        let s = self.records.get(src_id).ok_or_else(gone)?;
+        let d = self.records.get(dst_id).ok_or_else(gone)?;
+        let (sd, dd) = (s.device as usize, d.device as usize);
+        let (sp, dp) = (s.placement.ok_or_else(gone)?, d.placement.ok_or_else(gone)?);
+        if sd == dd || offset + len > s.size {
+            return Err(EngineError::InvalidTransfer("bad transfer chunk".into()));
+        }
+        let (so, doff) = (sp.offset() + offset, dp.offset() + offset);
+        // Two devices of one Vec: borrow them apart.
+        let (src_dev, dst_dev) = if sd < dd {
+            let (a, b) = self.devices.split_at_mut(dd);
+            (&a[sd], &mut b[0])
+        } else {
+            let (a, b) = self.devices.split_at_mut(sd);
+            (&b[0], &mut a[dd])
+        };
+        let src_backend = src_dev.arena.backend();
+        let dst_backend = dst_dev.arena.backend_mut();
+        if let Some(bytes) = src_backend.host_slice(so, len) {
+            dst_backend.write(doff, bytes)?;
+        } else if let Some(bytes) = dst_backend.host_slice_mut(doff, len) {
+            src_backend.read(so, bytes)?;
+        } else {
+            let mut staging = vec![0u8; len as usize];
+            src_backend.read(so, &mut staging)?;
+            dst_backend.write(doff, &staging)?;
+        }
+        Ok(())
+    }
+
+    /// Ends a transfer whose bytes are all copied. A move gives the source's id the
+    /// destination's memory and frees the source's; a copy publishes the destination. Returns
+    /// the destination's id.
+    pub fn finish_transfer(
+        &mut self,
+        src_id: &Uuid,
+        dst_id: &Uuid,
+        copy: bool,
+    ) -> Result<Uuid, EngineError> {
+        let gone = || EngineError::AllocationNotFound(src_id.to_string());
+        if copy {
+            let d = self.records.get_mut(dst_id).ok_or_else(gone)?;
+            d.busy = false;
+            d.hidden = false;
+            if let Some(s) = self.records.get_mut(src_id) {
+                s.busy = false;
+            }
+            return Ok(*dst_id);
+        }
+        let dst = self.records.remove(dst_id).ok_or_else(gone)?;
+        let Some(src) = self.records.get_mut(src_id) else {
+            // The source vanished (shutdown): give the destination back.
+            self.release(dst);
+            return Err(gone());
+        };
+        let old_device = src.device as usize;
+        let old_placement = src.placement;
+        src.device = dst.device;
+        src.placement = dst.placement;
+        src.busy = false;
+        let size = src.size;
+        // The destination device keeps its accounting (the memory stays); the source device
+        // gives its bytes back as a deallocation.
+        let dev = &mut self.devices[old_device];
+        if let Some(p) = old_placement {
+            dev.arena.free(&p);
+        }
+        dev.allocated -= size;
+        dev.live -= 1;
+        dev.total_deallocations += 1;
+        Ok(*src_id)
+    }
+
+    /// Abandons a transfer: frees the destination, leaves the source as it was.
+    pub fn abort_transfer(&mut self, src_id: &Uuid, dst_id: &Uuid) {
+        if let Some(dst) = self.records.remove(dst_id) {
+            self.release(dst);
+        }
+        if let Some(s) = self.records.get_mut(src_id) {
+            s.busy = false;
+        }
     }
 
     /// Frees every allocation on every device (shutdown).
@@ -582,6 +762,7 @@ impl AllocationEngine {
             .iter()
             .filter(|r| {
                 r.device as usize == device
+                    && !r.hidden
                     && filter.kind.is_none_or(|k| k == r.kind)
                     && filter.purpose.as_deref().is_none_or(|p| p == &*r.purpose)
                     && filter.owner.as_deref().is_none_or(|o| r.owner.matches(o))
@@ -739,8 +920,7 @@ impl AllocationEngine {
         buf: &mut [u8],
     ) -> Result<(), EngineError> {
         let (device, p) = self.placement(allocation_id, offset, buf.len())?;
-        self.devices[device].arena.read(&p, offset, buf);
-        Ok(())
+        Ok(self.devices[device].arena.read(&p, offset, buf)?)
     }
 
     /// Copies `data` into an allocation, from `offset` within it.
@@ -751,8 +931,7 @@ impl AllocationEngine {
         data: &[u8],
     ) -> Result<(), EngineError> {
         let (device, p) = self.placement(allocation_id, offset, data.len())?;
-        self.devices[device].arena.write(&p, offset, data);
-        Ok(())
+        Ok(self.devices[device].arena.write(&p, offset, data)?)
     }
 }
 

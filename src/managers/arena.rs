@@ -414,13 +414,13 @@ impl Arena {
     }
 
     /// Copies bytes of an allocation out, from `offset` within it.
-    pub fn read(&self, p: &Placement, offset: u64, buf: &mut [u8]) {
-        self.backend.read(p.offset() + offset, buf);
+    pub fn read(&self, p: &Placement, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        self.backend.read(p.offset() + offset, buf)
     }
 
     /// Copies bytes into an allocation, from `offset` within it.
-    pub fn write(&mut self, p: &Placement, offset: u64, data: &[u8]) {
-        self.backend.write(p.offset() + offset, data);
+    pub fn write(&mut self, p: &Placement, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+        self.backend.write(p.offset() + offset, data)
     }
 
     /// Slides movable allocations toward the start of the arena, in address order, moving at
@@ -459,10 +459,21 @@ impl Arena {
                     }
                 }
             };
-            if can_move {
+            let can_move = can_move && {
                 let new_offset = target as u64 * self.unit;
-                self.backend
-                    .copy_within(p.offset(), new_offset, p.block_bytes());
+                match self
+                    .backend
+                    .copy_within(p.offset(), new_offset, p.block_bytes())
+                {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::error!("defragment stopped: {e}");
+                        stopped = true;
+                        false
+                    }
+                }
+            };
+            if can_move {
                 layout.push((target, block.size));
                 report.moved_count += 1;
                 report.moved_bytes += p.block_bytes();
@@ -550,9 +561,9 @@ mod tests {
         let p = a.allocate(1000, 65536).unwrap();
         assert_eq!(p.offset() % 65536, 0);
         let data: Vec<u8> = (0..1000).map(|i| (i % 251) as u8).collect();
-        a.write(&p, 0, &data);
+        a.write(&p, 0, &data).unwrap();
         let mut back = vec![0; 1000];
-        a.read(&p, 0, &mut back);
+        a.read(&p, 0, &mut back).unwrap();
         assert_eq!(back, data);
     }
 
@@ -572,7 +583,7 @@ mod tests {
             let data: Vec<u8> = (0..size(i as u64))
                 .map(|j| (i as u64 * 7 + j) as u8)
                 .collect();
-            a.write(p, 0, &data);
+            a.write(p, 0, &data).unwrap();
         }
         // Free every other one: fragmentation.
         let kept: Vec<Placement> = ps
@@ -604,7 +615,7 @@ mod tests {
             let i = 2 * k + 1;
             let n = size(i as u64);
             let mut back = vec![0; n as usize];
-            a.read(p, 0, &mut back);
+            a.read(p, 0, &mut back).unwrap();
             let want: Vec<u8> = (0..n).map(|j| (i as u64 * 7 + j) as u8).collect();
             assert_eq!(
                 back,

@@ -7,6 +7,7 @@ pub mod health;
 pub mod records;
 pub mod replay;
 pub mod tlsf;
+pub mod transfers;
 
 pub use allocations::{AllocationEngine, AllocationSpec, DeviceSetup, EngineError, Owner};
 pub use arena::{Arena, ArenaError, Placement};

@@ -348,6 +348,94 @@ impl OptimizeRequest {
     }
 }
 
+/// How a transfer treats its source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransferMode {
+    /// The allocation keeps its id and changes device.
+    Move,
+    /// A new allocation on the destination; the source stays.
+    Copy,
+}
+
+impl TransferMode {
+    /// `move` or `copy`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransferMode::Move => "move",
+            TransferMode::Copy => "copy",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct TransferWire {
+    allocation_id: Option<String>,
+    source_device_id: Option<String>,
+    destination_device_id: Option<String>,
+    mode: Option<String>,
+    wait_for_completion: Option<bool>,
+}
+
+/// `memory.transfer`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransferRequest {
+    /// The allocation to move or copy.
+    pub allocation_id: String,
+    /// Where it is.
+    pub source_device_id: String,
+    /// Where it goes.
+    pub destination_device_id: String,
+    /// Move (default) or copy.
+    pub mode: TransferMode,
+    /// Answer when done (true) or at once (false, the default).
+    pub wait_for_completion: bool,
+}
+
+impl TransferRequest {
+    /// Parses and checks `data`.
+    pub fn parse(data: Option<&RawValue>) -> Result<Self, ProtocolError> {
+        let w: TransferWire = parse_data(data)?;
+        let mode = match w.mode.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None | Some("move") => TransferMode::Move,
+            Some("copy") => TransferMode::Copy,
+            Some(other) => {
+                return Err(ProtocolError::invalid_parameter(format!(
+                    "field `mode` must be \"move\" or \"copy\", got \"{other}\""
+                )));
+            }
+        };
+        Ok(TransferRequest {
+            allocation_id: non_empty(w.allocation_id, "allocation_id")?,
+            source_device_id: non_empty(w.source_device_id, "source_device_id")?,
+            destination_device_id: non_empty(w.destination_device_id, "destination_device_id")?,
+            mode,
+            wait_for_completion: w.wait_for_completion.unwrap_or(false),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct TransferIdWire {
+    transfer_id: Option<String>,
+}
+
+/// `memory.get_transfer`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransferIdRequest {
+    /// The transfer.
+    pub transfer_id: String,
+}
+
+impl TransferIdRequest {
+    /// Parses and checks `data`.
+    pub fn parse(data: Option<&RawValue>) -> Result<Self, ProtocolError> {
+        let w: TransferIdWire = parse_data(data)?;
+        Ok(TransferIdRequest {
+            transfer_id: non_empty(w.transfer_id, "transfer_id")?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

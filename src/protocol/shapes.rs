@@ -251,3 +251,36 @@ pub struct OptimizeResponse {
     /// Wall time.
     pub duration_ms: f64,
 }
+
+/// A transfer of an allocation between devices (`memory.transfer`, `memory.get_transfer`).
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryTransfer {
+    /// Lowercase hyphenated UUID v4.
+    pub transfer_id: String,
+    /// The allocation transferred.
+    pub allocation_id: String,
+    /// The allocation on the destination: the same id for a move, a new one for a copy.
+    pub destination_allocation_id: Option<String>,
+    /// Where the bytes come from.
+    pub source_device_id: String,
+    /// Where they go.
+    pub destination_device_id: String,
+    /// `move` or `copy`.
+    pub mode: String,
+    /// Where it stands.
+    pub status: super::enums::TransferStatus,
+    /// Bytes to copy.
+    pub total_bytes: u64,
+    /// Bytes copied so far.
+    pub bytes_transferred: u64,
+    /// `bytes_transferred / total_bytes × 100`.
+    pub progress_percentage: f64,
+    /// Bytes copied per second of the transfer so far.
+    pub bandwidth_bytes_per_second: f64,
+    /// When it started.
+    pub started_at: Timestamp,
+    /// When it ended (completed, failed or cancelled).
+    pub completed_at: Option<Timestamp>,
+    /// Why it failed.
+    pub error_message: Option<String>,
+}

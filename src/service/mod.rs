@@ -4,17 +4,34 @@
 //! see JSON. Only `allocate` can wait (for memory); everything else answers at once.
 
 use crate::managers::allocations::{AllocationFilter, EngineError};
+use crate::managers::transfers::TransferTable;
 use crate::managers::{AllocationEngine, AllocationSpec, DeviceSetup, Owner};
 use crate::protocol::requests::{
     AllocateRequest, ClearRequest, DeallocateRequest, DeviceRequest, GetAllocationsRequest,
     GetStatusRequest, OptimizeRequest,
 };
+use crate::protocol::requests::{TransferMode, TransferRequest};
 use crate::protocol::{
     AllocateMemoryResponse, ClearResponse, DeallocateResponse, DefragmentResponse, ErrorCode,
     GetAllocationsResponse, GetMemoryStatusResponse, ListDevicesResponse, MemoryAllocationType,
     MemoryOptimizationType, MemoryUsageStats, OptimizeResponse, ProtocolError, Timestamp,
 };
+use crate::protocol::{MemoryTransfer, TransferStatus};
 use uuid::Uuid;
+
+/// The most bytes a transfer copies while holding the engine.
+pub const TRANSFER_CHUNK_BYTES: u64 = 64 << 20;
+
+/// A transfer accepted and ready to copy.
+pub struct StartedTransfer {
+    id: Uuid,
+    source: Uuid,
+    destination: Uuid,
+    size: u64,
+    copy: bool,
+    /// What to answer now.
+    pub wire: MemoryTransfer,
+}
 
 /// The most bytes one defragmentation pass moves while holding the engine.
 pub const DEFRAGMENT_PASS_BYTES: u64 = 64 << 20;
@@ -31,6 +48,8 @@ impl From<EngineError> for ProtocolError {
             EngineError::AllocationNotFound(_) => ErrorCode::AllocationNotFound,
             EngineError::NoRoom { .. } | EngineError::OverBudget { .. } => ErrorCode::OutOfMemory,
             EngineError::OutOfRange(_) => ErrorCode::InvalidParameter,
+            EngineError::InvalidTransfer(_) => ErrorCode::InvalidTransferParams,
+            EngineError::InUse(_) => ErrorCode::AllocationInUse,
             EngineError::Backend(_) => ErrorCode::OutOfMemory,
         };
         ProtocolError::new(code, e.to_string())
@@ -40,6 +59,7 @@ impl From<EngineError> for ProtocolError {
 /// The memory service: every device, every allocation, and the waiters for memory.
 pub struct MemoryService {
     engine: Mutex<AllocationEngine>,
+    transfers: Mutex<TransferTable>,
     /// Woken whenever memory is freed (and at shutdown).
     room: Notify,
     shutting_down: AtomicBool,
@@ -58,6 +78,7 @@ impl MemoryService {
     pub fn new(devices: Vec<DeviceSetup>) -> Self {
         MemoryService {
             engine: Mutex::new(AllocationEngine::new(devices)),
+            transfers: Mutex::new(TransferTable::default()),
             room: Notify::new(),
             shutting_down: AtomicBool::new(false),
         }
@@ -453,6 +474,121 @@ impl MemoryService {
             usage_before,
             usage_after: self.check_device(&req.device_id)?,
             duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+        })
+    }
+
+    /// `memory.transfer`, first half: checks the rules, allocates the destination (no waiting:
+    /// no room is OUT_OF_MEMORY) and records the transfer as Running. Nothing is copied yet.
+    pub fn start_transfer(&self, req: &TransferRequest) -> Result<StartedTransfer, ProtocolError> {
+        let (source, destination, size) = {
+            let mut e = self.engine.lock();
+            let src = e.device_index(&req.source_device_id)?;
+            let dst = e.device_index(&req.destination_device_id)?;
+            e.begin_transfer(&req.allocation_id, src, dst, SystemTime::now())?
+        };
+        let copy = req.mode == TransferMode::Copy;
+        let id = Uuid::new_v4();
+        let wire = MemoryTransfer {
+            transfer_id: id.hyphenated().to_string(),
+            allocation_id: source.hyphenated().to_string(),
+            destination_allocation_id: Some(
+                if copy { destination } else { source }
+                    .hyphenated()
+                    .to_string(),
+            ),
+            source_device_id: req.source_device_id.clone(),
+            destination_device_id: req.destination_device_id.clone(),
+            mode: req.mode.name().to_string(),
+            status: TransferStatus::Running,
+            total_bytes: size,
+            bytes_transferred: 0,
+            progress_percentage: 0.0,
+            bandwidth_bytes_per_second: 0.0,
+            started_at: Timestamp::now(),
+            completed_at: None,
+            error_message: None,
+        };
+        self.transfers.lock().start(wire.clone());
+        Ok(StartedTransfer {
+            id,
+            source,
+            destination,
+            size,
+            copy,
+            wire,
+        })
+    }
+
+    /// `memory.transfer`, second half: copies chunk by chunk (releasing the engine between
+    /// chunks), then completes the move or copy. On failure the destination is freed, the
+    /// source is left as it was, and the transfer is Failed (TRANSFER_FAILED).
+    pub fn run_transfer(&self, t: &StartedTransfer) -> Result<MemoryTransfer, ProtocolError> {
+        let mut done = 0u64;
+        let mut failure = None;
+        while done < t.size {
+            let len = TRANSFER_CHUNK_BYTES.min(t.size - done);
+            let r = self
+                .engine
+                .lock()
+                .transfer_chunk(&t.source, &t.destination, done, len);
+            if let Err(e) = r {
+                failure = Some(e.to_string());
+                break;
+            }
+            done += len;
+            self.transfers.lock().progress(&t.id, done);
+        }
+        if failure.is_none()
+            && let Err(e) = self
+                .engine
+                .lock()
+                .finish_transfer(&t.source, &t.destination, t.copy)
+        {
+            failure = Some(e.to_string());
+        }
+        match failure {
+            None => {
+                if !t.copy {
+                    self.room.notify_waiters();
+                }
+                let wire = self
+                    .transfers
+                    .lock()
+                    .finish(&t.id, TransferStatus::Completed, None);
+                Ok(wire.unwrap_or_else(|| t.wire.clone()))
+            }
+            Some(message) => {
+                self.engine.lock().abort_transfer(&t.source, &t.destination);
+                self.room.notify_waiters();
+                let message = format!(
+                    "transfer of allocation {} from {} to {} failed after {} of {}: {message}; the source is intact",
+                    t.wire.allocation_id,
+                    t.wire.source_device_id,
+                    t.wire.destination_device_id,
+                    format_bytes(done),
+                    format_bytes(t.size)
+                );
+                self.transfers
+                    .lock()
+                    .finish(&t.id, TransferStatus::Failed, Some(message.clone()));
+                Err(ProtocolError::new(ErrorCode::TransferFailed, message))
+            }
+        }
+    }
+
+    /// `memory.transfer` run to completion.
+    pub fn transfer(&self, req: &TransferRequest) -> Result<MemoryTransfer, ProtocolError> {
+        let t = self.start_transfer(req)?;
+        self.run_transfer(&t)
+    }
+
+    /// `memory.get_transfer`.
+    pub fn get_transfer(&self, transfer_id: &str) -> Result<MemoryTransfer, ProtocolError> {
+        self.transfers.lock().get(transfer_id).ok_or_else(|| {
+            ProtocolError::new(
+                ErrorCode::TransferNotFound,
+                format!("Transfer {transfer_id} not found"),
+            )
         })
     }
 

@@ -1,0 +1,90 @@
+//! The state of transfers between devices, kept for `memory.get_transfer`. The copying itself
+//! is driven by the service, chunk by chunk through the allocation engine.
+
+use crate::protocol::{MemoryTransfer, Timestamp, TransferStatus};
+use rustc_hash::FxHashMap;
+use std::time::{Instant, SystemTime};
+use uuid::Uuid;
+
+/// Finished transfers kept for `memory.get_transfer` (oldest dropped first).
+pub const KEPT_FINISHED_TRANSFERS: usize = 10_000;
+
+/// One transfer.
+#[derive(Debug, Clone)]
+pub struct Transfer {
+    /// What `memory.transfer` and `memory.get_transfer` report.
+    pub wire: MemoryTransfer,
+    started: Instant,
+    finished_seq: Option<u64>,
+}
+
+/// Every transfer in progress and the most recent finished ones.
+#[derive(Default)]
+pub struct TransferTable {
+    transfers: FxHashMap<Uuid, Transfer>,
+    finished: u64,
+}
+
+impl TransferTable {
+    /// Records a transfer that starts now.
+    pub fn start(&mut self, wire: MemoryTransfer) -> Uuid {
+        let id = Uuid::parse_str(&wire.transfer_id).unwrap_or_else(|_| Uuid::new_v4());
+        self.transfers.insert(
+            id,
+            Transfer {
+                wire,
+                started: Instant::now(),
+                finished_seq: None,
+            },
+        );
+        id
+    }
+
+    /// A transfer as reported now.
+    pub fn get(&self, id: &str) -> Option<MemoryTransfer> {
+        let id = Uuid::parse_str(id).ok()?;
+        self.transfers.get(&id).map(|t| t.wire.clone())
+    }
+
+    /// Counts copied bytes.
+    pub fn progress(&mut self, id: &Uuid, bytes_transferred: u64) {
+        if let Some(t) = self.transfers.get_mut(id) {
+            let w = &mut t.wire;
+            w.bytes_transferred = bytes_transferred;
+            w.progress_percentage = if w.total_bytes == 0 {
+                100.0
+            } else {
+                bytes_transferred as f64 / w.total_bytes as f64 * 100.0
+            };
+            let secs = t.started.elapsed().as_secs_f64();
+            w.bandwidth_bytes_per_second = if secs > 0.0 {
+                bytes_transferred as f64 / secs
+            } else {
+                0.0
+            };
+        }
+    }
+
+    /// Ends a transfer with a status (and an error message when it failed).
+    pub fn finish(
+        &mut self,
+        id: &Uuid,
+        status: TransferStatus,
+        error: Option<String>,
+    ) -> Option<MemoryTransfer> {
+        let seq = self.finished;
+        self.finished += 1;
+        let t = self.transfers.get_mut(id)?;
+        t.wire.status = status;
+        t.wire.completed_at = Some(Timestamp(SystemTime::now()));
+        t.wire.error_message = error;
+        t.finished_seq = Some(seq);
+        let wire = t.wire.clone();
+        if self.transfers.len() > KEPT_FINISHED_TRANSFERS {
+            let cutoff = self.finished.saturating_sub(KEPT_FINISHED_TRANSFERS as u64);
+            self.transfers
+                .retain(|_, t| t.finished_seq.is_none_or(|s| s >= cutoff));
+        }
+        Some(wire)
+    }
+}

@@ -1,0 +1,353 @@
+//! memory.transfer and memory.get_transfer between host devices through the real binary, with
+//! byte-for-byte verification through `shm` handles by this (other) process.
+
+mod common;
+
+use common::Worker;
+use serde_json::{Value, json};
+use std::fs::OpenOptions;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn map(path: &str) -> memmap2::MmapMut {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    unsafe { memmap2::MmapMut::map_mut(&f).unwrap() }
+}
+
+fn shm_alloc(w: &mut Worker, size: u64, extra: Value) -> (String, String, usize) {
+    let mut data = json!({"device_id": "shm", "size_bytes": size});
+    if let (Some(d), Some(e)) = (data.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            d.insert(k.clone(), v.clone());
+        }
+    }
+    let d = w.ok("memory.allocate", data);
+    let a = &d["allocation"];
+    (
+        a["allocation_id"].as_str().unwrap().to_string(),
+        a["handle"]["path"].as_str().unwrap().to_string(),
+        a["handle"]["offset"].as_u64().unwrap() as usize,
+    )
+}
+
+fn handle_of(w: &mut Worker, id: &str, device: &str) -> Option<(String, usize)> {
+    let list = w.ok("memory.get_allocations", json!({"device_id": device}));
+    list["allocations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["allocation_id"] == id)
+        .map(|a| {
+            (
+                a["handle"]["path"].as_str().unwrap_or("").to_string(),
+                a["handle"]["offset"].as_u64().unwrap_or(0) as usize,
+            )
+        })
+}
+
+fn wait_done(w: &mut Worker, transfer_id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let t = w.ok("memory.get_transfer", json!({"transfer_id": transfer_id}));
+        if t["status"] != "Running" && t["status"] != "Queued" {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "transfer still running: {t}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn move_shm_to_cpu_and_back_keeps_the_id_and_every_byte() {
+    let mut w = Worker::small();
+    let size = 5 * MIB + 123;
+    let (id, path, off) = shm_alloc(
+        &mut w,
+        size,
+        json!({"purpose": "latents", "allocation_type": "Activations"}),
+    );
+    let data = pattern(1, size as usize);
+    map(&path)[off..off + size as usize].copy_from_slice(&data);
+    let shm_before = w.usage("shm");
+
+    // shm -> cpu, waiting.
+    let t = w.ok(
+        "memory.transfer",
+        json!({"allocation_id": id, "source_device_id": "shm", "destination_device_id": "cpu", "wait_for_completion": true}),
+    );
+    assert_eq!(t["status"], "Completed", "{t}");
+    assert_eq!(t["mode"], "move");
+    assert_eq!(t["allocation_id"], json!(id));
+    assert_eq!(
+        t["destination_allocation_id"],
+        json!(id),
+        "a move keeps the id"
+    );
+    assert_eq!(t["total_bytes"], size);
+    assert_eq!(t["bytes_transferred"], size);
+    assert_eq!(t["progress_percentage"], 100.0);
+    assert!(t["bandwidth_bytes_per_second"].as_f64().unwrap() > 0.0);
+    assert!(t["completed_at"].is_string());
+    assert!(t["error_message"].is_null());
+    let moved = w.ok("memory.get_allocations", json!({"device_id": "cpu"}));
+    assert_eq!(moved["allocations"][0]["allocation_id"], json!(id));
+    assert_eq!(moved["allocations"][0]["purpose"], "latents");
+    assert_eq!(moved["allocations"][0]["allocation_type"], "Activations");
+    assert_eq!(
+        w.ok("memory.get_allocations", json!({"device_id": "shm"}))["total_count"],
+        0
+    );
+    let shm_after = w.usage("shm");
+    assert_eq!(
+        shm_after["allocated_bytes"].as_u64().unwrap(),
+        shm_before["allocated_bytes"].as_u64().unwrap() - size
+    );
+    assert_eq!(w.usage("cpu")["allocated_bytes"], size);
+
+    // cpu -> shm in the background, then verify through the new handle.
+    let t = w.ok(
+        "memory.transfer",
+        json!({"allocation_id": id, "source_device_id": "cpu", "destination_device_id": "shm"}),
+    );
+    assert!(
+        t["status"] == "Running" || t["status"] == "Completed",
+        "{t}"
+    );
+    let t = wait_done(&mut w, t["transfer_id"].as_str().unwrap());
+    assert_eq!(t["status"], "Completed");
+    let (path, off) = handle_of(&mut w, &id, "shm").expect("back on shm");
+    assert!(
+        map(&path)[off..off + size as usize] == data[..],
+        "bytes changed on the round trip"
+    );
+    assert_eq!(w.usage("cpu")["allocated_bytes"], 0);
+}
+
+#[test]
+fn copy_makes_a_new_allocation_with_the_same_type_purpose_and_persistence() {
+    let mut w = Worker::small();
+    let size = 3 * MIB;
+    let (id, path, off) = shm_alloc(
+        &mut w,
+        size,
+        json!({"purpose": "vae", "allocation_type": "Cache", "persistent": true}),
+    );
+    let data = pattern(2, size as usize);
+    map(&path)[off..off + size as usize].copy_from_slice(&data);
+    // shm -> cpu copy, then cpu copy -> shm copy: two new allocations, source untouched.
+    let t = w.ok(
+        "memory.transfer",
+        json!({"allocation_id": id, "source_device_id": "shm", "destination_device_id": "cpu", "mode": "copy", "wait_for_completion": true}),
+    );
+    assert_eq!(t["mode"], "copy");
+    let cpu_copy = t["destination_allocation_id"].as_str().unwrap().to_string();
+    assert_ne!(cpu_copy, id);
+    let listed = w.ok("memory.get_allocations", json!({"device_id": "cpu"}));
+    let a = &listed["allocations"][0];
+    assert_eq!(a["allocation_id"], json!(cpu_copy));
+    assert_eq!(
+        (
+            a["purpose"].clone(),
+            a["allocation_type"].clone(),
+            a["persistent"].clone()
+        ),
+        (json!("vae"), json!("Cache"), json!(true))
+    );
+    let t = w.ok(
+        "memory.transfer",
+        json!({"allocation_id": cpu_copy, "source_device_id": "cpu", "destination_device_id": "shm", "mode": "COPY", "wait_for_completion": true}),
+    );
+    let shm_copy = t["destination_allocation_id"].as_str().unwrap().to_string();
+    let (p2, o2) = handle_of(&mut w, &shm_copy, "shm").unwrap();
+    assert!(
+        map(&p2)[o2..o2 + size as usize] == data[..],
+        "copy of a copy differs"
+    );
+    let (p1, o1) = handle_of(&mut w, &id, "shm").unwrap();
+    assert_eq!(
+        (p1.as_str(), o1),
+        (path.as_str(), off),
+        "the source stays where it was"
+    );
+    assert!(
+        map(&p1)[o1..o1 + size as usize] == data[..],
+        "source changed"
+    );
+    assert_eq!(
+        w.ok("memory.get_allocations", json!({"device_id": "shm"}))["total_count"],
+        2
+    );
+}
+
+#[test]
+fn every_transfer_rule_is_enforced_and_failures_change_nothing() {
+    let mut w = Worker::small();
+    let (id, _, _) = shm_alloc(&mut w, MIB, json!({}));
+    let reservation = w.ok(
+        "memory.allocate",
+        json!({"device_id": "shm", "size_bytes": MIB, "allocation_type": "Reservation"}),
+    )["allocation"]["allocation_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let before = (w.usage("shm"), w.usage("cpu"));
+    let cases = vec![
+        (
+            json!({"allocation_id": id, "source_device_id": "shm", "destination_device_id": "shm"}),
+            "INVALID_TRANSFER_PARAMS",
+            "Source and destination cannot be the same",
+        ),
+        (
+            json!({"allocation_id": id, "source_device_id": "cpu", "destination_device_id": "shm"}),
+            "INVALID_TRANSFER_PARAMS",
+            "is on shm",
+        ),
+        (
+            json!({"allocation_id": reservation, "source_device_id": "shm", "destination_device_id": "cpu"}),
+            "INVALID_TRANSFER_PARAMS",
+            "Reservation",
+        ),
+        (
+            json!({"allocation_id": id, "source_device_id": "shm", "destination_device_id": "cuda:9"}),
+            "INVALID_DEVICE",
+            "cuda:9",
+        ),
+        (
+            json!({"allocation_id": "0b5a4c3e-1111-4222-8333-444455556666", "source_device_id": "shm", "destination_device_id": "cpu"}),
+            "ALLOCATION_NOT_FOUND",
+            "0b5a4c3e",
+        ),
+        (
+            json!({"allocation_id": id, "source_device_id": "shm", "destination_device_id": "cpu", "mode": "teleport"}),
+            "INVALID_PARAMETER",
+            "mode",
+        ),
+        (
+            json!({"source_device_id": "shm", "destination_device_id": "cpu"}),
+            "INVALID_PARAMETER",
+            "allocation_id",
+        ),
+    ];
+    for (data, code, mentions) in cases {
+        let v = w.request("memory.transfer", data.clone());
+        assert_eq!(v["error_code"], code, "{data}: {v}");
+        assert!(
+            v["error_message"].as_str().unwrap().contains(mentions),
+            "{data}: {v}"
+        );
+    }
+    // No room on the destination: OUT_OF_MEMORY at once, no waiting.
+    let big = w.ok(
+        "memory.allocate",
+        json!({"device_id": "cpu", "size_bytes": 60 * MIB}),
+    );
+    let big_id = big["allocation"]["allocation_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (id8, _, _) = shm_alloc(&mut w, 8 * MIB, json!({}));
+    let started = Instant::now();
+    let v = w.request(
+        "memory.transfer",
+        json!({"allocation_id": id8, "source_device_id": "shm", "destination_device_id": "cpu", "wait_for_completion": true}),
+    );
+    assert_eq!(v["error_code"], "OUT_OF_MEMORY", "{v}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    w.ok("memory.deallocate", json!({"allocation_id": big_id}));
+    w.ok("memory.deallocate", json!({"allocation_id": id8}));
+    let after = (w.usage("shm"), w.usage("cpu"));
+    assert_eq!(before.0["allocated_bytes"], after.0["allocated_bytes"]);
+    assert_eq!(before.1["allocated_bytes"], after.1["allocated_bytes"]);
+    // Unknown transfers.
+    let v = w.request(
+        "memory.get_transfer",
+        json!({"transfer_id": "6f1c2a4e-0000-4000-8000-000000000000"}),
+    );
+    assert_eq!(v["error_code"], "TRANSFER_NOT_FOUND");
+    assert_eq!(v["status_code"], 404);
+    assert_eq!(
+        w.request("memory.get_transfer", json!({}))["error_code"],
+        "INVALID_PARAMETER"
+    );
+}
+
+#[test]
+fn an_allocation_in_transfer_is_in_use_and_many_transfers_run_at_once() {
+    let mut w = Worker::spawn(&["--budget", "cpu=1GiB", "--budget", "shm=1GiB"]);
+    // The last one is large: four chunks, so it is surely still copying when asked about.
+    let sizes = [64 * MIB, 64 * MIB, 256 * MIB];
+    let mut ids = Vec::new();
+    for (i, size) in sizes.iter().enumerate() {
+        let (id, path, off) = shm_alloc(&mut w, *size, json!({}));
+        map(&path)[off..off + *size as usize]
+            .copy_from_slice(&pattern(10 + i as u64, *size as usize));
+        ids.push(id);
+    }
+    // Start three transfers and, in the same write (so they are read in one batch, while the
+    // copies have barely begun), ask to free and to transfer again the last one.
+    let mut lines = String::new();
+    for (k, id) in ids.iter().enumerate() {
+        lines += &format!(
+            "{}\n",
+            json!({"request_id": format!("t{k}"), "action": "memory.transfer",
+                   "data": {"allocation_id": id, "source_device_id": "shm", "destination_device_id": "cpu"}})
+        );
+    }
+    lines += &format!(
+        "{}\n",
+        json!({"request_id": "again", "action": "memory.transfer",
+               "data": {"allocation_id": ids[2], "source_device_id": "shm", "destination_device_id": "cpu"}})
+    );
+    lines += &format!(
+        "{}\n",
+        json!({"request_id": "busy", "action": "memory.deallocate", "data": {"allocation_id": ids[2]}})
+    );
+    w.send_raw(lines.as_bytes());
+    let transfers: Vec<String> = (0..3)
+        .map(|k| {
+            let t = w.wait_for(&format!("t{k}"), Duration::from_secs(10));
+            assert_eq!(t["success"], true, "{t}");
+            t["data"]["transfer_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let busy = w.wait_for("busy", Duration::from_secs(10));
+    assert_eq!(busy["error_code"], "ALLOCATION_IN_USE", "{busy}");
+    assert_eq!(busy["status_code"], 409);
+    let again = w.wait_for("again", Duration::from_secs(10));
+    assert_eq!(again["error_code"], "ALLOCATION_IN_USE", "{again}");
+    for t in &transfers {
+        let s = wait_done(&mut w, t);
+        assert_eq!(s["status"], "Completed", "{s}");
+    }
+    assert_eq!(w.usage("cpu")["allocated_bytes"], sizes.iter().sum::<u64>());
+    assert_eq!(w.usage("shm")["allocated_bytes"], 0);
+    // Bytes: bring each back and check it.
+    for (k, id) in ids.iter().enumerate() {
+        let t = w.ok(
+            "memory.transfer",
+            json!({"allocation_id": id, "source_device_id": "cpu", "destination_device_id": "shm", "wait_for_completion": true}),
+        );
+        assert_eq!(t["status"], "Completed");
+        let (path, off) = handle_of(&mut w, id, "shm").unwrap();
+        let size = sizes[k] as usize;
+        assert!(map(&path)[off..off + size] == pattern(10 + k as u64, size)[..]);
+    }
+}
