@@ -1,7 +1,7 @@
 //! Settings: device budgets and worker limits, from `--budget`/`--config` and defaults.
 
 use crate::backends::{
-    Backend, CpuBackend, ShmBackend, meminfo, remove_stale_shm_files, tmpfs_capacity,
+    Backend, CpuBackend, ShmBackend, cuda, meminfo, remove_stale_shm_files, tmpfs_capacity,
 };
 use crate::managers::DeviceSetup;
 use crate::units::{format_bytes, parse_size};
@@ -65,6 +65,8 @@ pub struct Settings {
     pub max_line_bytes: usize,
     /// Where the `shm` device's file lives.
     pub shm_dir: PathBuf,
+    /// Do not look for GPUs.
+    pub no_gpu: bool,
 }
 
 impl Default for Settings {
@@ -73,6 +75,7 @@ impl Default for Settings {
             budgets: BTreeMap::new(),
             max_line_bytes: 1 << 20,
             shm_dir: PathBuf::from("/dev/shm"),
+            no_gpu: false,
         }
     }
 }
@@ -87,14 +90,23 @@ fn size_value(v: &SizeValue, what: &str) -> Result<u64, ConfigError> {
 }
 
 fn check_device(device: &str) -> Result<(), ConfigError> {
-    if HOST_DEVICES.contains(&device) {
+    let gpu = device
+        .strip_prefix("cuda:")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    if HOST_DEVICES.contains(&device) || gpu {
         Ok(())
     } else {
         Err(ConfigError::Budget(format!(
-            "unknown device `{device}` in a budget: devices are {}",
+            "unknown device `{device}` in a budget: devices are {} and cuda:N",
             HOST_DEVICES.join(", ")
         )))
     }
+}
+
+/// The default budget of a GPU: 90% of its memory (the rest is left to contexts and other
+/// processes' fixed overheads).
+pub fn default_gpu_budget(total_memory: u64) -> u64 {
+    total_memory / 10 * 9
 }
 
 impl Settings {
@@ -149,6 +161,40 @@ impl Settings {
             "shm" => tmpfs_capacity(&self.shm_dir).total / 2,
             _ => 0,
         }
+    }
+
+    /// Creates every device: the host devices, then each GPU the CUDA driver reports (none,
+    /// with the reason logged on stderr, where there is no driver or no GPU).
+    pub fn devices(&self) -> Result<Vec<DeviceSetup>, ConfigError> {
+        let mut devices = self.host_devices()?;
+        if self.no_gpu {
+            return Ok(devices);
+        }
+        match cuda::probe() {
+            Ok(gpus) => {
+                for gpu in gpus {
+                    let id = format!("cuda:{}", gpu.ordinal);
+                    let budget = self
+                        .budgets
+                        .get(&id)
+                        .copied()
+                        .unwrap_or_else(|| default_gpu_budget(gpu.total_memory));
+                    match cuda::CudaBackend::new(
+                        gpu.ordinal,
+                        gpu.name.clone(),
+                        budget.saturating_add(budget / 4),
+                    ) {
+                        Ok(backend) => devices.push(DeviceSetup {
+                            backend: Box::new(backend),
+                            budget,
+                        }),
+                        Err(e) => tracing::warn!("{id} ({}) is not used: {e}", gpu.name),
+                    }
+                }
+            }
+            Err(reason) => tracing::warn!("no GPU devices: {reason}; serving host memory only"),
+        }
+        Ok(devices)
     }
 
     /// Creates the host devices with their budgets.

@@ -71,6 +71,9 @@ struct DeviceArgs {
     /// A TOML config file (`[budgets]` table, `max_line_bytes`, `shm_dir`).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Serve host memory only: do not look for GPUs.
+    #[arg(long)]
+    no_gpu: bool,
 }
 
 impl DeviceArgs {
@@ -82,12 +85,13 @@ impl DeviceArgs {
         for b in &self.budgets {
             s.set_budget(b)?;
         }
+        s.no_gpu |= self.no_gpu;
         Ok(s)
     }
 }
 
 fn service(settings: &Settings) -> Result<Arc<MemoryService>, ConfigError> {
-    Ok(Arc::new(MemoryService::new(settings.host_devices()?)))
+    Ok(Arc::new(MemoryService::new(settings.devices()?)))
 }
 
 fn run(cli: Cli) -> Result<(), String> {

@@ -3,62 +3,18 @@
 //! backed by `commit` (MADV_POPULATE_WRITE) and given back by `release` (MADV_DONTNEED for
 //! anonymous memory, hole punching for the file).
 
-use super::{Backend, BackendError, Capacity, meminfo, tmpfs_capacity};
+use super::{Backend, BackendError, CachedCapacity, Capacity, meminfo, tmpfs_capacity};
 use crate::protocol::{MemoryHandle, MemoryType};
 use memmap2::{Advice, MmapMut, MmapOptions, UncheckedAdvice};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
-
-/// How long a capacity reading is reused: reading /proc/meminfo costs more than an allocation.
-const CAPACITY_TTL: Duration = Duration::from_millis(100);
 
 fn host_page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     if p > 0 { p as u64 } else { 4096 }
-}
-
-/// Milliseconds of CLOCK_MONOTONIC_COARSE: a few nanoseconds to read where `Instant::now`
-/// costs tens (it is read on every allocation to decide whether a capacity reading is stale).
-fn coarse_millis() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
-}
-
-/// A capacity reading reused for [`CAPACITY_TTL`].
-struct CachedCapacity {
-    value: Capacity,
-    /// When it was read (coarse milliseconds); `None` before the first reading.
-    at: Option<u64>,
-}
-
-impl CachedCapacity {
-    fn new() -> Self {
-        CachedCapacity {
-            value: Capacity { total: 0, free: 0 },
-            at: None,
-        }
-    }
-
-    fn get(&mut self, read: impl FnOnce() -> Capacity) -> Capacity {
-        let now = coarse_millis();
-        if self
-            .at
-            .is_none_or(|t| now.saturating_sub(t) > CAPACITY_TTL.as_millis() as u64)
-        {
-            self.value = read();
-            self.at = Some(now);
-        }
-        self.value
-    }
 }
 
 /// Backs pages by prefaulting them writable. Falls back to touching one byte per page on

@@ -4,6 +4,7 @@
 //!
 //! This is the only layer that calls the operating system's memory APIs.
 
+pub mod cuda;
 mod host;
 mod sysinfo;
 
@@ -44,12 +45,62 @@ pub struct Capacity {
     pub total: u64,
     /// Bytes free for anyone on the device now.
     pub free: u64,
+    /// Bytes in use as the device reports them (NVML for GPUs); `None`: total − free.
+    pub used: Option<u64>,
 }
 
 impl Capacity {
     /// Bytes in use on the device, by every process.
     pub fn used(&self) -> u64 {
-        self.total.saturating_sub(self.free)
+        self.used.unwrap_or(self.total.saturating_sub(self.free))
+    }
+}
+
+/// How long a capacity reading is reused: reading /proc/meminfo or asking the driver costs
+/// more than an allocation.
+const CAPACITY_TTL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Milliseconds of CLOCK_MONOTONIC_COARSE: a few nanoseconds to read where `Instant::now`
+/// costs tens (it is read on every allocation to decide whether a capacity reading is stale).
+fn coarse_millis() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+/// A capacity reading reused for [`CAPACITY_TTL`].
+pub(crate) struct CachedCapacity {
+    value: Capacity,
+    /// When it was read (coarse milliseconds); `None` before the first reading.
+    at: Option<u64>,
+}
+
+impl CachedCapacity {
+    pub(crate) fn new() -> Self {
+        CachedCapacity {
+            value: Capacity {
+                total: 0,
+                free: 0,
+                used: None,
+            },
+            at: None,
+        }
+    }
+
+    pub(crate) fn get(&mut self, read: impl FnOnce() -> Capacity) -> Capacity {
+        let now = coarse_millis();
+        if self
+            .at
+            .is_none_or(|t| now.saturating_sub(t) > CAPACITY_TTL.as_millis() as u64)
+        {
+            self.value = read();
+            self.at = Some(now);
+        }
+        self.value
     }
 }
 
@@ -74,6 +125,10 @@ pub trait Backend: Send {
     }
     /// The backing granularity in bytes.
     fn page_size(&self) -> u64;
+    /// The default alignment of an allocation (at least 64).
+    fn min_alignment(&self) -> u64 {
+        64
+    }
     /// Backs the pages of `[offset, offset + len)` with real memory.
     fn commit(&mut self, offset: u64, len: u64) -> Result<(), BackendError>;
     /// Gives the pages of `[offset, offset + len)` back to the system; their contents are lost.

@@ -26,6 +26,7 @@ fn parse_meminfo(text: &str) -> Capacity {
     Capacity {
         total: field("MemTotal:"),
         free: field("MemAvailable:"),
+        used: None,
     }
 }
 
@@ -33,18 +34,27 @@ fn parse_meminfo(text: &str) -> Capacity {
 pub fn tmpfs_capacity(dir: &Path) -> Capacity {
     use std::os::unix::ffi::OsStrExt;
     let Ok(cpath) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
-        return Capacity { total: 0, free: 0 };
+        return Capacity {
+            total: 0,
+            free: 0,
+            used: None,
+        };
     };
     // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::statvfs(cpath.as_ptr(), &mut st) };
     if rc != 0 {
-        return Capacity { total: 0, free: 0 };
+        return Capacity {
+            total: 0,
+            free: 0,
+            used: None,
+        };
     }
     let frsize = st.f_frsize as u64;
     Capacity {
         total: st.f_blocks as u64 * frsize,
         free: st.f_bavail as u64 * frsize,
+        used: None,
     }
 }
 

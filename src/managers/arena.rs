@@ -132,7 +132,10 @@ impl Arena {
     pub fn new(backend: Box<dyn Backend>) -> Self {
         let len = backend.len();
         // Units must number fewer than 2^32.
-        let mut unit = Self::MIN_UNIT;
+        let mut unit = backend
+            .min_alignment()
+            .max(Self::MIN_UNIT)
+            .next_power_of_two();
         while len / unit >= u32::MAX as u64 {
             unit *= 2;
         }

@@ -1,0 +1,254 @@
+//! GPU benchmarks (issue 4), each side by side in one run with a plain driver copy of the same
+//! bytes. Skips, saying so, where there is no GPU. Run by `scripts/gpu-check.sh`, or
+//! `cargo bench --bench gpu`.
+//!
+//! 1. 1 GiB cpu -> cuda:0 and cuda:0 -> cpu transfers (from plain, pageable `cpu` allocations)
+//!    vs cuMemcpy from/to pinned host memory, and vs cuMemcpy from/to pageable memory;
+//! 2. defragment moves on cuda:0 vs cuMemcpyDtoD of the same bytes;
+//! 3. VRAM allocate + free pair in process, pages already backed (p50);
+//! 4. the SDXL trace at full scale on cuda:0: peak reserved / peak allocated.
+
+use cudarc::driver::sys;
+use memcoord::config::Settings;
+use memcoord::managers::replay::{parse_trace, replay};
+use memcoord::managers::{AllocationEngine, AllocationSpec, Owner};
+use memcoord::protocol::MemoryAllocationType;
+use memcoord::protocol::requests::{AllocateRequest, TransferMode, TransferRequest};
+use memcoord::service::MemoryService;
+use serde_json::value::RawValue;
+use std::time::{Instant, SystemTime};
+
+const GIB: u64 = 1 << 30;
+
+fn ok(r: sys::CUresult, what: &str) {
+    assert_eq!(r, sys::CUresult::CUDA_SUCCESS, "{what}");
+}
+
+/// Plain driver copies of `bytes` for the baselines; returns GB/s for
+/// (pinned HtoD, pinned DtoH, pageable HtoD, pageable DtoH, DtoD).
+fn baselines(bytes: usize) -> [f64; 5] {
+    unsafe {
+        ok(sys::cuInit(0), "cuInit");
+        let mut dev = 0;
+        ok(sys::cuDeviceGet(&mut dev, 0), "cuDeviceGet");
+        let mut ctx = std::ptr::null_mut();
+        ok(sys::cuDevicePrimaryCtxRetain(&mut ctx, dev), "ctx");
+        ok(sys::cuCtxSetCurrent(ctx), "set ctx");
+        let (mut d1, mut d2) = (0, 0);
+        ok(sys::cuMemAlloc_v2(&mut d1, bytes), "alloc");
+        ok(sys::cuMemAlloc_v2(&mut d2, bytes), "alloc");
+        let mut pinned = std::ptr::null_mut();
+        ok(sys::cuMemHostAlloc(&mut pinned, bytes, 0), "host alloc");
+        std::ptr::write_bytes(pinned as *mut u8, 7, bytes);
+        let mut pageable = vec![7u8; bytes];
+        let time = |f: &mut dyn FnMut()| {
+            f(); // warm-up
+            ok(sys::cuCtxSynchronize(), "sync");
+            let t = Instant::now();
+            for _ in 0..3 {
+                f();
+            }
+            ok(sys::cuCtxSynchronize(), "sync");
+            (3 * bytes) as f64 / t.elapsed().as_secs_f64() / 1e9
+        };
+        let p = pinned;
+        let r = [
+            time(&mut || ok(sys::cuMemcpyHtoD_v2(d1, p, bytes), "HtoD")),
+            time(&mut || ok(sys::cuMemcpyDtoH_v2(p, d1, bytes), "DtoH")),
+            time(&mut || {
+                ok(
+                    sys::cuMemcpyHtoD_v2(d1, pageable.as_ptr() as *const _, bytes),
+                    "HtoD",
+                )
+            }),
+            time(&mut || {
+                ok(
+                    sys::cuMemcpyDtoH_v2(pageable.as_mut_ptr() as *mut _, d1, bytes),
+                    "DtoH",
+                )
+            }),
+            time(&mut || ok(sys::cuMemcpyDtoD_v2(d2, d1, bytes), "DtoD")),
+        ];
+        sys::cuMemFree_v2(d1);
+        sys::cuMemFree_v2(d2);
+        sys::cuMemFreeHost(pinned);
+        r
+    }
+}
+
+fn allocate(svc: &MemoryService, device: &str, size: u64) -> String {
+    let req = AllocateRequest::parse(Some(
+        &RawValue::from_string(format!(
+            r#"{{"device_id":"{device}","size_bytes":{size},"timeout_seconds":0}}"#
+        ))
+        .unwrap(),
+    ))
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(svc.allocate(req))
+        .unwrap()
+        .allocation
+        .allocation_id
+}
+
+fn transfer_gbps(svc: &MemoryService, id: &str, from: &str, to: &str) -> f64 {
+    let t = Instant::now();
+    svc.transfer(&TransferRequest {
+        allocation_id: id.into(),
+        source_device_id: from.into(),
+        destination_device_id: to.into(),
+        mode: TransferMode::Move,
+        wait_for_completion: true,
+    })
+    .unwrap();
+    GIB as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    if let Err(reason) = memcoord::backends::cuda::probe() {
+        println!("skipping GPU benchmarks: {reason}");
+        return;
+    }
+    let mut s = Settings::default();
+    s.set_budget("cpu=8GiB").unwrap();
+    s.set_budget("shm=1GiB").unwrap();
+    s.set_budget("cuda:0=100GiB").unwrap();
+    let svc = MemoryService::new(s.devices().unwrap());
+    let gpu = svc
+        .list_devices()
+        .devices
+        .into_iter()
+        .find(|d| d.device_id == "cuda:0")
+        .unwrap();
+    println!(
+        "== {} ({} bytes), {} ==",
+        gpu.name,
+        gpu.total_memory,
+        humantime::format_rfc3339_seconds(SystemTime::now())
+    );
+
+    // 1. Transfers of 1 GiB, five round trips, after one warm-up.
+    let id = allocate(&svc, "cpu", GIB);
+    svc.write(&id, 0, &vec![3u8; GIB as usize]).unwrap();
+    let (mut h2d, mut d2h) = (Vec::new(), Vec::new());
+    for round in 0..6 {
+        let a = transfer_gbps(&svc, &id, "cpu", "cuda:0");
+        let b = transfer_gbps(&svc, &id, "cuda:0", "cpu");
+        if round > 0 {
+            h2d.push(a);
+            d2h.push(b);
+        }
+    }
+    let base = baselines(GIB as usize);
+    let (h2d, d2h) = (median(h2d), median(d2h));
+    println!(
+        "cpu -> cuda:0 transfer, 1 GiB: {h2d:.1} GB/s; cuMemcpyHtoD pinned {:.1} GB/s ({:.0}%), pageable {:.1} GB/s ({:.1}x)",
+        base[0],
+        h2d / base[0] * 100.0,
+        base[2],
+        h2d / base[2]
+    );
+    println!(
+        "cuda:0 -> cpu transfer, 1 GiB: {d2h:.1} GB/s; cuMemcpyDtoH pinned {:.1} GB/s ({:.0}%), pageable {:.1} GB/s ({:.1}x)",
+        base[1],
+        d2h / base[1] * 100.0,
+        base[3],
+        d2h / base[3]
+    );
+
+    // 2. Defragment on cuda:0: 64 allocations of 64 MiB, every other freed.
+    let mut ids = Vec::new();
+    for _ in 0..64 {
+        ids.push(allocate(&svc, "cuda:0", 64 << 20));
+    }
+    for id in ids.iter().step_by(2) {
+        svc.deallocate(&memcoord::protocol::requests::DeallocateRequest {
+            allocation_id: id.clone(),
+            device_id: None,
+        })
+        .unwrap();
+    }
+    let t = Instant::now();
+    let r = svc.defragment("cuda:0", &[]).unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    let defrag_gbps = 2.0 * r.moved_bytes as f64 / secs / 1e9;
+    println!(
+        "defragment cuda:0: moved {} MiB at {:.0} GB/s read+write; cuMemcpyDtoD {:.0} GB/s read+write ({:.0}%)",
+        r.moved_bytes >> 20,
+        defrag_gbps,
+        2.0 * base[4],
+        defrag_gbps / (2.0 * base[4]) * 100.0
+    );
+    svc.close();
+
+    // 3. VRAM allocate + free pair in process, pages already backed.
+    let mut engine = AllocationEngine::new(s.devices().unwrap());
+    let d = engine.device_index("cuda:0").unwrap();
+    let spec = |size| AllocationSpec {
+        size,
+        alignment: 0,
+        kind: MemoryAllocationType::General,
+        purpose: String::new(),
+        persistent: false,
+        owner: Owner::Client,
+    };
+    let now = SystemTime::now();
+    let keep: Vec<_> = (0..1000u64)
+        .map(|i| engine.try_allocate(d, &spec(4096 + i * 64), now).unwrap())
+        .collect();
+    let warm = engine.try_allocate(d, &spec(64 << 20), now).unwrap();
+    engine.free_id(&warm);
+    let mut samples = Vec::new();
+    for _ in 0..200 {
+        let t = Instant::now();
+        for k in 0..1000u64 {
+            let id = engine
+                .try_allocate(d, &spec(256 + (k % 64) * 4096), now)
+                .unwrap();
+            engine.free_id(&id);
+        }
+        samples.push(t.elapsed().as_nanos() as f64 / 1000.0);
+    }
+    println!(
+        "VRAM allocate + free pair (pages backed, 1,000 live): p50 {:.0} ns",
+        median(samples)
+    );
+    for id in keep {
+        engine.free_id(&id);
+    }
+    engine.trim(d);
+
+    // 4. The SDXL trace at full scale on cuda:0.
+    let trace = std::env::var("MEMCOORD_TRACE").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/traces/sdxl-inference.jsonl"
+        )
+        .to_string()
+    });
+    match std::fs::File::open(&trace) {
+        Ok(f) => {
+            let ops = parse_trace(std::io::BufReader::new(f)).unwrap();
+            let r = replay(&mut engine, d, &ops, 1.0, None);
+            println!(
+                "SDXL trace, full scale, cuda:0: {:.0} ops/s; peak allocated {} B, peak reserved {} B, reserved/allocated {:.4}, fragmentation at peak {:.2}%, failed {}",
+                r.ops_per_second,
+                r.peak_allocated_bytes,
+                r.peak_reserved_bytes,
+                r.reserved_over_allocated,
+                r.fragmentation_percentage_at_peak,
+                r.failed_allocations
+            );
+        }
+        Err(e) => println!("no trace at {trace} ({e}): skipped the replay"),
+    }
+    engine.close();
+}

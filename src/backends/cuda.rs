@@ -1,0 +1,705 @@
+//! NVIDIA GPUs as devices: VRAM arenas on the CUDA virtual memory API.
+//!
+//! Every unsafe driver call of the project is in this file. The driver (libcuda) and NVML are
+//! loaded at run time: without them the same binary lists only host devices, and [`probe`]
+//! says why. cudarc panics when libcuda is absent, so the library is looked for first and every
+//! driver entry point is called inside `catch_unwind`.
+//!
+//! Each GPU gets one dedicated thread that owns its context (contexts are per thread) and makes
+//! every driver call for it; [`CudaBackend`] sends it closures and waits for their results.
+//! The arena's range is reserved with `cuMemAddressReserve`; pages (the allocation granularity,
+//! 2 MiB on an H200) are backed with `cuMemCreate` + `cuMemMap` + `cuMemSetAccess` and given
+//! back with `cuMemUnmap` + `cuMemRelease`. No managed memory. Host copies go through two
+//! pinned staging buffers, so the host-side copy of one chunk overlaps the DMA of the other.
+
+use super::{Backend, BackendError, CachedCapacity, Capacity};
+use crate::protocol::{MemoryHandle, MemoryType};
+use cudarc::driver::sys;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+/// Bytes of each of the two pinned staging buffers.
+pub const STAGING_BYTES: usize = 32 << 20;
+/// Host-side copies into or out of staging are split over this many threads (one thread's
+/// memcpy is slower than the PCIe/NVLink DMA it feeds).
+const COPY_THREADS: usize = 4;
+
+/// A GPU found by [`probe`].
+#[derive(Debug, Clone)]
+pub struct GpuInfo {
+    /// Its ordinal (`cuda:N`).
+    pub ordinal: u32,
+    /// Its name.
+    pub name: String,
+    /// Its memory in bytes.
+    pub total_memory: u64,
+}
+
+fn check(r: sys::CUresult, what: &'static str, device: &str) -> Result<(), BackendError> {
+    if r == sys::CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(BackendError::Device {
+            device: device.to_string(),
+            what,
+            message: format!("{r:?}"),
+        })
+    }
+}
+
+/// Runs driver code, turning a panic (cudarc's answer to a missing symbol) into an error.
+fn contained<T>(what: &'static str, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "{what}: the CUDA driver library panicked (missing symbol?)"
+        )),
+    }
+}
+
+/// Finds the GPUs, or says why there are none.
+pub fn probe() -> Result<Vec<GpuInfo>, String> {
+    // SAFETY: only tries to open the library.
+    if !unsafe { sys::is_culib_present() } {
+        return Err("no CUDA driver library (libcuda) found".into());
+    }
+    contained("probing GPUs", || {
+        // SAFETY: plain driver calls with out-pointers to locals.
+        unsafe {
+            let r = sys::cuInit(0);
+            if r != sys::CUresult::CUDA_SUCCESS {
+                return Err(format!("cuInit failed: {r:?}"));
+            }
+            let mut count = 0;
+            let r = sys::cuDeviceGetCount(&mut count);
+            if r != sys::CUresult::CUDA_SUCCESS {
+                return Err(format!("cuDeviceGetCount failed: {r:?}"));
+            }
+            let mut gpus = Vec::new();
+            for ordinal in 0..count {
+                let mut dev = 0;
+                if sys::cuDeviceGet(&mut dev, ordinal) != sys::CUresult::CUDA_SUCCESS {
+                    continue;
+                }
+                let mut name = [0 as std::ffi::c_char; 256];
+                sys::cuDeviceGetName(name.as_mut_ptr(), 255, dev);
+                let name = std::ffi::CStr::from_ptr(name.as_ptr())
+                    .to_string_lossy()
+                    .into_owned();
+                let mut total = 0usize;
+                sys::cuDeviceTotalMem_v2(&mut total, dev);
+                gpus.push(GpuInfo {
+                    ordinal: ordinal as u32,
+                    name,
+                    total_memory: total as u64,
+                });
+            }
+            if gpus.is_empty() {
+                return Err("the CUDA driver reports no GPU".into());
+            }
+            Ok(gpus)
+        }
+    })
+}
+
+/// State owned by a GPU's thread.
+struct Gpu {
+    id: String,
+    ordinal: u32,
+    base: sys::CUdeviceptr,
+    len: u64,
+    granularity: u64,
+    /// One physical allocation per backed granule (0 = none).
+    handles: Vec<sys::CUmemGenericAllocationHandle>,
+    staging: [*mut u8; 2],
+    stream: sys::CUstream,
+    events: [sys::CUevent; 2],
+    /// Device scratch for overlapping device-to-device moves.
+    scratch: sys::CUdeviceptr,
+    nvml: Option<nvml_wrapper::Nvml>,
+}
+
+// SAFETY: the raw pointers and handles are only used on the GPU's own thread; the struct moves
+// there once, at start.
+unsafe impl Send for Gpu {}
+
+type Job = Box<dyn FnOnce(&mut Gpu) + Send>;
+
+/// A GPU's VRAM as a backend. Calls are carried out on the GPU's dedicated thread.
+pub struct CudaBackend {
+    id: String,
+    name: String,
+    len: u64,
+    granularity: u64,
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<JoinHandle<()>>,
+    capacity: CachedCapacity,
+}
+
+impl Gpu {
+    fn prop(&self) -> sys::CUmemAllocationProp {
+        // SAFETY: a plain C struct; zero is a valid "unset" for every field.
+        let mut prop: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
+        prop.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+        prop.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+        prop.location.id = self.ordinal as i32;
+        prop
+    }
+
+    fn start(ordinal: u32, len: u64) -> Result<Gpu, BackendError> {
+        let id = format!("cuda:{ordinal}");
+        let err = |what: &'static str, message: String| BackendError::Device {
+            device: id.clone(),
+            what,
+            message,
+        };
+        let nvml = nvml_wrapper::Nvml::init().ok();
+        // SAFETY: driver calls with out-pointers to locals; the context is made current on
+        // this (the GPU's) thread before anything else.
+        unsafe {
+            let mut dev = 0;
+            check(
+                sys::cuDeviceGet(&mut dev, ordinal as i32),
+                "cuDeviceGet",
+                &id,
+            )?;
+            let mut ctx = std::ptr::null_mut();
+            check(
+                sys::cuDevicePrimaryCtxRetain(&mut ctx, dev),
+                "cuDevicePrimaryCtxRetain",
+                &id,
+            )?;
+            check(sys::cuCtxSetCurrent(ctx), "cuCtxSetCurrent", &id)?;
+            let mut gpu = Gpu {
+                id: id.clone(),
+                ordinal,
+                base: 0,
+                len: 0,
+                granularity: 0,
+                handles: Vec::new(),
+                staging: [std::ptr::null_mut(); 2],
+                stream: std::ptr::null_mut(),
+                events: [std::ptr::null_mut(); 2],
+                scratch: 0,
+                nvml,
+            };
+            let prop = gpu.prop();
+            let mut g = 0usize;
+            check(
+                sys::cuMemGetAllocationGranularity(
+                    &mut g,
+                    &prop,
+                    sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_RECOMMENDED,
+                ),
+                "cuMemGetAllocationGranularity",
+                &id,
+            )?;
+            let g = (g as u64).max(1);
+            let len = len.div_ceil(g) * g;
+            let mut base = 0;
+            check(
+                sys::cuMemAddressReserve(&mut base, len as usize, g as usize, 0, 0),
+                "cuMemAddressReserve",
+                &id,
+            )?;
+            gpu.base = base;
+            gpu.len = len;
+            gpu.granularity = g;
+            gpu.handles = vec![0; (len / g) as usize];
+            for slot in 0..2 {
+                let mut p = std::ptr::null_mut();
+                check(
+                    sys::cuMemHostAlloc(&mut p, STAGING_BYTES, 0),
+                    "cuMemHostAlloc",
+                    &id,
+                )
+                .map_err(|e| err("allocating pinned staging", e.to_string()))?;
+                gpu.staging[slot] = p as *mut u8;
+                check(
+                    sys::cuEventCreate(&mut gpu.events[slot], 0),
+                    "cuEventCreate",
+                    &id,
+                )?;
+            }
+            check(
+                sys::cuStreamCreate(&mut gpu.stream, 0),
+                "cuStreamCreate",
+                &id,
+            )?;
+            check(
+                sys::cuMemAlloc_v2(&mut gpu.scratch, STAGING_BYTES),
+                "cuMemAlloc",
+                &id,
+            )?;
+            Ok(gpu)
+        }
+    }
+
+    fn capacity(&self) -> Capacity {
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: out-pointers to locals; the context is current on this thread.
+        unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) };
+        let used = self
+            .nvml
+            .as_ref()
+            .and_then(|n| n.device_by_index(self.ordinal).ok())
+            .and_then(|d| d.memory_info().ok())
+            .map(|m| m.used);
+        let total_nvml = self
+            .nvml
+            .as_ref()
+            .and_then(|n| n.device_by_index(self.ordinal).ok())
+            .and_then(|d| d.memory_info().ok())
+            .map(|m| m.total);
+        Capacity {
+            total: total_nvml.unwrap_or(total as u64),
+            free: free as u64,
+            used,
+        }
+    }
+
+    fn commit(&mut self, offset: u64, len: u64) -> Result<(), BackendError> {
+        let g = self.granularity;
+        let prop = self.prop();
+        let mut mapped = Vec::new();
+        let mut result = Ok(());
+        for granule in offset / g..(offset + len).div_ceil(g) {
+            if self.handles[granule as usize] != 0 {
+                continue;
+            }
+            let mut h = 0;
+            // SAFETY: maps one granule of our own reserved range to fresh physical memory.
+            let r = unsafe {
+                check(
+                    sys::cuMemCreate(&mut h, g as usize, &prop, 0),
+                    "cuMemCreate",
+                    &self.id,
+                )
+                .and_then(|()| {
+                    let r = check(
+                        sys::cuMemMap(self.base + granule * g, g as usize, 0, h, 0),
+                        "cuMemMap",
+                        &self.id,
+                    );
+                    if r.is_err() {
+                        sys::cuMemRelease(h);
+                    }
+                    r
+                })
+            };
+            match r {
+                Ok(()) => {
+                    self.handles[granule as usize] = h;
+                    mapped.push(granule);
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if result.is_ok() && !mapped.is_empty() {
+            // SAFETY: a plain C struct filled in.
+            let mut desc: sys::CUmemAccessDesc = unsafe { std::mem::zeroed() };
+            desc.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+            desc.location.id = self.ordinal as i32;
+            desc.flags = sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+            // Access is granted per contiguous run of newly mapped granules.
+            let mut i = 0;
+            while i < mapped.len() && result.is_ok() {
+                let mut j = i;
+                while j + 1 < mapped.len() && mapped[j + 1] == mapped[j] + 1 {
+                    j += 1;
+                }
+                let start = self.base + mapped[i] * g;
+                let bytes = (mapped[j] - mapped[i] + 1) * g;
+                // SAFETY: the range was just mapped.
+                result = unsafe {
+                    check(
+                        sys::cuMemSetAccess(start, bytes as usize, &desc, 1),
+                        "cuMemSetAccess",
+                        &self.id,
+                    )
+                };
+                i = j + 1;
+            }
+        }
+        if result.is_err() {
+            for granule in mapped {
+                self.release_granule(granule);
+            }
+        }
+        result
+    }
+
+    fn release_granule(&mut self, granule: u64) {
+        let h = std::mem::take(&mut self.handles[granule as usize]);
+        if h != 0 {
+            let g = self.granularity;
+            // SAFETY: unmaps and frees a granule we mapped.
+            unsafe {
+                sys::cuMemUnmap(self.base + granule * g, g as usize);
+                sys::cuMemRelease(h);
+            }
+        }
+    }
+
+    fn release(&mut self, offset: u64, len: u64) {
+        let g = self.granularity;
+        for granule in offset / g..(offset + len).div_ceil(g) {
+            self.release_granule(granule);
+        }
+    }
+
+    /// Device to host through the two staging buffers: the DMA of chunk i overlaps the host
+    /// copy of chunk i − 1.
+    fn read(&mut self, offset: u64, dst: *mut u8, len: usize) -> Result<(), BackendError> {
+        let mut pending: Option<(usize, usize, usize)> = None;
+        let mut done = 0usize;
+        let mut i = 0usize;
+        while done < len || pending.is_some() {
+            let next = if done < len {
+                let n = STAGING_BYTES.min(len - done);
+                let slot = i % 2;
+                // SAFETY: the staging buffer is ours and not being read (its previous chunk was
+                // consumed below before this slot came round again).
+                unsafe {
+                    check(
+                        sys::cuMemcpyDtoHAsync_v2(
+                            self.staging[slot] as *mut _,
+                            self.base + offset + done as u64,
+                            n,
+                            self.stream,
+                        ),
+                        "cuMemcpyDtoHAsync",
+                        &self.id,
+                    )?;
+                    check(
+                        sys::cuEventRecord(self.events[slot], self.stream),
+                        "cuEventRecord",
+                        &self.id,
+                    )?;
+                }
+                let r = Some((slot, done, n));
+                done += n;
+                i += 1;
+                r
+            } else {
+                None
+            };
+            if let Some((slot, at, n)) = pending {
+                // SAFETY: waits for the chunk's DMA, then copies it out of staging into the
+                // caller's buffer, which outlives this call.
+                unsafe {
+                    check(
+                        sys::cuEventSynchronize(self.events[slot]),
+                        "cuEventSynchronize",
+                        &self.id,
+                    )?;
+                    parallel_copy(self.staging[slot], dst.add(at), n);
+                }
+            }
+            pending = next;
+        }
+        Ok(())
+    }
+
+    /// Host to device through the two staging buffers: the host copy of chunk i overlaps the
+    /// DMA of chunk i − 1.
+    fn write(&mut self, offset: u64, src: *const u8, len: usize) -> Result<(), BackendError> {
+        let mut done = 0usize;
+        let mut i = 0usize;
+        while done < len {
+            let n = STAGING_BYTES.min(len - done);
+            let slot = i % 2;
+            // SAFETY: before refilling a staging buffer, wait for the DMA that last read it;
+            // the caller's bytes outlive this call.
+            unsafe {
+                if i >= 2 {
+                    check(
+                        sys::cuEventSynchronize(self.events[slot]),
+                        "cuEventSynchronize",
+                        &self.id,
+                    )?;
+                }
+                parallel_copy(src.add(done), self.staging[slot], n);
+                check(
+                    sys::cuMemcpyHtoDAsync_v2(
+                        self.base + offset + done as u64,
+                        self.staging[slot] as *const _,
+                        n,
+                        self.stream,
+                    ),
+                    "cuMemcpyHtoDAsync",
+                    &self.id,
+                )?;
+                check(
+                    sys::cuEventRecord(self.events[slot], self.stream),
+                    "cuEventRecord",
+                    &self.id,
+                )?;
+            }
+            done += n;
+            i += 1;
+        }
+        // SAFETY: waits for the last copies.
+        unsafe {
+            check(
+                sys::cuStreamSynchronize(self.stream),
+                "cuStreamSynchronize",
+                &self.id,
+            )
+        }
+    }
+
+    fn copy_within(&mut self, src: u64, dst: u64, len: u64) -> Result<(), BackendError> {
+        let (s, d) = (self.base + src, self.base + dst);
+        // SAFETY: copies inside our own mapped range (the arena only moves live, backed bytes).
+        unsafe {
+            if src.abs_diff(dst) >= len {
+                check(
+                    sys::cuMemcpyDtoDAsync_v2(d, s, len as usize, self.stream),
+                    "cuMemcpyDtoD",
+                    &self.id,
+                )?;
+            } else {
+                // Overlapping: through device scratch, in the order that never overwrites bytes
+                // not yet copied.
+                let step = STAGING_BYTES as u64;
+                let chunks: Vec<u64> = (0..len.div_ceil(step)).map(|k| k * step).collect();
+                let order: Box<dyn Iterator<Item = &u64>> = if dst < src {
+                    Box::new(chunks.iter())
+                } else {
+                    Box::new(chunks.iter().rev())
+                };
+                for &at in order {
+                    let n = step.min(len - at) as usize;
+                    check(
+                        sys::cuMemcpyDtoDAsync_v2(self.scratch, s + at, n, self.stream),
+                        "cuMemcpyDtoD",
+                        &self.id,
+                    )?;
+                    check(
+                        sys::cuMemcpyDtoDAsync_v2(d + at, self.scratch, n, self.stream),
+                        "cuMemcpyDtoD",
+                        &self.id,
+                    )?;
+                }
+            }
+            check(
+                sys::cuStreamSynchronize(self.stream),
+                "cuStreamSynchronize",
+                &self.id,
+            )
+        }
+    }
+
+    fn shutdown(&mut self) {
+        for granule in 0..self.handles.len() as u64 {
+            self.release_granule(granule);
+        }
+        // SAFETY: frees what `start` made; nothing uses it afterwards.
+        unsafe {
+            if self.base != 0 {
+                sys::cuMemAddressFree(self.base, self.len as usize);
+            }
+            for slot in 0..2 {
+                if !self.staging[slot].is_null() {
+                    sys::cuMemFreeHost(self.staging[slot] as *mut _);
+                }
+                if !self.events[slot].is_null() {
+                    sys::cuEventDestroy_v2(self.events[slot]);
+                }
+            }
+            if self.scratch != 0 {
+                sys::cuMemFree_v2(self.scratch);
+            }
+            if !self.stream.is_null() {
+                sys::cuStreamDestroy_v2(self.stream);
+            }
+        }
+    }
+}
+
+/// memcpy split over a few threads.
+///
+/// # Safety
+/// `src` and `dst` are valid for `len` bytes and do not overlap.
+unsafe fn parallel_copy(src: *const u8, dst: *mut u8, len: usize) {
+    if len < (4 << 20) {
+        // SAFETY: per the function's contract.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
+        return;
+    }
+    let part = len.div_ceil(COPY_THREADS);
+    let (s, d) = (src as usize, dst as usize);
+    std::thread::scope(|scope| {
+        for k in 0..COPY_THREADS {
+            let at = k * part;
+            if at >= len {
+                break;
+            }
+            let n = part.min(len - at);
+            scope.spawn(move || {
+                // SAFETY: disjoint parts of the caller's valid, non-overlapping ranges.
+                unsafe {
+                    std::ptr::copy_nonoverlapping((s + at) as *const u8, (d + at) as *mut u8, n)
+                }
+            });
+        }
+    });
+}
+
+impl CudaBackend {
+    /// Starts GPU `ordinal`'s thread and reserves `len` bytes of its address space.
+    pub fn new(ordinal: u32, name: String, len: u64) -> Result<Self, BackendError> {
+        let id = format!("cuda:{ordinal}");
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new()
+            .name(format!("memcoord-{id}"))
+            .spawn(move || {
+                let started = catch_unwind(AssertUnwindSafe(|| Gpu::start(ordinal, len)))
+                    .unwrap_or_else(|_| {
+                        Err(BackendError::Device {
+                            device: format!("cuda:{ordinal}"),
+                            what: "starting",
+                            message: "the CUDA driver library panicked".into(),
+                        })
+                    });
+                let mut gpu = match started {
+                    Ok(gpu) => {
+                        let _ = ready_tx.send(Ok((gpu.len, gpu.granularity)));
+                        gpu
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                while let Ok(job) = jobs_rx.recv() {
+                    job(&mut gpu);
+                }
+                gpu.shutdown();
+            })
+            .map_err(|e| BackendError::Os {
+                device: id.clone(),
+                what: "starting the GPU thread",
+                source: e,
+            })?;
+        let (len, granularity) = ready_rx.recv().map_err(|_| BackendError::Device {
+            device: id.clone(),
+            what: "starting",
+            message: "the GPU thread ended".into(),
+        })??;
+        Ok(CudaBackend {
+            id,
+            name,
+            len,
+            granularity,
+            jobs: Some(jobs_tx),
+            thread: Some(thread),
+            capacity: CachedCapacity::new(),
+        })
+    }
+
+    /// Runs `f` on the GPU's thread and waits for its result.
+    fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Gpu) -> T + Send + 'static,
+    ) -> Result<T, BackendError> {
+        let gone = || BackendError::Device {
+            device: self.id.clone(),
+            what: "calling the GPU thread",
+            message: "the GPU thread is gone".into(),
+        };
+        let (tx, rx) = mpsc::sync_channel(1);
+        let job: Job = Box::new(move |gpu| {
+            let r = catch_unwind(AssertUnwindSafe(|| f(gpu)));
+            let _ = tx.send(r);
+        });
+        self.jobs
+            .as_ref()
+            .ok_or_else(gone)?
+            .send(job)
+            .map_err(|_| gone())?;
+        match rx.recv().map_err(|_| gone())? {
+            Ok(v) => Ok(v),
+            Err(_) => Err(BackendError::Device {
+                device: self.id.clone(),
+                what: "a driver call",
+                message: "panicked on the GPU thread".into(),
+            }),
+        }
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Backend for CudaBackend {
+    fn device_id(&self) -> &str {
+        &self.id
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn memory_type(&self) -> MemoryType {
+        MemoryType::VRAM
+    }
+    fn capacity(&mut self) -> Capacity {
+        let jobs = self.jobs.clone();
+        self.capacity.get(|| {
+            let (tx, rx) = mpsc::sync_channel(1);
+            let job: Job = Box::new(move |g| {
+                let _ = tx.send(g.capacity());
+            });
+            jobs.and_then(|j| j.send(job).ok())
+                .and_then(|()| rx.recv().ok())
+                .unwrap_or(Capacity {
+                    total: 0,
+                    free: 0,
+                    used: None,
+                })
+        })
+    }
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn page_size(&self) -> u64 {
+        self.granularity
+    }
+    fn min_alignment(&self) -> u64 {
+        256
+    }
+    fn commit(&mut self, offset: u64, len: u64) -> Result<(), BackendError> {
+        self.call(move |g| g.commit(offset, len))?
+    }
+    fn release(&mut self, offset: u64, len: u64) {
+        let _ = self.call(move |g| g.release(offset, len));
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        let (ptr, len) = (buf.as_mut_ptr() as usize, buf.len());
+        // The pointer crosses to the GPU thread as an integer; `call` waits for the job, so
+        // `buf` outlives every use of it.
+        self.call(move |g| g.read(offset, ptr as *mut u8, len))?
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+        let (ptr, len) = (data.as_ptr() as usize, data.len());
+        // As in `read`: `data` outlives the job.
+        self.call(move |g| g.write(offset, ptr as *const u8, len))?
+    }
+    fn copy_within(&mut self, src: u64, dst: u64, len: u64) -> Result<(), BackendError> {
+        self.call(move |g| g.copy_within(src, dst, len))?
+    }
+    fn handle(&self, _offset: u64) -> Option<MemoryHandle> {
+        None
+    }
+}

@@ -1,0 +1,200 @@
+//! GPU tests: VRAM allocations, defragment and transfers in every direction, each verified byte
+//! for byte, and page release seen in cuMemGetInfo. They skip cleanly, saying so, where there
+//! is no GPU. `scripts/gpu-check.sh` runs them on the GPU machine.
+
+use memcoord::config::Settings;
+use memcoord::protocol::requests::{
+    AllocateRequest, DeallocateRequest, DeviceRequest, OptimizeRequest, TransferMode,
+    TransferRequest,
+};
+use memcoord::protocol::{MemoryOptimizationType, TransferStatus};
+use memcoord::service::MemoryService;
+use serde_json::value::RawValue;
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn service() -> Option<MemoryService> {
+    let mut s = Settings::default();
+    s.set_budget("cpu=4GiB").unwrap();
+    s.set_budget("shm=2GiB").unwrap();
+    s.set_budget("cuda:0=16GiB").unwrap();
+    if let Err(reason) = memcoord::backends::cuda::probe() {
+        eprintln!("skipping GPU tests: {reason}");
+        return None;
+    }
+    Some(MemoryService::new(s.devices().unwrap()))
+}
+
+fn allocate(svc: &MemoryService, device: &str, size: u64) -> String {
+    let req = AllocateRequest::parse(Some(
+        &RawValue::from_string(format!(
+            r#"{{"device_id":"{device}","size_bytes":{size},"timeout_seconds":0}}"#
+        ))
+        .unwrap(),
+    ))
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(svc.allocate(req))
+        .unwrap()
+        .allocation
+        .allocation_id
+}
+
+fn free(svc: &MemoryService, id: &str) {
+    svc.deallocate(&DeallocateRequest {
+        allocation_id: id.into(),
+        device_id: None,
+    })
+    .unwrap();
+}
+
+fn check(svc: &MemoryService, id: &str, want: &[u8], what: &str) {
+    let mut back = vec![0u8; want.len()];
+    svc.read(id, 0, &mut back).unwrap();
+    assert!(back == want, "{what}: bytes differ");
+}
+
+fn transfer(svc: &MemoryService, id: &str, from: &str, to: &str, mode: TransferMode) -> String {
+    let t = svc
+        .transfer(&TransferRequest {
+            allocation_id: id.into(),
+            source_device_id: from.into(),
+            destination_device_id: to.into(),
+            mode,
+            wait_for_completion: true,
+        })
+        .unwrap();
+    assert_eq!(t.status, TransferStatus::Completed);
+    t.destination_allocation_id.unwrap()
+}
+
+fn free_vram(svc: &MemoryService) -> u64 {
+    // Capacity readings are reused for 100 ms.
+    std::thread::sleep(Duration::from_millis(150));
+    let d = svc.list_devices();
+    let gpu = d.devices.iter().find(|d| d.device_id == "cuda:0").unwrap();
+    gpu.total_memory - gpu.used_memory
+}
+
+#[test]
+fn vram_allocations_defragment_transfers_and_page_release() {
+    let Some(svc) = service() else { return };
+    let devices = svc.list_devices();
+    let gpu = devices
+        .devices
+        .iter()
+        .find(|d| d.device_id == "cuda:0")
+        .expect("cuda:0 listed");
+    assert_eq!(gpu.memory_type.name(), "VRAM");
+    eprintln!("cuda:0: {} ({} bytes)", gpu.name, gpu.total_memory);
+
+    // 1. Allocate, write, read back.
+    let size = 256 * MIB + 4096 + 17;
+    let data = pattern(1, size as usize);
+    let id = allocate(&svc, "cuda:0", size);
+    svc.write(&id, 0, &data).unwrap();
+    check(&svc, &id, &data, "write/read on cuda:0");
+
+    // 2. Transfers in every direction, moves and copies, verified each time.
+    let on_cpu = transfer(&svc, &id, "cuda:0", "cpu", TransferMode::Move);
+    assert_eq!(on_cpu, id, "a move keeps the id");
+    check(&svc, &id, &data, "cuda:0 -> cpu");
+    let back = transfer(&svc, &id, "cpu", "cuda:0", TransferMode::Move);
+    check(&svc, &back, &data, "cpu -> cuda:0");
+    let shm_copy = transfer(&svc, &id, "cuda:0", "shm", TransferMode::Copy);
+    check(&svc, &shm_copy, &data, "cuda:0 -> shm (copy)");
+    check(&svc, &id, &data, "source of the copy");
+    let gpu_copy = transfer(&svc, &shm_copy, "shm", "cuda:0", TransferMode::Copy);
+    check(&svc, &gpu_copy, &data, "shm -> cuda:0 (copy)");
+    free(&svc, &shm_copy);
+    free(&svc, &gpu_copy);
+    free(&svc, &id);
+
+    // 3. Defragment with verification, including overlapping moves.
+    let mut live = Vec::new();
+    for i in 0..48u64 {
+        let size = (1 + i % 7) * 3 * MIB + i * 4097;
+        let id = allocate(&svc, "cuda:0", size);
+        let bytes = pattern(100 + i, size as usize);
+        svc.write(&id, 0, &bytes).unwrap();
+        live.push((id, bytes));
+    }
+    let mut kept = Vec::new();
+    for (i, (id, bytes)) in live.into_iter().enumerate() {
+        if i % 3 == 0 {
+            free(&svc, &id);
+        } else {
+            kept.push((id, bytes));
+        }
+    }
+    let r = svc.defragment("cuda:0", &[]).unwrap();
+    assert!(r.moved_count > 0, "{r:?}");
+    assert!(r.fragmentation_after <= r.fragmentation_before);
+    for (id, bytes) in &kept {
+        check(&svc, id, bytes, "after defragment on cuda:0");
+    }
+    eprintln!(
+        "defragment cuda:0: moved {} allocations ({} bytes), fragmentation {:.1}% -> {:.1}%",
+        r.moved_count, r.moved_bytes, r.fragmentation_before, r.fragmentation_after
+    );
+    for (id, _) in kept {
+        free(&svc, &id);
+    }
+
+    // 4. Page release is visible in cuMemGetInfo.
+    let opt = |t| OptimizeRequest {
+        device_id: "cuda:0".into(),
+        optimization_type: t,
+        force: false,
+        target_usage_percentage: None,
+        preserve_allocations: vec![],
+        wait_for_completion: true,
+    };
+    svc.optimize(&opt(MemoryOptimizationType::ClearCache))
+        .unwrap();
+    let before = free_vram(&svc);
+    let big = allocate(&svc, "cuda:0", 4096 * MIB);
+    let during = free_vram(&svc);
+    assert!(
+        before - during >= 4096 * MIB,
+        "backing 4 GiB: free {before} -> {during}"
+    );
+    free(&svc, &big);
+    let cleared = svc
+        .optimize(&opt(MemoryOptimizationType::ClearCache))
+        .unwrap();
+    let after = free_vram(&svc);
+    assert!(cleared.freed_bytes >= 4096 * MIB, "{cleared:?}");
+    assert!(
+        after + 64 * MIB >= before,
+        "released pages back in cuMemGetInfo: {before} -> {after}"
+    );
+    let usage = svc
+        .get_usage(&DeviceRequest {
+            device_id: "cuda:0".into(),
+        })
+        .unwrap();
+    assert_eq!(usage.allocated_bytes, 0);
+    assert_eq!(usage.reserved_bytes, 0);
+    eprintln!(
+        "cuMemGetInfo free: {before} before, {during} with 4 GiB backed, {after} after ClearCache"
+    );
+    svc.close();
+}
