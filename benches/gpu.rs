@@ -69,6 +69,23 @@ fn baselines(bytes: usize) -> [f64; 5] {
             }),
             time(&mut || ok(sys::cuMemcpyDtoD_v2(d2, d1, bytes), "DtoD")),
         ];
+        // How long pinning 1 GiB of ordinary (already touched) memory takes: the price of
+        // copying from pageable memory without staging.
+        let t = Instant::now();
+        let reg = sys::cuMemHostRegister_v2(pageable.as_mut_ptr() as *mut _, bytes, 0);
+        let reg_ms = t.elapsed().as_secs_f64() * 1e3;
+        if reg == sys::CUresult::CUDA_SUCCESS {
+            let fast = time(&mut || ok(sys::cuMemcpyHtoD_v2(d1, pageable.as_ptr() as *const _, bytes), "HtoD"));
+            let t = Instant::now();
+            sys::cuMemHostUnregister(pageable.as_mut_ptr() as *mut _);
+            println!(
+                "cuMemHostRegister of {} MiB: {reg_ms:.1} ms, then HtoD {fast:.1} GB/s, unregister {:.1} ms",
+                bytes >> 20,
+                t.elapsed().as_secs_f64() * 1e3
+            );
+        } else {
+            println!("cuMemHostRegister failed: {reg:?}");
+        }
         sys::cuMemFree_v2(d1);
         sys::cuMemFree_v2(d2);
         sys::cuMemFreeHost(pinned);

@@ -20,10 +20,10 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 /// Bytes of each of the two pinned staging buffers.
-pub const STAGING_BYTES: usize = 32 << 20;
-/// Host-side copies into or out of staging are split over this many threads (one thread's
-/// memcpy is slower than the PCIe/NVLink DMA it feeds).
-const COPY_THREADS: usize = 4;
+pub const STAGING_BYTES: usize = 64 << 20;
+/// Host-side copies into or out of staging are split in parts of this size over rayon's
+/// threads (one thread's memcpy is slower than the DMA it feeds).
+const COPY_PART: usize = 4 << 20;
 
 /// A GPU found by [`probe`].
 #[derive(Debug, Clone)]
@@ -118,6 +118,8 @@ struct Gpu {
     /// Device scratch for overlapping device-to-device moves.
     scratch: sys::CUdeviceptr,
     nvml: Option<nvml_wrapper::Nvml>,
+    /// The first failure of a queued move, reported by the next `sync`.
+    queued_error: Option<BackendError>,
 }
 
 // SAFETY: the raw pointers and handles are only used on the GPU's own thread; the struct moves
@@ -183,6 +185,7 @@ impl Gpu {
                 events: [std::ptr::null_mut(); 2],
                 scratch: 0,
                 nvml,
+                queued_error: None,
             };
             let prop = gpu.prop();
             let mut g = 0usize;
@@ -487,11 +490,23 @@ impl Gpu {
                     )?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), BackendError> {
+        let queued = self.queued_error.take();
+        // SAFETY: waits for the stream.
+        let r = unsafe {
             check(
                 sys::cuStreamSynchronize(self.stream),
                 "cuStreamSynchronize",
                 &self.id,
             )
+        };
+        match queued {
+            Some(e) => Err(e),
+            None => r,
         }
     }
 
@@ -522,32 +537,18 @@ impl Gpu {
     }
 }
 
-/// memcpy split over a few threads.
+/// memcpy split over rayon's threads.
 ///
 /// # Safety
 /// `src` and `dst` are valid for `len` bytes and do not overlap.
 unsafe fn parallel_copy(src: *const u8, dst: *mut u8, len: usize) {
-    if len < (4 << 20) {
-        // SAFETY: per the function's contract.
-        unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
-        return;
-    }
-    let part = len.div_ceil(COPY_THREADS);
+    use rayon::prelude::*;
     let (s, d) = (src as usize, dst as usize);
-    std::thread::scope(|scope| {
-        for k in 0..COPY_THREADS {
-            let at = k * part;
-            if at >= len {
-                break;
-            }
-            let n = part.min(len - at);
-            scope.spawn(move || {
-                // SAFETY: disjoint parts of the caller's valid, non-overlapping ranges.
-                unsafe {
-                    std::ptr::copy_nonoverlapping((s + at) as *const u8, (d + at) as *mut u8, n)
-                }
-            });
-        }
+    (0..len.div_ceil(COPY_PART)).into_par_iter().for_each(|k| {
+        let at = k * COPY_PART;
+        let n = COPY_PART.min(len - at);
+        // SAFETY: disjoint parts of the caller's valid, non-overlapping ranges.
+        unsafe { std::ptr::copy_nonoverlapping((s + at) as *const u8, (d + at) as *mut u8, n) }
     });
 }
 
@@ -697,7 +698,25 @@ impl Backend for CudaBackend {
         self.call(move |g| g.write(offset, ptr as *const u8, len))?
     }
     fn copy_within(&mut self, src: u64, dst: u64, len: u64) -> Result<(), BackendError> {
-        self.call(move |g| g.copy_within(src, dst, len))?
+        // Queued without waiting: the GPU thread carries jobs out in order, and `sync` waits.
+        let job: Job = Box::new(move |g| {
+            if g.queued_error.is_none()
+                && let Err(e) = g.copy_within(src, dst, len)
+            {
+                g.queued_error = Some(e);
+            }
+        });
+        self.jobs
+            .as_ref()
+            .and_then(|j| j.send(job).ok())
+            .ok_or_else(|| BackendError::Device {
+                device: self.id.clone(),
+                what: "calling the GPU thread",
+                message: "the GPU thread is gone".into(),
+            })
+    }
+    fn sync(&mut self) -> Result<(), BackendError> {
+        self.call(|g| g.sync())?
     }
     fn handle(&self, _offset: u64) -> Option<MemoryHandle> {
         None

@@ -137,8 +137,14 @@ pub trait Backend: Send {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError>;
     /// Copies bytes into the mapping.
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), BackendError>;
-    /// Moves `len` bytes from `src` to `dst` inside the mapping (ranges may overlap).
+    /// Moves `len` bytes from `src` to `dst` inside the mapping (ranges may overlap). A
+    /// backend may only queue the move; moves are carried out in order, and [`Backend::sync`]
+    /// waits for them (and reports a failure of any).
     fn copy_within(&mut self, src: u64, dst: u64, len: u64) -> Result<(), BackendError>;
+    /// Waits for queued moves.
+    fn sync(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
     /// The bytes of `[offset, offset + len)` as host memory, for memory the CPU addresses
     /// directly (lets a transfer copy straight from or into it).
     fn host_slice(&self, _offset: u64, _len: u64) -> Option<&[u8]> {

@@ -489,6 +489,10 @@ impl Arena {
                 cursor = block.offset + block.size;
             }
         }
+        // Moves may only be queued (GPU); wait for them before the new layout is used.
+        if let Err(e) = self.backend.sync() {
+            tracing::error!("defragment: a queued move failed: {e}");
+        }
         let blocks = self.tlsf.rebuild(&layout);
         for ((p, _), b) in placements.iter_mut().zip(blocks) {
             p.block = b;
