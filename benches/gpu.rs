@@ -75,7 +75,12 @@ fn baselines(bytes: usize) -> [f64; 5] {
         let reg = sys::cuMemHostRegister_v2(pageable.as_mut_ptr() as *mut _, bytes, 0);
         let reg_ms = t.elapsed().as_secs_f64() * 1e3;
         if reg == sys::CUresult::CUDA_SUCCESS {
-            let fast = time(&mut || ok(sys::cuMemcpyHtoD_v2(d1, pageable.as_ptr() as *const _, bytes), "HtoD"));
+            let fast = time(&mut || {
+                ok(
+                    sys::cuMemcpyHtoD_v2(d1, pageable.as_ptr() as *const _, bytes),
+                    "HtoD",
+                )
+            });
             let t = Instant::now();
             sys::cuMemHostUnregister(pageable.as_mut_ptr() as *mut _);
             println!(

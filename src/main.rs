@@ -133,8 +133,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let ops = replay::parse_trace(std::io::BufReader::new(file))
                 .map_err(|e| format!("{}: {e}", trace.display()))?;
             let settings = devices.settings().map_err(|e| e.to_string())?;
-            let mut engine =
-                AllocationEngine::new(settings.devices().map_err(|e| e.to_string())?);
+            let mut engine = AllocationEngine::new(settings.devices().map_err(|e| e.to_string())?);
             let d = engine.device_index(&device).map_err(|e| e.to_string())?;
             let r = replay::replay(&mut engine, d, &ops, scale, defragment_every);
             engine.close();

@@ -718,6 +718,10 @@ impl Backend for CudaBackend {
     fn sync(&mut self) -> Result<(), BackendError> {
         self.call(|g| g.sync())?
     }
+    fn defragment_pass_bytes(&self) -> u64 {
+        // Device-to-device copies run at about 4 TB/s (read + write) on an H200: 8 GiB is ~4 ms.
+        8 << 30
+    }
     fn handle(&self, _offset: u64) -> Option<MemoryHandle> {
         None
     }

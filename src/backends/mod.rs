@@ -141,6 +141,11 @@ pub trait Backend: Send {
     /// backend may only queue the move; moves are carried out in order, and [`Backend::sync`]
     /// waits for them (and reports a failure of any).
     fn copy_within(&mut self, src: u64, dst: u64, len: u64) -> Result<(), BackendError>;
+    /// How many bytes one defragmentation pass may move here: a pass holds the engine, so it
+    /// should last a few milliseconds at the device's copy speed.
+    fn defragment_pass_bytes(&self) -> u64 {
+        64 << 20
+    }
     /// Waits for queued moves.
     fn sync(&mut self) -> Result<(), BackendError> {
         Ok(())

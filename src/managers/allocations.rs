@@ -24,7 +24,11 @@ pub enum EngineError {
     #[error("Allocation {0} not found")]
     AllocationNotFound(String),
     /// Not enough room now; freeing memory could make room.
-    #[error("{device}: requested {}, {} available", format_bytes(*requested), format_bytes(*available))]
+    #[error("{device}: requested {}, {} available{}", format_bytes(*requested), format_bytes(*available),
+        match largest {
+            Some(l) => format!(", but the largest free block is {} (fragmented: memory.defragment may help)", format_bytes(*l)),
+            None => String::new(),
+        })]
     NoRoom {
         /// The device.
         device: String,
@@ -32,6 +36,8 @@ pub enum EngineError {
         requested: u64,
         /// Bytes available now.
         available: u64,
+        /// When the bytes are there but not in one piece: the largest piece.
+        largest: Option<u64>,
     },
     /// More than the device's budget: it can never fit.
     #[error("{device}: requested {}, more than the device's budget of {}", format_bytes(*requested), format_bytes(*budget))]
@@ -305,20 +311,24 @@ impl AllocationEngine {
             });
         }
         let available = dev.available();
-        let no_room = |dev: &Device, available| EngineError::NoRoom {
+        let no_room = |dev: &Device, available, largest| EngineError::NoRoom {
             device: dev.arena.backend().device_id().to_string(),
             requested: spec.size,
             available,
+            largest,
         };
         if spec.size > available {
-            return Err(no_room(dev, available));
+            return Err(no_room(dev, available, None));
         }
         let placement = if spec.kind == MemoryAllocationType::Reservation {
             None
         } else {
             match dev.arena.allocate(spec.size, spec.alignment) {
                 Ok(p) => Some(p),
-                Err(ArenaError::NoSpace) => return Err(no_room(dev, available)),
+                Err(ArenaError::NoSpace) => {
+                    let largest = dev.arena.largest_free_block();
+                    return Err(no_room(dev, available, Some(largest)));
+                }
                 Err(ArenaError::Backend(e)) => return Err(e.into()),
             }
         };
@@ -500,6 +510,11 @@ impl AllocationEngine {
             }
         }
         cleared
+    }
+
+    /// The bytes one defragmentation pass moves on a device (the backend's choice).
+    pub fn defragment_pass_bytes(&self, device: usize) -> u64 {
+        self.devices[device].arena.backend().defragment_pass_bytes()
     }
 
     /// One bounded defragmentation pass over a device: moves at most `max_bytes` (at least one

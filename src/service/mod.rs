@@ -33,8 +33,6 @@ pub struct StartedTransfer {
     pub wire: MemoryTransfer,
 }
 
-/// The most bytes one defragmentation pass moves while holding the engine.
-pub const DEFRAGMENT_PASS_BYTES: u64 = 64 << 20;
 use crate::units::format_bytes;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -274,6 +272,7 @@ impl MemoryService {
                     device,
                     requested,
                     available,
+                    ..
                 }) => {
                     if tokio::time::timeout_at(deadline.into(), notified)
                         .await
@@ -337,7 +336,8 @@ impl MemoryService {
         })
     }
 
-    /// `memory.defragment`: compacts the device in bounded passes of [`DEFRAGMENT_PASS_BYTES`],
+    /// `memory.defragment`: compacts the device in bounded passes (64 MiB on host devices, as
+    /// the backend chooses on others),
     /// releasing the engine between passes so other requests keep being served. Persistent
     /// allocations and those in `pinned` stay put.
     pub fn defragment(
@@ -366,7 +366,8 @@ impl MemoryService {
                 let mut e = self.engine.lock();
                 // Looked up each pass: the device may be gone if the worker is closing.
                 let d = e.device_index(device_id)?;
-                e.defragment_pass(d, DEFRAGMENT_PASS_BYTES, pinned)
+                let bytes = e.defragment_pass_bytes(d);
+                e.defragment_pass(d, bytes, pinned)
             };
             total.moved_count += pass.compaction.moved_count;
             total.moved_bytes += pass.compaction.moved_bytes;
@@ -438,7 +439,7 @@ impl MemoryService {
                 kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(", "),
                 usage_now,
                 target,
-                if usage_now > target { "; General and persistent allocations are kept without force" } else { "" }
+                if usage_now > target && !req.force { "; General and persistent allocations are kept without force" } else { "" }
             ));
         }
         if matches!(t, T::Defragment | T::Full) {
