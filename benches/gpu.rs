@@ -170,6 +170,21 @@ fn main() {
         }
     }
     let base = baselines(GIB as usize);
+    {
+        // The host side alone: 1 GiB copied over rayon's threads (pageable to pageable).
+        use rayon::prelude::*;
+        let src = vec![1u8; GIB as usize];
+        let mut dst = vec![2u8; GIB as usize];
+        let t = Instant::now();
+        dst.par_chunks_mut(4 << 20)
+            .zip(src.par_chunks(4 << 20))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+        println!(
+            "host memcpy of 1 GiB over {} threads: {:.1} GB/s",
+            rayon::current_num_threads(),
+            GIB as f64 / t.elapsed().as_secs_f64() / 1e9
+        );
+    }
     let (h2d, d2h) = (median(h2d), median(d2h));
     println!(
         "cpu -> cuda:0 transfer, 1 GiB: {h2d:.1} GB/s; cuMemcpyHtoD pinned {:.1} GB/s ({:.0}%), pageable {:.1} GB/s ({:.1}x)",

@@ -19,8 +19,10 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-/// Bytes of each of the two pinned staging buffers.
-pub const STAGING_BYTES: usize = 64 << 20;
+/// Bytes of each pinned staging buffer.
+pub const STAGING_BYTES: usize = 16 << 20;
+/// Pinned staging buffers in the ring.
+pub const STAGING_SLOTS: usize = 4;
 /// Host-side copies into or out of staging are split in parts of this size over rayon's
 /// threads (one thread's memcpy is slower than the DMA it feeds).
 const COPY_PART: usize = 4 << 20;
@@ -112,9 +114,9 @@ struct Gpu {
     granularity: u64,
     /// One physical allocation per backed granule (0 = none).
     handles: Vec<sys::CUmemGenericAllocationHandle>,
-    staging: [*mut u8; 2],
+    staging: [*mut u8; STAGING_SLOTS],
     stream: sys::CUstream,
-    events: [sys::CUevent; 2],
+    events: [sys::CUevent; STAGING_SLOTS],
     /// Device scratch for overlapping device-to-device moves.
     scratch: sys::CUdeviceptr,
     nvml: Option<nvml_wrapper::Nvml>,
@@ -180,9 +182,9 @@ impl Gpu {
                 len: 0,
                 granularity: 0,
                 handles: Vec::new(),
-                staging: [std::ptr::null_mut(); 2],
+                staging: [std::ptr::null_mut(); STAGING_SLOTS],
                 stream: std::ptr::null_mut(),
-                events: [std::ptr::null_mut(); 2],
+                events: [std::ptr::null_mut(); STAGING_SLOTS],
                 scratch: 0,
                 nvml,
                 queued_error: None,
@@ -210,7 +212,7 @@ impl Gpu {
             gpu.len = len;
             gpu.granularity = g;
             gpu.handles = vec![0; (len / g) as usize];
-            for slot in 0..2 {
+            for slot in 0..STAGING_SLOTS {
                 let mut p = std::ptr::null_mut();
                 check(
                     sys::cuMemHostAlloc(&mut p, STAGING_BYTES, 0),
@@ -355,71 +357,72 @@ impl Gpu {
         }
     }
 
-    /// Device to host through the two staging buffers: the DMA of chunk i overlaps the host
-    /// copy of chunk i − 1.
+    fn dtoh_async(&mut self, slot: usize, offset: u64, n: usize) -> Result<(), BackendError> {
+        // SAFETY: the staging slot is ours and free (its previous chunk was consumed).
+        unsafe {
+            check(
+                sys::cuMemcpyDtoHAsync_v2(
+                    self.staging[slot] as *mut _,
+                    self.base + offset,
+                    n,
+                    self.stream,
+                ),
+                "cuMemcpyDtoHAsync",
+                &self.id,
+            )?;
+            check(
+                sys::cuEventRecord(self.events[slot], self.stream),
+                "cuEventRecord",
+                &self.id,
+            )
+        }
+    }
+
+    /// Device to host through the staging ring: DMAs run up to [`STAGING_SLOTS`] chunks ahead
+    /// of the host copies out of staging.
     fn read(&mut self, offset: u64, dst: *mut u8, len: usize) -> Result<(), BackendError> {
-        let mut pending: Option<(usize, usize, usize)> = None;
-        let mut done = 0usize;
-        let mut i = 0usize;
-        while done < len || pending.is_some() {
-            let next = if done < len {
-                let n = STAGING_BYTES.min(len - done);
-                let slot = i % 2;
-                // SAFETY: the staging buffer is ours and not being read (its previous chunk was
-                // consumed below before this slot came round again).
-                unsafe {
-                    check(
-                        sys::cuMemcpyDtoHAsync_v2(
-                            self.staging[slot] as *mut _,
-                            self.base + offset + done as u64,
-                            n,
-                            self.stream,
-                        ),
-                        "cuMemcpyDtoHAsync",
-                        &self.id,
-                    )?;
-                    check(
-                        sys::cuEventRecord(self.events[slot], self.stream),
-                        "cuEventRecord",
-                        &self.id,
-                    )?;
-                }
-                let r = Some((slot, done, n));
-                done += n;
-                i += 1;
-                r
-            } else {
-                None
-            };
-            if let Some((slot, at, n)) = pending {
-                // SAFETY: waits for the chunk's DMA, then copies it out of staging into the
-                // caller's buffer, which outlives this call.
-                unsafe {
-                    check(
-                        sys::cuEventSynchronize(self.events[slot]),
-                        "cuEventSynchronize",
-                        &self.id,
-                    )?;
-                    parallel_copy(self.staging[slot], dst.add(at), n);
-                }
+        let chunks: Vec<(usize, usize)> = (0..len.div_ceil(STAGING_BYTES))
+            .map(|k| {
+                (
+                    k * STAGING_BYTES,
+                    STAGING_BYTES.min(len - k * STAGING_BYTES),
+                )
+            })
+            .collect();
+        for (k, &(at, n)) in chunks.iter().enumerate().take(STAGING_SLOTS) {
+            self.dtoh_async(k, offset + at as u64, n)?;
+        }
+        for (k, &(at, n)) in chunks.iter().enumerate() {
+            let slot = k % STAGING_SLOTS;
+            // SAFETY: waits for the chunk's DMA, then copies it out of staging into the
+            // caller's buffer, which outlives this call.
+            unsafe {
+                check(
+                    sys::cuEventSynchronize(self.events[slot]),
+                    "cuEventSynchronize",
+                    &self.id,
+                )?;
+                parallel_copy(self.staging[slot], dst.add(at), n);
             }
-            pending = next;
+            if let Some(&(next_at, next_n)) = chunks.get(k + STAGING_SLOTS) {
+                self.dtoh_async(slot, offset + next_at as u64, next_n)?;
+            }
         }
         Ok(())
     }
 
-    /// Host to device through the two staging buffers: the host copy of chunk i overlaps the
-    /// DMA of chunk i − 1.
+    /// Host to device through the staging ring: the host copy of a chunk overlaps the DMAs of
+    /// the chunks before it.
     fn write(&mut self, offset: u64, src: *const u8, len: usize) -> Result<(), BackendError> {
         let mut done = 0usize;
         let mut i = 0usize;
         while done < len {
             let n = STAGING_BYTES.min(len - done);
-            let slot = i % 2;
-            // SAFETY: before refilling a staging buffer, wait for the DMA that last read it;
-            // the caller's bytes outlive this call.
+            let slot = i % STAGING_SLOTS;
+            // SAFETY: before refilling a staging slot, wait for the DMA that last read it; the
+            // caller's bytes outlive this call.
             unsafe {
-                if i >= 2 {
+                if i >= STAGING_SLOTS {
                     check(
                         sys::cuEventSynchronize(self.events[slot]),
                         "cuEventSynchronize",
@@ -519,7 +522,7 @@ impl Gpu {
             if self.base != 0 {
                 sys::cuMemAddressFree(self.base, self.len as usize);
             }
-            for slot in 0..2 {
+            for slot in 0..STAGING_SLOTS {
                 if !self.staging[slot].is_null() {
                     sys::cuMemFreeHost(self.staging[slot] as *mut _);
                 }
