@@ -201,10 +201,10 @@ fn main() {
         d2h / base[3]
     );
 
-    // 2. Defragment on cuda:0: 64 allocations of 64 MiB, every other freed.
+    // 2. Defragment on cuda:0: 64 allocations of 512 MiB, every other freed (16 GiB move).
     let mut ids = Vec::new();
     for _ in 0..64 {
-        ids.push(allocate(&svc, "cuda:0", 64 << 20));
+        ids.push(allocate(&svc, "cuda:0", 512 << 20));
     }
     for id in ids.iter().step_by(2) {
         svc.deallocate(&memcoord::protocol::requests::DeallocateRequest {
