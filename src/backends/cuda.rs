@@ -20,12 +20,12 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 /// Bytes of each pinned staging buffer.
-pub const STAGING_BYTES: usize = 32 << 20;
+pub const STAGING_BYTES: usize = 64 << 20;
 /// Pinned staging buffers in the ring.
-pub const STAGING_SLOTS: usize = 4;
+pub const STAGING_SLOTS: usize = 2;
 /// Host-side copies into or out of staging are split in parts of this size over rayon's
 /// threads (one thread's memcpy is slower than the DMA it feeds).
-const COPY_PART: usize = 2 << 20;
+const COPY_PART: usize = 4 << 20;
 
 /// A GPU found by [`probe`].
 #[derive(Debug, Clone)]

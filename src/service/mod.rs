@@ -20,7 +20,7 @@ use crate::protocol::{MemoryTransfer, TransferStatus};
 use uuid::Uuid;
 
 /// The most bytes a transfer copies while holding the engine.
-pub const TRANSFER_CHUNK_BYTES: u64 = 512 << 20;
+pub const TRANSFER_CHUNK_BYTES: u64 = 256 << 20;
 
 /// A transfer accepted and ready to copy.
 pub struct StartedTransfer {
