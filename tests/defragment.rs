@@ -3,23 +3,11 @@
 
 mod common;
 
-use common::Worker;
+use common::{Worker, pattern};
 use serde_json::{Value, json};
 use std::fs::OpenOptions;
 
 const MIB: u64 = 1 << 20;
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 fn map(path: &str) -> memmap2::MmapMut {
     let f = OpenOptions::new()

@@ -2,6 +2,9 @@
 //! for byte, and page release seen in cuMemGetInfo. They skip cleanly, saying so, where there
 //! is no GPU. `scripts/gpu-check.sh` runs them on the GPU machine.
 
+mod common;
+
+use common::pattern;
 use memcoord::config::Settings;
 use memcoord::protocol::requests::{
     AllocateRequest, DeallocateRequest, DeviceRequest, OptimizeRequest, TransferMode,
@@ -13,19 +16,6 @@ use serde_json::value::RawValue;
 use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 fn service() -> Option<MemoryService> {
     let mut s = Settings::default();

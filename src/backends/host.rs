@@ -110,21 +110,6 @@ impl Backend for CpuBackend {
             tracing::warn!("cpu: releasing pages failed: {e}");
         }
     }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
-        let o = offset as usize;
-        buf.copy_from_slice(&self.map[o..o + buf.len()]);
-        Ok(())
-    }
-    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
-        let o = offset as usize;
-        self.map[o..o + data.len()].copy_from_slice(data);
-        Ok(())
-    }
-    fn copy_within(&mut self, src: u64, dst: u64, len: u64) -> Result<(), BackendError> {
-        let s = src as usize;
-        self.map.copy_within(s..s + len as usize, dst as usize);
-        Ok(())
-    }
     fn host_slice(&self, offset: u64, len: u64) -> Option<&[u8]> {
         self.map.get(offset as usize..(offset + len) as usize)
     }
@@ -280,21 +265,6 @@ impl Backend for ShmBackend {
                 std::io::Error::last_os_error()
             );
         }
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
-        let o = offset as usize;
-        buf.copy_from_slice(&self.map[o..o + buf.len()]);
-        Ok(())
-    }
-    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
-        let o = offset as usize;
-        self.map[o..o + data.len()].copy_from_slice(data);
-        Ok(())
-    }
-    fn copy_within(&mut self, src: u64, dst: u64, len: u64) -> Result<(), BackendError> {
-        let s = src as usize;
-        self.map.copy_within(s..s + len as usize, dst as usize);
-        Ok(())
     }
     fn host_slice(&self, offset: u64, len: u64) -> Option<&[u8]> {
         self.map.get(offset as usize..(offset + len) as usize)

@@ -38,6 +38,14 @@ pub enum BackendError {
     },
 }
 
+fn not_addressable(device: &str, what: &'static str) -> BackendError {
+    BackendError::Device {
+        device: device.to_string(),
+        what,
+        message: "the range is outside the mapping or not host memory".into(),
+    }
+}
+
 /// A device's capacity as the device itself reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capacity {
@@ -133,14 +141,46 @@ pub trait Backend: Send {
     fn commit(&mut self, offset: u64, len: u64) -> Result<(), BackendError>;
     /// Gives the pages of `[offset, offset + len)` back to the system; their contents are lost.
     fn release(&mut self, offset: u64, len: u64);
+    /// The bytes of `[offset, offset + len)` as host memory, for memory the CPU addresses
+    /// directly (lets a transfer copy straight from or into it). Host backends implement this
+    /// pair and get `read`, `write` and `copy_within` from it.
+    fn host_slice(&self, _offset: u64, _len: u64) -> Option<&[u8]> {
+        None
+    }
+    /// The same, mutably.
+    fn host_slice_mut(&mut self, _offset: u64, _len: u64) -> Option<&mut [u8]> {
+        None
+    }
     /// Copies bytes out of the mapping.
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError>;
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        let src = self
+            .host_slice(offset, buf.len() as u64)
+            .ok_or_else(|| not_addressable(self.device_id(), "read"))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
     /// Copies bytes into the mapping.
-    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), BackendError>;
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+        let id = self.device_id().to_string();
+        let dst = self
+            .host_slice_mut(offset, data.len() as u64)
+            .ok_or_else(|| not_addressable(&id, "write"))?;
+        dst.copy_from_slice(data);
+        Ok(())
+    }
     /// Moves `len` bytes from `src` to `dst` inside the mapping (ranges may overlap). A
     /// backend may only queue the move; moves are carried out in order, and [`Backend::sync`]
     /// waits for them (and reports a failure of any).
-    fn copy_within(&mut self, src: u64, dst: u64, len: u64) -> Result<(), BackendError>;
+    fn copy_within(&mut self, src: u64, dst: u64, len: u64) -> Result<(), BackendError> {
+        let lo = src.min(dst);
+        let id = self.device_id().to_string();
+        let span = self
+            .host_slice_mut(lo, src.max(dst) + len - lo)
+            .ok_or_else(|| not_addressable(&id, "copy"))?;
+        let s = (src - lo) as usize;
+        span.copy_within(s..s + len as usize, (dst - lo) as usize);
+        Ok(())
+    }
     /// How many bytes one defragmentation pass may move here: a pass holds the engine, so it
     /// should last a few milliseconds at the device's copy speed.
     fn defragment_pass_bytes(&self) -> u64 {
@@ -149,15 +189,6 @@ pub trait Backend: Send {
     /// Waits for queued moves.
     fn sync(&mut self) -> Result<(), BackendError> {
         Ok(())
-    }
-    /// The bytes of `[offset, offset + len)` as host memory, for memory the CPU addresses
-    /// directly (lets a transfer copy straight from or into it).
-    fn host_slice(&self, _offset: u64, _len: u64) -> Option<&[u8]> {
-        None
-    }
-    /// The same, mutably.
-    fn host_slice_mut(&mut self, _offset: u64, _len: u64) -> Option<&mut [u8]> {
-        None
     }
     /// Where another process maps the bytes at `offset`, for shareable memory.
     fn handle(&self, offset: u64) -> Option<MemoryHandle>;

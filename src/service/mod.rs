@@ -34,7 +34,7 @@ pub struct StartedTransfer {
 }
 
 use crate::units::format_bytes;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Notify;
@@ -58,6 +58,7 @@ impl From<EngineError> for ProtocolError {
 pub struct MemoryService {
     engine: Mutex<AllocationEngine>,
     transfers: Mutex<TransferTable>,
+    transfer_chunk_bytes: u64,
     /// Woken whenever memory is freed (and at shutdown).
     room: Notify,
     shutting_down: AtomicBool,
@@ -77,9 +78,17 @@ impl MemoryService {
         MemoryService {
             engine: Mutex::new(AllocationEngine::new(devices)),
             transfers: Mutex::new(TransferTable::default()),
+            transfer_chunk_bytes: TRANSFER_CHUNK_BYTES,
             room: Notify::new(),
             shutting_down: AtomicBool::new(false),
         }
+    }
+
+    /// Sets how many bytes a transfer copies while holding the engine (default
+    /// [`TRANSFER_CHUNK_BYTES`]): smaller answers other requests sooner during transfers.
+    pub fn with_transfer_chunk_bytes(mut self, bytes: u64) -> Self {
+        self.transfer_chunk_bytes = bytes.max(4096);
+        self
     }
 
     /// Whether shutdown has begun.
@@ -367,7 +376,10 @@ impl MemoryService {
                 // Looked up each pass: the device may be gone if the worker is closing.
                 let d = e.device_index(device_id)?;
                 let bytes = e.defragment_pass_bytes(d);
-                e.defragment_pass(d, bytes, pinned)
+                let pass = e.defragment_pass(d, bytes, pinned);
+                // Waiting requests go first between passes.
+                MutexGuard::unlock_fair(e);
+                pass
             };
             total.moved_count += pass.compaction.moved_count;
             total.moved_bytes += pass.compaction.moved_bytes;
@@ -527,11 +539,12 @@ impl MemoryService {
         let mut done = 0u64;
         let mut failure = None;
         while done < t.size {
-            let len = TRANSFER_CHUNK_BYTES.min(t.size - done);
-            let r = self
-                .engine
-                .lock()
-                .transfer_chunk(&t.source, &t.destination, done, len);
+            let len = self.transfer_chunk_bytes.min(t.size - done);
+            let mut engine = self.engine.lock();
+            let r = engine.transfer_chunk(&t.source, &t.destination, done, len);
+            // Hand the engine to whoever waited during the chunk, so other requests are
+            // answered between chunks instead of after the whole transfer.
+            MutexGuard::unlock_fair(engine);
             if let Err(e) = r {
                 failure = Some(e.to_string());
                 break;
