@@ -194,6 +194,11 @@ impl Settings {
             }
             Err(reason) => tracing::warn!("no GPU devices: {reason}; serving host memory only"),
         }
+        for id in self.budgets.keys() {
+            if !devices.iter().any(|d| d.backend.device_id() == id) {
+                tracing::warn!("a budget names {id}, which this machine does not have");
+            }
+        }
         Ok(devices)
     }
 

@@ -65,7 +65,8 @@ enum Command {
 
 #[derive(Args)]
 struct DeviceArgs {
-    /// A device's budget, e.g. `cpu=8GiB` (repeatable). Default: half the device.
+    /// A device's budget, e.g. `cpu=8GiB`, `cuda:0=40GiB` (repeatable). Default: half of `cpu`
+    /// and `shm`, 90% of a GPU.
     #[arg(long = "budget", value_name = "DEVICE=SIZE")]
     budgets: Vec<String>,
     /// A TOML config file (`[budgets]` table, `max_line_bytes`, `shm_dir`).
@@ -105,6 +106,9 @@ fn run(cli: Cli) -> Result<(), String> {
                 max_line_bytes: max_line_bytes.unwrap_or(settings.max_line_bytes),
             };
             let service = service(&settings).map_err(|e| e.to_string())?;
+            if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                show_transfer_progress(Arc::clone(&service));
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .thread_name("memcoord-rt")
@@ -182,6 +186,51 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// Transfers bigger than this get a progress bar on stderr (when it is a terminal).
+const PROGRESS_BAR_BYTES: u64 = 256 << 20;
+
+/// Draws a progress bar on stderr for each long transfer while it runs.
+fn show_transfer_progress(service: Arc<MemoryService>) {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    use std::collections::HashMap;
+    let _ = std::thread::Builder::new()
+        .name("memcoord-progress".into())
+        .spawn(move || {
+            let bars = MultiProgress::new();
+            let style = ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+            let mut shown: HashMap<String, ProgressBar> = HashMap::new();
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                let running = service.running_transfers();
+                for t in &running {
+                    if t.total_bytes < PROGRESS_BAR_BYTES {
+                        continue;
+                    }
+                    let bar = shown.entry(t.transfer_id.clone()).or_insert_with(|| {
+                        let b = bars.add(ProgressBar::new(t.total_bytes));
+                        b.set_style(style.clone());
+                        b.set_message(format!(
+                            "{} {} -> {}",
+                            t.mode, t.source_device_id, t.destination_device_id
+                        ));
+                        b
+                    });
+                    bar.set_position(t.bytes_transferred);
+                }
+                shown.retain(|id, bar| {
+                    let still = running.iter().any(|t| &t.transfer_id == id);
+                    if !still {
+                        bar.finish_and_clear();
+                    }
+                    still
+                });
+            }
+        });
 }
 
 fn print_status(service: &MemoryService, json: bool) {

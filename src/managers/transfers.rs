@@ -46,6 +46,15 @@ impl TransferTable {
         self.transfers.get(&id).map(|t| t.wire.clone())
     }
 
+    /// Transfers still running.
+    pub fn running(&self) -> Vec<MemoryTransfer> {
+        self.transfers
+            .values()
+            .filter(|t| t.finished_seq.is_none())
+            .map(|t| t.wire.clone())
+            .collect()
+    }
+
     /// Counts copied bytes.
     pub fn progress(&mut self, id: &Uuid, bytes_transferred: u64) {
         if let Some(t) = self.transfers.get_mut(id) {

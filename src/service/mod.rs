@@ -596,6 +596,11 @@ impl MemoryService {
         self.run_transfer(&t)
     }
 
+    /// Transfers still running (for progress displays).
+    pub fn running_transfers(&self) -> Vec<MemoryTransfer> {
+        self.transfers.lock().running()
+    }
+
     /// `memory.get_transfer`.
     pub fn get_transfer(&self, transfer_id: &str) -> Result<MemoryTransfer, ProtocolError> {
         self.transfers.lock().get(transfer_id).ok_or_else(|| {
