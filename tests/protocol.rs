@@ -785,3 +785,25 @@ unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
+
+#[test]
+fn a_large_allocation_faulting_pages_in_does_not_hold_up_other_requests() {
+    let mut w = Worker::spawn(&["--budget", "cpu=3GiB", "--budget", "shm=64MiB"]);
+    // 2 GiB of pages take hundreds of milliseconds to fault in; a get_usage sent right after
+    // is answered first.
+    let lines = format!(
+        "{}\n{}\n",
+        json!({"request_id": "big", "action": "memory.allocate", "data": {"device_id": "cpu", "size_bytes": 2u64 << 30}}),
+        json!({"request_id": "quick", "action": "memory.get_usage", "data": {"device_id": "shm"}})
+    );
+    w.send_raw(lines.as_bytes());
+    let quick = w.wait_for("quick", Duration::from_secs(30));
+    assert_eq!(quick["success"], true);
+    assert!(
+        !w.answered_within("big", Duration::from_millis(0)),
+        "the 2 GiB allocation should still be faulting pages in"
+    );
+    let big = w.wait_for("big", Duration::from_secs(60));
+    assert_eq!(big["success"], true, "{big}");
+    assert_eq!(w.usage("cpu")["allocated_bytes"], 2u64 << 30);
+}

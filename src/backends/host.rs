@@ -45,6 +45,51 @@ fn populate(
     }
 }
 
+/// Faults in pages of a host mapping from any thread (MADV_POPULATE_WRITE).
+struct MappingCommitter {
+    base: usize,
+    len: u64,
+    page: u64,
+    device: &'static str,
+}
+
+impl super::Committer for MappingCommitter {
+    fn commit(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(BackendError::Device {
+                device: self.device.into(),
+                what: "backing pages",
+                message: "range outside the mapping".into(),
+            });
+        }
+        let ptr = (self.base + offset as usize) as *mut libc::c_void;
+        // SAFETY: the range lies inside the mapping (checked above), which outlives every
+        // commit: the service commits only while the allocation's request is in flight, and
+        // closing waits for those. MADV_POPULATE_WRITE faults pages in without changing bytes.
+        let rc = unsafe { libc::madvise(ptr, len as usize, libc::MADV_POPULATE_WRITE) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINVAL) {
+            // Kernels before 5.14: touch each page. Only pages that hold no live data are
+            // committed, so writing a zero there is harmless.
+            let mut at = 0;
+            while at < len {
+                // SAFETY: inside the checked range.
+                unsafe { std::ptr::write_volatile((ptr as *mut u8).add(at as usize), 0) };
+                at += self.page;
+            }
+            return Ok(());
+        }
+        Err(BackendError::Os {
+            device: self.device.into(),
+            what: "backing pages",
+            source: e,
+        })
+    }
+}
+
 /// `cpu`: private host RAM.
 pub struct CpuBackend {
     map: MmapMut,
@@ -115,6 +160,14 @@ impl Backend for CpuBackend {
     }
     fn host_slice_mut(&mut self, offset: u64, len: u64) -> Option<&mut [u8]> {
         self.map.get_mut(offset as usize..(offset + len) as usize)
+    }
+    fn committer(&self) -> Option<std::sync::Arc<dyn super::Committer>> {
+        Some(std::sync::Arc::new(MappingCommitter {
+            base: self.map.as_ptr() as usize,
+            len: self.map.len() as u64,
+            page: self.page,
+            device: "cpu",
+        }))
     }
     fn handle(&self, _offset: u64) -> Option<MemoryHandle> {
         None
@@ -271,6 +324,14 @@ impl Backend for ShmBackend {
     }
     fn host_slice_mut(&mut self, offset: u64, len: u64) -> Option<&mut [u8]> {
         self.map.get_mut(offset as usize..(offset + len) as usize)
+    }
+    fn committer(&self) -> Option<std::sync::Arc<dyn super::Committer>> {
+        Some(std::sync::Arc::new(MappingCommitter {
+            base: self.map.as_ptr() as usize,
+            len: self.map.len() as u64,
+            page: self.page,
+            device: "shm",
+        }))
     }
     fn handle(&self, offset: u64) -> Option<MemoryHandle> {
         Some(MemoryHandle {

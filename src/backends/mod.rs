@@ -46,6 +46,13 @@ fn not_addressable(device: &str, what: &'static str) -> BackendError {
     }
 }
 
+/// Backs pages of a backend's range from any thread, without `&mut` access to the backend, so
+/// the engine need not be held while a large allocation's pages are faulted in.
+pub trait Committer: Send + Sync {
+    /// Backs the pages of `[offset, offset + len)`.
+    fn commit(&self, offset: u64, len: u64) -> Result<(), BackendError>;
+}
+
 /// A device's capacity as the device itself reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capacity {
@@ -189,6 +196,10 @@ pub trait Backend: Send {
     /// Waits for queued moves.
     fn sync(&mut self) -> Result<(), BackendError> {
         Ok(())
+    }
+    /// A [`Committer`] for this backend, where committing pages needs no exclusive access.
+    fn committer(&self) -> Option<std::sync::Arc<dyn Committer>> {
+        None
     }
     /// Where another process maps the bytes at `offset`, for shareable memory.
     fn handle(&self, offset: u64) -> Option<MemoryHandle>;

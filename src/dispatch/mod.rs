@@ -220,6 +220,30 @@ impl Dispatcher {
                 };
                 match s.try_allocate(req, started) {
                     TryAllocate::Ready(r) => respond(out, id, r),
+                    TryAllocate::Large(req) => {
+                        let service = Arc::clone(s);
+                        let rid = id.to_string();
+                        return Some(Pending {
+                            request_id: id.to_string(),
+                            response: Box::pin(async move {
+                                let blocking = Arc::clone(&service);
+                                let attempt = tokio::task::spawn_blocking(move || {
+                                    blocking.allocate_large(req, started)
+                                })
+                                .await;
+                                let mut out = Vec::with_capacity(512);
+                                match attempt {
+                                    Ok(TryAllocate::Ready(r)) => respond(&mut out, &rid, r),
+                                    Ok(TryAllocate::MustWait(req) | TryAllocate::Large(req)) => {
+                                        let r = service.wait_and_allocate(req, started).await;
+                                        respond(&mut out, &rid, r);
+                                    }
+                                    Err(_) => internal_error(&mut out, Some(&rid)),
+                                }
+                                out
+                            }),
+                        });
+                    }
                     TryAllocate::MustWait(req) => {
                         let service = Arc::clone(s);
                         let request_id = id.to_string();

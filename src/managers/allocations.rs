@@ -196,6 +196,23 @@ impl Record {
     }
 }
 
+/// Pages of a new allocation still to be committed, and what commits them.
+pub struct DeferredCommit {
+    /// Byte ranges to back.
+    pub runs: Vec<(u64, u64)>,
+    /// Backs them without the engine.
+    pub committer: std::sync::Arc<dyn crate::backends::Committer>,
+}
+
+impl DeferredCommit {
+    /// Backs every range.
+    pub fn commit(&self) -> Result<(), BackendError> {
+        self.runs
+            .iter()
+            .try_for_each(|&(offset, len)| self.committer.commit(offset, len))
+    }
+}
+
 /// A freed allocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Freed {
@@ -302,6 +319,53 @@ impl AllocationEngine {
         spec: &AllocationSpec,
         now: SystemTime,
     ) -> Result<Uuid, EngineError> {
+        self.place(device, spec, now, false).map(|(id, _)| id)
+    }
+
+    /// Like [`AllocationEngine::try_allocate`], but where the device's backend can back pages
+    /// without the engine (host memory), the new pages are left for the caller to commit with
+    /// the returned [`Committer`] after releasing the engine; the allocation stays unlisted and
+    /// busy until [`AllocationEngine::finish_deferred`].
+    pub fn try_allocate_deferred(
+        &mut self,
+        device: usize,
+        spec: &AllocationSpec,
+        now: SystemTime,
+    ) -> Result<(Uuid, Option<DeferredCommit>), EngineError> {
+        let defer = self.devices[device].arena.committer().is_some();
+        self.place(device, spec, now, defer)
+    }
+
+    /// Ends a deferred allocation: publishes it if its pages were committed, or undoes it.
+    pub fn finish_deferred(&mut self, id: &Uuid, pending: &DeferredCommit, committed: bool) {
+        if committed {
+            if let Some(r) = self.records.get_mut(id) {
+                r.busy = false;
+                r.hidden = false;
+            }
+            return;
+        }
+        if let Some(record) = self.records.remove(id) {
+            let device = record.device as usize;
+            let placement = record.placement;
+            // Accounting as a free; then the pages committed for it go back.
+            let dev = &mut self.devices[device];
+            dev.allocated -= record.size;
+            dev.live -= 1;
+            dev.total_allocations -= 1;
+            if let Some(p) = placement {
+                dev.arena.abandon(&p, &pending.runs);
+            }
+        }
+    }
+
+    fn place(
+        &mut self,
+        device: usize,
+        spec: &AllocationSpec,
+        now: SystemTime,
+        defer: bool,
+    ) -> Result<(Uuid, Option<DeferredCommit>), EngineError> {
         let dev = &mut self.devices[device];
         if spec.size > dev.budget {
             return Err(EngineError::OverBudget {
@@ -320,10 +384,26 @@ impl AllocationEngine {
         if spec.size > available {
             return Err(no_room(dev, available, None));
         }
+        let mut pending = None;
         let placement = if spec.kind == MemoryAllocationType::Reservation {
             None
         } else {
-            match dev.arena.allocate(spec.size, spec.alignment) {
+            let placed = if defer {
+                dev.arena
+                    .allocate_deferred(spec.size, spec.alignment)
+                    .map(|(p, runs)| {
+                        if !runs.is_empty() {
+                            pending = dev
+                                .arena
+                                .committer()
+                                .map(|committer| DeferredCommit { runs, committer });
+                        }
+                        p
+                    })
+            } else {
+                dev.arena.allocate(spec.size, spec.alignment)
+            };
+            match placed {
                 Ok(p) => Some(p),
                 Err(ArenaError::NoSpace) => {
                     let largest = dev.arena.largest_free_block();
@@ -360,12 +440,12 @@ impl AllocationEngine {
             } else {
                 spec.alignment.trailing_zeros() as u8
             },
-            busy: false,
-            hidden: false,
+            busy: pending.is_some(),
+            hidden: pending.is_some(),
         };
         self.next_seq += 1;
         self.records.insert(slot, record);
-        Ok(id)
+        Ok((id, pending))
     }
 
     /// Adds the time an allocation took (waiting included) to the device's average.

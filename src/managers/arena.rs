@@ -87,6 +87,14 @@ impl PageRefs {
         self.chunks.iter_mut().for_each(|c| *c = None);
     }
 
+    /// The current count (no chunk is made to read it).
+    fn count(&self, page: u64) -> u32 {
+        self.chunks
+            .get((page / PAGE_REF_CHUNK) as usize)
+            .and_then(|c| c.as_ref())
+            .map_or(0, |c| c[(page % PAGE_REF_CHUNK) as usize] as u32)
+    }
+
     fn heap_bytes(&self) -> usize {
         self.chunks.capacity() * 8
             + self.chunks.iter().flatten().count() * PAGE_REF_CHUNK as usize * 2
@@ -164,6 +172,11 @@ impl Arena {
         self.backend.as_ref()
     }
 
+    /// Something that backs this arena's pages without `&mut` access, if the backend has it.
+    pub fn committer(&self) -> Option<std::sync::Arc<dyn crate::backends::Committer>> {
+        self.backend.committer()
+    }
+
     /// The backend, mutably.
     pub fn backend_mut(&mut self) -> &mut dyn Backend {
         self.backend.as_mut()
@@ -228,6 +241,61 @@ impl Arena {
             return Err(e.into());
         }
         Ok(placement)
+    }
+
+    /// Places `size` bytes like [`Arena::allocate`] but does not back the new pages: they are
+    /// counted as backed and returned as byte ranges for the caller to commit through the
+    /// backend's [`Committer`](crate::backends::Committer) without holding the engine. If that
+    /// fails, [`Arena::abandon`] undoes it.
+    pub fn allocate_deferred(
+        &mut self,
+        size: u64,
+        alignment: u64,
+    ) -> Result<(Placement, Vec<(u64, u64)>), ArenaError> {
+        let align = alignment.max(self.unit);
+        let units = u32::try_from(size.div_ceil(self.unit)).map_err(|_| ArenaError::NoSpace)?;
+        let align_units = u32::try_from(align / self.unit).map_err(|_| ArenaError::NoSpace)?;
+        let block = self
+            .tlsf
+            .allocate_aligned(units, align_units)
+            .ok_or(ArenaError::NoSpace)?;
+        let placement = Placement {
+            block,
+            align_log2: align.trailing_zeros() as u8,
+            unit_log2: self.unit.trailing_zeros() as u8,
+        };
+        let (start, len) = self.block_range(&block);
+        let mut runs = Vec::new();
+        if let Some((first, last)) = self.acquire_pages(start, len) {
+            for (a, b) in self.runs(first, last, false) {
+                for p in a..=b {
+                    self.set_backed(p, true);
+                }
+                self.backed_bytes += (b - a + 1) * self.page;
+                runs.push((a * self.page, (b - a + 1) * self.page));
+            }
+        }
+        Ok((placement, runs))
+    }
+
+    /// Undoes [`Arena::allocate_deferred`] whose commit failed: frees the placement and gives
+    /// back the pages of `runs` that no other allocation has come to share meanwhile.
+    pub fn abandon(&mut self, placement: &Placement, runs: &[(u64, u64)]) {
+        self.free(placement);
+        for &(offset, len) in runs {
+            let mut first = offset / self.page;
+            let mut last = (offset + len) / self.page - 1;
+            // Only the ends of a run can be shared (they may be another allocation's boundary).
+            if self.boundary_refs.count(first) > 0 {
+                first += 1;
+            }
+            if last >= first && self.boundary_refs.count(last) > 0 {
+                last = last.saturating_sub(1);
+            }
+            if last >= first {
+                self.unback(first, last);
+            }
+        }
     }
 
     /// Frees a placement; pages no other allocation touches are cached or given back.

@@ -34,7 +34,7 @@ pub struct StartedTransfer {
 }
 
 use crate::units::format_bytes;
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::{Mutex, MutexGuard, RwLock};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Notify;
@@ -59,6 +59,8 @@ pub struct MemoryService {
     engine: Mutex<AllocationEngine>,
     transfers: Mutex<TransferTable>,
     transfer_chunk_bytes: u64,
+    /// Held (shared) while pages are committed without the engine; `close` takes it alone.
+    commit_gate: RwLock<()>,
     /// Woken whenever memory is freed (and at shutdown).
     room: Notify,
     shutting_down: AtomicBool,
@@ -70,7 +72,14 @@ pub enum TryAllocate {
     Ready(Result<AllocateMemoryResponse, ProtocolError>),
     /// No room now; the request should wait up to its timeout.
     MustWait(AllocateRequest),
+    /// Large: its pages should be faulted in off the reading thread and without the engine,
+    /// by [`MemoryService::allocate_large`].
+    Large(AllocateRequest),
 }
+
+/// Allocations at least this large fault their pages in without holding the engine, on a
+/// blocking thread, so other requests are answered meanwhile.
+pub const LARGE_ALLOCATION_BYTES: u64 = 16 << 20;
 
 impl MemoryService {
     /// A service over the given devices.
@@ -79,6 +88,7 @@ impl MemoryService {
             engine: Mutex::new(AllocationEngine::new(devices)),
             transfers: Mutex::new(TransferTable::default()),
             transfer_chunk_bytes: TRANSFER_CHUNK_BYTES,
+            commit_gate: RwLock::new(()),
             room: Notify::new(),
             shutting_down: AtomicBool::new(false),
         }
@@ -110,6 +120,8 @@ impl MemoryService {
     /// Releases every allocation and unmaps every device (removing the `shm` file). The
     /// service answers nothing useful afterwards; call it last.
     pub fn close(&self) {
+        // Wait for large allocations faulting pages in without the engine.
+        let _closed = self.commit_gate.write();
         self.engine.lock().close();
     }
 
@@ -172,8 +184,13 @@ impl MemoryService {
         })
     }
 
-    /// `memory.allocate` without waiting: done, failed, or must wait for room.
+    /// `memory.allocate` without waiting: done, failed, must wait for room, or large.
     pub fn try_allocate(&self, req: AllocateRequest, started: Instant) -> TryAllocate {
+        if req.size_bytes >= LARGE_ALLOCATION_BYTES
+            && req.allocation_type != MemoryAllocationType::Reservation
+        {
+            return TryAllocate::Large(req);
+        }
         let mut e = self.engine.lock();
         let d = match e.device_index(&req.device_id) {
             Ok(d) => d,
@@ -198,22 +215,82 @@ impl MemoryService {
         }
     }
 
-    fn allocate_locked(
-        e: &mut AllocationEngine,
-        d: usize,
-        req: &AllocateRequest,
-        started: Instant,
-    ) -> Result<AllocateMemoryResponse, EngineError> {
-        let spec = AllocationSpec {
+    fn spec(req: &AllocateRequest) -> AllocationSpec {
+        AllocationSpec {
             size: req.size_bytes,
             alignment: req.alignment,
             kind: req.allocation_type,
             purpose: req.purpose.clone(),
             persistent: req.persistent,
             owner: Owner::Client,
-        };
+        }
+    }
+
+    /// A large `memory.allocate` (see [`TryAllocate::Large`]): places it under the engine,
+    /// faults its pages in without it, then publishes it. Blocks; call it off the reading
+    /// thread. Returns `MustWait` when there is no room now and the request may wait.
+    pub fn allocate_large(&self, req: AllocateRequest, started: Instant) -> TryAllocate {
+        let _open = self.commit_gate.read();
         let now = SystemTime::now();
-        let id = e.try_allocate(d, &spec, now)?;
+        let placed = {
+            let mut e = self.engine.lock();
+            let d = match e.device_index(&req.device_id) {
+                Ok(d) => d,
+                Err(err) => return TryAllocate::Ready(Err(err.into())),
+            };
+            match e.try_allocate_deferred(d, &Self::spec(&req), now) {
+                Ok((id, pending)) => (d, id, pending),
+                Err(EngineError::NoRoom { .. }) if req.timeout_seconds > 0.0 => {
+                    return TryAllocate::MustWait(req);
+                }
+                Err(err) => {
+                    e.record_failure(d);
+                    return TryAllocate::Ready(Err(err.into()));
+                }
+            }
+        };
+        let (d, id, pending) = placed;
+        if let Some(pending) = pending {
+            let committed = pending.commit();
+            let mut e = self.engine.lock();
+            e.finish_deferred(&id, &pending, committed.is_ok());
+            if let Err(err) = committed {
+                e.record_failure(d);
+                return TryAllocate::Ready(Err(ProtocolError::new(
+                    ErrorCode::OutOfMemory,
+                    format!(
+                        "{}: requested {}, but the system refused the pages: {err}",
+                        req.device_id,
+                        format_bytes(req.size_bytes)
+                    ),
+                )));
+            }
+        }
+        let mut e = self.engine.lock();
+        TryAllocate::Ready(
+            Self::respond_allocated(&mut e, d, &req, id, started, now).map_err(Into::into),
+        )
+    }
+
+    fn allocate_locked(
+        e: &mut AllocationEngine,
+        d: usize,
+        req: &AllocateRequest,
+        started: Instant,
+    ) -> Result<AllocateMemoryResponse, EngineError> {
+        let now = SystemTime::now();
+        let id = e.try_allocate(d, &Self::spec(req), now)?;
+        Self::respond_allocated(e, d, req, id, started, now)
+    }
+
+    fn respond_allocated(
+        e: &mut AllocationEngine,
+        d: usize,
+        req: &AllocateRequest,
+        id: Uuid,
+        started: Instant,
+        now: SystemTime,
+    ) -> Result<AllocateMemoryResponse, EngineError> {
         let allocation = e
             .allocation_by_id(&id)
             .ok_or_else(|| EngineError::AllocationNotFound(id.to_string()))?;
@@ -242,8 +319,13 @@ impl MemoryService {
         req: AllocateRequest,
     ) -> Result<AllocateMemoryResponse, ProtocolError> {
         let started = Instant::now();
-        match self.try_allocate(req, started) {
+        let attempt = match self.try_allocate(req, started) {
+            TryAllocate::Large(req) => self.allocate_large(req, started),
+            other => other,
+        };
+        match attempt {
             TryAllocate::Ready(r) => r,
+            TryAllocate::Large(req) => self.wait_and_allocate(req, started).await,
             TryAllocate::MustWait(req) => self.wait_and_allocate(req, started).await,
         }
     }
