@@ -301,6 +301,8 @@ impl Dispatcher {
                 respond(out, id, Ok(scheduled));
             }
             Action::Transfer => {
+                // Checked and placed now, in arrival order (both ends are busy from here on);
+                // the destination's pages are faulted in and the bytes copied off this thread.
                 let started = TransferRequest::parse(data).and_then(|r| {
                     let wait = r.wait_for_completion;
                     s.start_transfer(&r).map(|t| (t, wait))

@@ -642,7 +642,7 @@ impl AllocationEngine {
         src: usize,
         dst: usize,
         now: SystemTime,
-    ) -> Result<(Uuid, Uuid, u64), EngineError> {
+    ) -> Result<(Uuid, Uuid, u64, Option<DeferredCommit>), EngineError> {
         if src == dst {
             return Err(EngineError::InvalidTransfer(
                 "Source and destination cannot be the same".into(),
@@ -689,7 +689,8 @@ impl AllocationEngine {
             owner: Owner::Client,
         };
         let size = r.size;
-        let dst_id = self.try_allocate(dst, &spec, now)?;
+        let defer = self.devices[dst].arena.committer().is_some();
+        let (dst_id, pending) = self.place(dst, &spec, now, defer)?;
         if let Some(d) = self.records.get_mut(&dst_id) {
             d.busy = true;
             d.hidden = true;
@@ -697,7 +698,16 @@ impl AllocationEngine {
         if let Some(s) = self.records.get_mut(&id) {
             s.busy = true;
         }
-        Ok((id, dst_id, size))
+        Ok((id, dst_id, size, pending))
+    }
+
+    /// Undoes [`AllocationEngine::begin_transfer`] whose destination pages could not be
+    /// committed.
+    pub fn abandon_transfer(&mut self, src_id: &Uuid, dst_id: &Uuid, pending: &DeferredCommit) {
+        self.finish_deferred(dst_id, pending, false);
+        if let Some(s) = self.records.get_mut(src_id) {
+            s.busy = false;
+        }
     }
 
     /// Copies `len` bytes at `offset` of a transfer's source into its destination.

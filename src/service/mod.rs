@@ -3,6 +3,7 @@
 //! Methods take typed requests and return typed responses or a [`ProtocolError`]; they never
 //! see JSON. Only `allocate` can wait (for memory); everything else answers at once.
 
+use crate::managers::allocations::DeferredCommit;
 use crate::managers::allocations::{AllocationFilter, EngineError};
 use crate::managers::transfers::TransferTable;
 use crate::managers::{AllocationEngine, AllocationSpec, DeviceSetup, Owner};
@@ -29,6 +30,8 @@ pub struct StartedTransfer {
     destination: Uuid,
     size: u64,
     copy: bool,
+    /// The destination's pages, still to be faulted in (by `run_transfer`, without the engine).
+    pending: Option<DeferredCommit>,
     /// What to answer now.
     pub wire: MemoryTransfer,
 }
@@ -575,7 +578,7 @@ impl MemoryService {
     /// `memory.transfer`, first half: checks the rules, allocates the destination (no waiting:
     /// no room is OUT_OF_MEMORY) and records the transfer as Running. Nothing is copied yet.
     pub fn start_transfer(&self, req: &TransferRequest) -> Result<StartedTransfer, ProtocolError> {
-        let (source, destination, size) = {
+        let (source, destination, size, pending) = {
             let mut e = self.engine.lock();
             let src = e.device_index(&req.source_device_id)?;
             let dst = e.device_index(&req.destination_device_id)?;
@@ -610,6 +613,7 @@ impl MemoryService {
             destination,
             size,
             copy,
+            pending,
             wire,
         })
     }
@@ -620,6 +624,22 @@ impl MemoryService {
     pub fn run_transfer(&self, t: &StartedTransfer) -> Result<MemoryTransfer, ProtocolError> {
         let mut done = 0u64;
         let mut failure = None;
+        if let Some(pending) = &t.pending {
+            let _open = self.commit_gate.read();
+            if let Err(err) = pending.commit() {
+                self.engine
+                    .lock()
+                    .abandon_transfer(&t.source, &t.destination, pending);
+                let message = format!(
+                    "transfer of allocation {} to {} failed: the system refused the destination's pages ({err}); the source is intact",
+                    t.wire.allocation_id, t.wire.destination_device_id
+                );
+                self.transfers
+                    .lock()
+                    .finish(&t.id, TransferStatus::Failed, Some(message.clone()));
+                return Err(ProtocolError::new(ErrorCode::TransferFailed, message));
+            }
+        }
         while done < t.size {
             let len = self.transfer_chunk_bytes.min(t.size - done);
             let mut engine = self.engine.lock();
