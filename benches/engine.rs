@@ -46,6 +46,7 @@ fn engine(budget: u64) -> AllocationEngine {
     AllocationEngine::new(vec![DeviceSetup {
         backend: Box::new(CpuBackend::new(budget + budget / 4).expect("reserve address space")),
         budget,
+        pinned: None,
     }])
 }
 

@@ -99,9 +99,13 @@ fn baselines(bytes: usize) -> [f64; 5] {
 }
 
 fn allocate(svc: &MemoryService, device: &str, size: u64) -> String {
+    allocate_kind(svc, device, size, "General")
+}
+
+fn allocate_kind(svc: &MemoryService, device: &str, size: u64, kind: &str) -> String {
     let req = AllocateRequest::parse(Some(
         &RawValue::from_string(format!(
-            r#"{{"device_id":"{device}","size_bytes":{size},"timeout_seconds":0}}"#
+            r#"{{"device_id":"{device}","size_bytes":{size},"timeout_seconds":0,"allocation_type":"{kind}"}}"#
         ))
         .unwrap(),
     ))
@@ -157,19 +161,29 @@ fn main() {
         humantime::format_rfc3339_seconds(SystemTime::now())
     );
 
-    // 1. Transfers of 1 GiB, five round trips, after one warm-up.
-    let id = allocate(&svc, "cpu", GIB);
-    svc.write(&id, 0, &vec![3u8; GIB as usize]).unwrap();
-    let (mut h2d, mut d2h) = (Vec::new(), Vec::new());
-    for round in 0..6 {
-        let a = transfer_gbps(&svc, &id, "cpu", "cuda:0");
-        let b = transfer_gbps(&svc, &id, "cuda:0", "cpu");
-        if round > 0 {
-            h2d.push(a);
-            d2h.push(b);
-        }
-    }
+    // 1. Transfers of 1 GiB, five round trips after one warm-up: from a plain (pageable) cpu
+    // allocation, and from a Staging one (served from the pinned pool).
     let base = baselines(GIB as usize);
+    let mut results = Vec::new();
+    for kind in ["General", "Staging"] {
+        let id = allocate_kind(&svc, "cpu", GIB, kind);
+        svc.write(&id, 0, &vec![3u8; GIB as usize]).unwrap();
+        let (mut h2d, mut d2h) = (Vec::new(), Vec::new());
+        for round in 0..6 {
+            let a = transfer_gbps(&svc, &id, "cpu", "cuda:0");
+            let b = transfer_gbps(&svc, &id, "cuda:0", "cpu");
+            if round > 0 {
+                h2d.push(a);
+                d2h.push(b);
+            }
+        }
+        svc.deallocate(&memcoord::protocol::requests::DeallocateRequest {
+            allocation_id: id,
+            device_id: None,
+        })
+        .unwrap();
+        results.push((kind, median(h2d), median(d2h)));
+    }
     {
         // The host side alone: 1 GiB copied over rayon's threads (pageable to pageable).
         use rayon::prelude::*;
@@ -185,21 +199,22 @@ fn main() {
             GIB as f64 / t.elapsed().as_secs_f64() / 1e9
         );
     }
-    let (h2d, d2h) = (median(h2d), median(d2h));
-    println!(
-        "cpu -> cuda:0 transfer, 1 GiB: {h2d:.1} GB/s; cuMemcpyHtoD pinned {:.1} GB/s ({:.0}%), pageable {:.1} GB/s ({:.1}x)",
-        base[0],
-        h2d / base[0] * 100.0,
-        base[2],
-        h2d / base[2]
-    );
-    println!(
-        "cuda:0 -> cpu transfer, 1 GiB: {d2h:.1} GB/s; cuMemcpyDtoH pinned {:.1} GB/s ({:.0}%), pageable {:.1} GB/s ({:.1}x)",
-        base[1],
-        d2h / base[1] * 100.0,
-        base[3],
-        d2h / base[3]
-    );
+    for (kind, h2d, d2h) in results {
+        println!(
+            "cpu ({kind}) -> cuda:0 transfer, 1 GiB: {h2d:.1} GB/s; cuMemcpyHtoD pinned {:.1} GB/s ({:.0}%), pageable {:.1} GB/s ({:.1}x)",
+            base[0],
+            h2d / base[0] * 100.0,
+            base[2],
+            h2d / base[2]
+        );
+        println!(
+            "cuda:0 -> cpu ({kind}) transfer, 1 GiB: {d2h:.1} GB/s; cuMemcpyDtoH pinned {:.1} GB/s ({:.0}%), pageable {:.1} GB/s ({:.1}x)",
+            base[1],
+            d2h / base[1] * 100.0,
+            base[3],
+            d2h / base[3]
+        );
+    }
 
     // 2. Defragment on cuda:0: 64 allocations of 512 MiB, every other freed (16 GiB move).
     let mut ids = Vec::new();

@@ -67,7 +67,13 @@ pub struct Settings {
     pub shm_dir: PathBuf,
     /// Do not look for GPUs.
     pub no_gpu: bool,
+    /// Bytes of page-locked host memory for `cpu` allocations of type `Staging` when there is
+    /// a GPU (default [`DEFAULT_PINNED_POOL`], at most a quarter of the `cpu` budget; 0: none).
+    pub pinned_pool: Option<u64>,
 }
+
+/// The default pinned pool beside a GPU.
+pub const DEFAULT_PINNED_POOL: u64 = 2 << 30;
 
 impl Default for Settings {
     fn default() -> Self {
@@ -76,6 +82,7 @@ impl Default for Settings {
             max_line_bytes: 1 << 20,
             shm_dir: PathBuf::from("/dev/shm"),
             no_gpu: false,
+            pinned_pool: None,
         }
     }
 }
@@ -170,6 +177,7 @@ impl Settings {
         if self.no_gpu {
             return Ok(devices);
         }
+        let mut pool_made = false;
         match cuda::probe() {
             Ok(gpus) => {
                 for gpu in gpus {
@@ -184,10 +192,17 @@ impl Settings {
                         gpu.name.clone(),
                         budget.saturating_add(budget / 4),
                     ) {
-                        Ok(backend) => devices.push(DeviceSetup {
-                            backend: Box::new(backend),
-                            budget,
-                        }),
+                        Ok(backend) => {
+                            if !pool_made {
+                                pool_made = true;
+                                self.attach_pinned_pool(&backend, &mut devices);
+                            }
+                            devices.push(DeviceSetup {
+                                backend: Box::new(backend),
+                                budget,
+                                pinned: None,
+                            });
+                        }
                         Err(e) => tracing::warn!("{id} ({}) is not used: {e}", gpu.name),
                     }
                 }
@@ -200,6 +215,23 @@ impl Settings {
             }
         }
         Ok(devices)
+    }
+
+    fn attach_pinned_pool(&self, gpu: &cuda::CudaBackend, devices: &mut [DeviceSetup]) {
+        let Some(cpu) = devices.iter_mut().find(|d| d.backend.device_id() == "cpu") else {
+            return;
+        };
+        let len = self
+            .pinned_pool
+            .unwrap_or(DEFAULT_PINNED_POOL)
+            .min(cpu.budget / 4);
+        if len == 0 {
+            return;
+        }
+        match gpu.pinned_pool(len) {
+            Ok(pool) => cpu.pinned = Some(Box::new(pool)),
+            Err(e) => tracing::warn!("no pinned pool for Staging allocations: {e}"),
+        }
     }
 
     /// Creates the host devices with their budgets.
@@ -223,7 +255,11 @@ impl Settings {
                 _ => Box::new(ShmBackend::new(&self.shm_dir, range)?),
             };
             tracing::debug!("{device}: budget {}", format_bytes(budget));
-            devices.push(DeviceSetup { backend, budget });
+            devices.push(DeviceSetup {
+                backend,
+                budget,
+                pinned: None,
+            });
         }
         Ok(devices)
     }

@@ -75,6 +75,10 @@ struct DeviceArgs {
     /// Serve host memory only: do not look for GPUs.
     #[arg(long)]
     no_gpu: bool,
+    /// Page-locked host memory for `cpu` allocations of type Staging beside a GPU (transfers
+    /// from and to it need no staging copy). Default 2GiB, at most a quarter of the cpu budget.
+    #[arg(long, value_name = "SIZE")]
+    pinned_pool: Option<String>,
 }
 
 impl DeviceArgs {
@@ -87,6 +91,12 @@ impl DeviceArgs {
             s.set_budget(b)?;
         }
         s.no_gpu |= self.no_gpu;
+        if let Some(size) = &self.pinned_pool {
+            s.pinned_pool = Some(
+                memcoord::units::parse_size(size)
+                    .map_err(|e| ConfigError::Budget(format!("--pinned-pool: {e}")))?,
+            );
+        }
         Ok(s)
     }
 }

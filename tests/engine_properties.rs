@@ -95,6 +95,7 @@ proptest! {
         let mut e = AllocationEngine::new(vec![DeviceSetup {
             backend: Box::new(CpuBackend::new(BUDGET + BUDGET / 4).unwrap()),
             budget: BUDGET,
+            pinned: None,
         }]);
         let mut live: Vec<Live> = Vec::new();
         let mut seed = 0u64;
@@ -158,6 +159,7 @@ proptest! {
         let mut e = AllocationEngine::new(vec![DeviceSetup {
             backend: Box::new(CpuBackend::new(BUDGET + BUDGET / 4).unwrap()),
             budget: BUDGET,
+            pinned: None,
         }]);
         let mut ids = Vec::new();
         for (i, size) in sizes.iter().enumerate() {

@@ -30,9 +30,13 @@ fn service() -> Option<MemoryService> {
 }
 
 fn allocate(svc: &MemoryService, device: &str, size: u64) -> String {
+    allocate_kind(svc, device, size, "General")
+}
+
+fn allocate_kind(svc: &MemoryService, device: &str, size: u64, kind: &str) -> String {
     let req = AllocateRequest::parse(Some(
         &RawValue::from_string(format!(
-            r#"{{"device_id":"{device}","size_bytes":{size},"timeout_seconds":0}}"#
+            r#"{{"device_id":"{device}","size_bytes":{size},"timeout_seconds":0,"allocation_type":"{kind}"}}"#
         ))
         .unwrap(),
     ))
@@ -116,6 +120,26 @@ fn vram_allocations_defragment_transfers_and_page_release() {
     free(&svc, &shm_copy);
     free(&svc, &gpu_copy);
     free(&svc, &id);
+
+    // Staging allocations on cpu come from the pinned pool; their transfers go straight to
+    // the DMA engine. Verified both ways.
+    let staged = allocate_kind(&svc, "cpu", 96 * MIB + 5, "Staging");
+    let sdata = pattern(7, (96 * MIB + 5) as usize);
+    svc.write(&staged, 0, &sdata).unwrap();
+    let usage = svc
+        .get_usage(&DeviceRequest {
+            device_id: "cpu".into(),
+        })
+        .unwrap();
+    assert!(
+        usage.reserved_bytes >= 1 << 30,
+        "the pinned pool counts as held: {usage:?}"
+    );
+    transfer(&svc, &staged, "cpu", "cuda:0", TransferMode::Move);
+    check(&svc, &staged, &sdata, "cpu (pinned) -> cuda:0");
+    transfer(&svc, &staged, "cuda:0", "cpu", TransferMode::Move);
+    check(&svc, &staged, &sdata, "cuda:0 -> cpu (pinned)");
+    free(&svc, &staged);
 
     // 3. Defragment with verification, including overlapping moves.
     let mut live = Vec::new();

@@ -83,10 +83,12 @@ fn service(device: TestDevice) -> MemoryService {
             DeviceSetup {
                 backend: Box::new(CpuBackend::new(1024 * MIB).unwrap()),
                 budget: 800 * MIB,
+                pinned: None,
             },
             DeviceSetup {
                 backend: Box::new(device),
                 budget: 800 * MIB,
+                pinned: None,
             },
         ]),
         MIB,

@@ -130,6 +130,85 @@ unsafe impl Send for Gpu {}
 
 type Job = Box<dyn FnOnce(&mut Gpu) + Send>;
 
+/// Host ranges `(address, length)` that are page-locked (pinned pools): copies from or into
+/// them go straight to the DMA engine, without staging.
+static PINNED: std::sync::Mutex<Vec<(usize, usize)>> = std::sync::Mutex::new(Vec::new());
+
+fn is_pinned(ptr: usize, len: usize) -> bool {
+    PINNED
+        .lock()
+        .map(|p| p.iter().any(|&(a, l)| ptr >= a && ptr + len <= a + l))
+        .unwrap_or(false)
+}
+
+/// Page-locked host memory (cuMemHostAlloc, portable to every context) serving `cpu`
+/// allocations of type `Staging`: transfers between it and a GPU run at the link's speed.
+pub struct PinnedPool {
+    ptr: usize,
+    len: u64,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Drop for PinnedPool {
+    fn drop(&mut self) {
+        if let Ok(mut p) = PINNED.lock() {
+            p.retain(|&(a, _)| a != self.ptr);
+        }
+        let ptr = self.ptr;
+        // SAFETY: frees the pool allocated in `CudaBackend::pinned_pool`; nothing refers to it
+        // any more (its arena is being dropped).
+        let _ = self.jobs.send(Box::new(move |_| unsafe {
+            sys::cuMemFreeHost(ptr as *mut _);
+        }));
+    }
+}
+
+impl Backend for PinnedPool {
+    fn device_id(&self) -> &str {
+        "cpu"
+    }
+    fn name(&self) -> &str {
+        "Host RAM, pinned pool"
+    }
+    fn memory_type(&self) -> MemoryType {
+        MemoryType::RAM
+    }
+    fn capacity(&mut self) -> Capacity {
+        super::meminfo()
+    }
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn page_size(&self) -> u64 {
+        4096
+    }
+    fn commit(&mut self, _offset: u64, _len: u64) -> Result<(), BackendError> {
+        Ok(()) // the whole pool is resident and locked from the start
+    }
+    fn release(&mut self, _offset: u64, _len: u64) {}
+    fn host_slice(&self, offset: u64, len: u64) -> Option<&[u8]> {
+        if offset.checked_add(len)? > self.len {
+            return None;
+        }
+        // SAFETY: inside the pool, which lives as long as `self`; shared borrow of `self`.
+        Some(unsafe {
+            std::slice::from_raw_parts((self.ptr + offset as usize) as *const u8, len as usize)
+        })
+    }
+    fn host_slice_mut(&mut self, offset: u64, len: u64) -> Option<&mut [u8]> {
+        if offset.checked_add(len)? > self.len {
+            return None;
+        }
+        // SAFETY: inside the pool, which lives as long as `self`; exclusive borrow of `self`.
+        Some(unsafe {
+            std::slice::from_raw_parts_mut((self.ptr + offset as usize) as *mut u8, len as usize)
+        })
+    }
+    fn handle(&self, _offset: u64) -> Option<MemoryHandle> {
+        None
+    }
+}
+
 /// A GPU's VRAM as a backend. Calls are carried out on the GPU's dedicated thread.
 pub struct CudaBackend {
     id: String,
@@ -381,6 +460,23 @@ impl Gpu {
     /// Device to host through the staging ring: DMAs run up to [`STAGING_SLOTS`] chunks ahead
     /// of the host copies out of staging.
     fn read(&mut self, offset: u64, dst: *mut u8, len: usize) -> Result<(), BackendError> {
+        if is_pinned(dst as usize, len) {
+            // SAFETY: page-locked destination valid for `len` (the caller's, outliving this call).
+            return unsafe {
+                check(
+                    sys::cuMemcpyDtoHAsync_v2(dst as *mut _, self.base + offset, len, self.stream),
+                    "cuMemcpyDtoHAsync",
+                    &self.id,
+                )
+                .and_then(|()| {
+                    check(
+                        sys::cuStreamSynchronize(self.stream),
+                        "cuStreamSynchronize",
+                        &self.id,
+                    )
+                })
+            };
+        }
         let chunks: Vec<(usize, usize)> = (0..len.div_ceil(STAGING_BYTES))
             .map(|k| {
                 (
@@ -414,6 +510,28 @@ impl Gpu {
     /// Host to device through the staging ring: the host copy of a chunk overlaps the DMAs of
     /// the chunks before it.
     fn write(&mut self, offset: u64, src: *const u8, len: usize) -> Result<(), BackendError> {
+        if is_pinned(src as usize, len) {
+            // SAFETY: page-locked source valid for `len` (the caller's, outliving this call).
+            return unsafe {
+                check(
+                    sys::cuMemcpyHtoDAsync_v2(
+                        self.base + offset,
+                        src as *const _,
+                        len,
+                        self.stream,
+                    ),
+                    "cuMemcpyHtoDAsync",
+                    &self.id,
+                )
+                .and_then(|()| {
+                    check(
+                        sys::cuStreamSynchronize(self.stream),
+                        "cuStreamSynchronize",
+                        &self.id,
+                    )
+                })
+            };
+        }
         let mut done = 0usize;
         let mut i = 0usize;
         while done < len {
@@ -636,6 +754,35 @@ impl CudaBackend {
                 message: "panicked on the GPU thread".into(),
             }),
         }
+    }
+}
+
+impl CudaBackend {
+    /// Allocates a pool of `len` bytes of page-locked host memory through this GPU's context
+    /// (portable: every context may DMA from it).
+    pub fn pinned_pool(&self, len: u64) -> Result<PinnedPool, BackendError> {
+        let id = self.id.clone();
+        let ptr = self.call(move |_| {
+            let mut p = std::ptr::null_mut();
+            // SAFETY: allocates host memory with an out-pointer to a local.
+            unsafe {
+                check(
+                    sys::cuMemHostAlloc(&mut p, len as usize, sys::CU_MEMHOSTALLOC_PORTABLE),
+                    "cuMemHostAlloc (pinned pool)",
+                    &id,
+                )
+                .map(|()| p as usize)
+            }
+        })??;
+        if let Ok(mut p) = PINNED.lock() {
+            p.push((ptr, len as usize));
+        }
+        let jobs = self.jobs.clone().ok_or_else(|| BackendError::Device {
+            device: self.id.clone(),
+            what: "pinned pool",
+            message: "the GPU thread is gone".into(),
+        })?;
+        Ok(PinnedPool { ptr, len, jobs })
     }
 }
 

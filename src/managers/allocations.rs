@@ -95,6 +95,9 @@ pub struct DeviceSetup {
     pub backend: Box<dyn Backend>,
     /// The most bytes (allocations plus reservations) the service may hold on it.
     pub budget: u64,
+    /// Page-locked host memory serving this (host) device's `Staging` allocations, so their
+    /// transfers to and from GPUs need no staging copy.
+    pub pinned: Option<Box<dyn Backend>>,
 }
 
 /// What to allocate.
@@ -116,6 +119,8 @@ pub struct AllocationSpec {
 
 struct Device {
     arena: Arena,
+    /// Page-locked memory for `Staging` allocations (host devices beside a GPU).
+    pinned: Option<Arena>,
     budget: u64,
     allocated: u64,
     reservation: u64,
@@ -131,6 +136,25 @@ struct Device {
 }
 
 impl Device {
+    fn arena(&self, pool: bool) -> &Arena {
+        match (&self.pinned, pool) {
+            (Some(p), true) => p,
+            _ => &self.arena,
+        }
+    }
+
+    fn arena_mut(&mut self, pool: bool) -> &mut Arena {
+        match (&mut self.pinned, pool) {
+            (Some(p), true) => p,
+            _ => &mut self.arena,
+        }
+    }
+
+    /// Bytes held from the system: backed pages, and the whole pinned pool.
+    fn reserved(&self) -> u64 {
+        self.arena.backed_bytes() + self.pinned.as_ref().map_or(0, |p| p.backend().len())
+    }
+
     fn charged(&self) -> u64 {
         self.allocated + self.reservation
     }
@@ -154,7 +178,7 @@ impl Device {
 
     fn note_peaks(&mut self) {
         self.peak_allocated = self.peak_allocated.max(self.allocated);
-        self.peak_reserved = self.peak_reserved.max(self.arena.backed_bytes());
+        self.peak_reserved = self.peak_reserved.max(self.reserved());
     }
 }
 
@@ -178,6 +202,8 @@ struct Record {
     busy: bool,
     /// The destination of a transfer in progress: not listed until it completes.
     hidden: bool,
+    /// Lives in the device's pinned pool.
+    pool: bool,
 }
 
 impl HasId for Record {
@@ -274,6 +300,7 @@ impl AllocationEngine {
                 .into_iter()
                 .map(|d| Device {
                     arena: Arena::new(d.backend),
+                    pinned: d.pinned.map(Arena::new),
                     budget: d.budget,
                     allocated: 0,
                     reservation: 0,
@@ -385,8 +412,18 @@ impl AllocationEngine {
             return Err(no_room(dev, available, None));
         }
         let mut pending = None;
+        let mut pool = false;
+        let pooled = match (&mut dev.pinned, spec.kind) {
+            (Some(pinned), MemoryAllocationType::Staging) => {
+                pinned.allocate(spec.size, spec.alignment).ok()
+            }
+            _ => None,
+        };
         let placement = if spec.kind == MemoryAllocationType::Reservation {
             None
+        } else if let Some(p) = pooled {
+            pool = true;
+            Some(p)
         } else {
             let placed = if defer {
                 dev.arena
@@ -442,6 +479,7 @@ impl AllocationEngine {
             },
             busy: pending.is_some(),
             hidden: pending.is_some(),
+            pool,
         };
         self.next_seq += 1;
         self.records.insert(slot, record);
@@ -510,7 +548,7 @@ impl AllocationEngine {
         let dev = &mut self.devices[record.device as usize];
         match &record.placement {
             Some(p) => {
-                dev.arena.free(p);
+                dev.arena_mut(record.pool).free(p);
                 dev.allocated -= record.size;
             }
             None => dev.reservation -= record.size,
@@ -608,7 +646,7 @@ impl AllocationEngine {
         let mut pinned_count = 0;
         let mut placements: Vec<(&mut Placement, bool)> = Vec::new();
         for r in self.records.iter_mut() {
-            if r.device as usize != device {
+            if r.device as usize != device || r.pool {
                 continue;
             }
             let pinned_here = r.persistent || r.busy || pinned.contains(&r.id);
@@ -722,6 +760,7 @@ impl AllocationEngine {
         let s = self.records.get(src_id).ok_or_else(gone)?;
         let d = self.records.get(dst_id).ok_or_else(gone)?;
         let (sd, dd) = (s.device as usize, d.device as usize);
+        let (s_pool, d_pool) = (s.pool, d.pool);
         let (sp, dp) = (s.placement.ok_or_else(gone)?, d.placement.ok_or_else(gone)?);
         if sd == dd || offset + len > s.size {
             return Err(EngineError::InvalidTransfer("bad transfer chunk".into()));
@@ -735,8 +774,8 @@ impl AllocationEngine {
             let (a, b) = self.devices.split_at_mut(sd);
             (&b[0], &mut a[dd])
         };
-        let src_backend = src_dev.arena.backend();
-        let dst_backend = dst_dev.arena.backend_mut();
+        let src_backend = src_dev.arena(s_pool).backend();
+        let dst_backend = dst_dev.arena_mut(d_pool).backend_mut();
         if let Some(bytes) = src_backend.host_slice(so, len) {
             dst_backend.write(doff, bytes)?;
         } else if let Some(bytes) = dst_backend.host_slice_mut(doff, len) {
@@ -776,15 +815,17 @@ impl AllocationEngine {
         };
         let old_device = src.device as usize;
         let old_placement = src.placement;
+        let old_pool = src.pool;
         src.device = dst.device;
         src.placement = dst.placement;
+        src.pool = dst.pool;
         src.busy = false;
         let size = src.size;
         // The destination device keeps its accounting (the memory stays); the source device
         // gives its bytes back as a deallocation.
         let dev = &mut self.devices[old_device];
         if let Some(p) = old_placement {
-            dev.arena.free(&p);
+            dev.arena_mut(old_pool).free(&p);
         }
         dev.allocated -= size;
         dev.live -= 1;
@@ -833,7 +874,7 @@ impl AllocationEngine {
             handle: r
                 .placement
                 .as_ref()
-                .and_then(|p| dev.arena.backend().handle(p.offset())),
+                .and_then(|p| dev.arena(r.pool).backend().handle(p.offset())),
         }
     }
 
@@ -890,7 +931,7 @@ impl AllocationEngine {
         MemoryUsageStats {
             device_id: self.device_id(device).to_string(),
             allocated_bytes: d.allocated,
-            reserved_bytes: d.arena.backed_bytes(),
+            reserved_bytes: d.reserved(),
             peak_allocated_bytes: d.peak_allocated,
             peak_reserved_bytes: d.peak_reserved,
             reservation_bytes: d.reservation,
@@ -918,7 +959,7 @@ impl AllocationEngine {
     /// `(allocated_bytes, reserved_bytes)` of a device, without building a report.
     pub fn usage_counters(&self, device: usize) -> (u64, u64) {
         let d = &self.devices[device];
-        (d.allocated, d.arena.backed_bytes())
+        (d.allocated, d.reserved())
     }
 
     /// (allocated + reservations) / budget × 100.
@@ -991,7 +1032,7 @@ impl AllocationEngine {
         allocation_id: &str,
         offset: u64,
         len: usize,
-    ) -> Result<(usize, Placement), EngineError> {
+    ) -> Result<(usize, bool, Placement), EngineError> {
         let id = self
             .find(allocation_id)
             .ok_or_else(|| EngineError::AllocationNotFound(allocation_id.to_string()))?;
@@ -1014,7 +1055,7 @@ impl AllocationEngine {
                 r.size
             )));
         }
-        Ok((r.device as usize, p))
+        Ok((r.device as usize, r.pool, p))
     }
 
     /// Copies bytes of an allocation, from `offset` within it, into `buf`.
@@ -1024,8 +1065,8 @@ impl AllocationEngine {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(), EngineError> {
-        let (device, p) = self.placement(allocation_id, offset, buf.len())?;
-        Ok(self.devices[device].arena.read(&p, offset, buf)?)
+        let (device, pool, p) = self.placement(allocation_id, offset, buf.len())?;
+        Ok(self.devices[device].arena(pool).read(&p, offset, buf)?)
     }
 
     /// Copies `data` into an allocation, from `offset` within it.
@@ -1035,8 +1076,10 @@ impl AllocationEngine {
         offset: u64,
         data: &[u8],
     ) -> Result<(), EngineError> {
-        let (device, p) = self.placement(allocation_id, offset, data.len())?;
-        Ok(self.devices[device].arena.write(&p, offset, data)?)
+        let (device, pool, p) = self.placement(allocation_id, offset, data.len())?;
+        Ok(self.devices[device]
+            .arena_mut(pool)
+            .write(&p, offset, data)?)
     }
 }
 
@@ -1050,6 +1093,7 @@ mod tests {
         AllocationEngine::new(vec![DeviceSetup {
             backend: Box::new(CpuBackend::new(budget + budget / 4).unwrap()),
             budget,
+            pinned: None,
         }])
     }
 
