@@ -22,6 +22,7 @@ fn service() -> Option<MemoryService> {
     s.set_budget("cpu=4GiB").unwrap();
     s.set_budget("shm=2GiB").unwrap();
     s.set_budget("cuda:0=16GiB").unwrap();
+    s.set_budget("cuda:1=16GiB").unwrap();
     if let Err(reason) = memcoord::backends::cuda::probe() {
         eprintln!("skipping GPU tests: {reason}");
         return None;
@@ -140,6 +141,27 @@ fn vram_allocations_defragment_transfers_and_page_release() {
     transfer(&svc, &staged, "cuda:0", "cpu", TransferMode::Move);
     check(&svc, &staged, &sdata, "cuda:0 -> cpu (pinned)");
     free(&svc, &staged);
+
+    // Between two GPUs, where there are two: moves and copies both ways, verified.
+    if svc
+        .list_devices()
+        .devices
+        .iter()
+        .any(|d| d.device_id == "cuda:1")
+    {
+        let id = allocate(&svc, "cuda:0", 64 * MIB + 3);
+        let bytes = pattern(9, (64 * MIB + 3) as usize);
+        svc.write(&id, 0, &bytes).unwrap();
+        transfer(&svc, &id, "cuda:0", "cuda:1", TransferMode::Move);
+        check(&svc, &id, &bytes, "cuda:0 -> cuda:1");
+        let copy = transfer(&svc, &id, "cuda:1", "cuda:0", TransferMode::Copy);
+        check(&svc, &copy, &bytes, "cuda:1 -> cuda:0 (copy)");
+        free(&svc, &copy);
+        free(&svc, &id);
+        eprintln!("cuda:0 <-> cuda:1 transfers verified");
+    } else {
+        eprintln!("one GPU: cuda:0 <-> cuda:1 transfers not tested here");
+    }
 
     // 3. Defragment with verification, including overlapping moves.
     let mut live = Vec::new();
