@@ -15,7 +15,6 @@ use memcoord::managers::{AllocationEngine, AllocationSpec, Owner};
 use memcoord::protocol::MemoryAllocationType;
 use memcoord::protocol::requests::{AllocateRequest, TransferMode, TransferRequest};
 use memcoord::service::MemoryService;
-use serde_json::value::RawValue;
 use std::time::{Instant, SystemTime};
 
 const GIB: u64 = 1 << 30;
@@ -103,21 +102,11 @@ fn allocate(svc: &MemoryService, device: &str, size: u64) -> String {
 }
 
 fn allocate_kind(svc: &MemoryService, device: &str, size: u64, kind: &str) -> String {
-    let req = AllocateRequest::parse(Some(
-        &RawValue::from_string(format!(
-            r#"{{"device_id":"{device}","size_bytes":{size},"timeout_seconds":0,"allocation_type":"{kind}"}}"#
-        ))
-        .unwrap(),
-    ))
-    .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
-    rt.block_on(svc.allocate(req))
-        .unwrap()
-        .allocation
-        .allocation_id
+    let req = AllocateRequest {
+        allocation_type: MemoryAllocationType::from_name(kind).unwrap(),
+        ..AllocateRequest::new(device, size)
+    };
+    svc.allocate_now(req).unwrap().allocation.allocation_id
 }
 
 fn transfer_gbps(svc: &MemoryService, id: &str, from: &str, to: &str) -> f64 {

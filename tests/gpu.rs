@@ -6,13 +6,13 @@ mod common;
 
 use common::pattern;
 use memcoord::config::Settings;
+use memcoord::protocol::MemoryAllocationType;
 use memcoord::protocol::requests::{
     AllocateRequest, DeallocateRequest, DeviceRequest, OptimizeRequest, TransferMode,
     TransferRequest,
 };
 use memcoord::protocol::{MemoryOptimizationType, TransferStatus};
 use memcoord::service::MemoryService;
-use serde_json::value::RawValue;
 use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
@@ -35,21 +35,11 @@ fn allocate(svc: &MemoryService, device: &str, size: u64) -> String {
 }
 
 fn allocate_kind(svc: &MemoryService, device: &str, size: u64, kind: &str) -> String {
-    let req = AllocateRequest::parse(Some(
-        &RawValue::from_string(format!(
-            r#"{{"device_id":"{device}","size_bytes":{size},"timeout_seconds":0,"allocation_type":"{kind}"}}"#
-        ))
-        .unwrap(),
-    ))
-    .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
-    rt.block_on(svc.allocate(req))
-        .unwrap()
-        .allocation
-        .allocation_id
+    let req = AllocateRequest {
+        allocation_type: MemoryAllocationType::from_name(kind).unwrap(),
+        ..AllocateRequest::new(device, size)
+    };
+    svc.allocate_now(req).unwrap().allocation.allocation_id
 }
 
 fn free(svc: &MemoryService, id: &str) {

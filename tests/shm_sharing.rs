@@ -14,18 +14,7 @@ fn service() -> MemoryService {
 }
 
 fn allocate(svc: &MemoryService, size: u64) -> (String, String, u64) {
-    let req = AllocateRequest::parse(Some(
-        &serde_json::value::RawValue::from_string(format!(
-            r#"{{"device_id":"shm","size_bytes":{size},"timeout_seconds":0}}"#
-        ))
-        .unwrap(),
-    ))
-    .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
-    let resp = rt.block_on(svc.allocate(req)).unwrap();
+    let resp = svc.allocate_now(AllocateRequest::new("shm", size)).unwrap();
     let h = resp
         .allocation
         .handle

@@ -95,19 +95,8 @@ fn service(device: TestDevice) -> MemoryService {
     )
 }
 
-fn allocate(svc: &MemoryService, size: u64, extra: &str) -> String {
-    let req = AllocateRequest::parse(Some(
-        &serde_json::value::RawValue::from_string(format!(
-            r#"{{"device_id":"cpu","size_bytes":{size},"timeout_seconds":0{extra}}}"#
-        ))
-        .unwrap(),
-    ))
-    .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
-    rt.block_on(svc.allocate(req))
+fn allocate(svc: &MemoryService, size: u64) -> String {
+    svc.allocate_now(AllocateRequest::new("cpu", size))
         .unwrap()
         .allocation
         .allocation_id
@@ -137,8 +126,8 @@ fn an_allocation_in_transfer_is_in_use_until_the_transfer_ends() {
         write_delay: Duration::from_millis(50),
         started: Some(started_tx),
     }));
-    let _before = allocate(&svc, 4 * MIB, "");
-    let id = allocate(&svc, 8 * MIB, "");
+    let _before = allocate(&svc, 4 * MIB);
+    let id = allocate(&svc, 8 * MIB);
     let bytes = data(8 * MIB);
     svc.write(&id, 0, &bytes).unwrap();
     let started = svc.start_transfer(&to_test(&id)).unwrap();
@@ -192,7 +181,7 @@ fn a_failed_transfer_leaves_the_source_intact_and_frees_the_destination() {
         started: None,
     });
     let size = 6 * MIB;
-    let id = allocate(&svc, size, "");
+    let id = allocate(&svc, size);
     let bytes = data(size);
     svc.write(&id, 0, &bytes).unwrap();
 

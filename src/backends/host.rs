@@ -53,6 +53,17 @@ struct MappingCommitter {
     device: &'static str,
 }
 
+impl MappingCommitter {
+    fn of(map: &MmapMut, page: u64, device: &'static str) -> std::sync::Arc<dyn super::Committer> {
+        std::sync::Arc::new(MappingCommitter {
+            base: map.as_ptr() as usize,
+            len: map.len() as u64,
+            page,
+            device,
+        })
+    }
+}
+
 impl super::Committer for MappingCommitter {
     fn commit(&self, offset: u64, len: u64) -> Result<(), BackendError> {
         if offset.checked_add(len).is_none_or(|end| end > self.len) {
@@ -162,12 +173,7 @@ impl Backend for CpuBackend {
         self.map.get_mut(offset as usize..(offset + len) as usize)
     }
     fn committer(&self) -> Option<std::sync::Arc<dyn super::Committer>> {
-        Some(std::sync::Arc::new(MappingCommitter {
-            base: self.map.as_ptr() as usize,
-            len: self.map.len() as u64,
-            page: self.page,
-            device: "cpu",
-        }))
+        Some(MappingCommitter::of(&self.map, self.page, "cpu"))
     }
     fn handle(&self, _offset: u64) -> Option<MemoryHandle> {
         None
@@ -326,12 +332,7 @@ impl Backend for ShmBackend {
         self.map.get_mut(offset as usize..(offset + len) as usize)
     }
     fn committer(&self) -> Option<std::sync::Arc<dyn super::Committer>> {
-        Some(std::sync::Arc::new(MappingCommitter {
-            base: self.map.as_ptr() as usize,
-            len: self.map.len() as u64,
-            page: self.page,
-            device: "shm",
-        }))
+        Some(MappingCommitter::of(&self.map, self.page, "shm"))
     }
     fn handle(&self, offset: u64) -> Option<MemoryHandle> {
         Some(MemoryHandle {

@@ -219,7 +219,8 @@ impl Arena {
         }
     }
 
-    fn try_allocate(&mut self, size: u64, alignment: u64) -> Result<Placement, ArenaError> {
+    /// Finds room for `size` bytes at a multiple of `alignment` (0 = default); no pages yet.
+    fn place_block(&mut self, size: u64, alignment: u64) -> Result<Placement, ArenaError> {
         let align = alignment.max(self.unit);
         let units = u32::try_from(size.div_ceil(self.unit)).map_err(|_| ArenaError::NoSpace)?;
         let align_units = u32::try_from(align / self.unit).map_err(|_| ArenaError::NoSpace)?;
@@ -227,11 +228,16 @@ impl Arena {
             .tlsf
             .allocate_aligned(units, align_units)
             .ok_or(ArenaError::NoSpace)?;
-        let placement = Placement {
+        Ok(Placement {
             block,
             align_log2: align.trailing_zeros() as u8,
             unit_log2: self.unit.trailing_zeros() as u8,
-        };
+        })
+    }
+
+    fn try_allocate(&mut self, size: u64, alignment: u64) -> Result<Placement, ArenaError> {
+        let placement = self.place_block(size, alignment)?;
+        let block = placement.block;
         let (start, len) = self.block_range(&block);
         if let Some((first, last)) = self.acquire_pages(start, len)
             && let Err(e) = self.back(first, last)
@@ -252,18 +258,8 @@ impl Arena {
         size: u64,
         alignment: u64,
     ) -> Result<(Placement, Vec<(u64, u64)>), ArenaError> {
-        let align = alignment.max(self.unit);
-        let units = u32::try_from(size.div_ceil(self.unit)).map_err(|_| ArenaError::NoSpace)?;
-        let align_units = u32::try_from(align / self.unit).map_err(|_| ArenaError::NoSpace)?;
-        let block = self
-            .tlsf
-            .allocate_aligned(units, align_units)
-            .ok_or(ArenaError::NoSpace)?;
-        let placement = Placement {
-            block,
-            align_log2: align.trailing_zeros() as u8,
-            unit_log2: self.unit.trailing_zeros() as u8,
-        };
+        let placement = self.place_block(size, alignment)?;
+        let block = placement.block;
         let (start, len) = self.block_range(&block);
         let mut runs = Vec::new();
         if let Some((first, last)) = self.acquire_pages(start, len) {

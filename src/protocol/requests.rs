@@ -212,6 +212,20 @@ pub struct AllocateRequest {
 }
 
 impl AllocateRequest {
+    /// A request with the contract's defaults: General, device alignment, no purpose, not
+    /// persistent, 30 s timeout (for library callers; change fields as needed).
+    pub fn new(device_id: impl Into<String>, size_bytes: u64) -> Self {
+        AllocateRequest {
+            device_id: device_id.into(),
+            size_bytes,
+            allocation_type: MemoryAllocationType::General,
+            alignment: 0,
+            purpose: String::new(),
+            persistent: false,
+            timeout_seconds: 30.0,
+        }
+    }
+
     /// Parses and checks `data`.
     pub fn parse(data: Option<&RawValue>) -> Result<Self, ProtocolError> {
         let w: AllocateWire = parse_data(data)?;

@@ -333,6 +333,38 @@ impl MemoryService {
         }
     }
 
+    /// `memory.allocate` without waiting for room (no room is OUT_OF_MEMORY at once), for
+    /// library callers outside an async runtime.
+    pub fn allocate_now(
+        &self,
+        req: AllocateRequest,
+    ) -> Result<AllocateMemoryResponse, ProtocolError> {
+        let started = Instant::now();
+        let no_room = |req: &AllocateRequest| {
+            ProtocolError::new(
+                ErrorCode::OutOfMemory,
+                format!(
+                    "{}: requested {}, not available now",
+                    req.device_id,
+                    format_bytes(req.size_bytes)
+                ),
+            )
+        };
+        let attempt = match self.try_allocate(req, started) {
+            TryAllocate::Large(req) => self.allocate_large(req, started),
+            other => other,
+        };
+        match attempt {
+            TryAllocate::Ready(r) => r,
+            TryAllocate::MustWait(req) | TryAllocate::Large(req) => {
+                let mut e = self.engine.lock();
+                let d = e.device_index(&req.device_id)?;
+                e.record_failure(d);
+                Err(no_room(&req))
+            }
+        }
+    }
+
     /// Waits for room (woken by every free) until the request's deadline, then allocates.
     pub async fn wait_and_allocate(
         &self,
