@@ -32,6 +32,9 @@ enum Command {
         /// Lines longer than this many bytes are answered REQUEST_TOO_LARGE.
         #[arg(long, value_name = "BYTES")]
         max_line_bytes: Option<usize>,
+        /// The folder `memory.model_load` paths are relative to (and must stay inside).
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        model_root: PathBuf,
     },
     /// Replay an allocation trace (one JSON op a line) through the engine and report speed,
     /// peak allocated and reserved bytes, and fragmentation at the peak.
@@ -110,12 +113,16 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Worker {
             devices,
             max_line_bytes,
+            model_root,
         } => {
             let settings = devices.settings().map_err(|e| e.to_string())?;
             let options = WorkerOptions {
                 max_line_bytes: max_line_bytes.unwrap_or(settings.max_line_bytes),
             };
-            let service = service(&settings).map_err(|e| e.to_string())?;
+            let service = Arc::new(
+                MemoryService::new(settings.devices().map_err(|e| e.to_string())?)
+                    .with_model_root(model_root),
+            );
             if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
                 show_transfer_progress(Arc::clone(&service));
             }

@@ -704,11 +704,6 @@ fn a_size_over_the_budget_fails_at_once() {
 fn planned_actions_answer_unknown_action() {
     let mut w = Worker::small();
     for action in [
-        "memory.model_load",
-        "memory.model_unload",
-        "memory.model_acquire",
-        "memory.model_release",
-        "memory.model_status",
         "memory.model_optimize",
         "memory.get_pressure",
         "memory.analytics",

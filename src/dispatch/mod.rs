@@ -5,7 +5,8 @@
 use crate::protocol::envelope::{parse_request, write_error, write_success};
 use crate::protocol::requests::{
     AllocateRequest, ClearRequest, DeallocateRequest, DeviceRequest, GetAllocationsRequest,
-    GetStatusRequest, OptimizeRequest, TransferIdRequest, TransferRequest,
+    GetStatusRequest, LeaseRequest, ModelLoadRequest, ModelRequest, ModelStatusRequest,
+    OptimizeRequest, TransferIdRequest, TransferRequest,
 };
 use crate::protocol::{ErrorCode, OptimizeResponse, ProtocolError};
 use crate::service::{MemoryService, TryAllocate};
@@ -41,17 +42,22 @@ pub enum Action {
     Transfer,
     /// `memory.get_transfer`
     GetTransfer,
+    /// `memory.model_load`
+    ModelLoad,
+    /// `memory.model_unload`
+    ModelUnload,
+    /// `memory.model_acquire`
+    ModelAcquire,
+    /// `memory.model_release`
+    ModelRelease,
+    /// `memory.model_status`
+    ModelStatus,
     /// An action of the contract that a later version carries out.
     NotYet(&'static str),
 }
 
 /// Actions of the contract that this version does not carry out yet.
-pub const PLANNED_ACTIONS: [&str; 9] = [
-    "memory.model_load",
-    "memory.model_unload",
-    "memory.model_acquire",
-    "memory.model_release",
-    "memory.model_status",
+pub const PLANNED_ACTIONS: [&str; 4] = [
     "memory.model_optimize",
     "memory.get_pressure",
     "memory.analytics",
@@ -73,6 +79,11 @@ impl Action {
             "memory.optimize" => Action::Optimize,
             "memory.transfer" => Action::Transfer,
             "memory.get_transfer" => Action::GetTransfer,
+            "memory.model_load" => Action::ModelLoad,
+            "memory.model_unload" => Action::ModelUnload,
+            "memory.model_acquire" => Action::ModelAcquire,
+            "memory.model_release" => Action::ModelRelease,
+            "memory.model_status" => Action::ModelStatus,
             other => Action::NotYet(PLANNED_ACTIONS.iter().find(|a| **a == other)?),
         })
     }
@@ -328,6 +339,34 @@ impl Dispatcher {
                 out,
                 id,
                 TransferIdRequest::parse(data).and_then(|r| s.get_transfer(&r.transfer_id)),
+            ),
+            Action::ModelLoad => match ModelLoadRequest::parse(data) {
+                // Reading the file and copying its tensors takes a while: off this thread.
+                Ok(r) => {
+                    let service = Arc::clone(s);
+                    return Some(on_blocking_thread(id, move || service.model_load(&r)));
+                }
+                Err(e) => write_error(out, Some(id), &e),
+            },
+            Action::ModelUnload => respond(
+                out,
+                id,
+                ModelRequest::parse(data).and_then(|r| s.model_unload(&r)),
+            ),
+            Action::ModelAcquire => respond(
+                out,
+                id,
+                ModelRequest::parse(data).and_then(|r| s.model_acquire(&r)),
+            ),
+            Action::ModelRelease => respond(
+                out,
+                id,
+                LeaseRequest::parse(data).and_then(|r| s.model_release(&r)),
+            ),
+            Action::ModelStatus => respond(
+                out,
+                id,
+                ModelStatusRequest::parse(data).and_then(|r| s.model_status(&r)),
             ),
             Action::NotYet(name) => {
                 let e = ProtocolError::new(

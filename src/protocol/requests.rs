@@ -450,6 +450,129 @@ impl TransferIdRequest {
     }
 }
 
+#[derive(Deserialize)]
+struct ModelLoadWire {
+    model_name: Option<String>,
+    path: Option<String>,
+    device_id: Option<String>,
+    keep_alive_seconds: Option<f64>,
+    timeout_seconds: Option<f64>,
+}
+
+/// `memory.model_load`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelLoadRequest {
+    /// The host's name for the model.
+    pub model_name: String,
+    /// A .safetensors file under the model root.
+    pub path: String,
+    /// Where to load it.
+    pub device_id: String,
+    /// Idle seconds before it may be unloaded; `None` = until evicted.
+    pub keep_alive_seconds: Option<f64>,
+    /// How long to wait for room (0..3600, default 30).
+    pub timeout_seconds: f64,
+}
+
+impl ModelLoadRequest {
+    /// Parses and checks `data`.
+    pub fn parse(data: Option<&RawValue>) -> Result<Self, ProtocolError> {
+        let w: ModelLoadWire = parse_data(data)?;
+        if let Some(k) = w.keep_alive_seconds
+            && k < 0.0
+        {
+            return Err(ProtocolError::invalid_parameter(format!(
+                "field `keep_alive_seconds` must be ≥ 0, got {k}"
+            )));
+        }
+        Ok(ModelLoadRequest {
+            model_name: non_empty(w.model_name, "model_name")?,
+            path: non_empty(w.path, "path")?,
+            device_id: non_empty(w.device_id, "device_id")?,
+            keep_alive_seconds: w.keep_alive_seconds,
+            timeout_seconds: check_timeout(w.timeout_seconds, 30.0)?,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct ModelNameWire {
+    model_name: Option<String>,
+    force: Option<bool>,
+    timeout_seconds: Option<f64>,
+}
+
+/// `memory.model_unload` and `memory.model_acquire`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelRequest {
+    /// The model.
+    pub model_name: String,
+    /// Unload even if leased or loading.
+    pub force: bool,
+    /// Acquire: how long to wait for room to bring it back (0..3600, default 30).
+    pub timeout_seconds: f64,
+}
+
+impl ModelRequest {
+    /// Parses and checks `data`.
+    pub fn parse(data: Option<&RawValue>) -> Result<Self, ProtocolError> {
+        let w: ModelNameWire = parse_data(data)?;
+        Ok(ModelRequest {
+            model_name: non_empty(w.model_name, "model_name")?,
+            force: w.force.unwrap_or(false),
+            timeout_seconds: check_timeout(w.timeout_seconds, 30.0)?,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct LeaseWire {
+    lease_id: Option<String>,
+}
+
+/// `memory.model_release`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseRequest {
+    /// The lease.
+    pub lease_id: String,
+}
+
+impl LeaseRequest {
+    /// Parses and checks `data`.
+    pub fn parse(data: Option<&RawValue>) -> Result<Self, ProtocolError> {
+        let w: LeaseWire = parse_data(data)?;
+        Ok(LeaseRequest {
+            lease_id: non_empty(w.lease_id, "lease_id")?,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct ModelStatusWire {
+    device_id: Option<String>,
+    model_name: Option<String>,
+}
+
+/// `memory.model_status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelStatusRequest {
+    /// Only models whose home is this device.
+    pub device_id: Option<String>,
+    /// Only this model (unknown: MODEL_NOT_FOUND).
+    pub model_name: Option<String>,
+}
+
+impl ModelStatusRequest {
+    /// Parses and checks `data`.
+    pub fn parse(data: Option<&RawValue>) -> Result<Self, ProtocolError> {
+        let w: ModelStatusWire = parse_data(data)?;
+        Ok(ModelStatusRequest {
+            device_id: w.device_id,
+            model_name: w.model_name,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -284,3 +284,68 @@ pub struct MemoryTransfer {
     /// Why it failed.
     pub error_message: Option<String>,
 }
+
+/// A model as `memory.model_*` report it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    /// The host's name for it.
+    pub model_name: String,
+    /// Its home device.
+    pub device_id: String,
+    /// Where its bytes are now (the home device, or `cpu` while Offloaded).
+    pub resident_device_id: String,
+    /// Loading, Loaded, Offloaded, Unloading.
+    pub state: super::enums::ModelState,
+    /// Bytes of its tensors.
+    pub size_bytes: u64,
+    /// Tensors in its file.
+    pub tensor_count: u64,
+    /// The file it was loaded from.
+    pub path: String,
+    /// When it was loaded.
+    pub loaded_at: Timestamp,
+    /// When it was last loaded, acquired or released.
+    pub last_used_at: Timestamp,
+    /// Idle seconds before it may be unloaded; null = until evicted.
+    pub keep_alive_seconds: Option<f64>,
+    /// How long the load took.
+    pub load_time_ms: f64,
+}
+
+/// `memory.model_unload`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelUnloadResponse {
+    /// The model.
+    pub model_name: String,
+    /// Bytes given back.
+    pub freed_bytes: u64,
+}
+
+/// `memory.model_acquire`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelAcquireResponse {
+    /// The lease, to release later.
+    pub lease_id: String,
+    /// The model.
+    pub model: ModelInfo,
+}
+
+/// `memory.model_release`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelReleaseResponse {
+    /// The lease ended.
+    pub lease_id: String,
+    /// Its model.
+    pub model_name: String,
+}
+
+/// `memory.model_status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelStatusResponse {
+    /// The models asked about.
+    pub models: Vec<ModelInfo>,
+    /// Their bytes.
+    pub model_bytes: u64,
+    /// The model budget of the device asked about (every device's, summed, when none was).
+    pub model_budget_bytes: u64,
+}

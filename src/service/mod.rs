@@ -3,8 +3,13 @@
 //! Methods take typed requests and return typed responses or a [`ProtocolError`]; they never
 //! see JSON. Only `allocate` can wait (for memory); everything else answers at once.
 
+mod models;
+
+pub use models::resolve_model_path;
+
 use crate::managers::allocations::DeferredCommit;
 use crate::managers::allocations::{AllocationFilter, EngineError};
+use crate::managers::models::ModelTable;
 use crate::managers::transfers::TransferTable;
 use crate::managers::{AllocationEngine, AllocationSpec, DeviceSetup, Owner};
 use crate::protocol::requests::{
@@ -18,6 +23,7 @@ use crate::protocol::{
     MemoryOptimizationType, MemoryUsageStats, OptimizeResponse, ProtocolError, Timestamp,
 };
 use crate::protocol::{MemoryTransfer, TransferStatus};
+use std::path::PathBuf;
 use uuid::Uuid;
 
 /// The most bytes a transfer copies while holding the engine.
@@ -64,6 +70,8 @@ pub struct MemoryService {
     transfer_chunk_bytes: u64,
     /// Held (shared) while pages are committed without the engine; `close` takes it alone.
     commit_gate: RwLock<()>,
+    models: Mutex<ModelTable>,
+    model_root: PathBuf,
     /// Woken whenever memory is freed (and at shutdown).
     room: Notify,
     shutting_down: AtomicBool,
@@ -92,6 +100,8 @@ impl MemoryService {
             transfers: Mutex::new(TransferTable::default()),
             transfer_chunk_bytes: TRANSFER_CHUNK_BYTES,
             commit_gate: RwLock::new(()),
+            models: Mutex::new(ModelTable::default()),
+            model_root: PathBuf::from("."),
             room: Notify::new(),
             shutting_down: AtomicBool::new(false),
         }
@@ -101,6 +111,12 @@ impl MemoryService {
     /// [`TRANSFER_CHUNK_BYTES`]): smaller answers other requests sooner during transfers.
     pub fn with_transfer_chunk_bytes(mut self, bytes: u64) -> Self {
         self.transfer_chunk_bytes = bytes.max(4096);
+        self
+    }
+
+    /// Sets the folder model files are loaded from (default: the current directory).
+    pub fn with_model_root(mut self, root: impl Into<PathBuf>) -> Self {
+        self.model_root = root.into();
         self
     }
 
@@ -493,7 +509,9 @@ impl MemoryService {
                 // Looked up each pass: the device may be gone if the worker is closing.
                 let d = e.device_index(device_id)?;
                 let bytes = e.defragment_pass_bytes(d);
-                let pass = e.defragment_pass(d, bytes, pinned);
+                let mut pinned = pinned.to_vec();
+                pinned.extend(self.models.lock().leased_allocations());
+                let pass = e.defragment_pass(d, bytes, &pinned);
                 // Waiting requests go first between passes.
                 MutexGuard::unlock_fair(e);
                 pass

@@ -1,0 +1,117 @@
+//! Models: which named weights are loaded where, as which allocations, and who leases them.
+//! Plain data; the service reads the files and the engine holds the bytes.
+
+use crate::protocol::{ModelInfo, ModelState, Timestamp};
+use rustc_hash::FxHashMap;
+use std::path::PathBuf;
+use std::time::SystemTime;
+use uuid::Uuid;
+
+/// One loaded (or loading) model.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// The host's name for it.
+    pub name: String,
+    /// The file it came from (canonical path).
+    pub path: PathBuf,
+    /// Its home device.
+    pub device_id: String,
+    /// Loading or Loaded.
+    pub state: ModelState,
+    /// One allocation per non-empty tensor, in file order.
+    pub allocations: Vec<Uuid>,
+    /// Bytes of all tensors.
+    pub size_bytes: u64,
+    /// Tensors in the file.
+    pub tensor_count: u64,
+    /// When the load finished (or started, while loading).
+    pub loaded_at: SystemTime,
+    /// Last load, acquire or release.
+    pub last_used_at: SystemTime,
+    /// Idle time after which it may be unloaded; `None` = until evicted.
+    pub keep_alive_seconds: Option<f64>,
+    /// How long the load took.
+    pub load_time_ms: f64,
+}
+
+impl Model {
+    /// The protocol's ModelInfo.
+    pub fn info(&self) -> ModelInfo {
+        ModelInfo {
+            model_name: self.name.clone(),
+            device_id: self.device_id.clone(),
+            resident_device_id: self.device_id.clone(),
+            state: self.state,
+            size_bytes: self.size_bytes,
+            tensor_count: self.tensor_count,
+            path: self.path.to_string_lossy().into_owned(),
+            loaded_at: Timestamp(self.loaded_at),
+            last_used_at: Timestamp(self.last_used_at),
+            keep_alive_seconds: self.keep_alive_seconds,
+            load_time_ms: self.load_time_ms,
+        }
+    }
+}
+
+/// Every model and every lease.
+#[derive(Default)]
+pub struct ModelTable {
+    models: FxHashMap<String, Model>,
+    leases: FxHashMap<Uuid, String>,
+}
+
+impl ModelTable {
+    /// A model by name.
+    pub fn get(&self, name: &str) -> Option<&Model> {
+        self.models.get(name)
+    }
+
+    /// A model by name, mutably.
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut Model> {
+        self.models.get_mut(name)
+    }
+
+    /// Adds (or replaces) a model.
+    pub fn insert(&mut self, model: Model) {
+        self.models.insert(model.name.clone(), model);
+    }
+
+    /// Removes a model and its leases.
+    pub fn remove(&mut self, name: &str) -> Option<Model> {
+        self.leases.retain(|_, m| m != name);
+        self.models.remove(name)
+    }
+
+    /// Every model, by name.
+    pub fn all(&self) -> Vec<&Model> {
+        let mut v: Vec<&Model> = self.models.values().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// How many leases a model has.
+    pub fn lease_count(&self, name: &str) -> usize {
+        self.leases.values().filter(|m| *m == name).count()
+    }
+
+    /// Leases a model; returns the lease id.
+    pub fn lease(&mut self, name: &str) -> Uuid {
+        let id = Uuid::new_v4();
+        self.leases.insert(id, name.to_string());
+        id
+    }
+
+    /// Ends a lease; returns the model's name.
+    pub fn release(&mut self, lease: &Uuid) -> Option<String> {
+        self.leases.remove(lease)
+    }
+
+    /// Allocations of leased models (they must not move).
+    pub fn leased_allocations(&self) -> Vec<Uuid> {
+        self.models
+            .values()
+            .filter(|m| self.lease_count(&m.name) > 0)
+            .flat_map(|m| m.allocations.iter().copied())
+            .collect()
+    }
+}

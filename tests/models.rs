@@ -1,0 +1,293 @@
+//! Models through the real binary: safetensors files made here, loaded onto `shm` and verified
+//! byte for byte by this (other) process through the handles; leases, unload, status, and every
+//! way a load can fail without leaving anything allocated.
+
+mod common;
+
+use common::{Worker, pattern};
+use safetensors::tensor::{Dtype, TensorView};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+
+const MIB: u64 = 1 << 20;
+
+struct Root(PathBuf);
+
+impl Root {
+    fn new(tag: &str) -> Root {
+        let dir =
+            std::env::temp_dir().join(format!("memcoord-models-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Root(dir)
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Root {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes a safetensors file of `tensors` (name, element count of f32); returns each tensor's bytes.
+fn write_model(path: &Path, tensors: &[(&str, usize)]) -> HashMap<String, Vec<u8>> {
+    let mut bytes = HashMap::new();
+    for (i, (name, n)) in tensors.iter().enumerate() {
+        bytes.insert(name.to_string(), pattern(i as u64 + 1, n * 4));
+    }
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, n)| {
+            (
+                name.to_string(),
+                TensorView::new(Dtype::F32, vec![*n], &bytes[*name]).unwrap(),
+            )
+        })
+        .collect();
+    let data = safetensors::serialize(views, None).unwrap();
+    std::fs::write(path, data).unwrap();
+    bytes
+}
+
+fn worker(root: &Root, budget: &str) -> Worker {
+    Worker::spawn(&[
+        "--budget",
+        &format!("cpu={budget}"),
+        "--budget",
+        &format!("shm={budget}"),
+        "--model-root",
+        root.path().to_str().unwrap(),
+    ])
+}
+
+fn model_allocations(w: &mut Worker, device: &str, model: &str) -> Vec<Value> {
+    let r = w.ok(
+        "memory.get_allocations",
+        json!({"device_id": device, "owner": format!("model:{model}")}),
+    );
+    r["allocations"].as_array().unwrap().clone()
+}
+
+#[test]
+fn a_model_loads_byte_for_byte_and_unloads() {
+    let root = Root::new("load");
+    let tensors = [
+        ("unet.conv.weight", 300_000),
+        ("unet.conv.bias", 17),
+        ("vae.decoder", 1_000_000),
+    ];
+    let bytes = write_model(&root.path().join("sdxl.safetensors"), &tensors);
+    let mut w = worker(&root, "64MiB");
+
+    let m = w.ok(
+        "memory.model_load",
+        json!({"model_name": "sdxl", "path": "sdxl.safetensors", "device_id": "shm", "keep_alive_seconds": 600}),
+    );
+    assert_eq!(m["model_name"], "sdxl");
+    assert_eq!(m["device_id"], "shm");
+    assert_eq!(m["resident_device_id"], "shm");
+    assert_eq!(m["state"], "Loaded");
+    assert_eq!(m["tensor_count"], 3);
+    assert_eq!(m["size_bytes"], (300_000 + 17 + 1_000_000) * 4);
+    assert_eq!(m["keep_alive_seconds"], 600.0);
+    assert!(m["path"].as_str().unwrap().ends_with("sdxl.safetensors"));
+
+    // Every tensor, byte for byte, through the shm handles.
+    let allocs = model_allocations(&mut w, "shm", "sdxl");
+    assert_eq!(allocs.len(), 3);
+    for a in &allocs {
+        assert_eq!(a["allocation_type"], "ModelWeights");
+        assert_eq!(a["owner"], "model:sdxl");
+        let want = &bytes[a["purpose"].as_str().unwrap()];
+        let path = a["handle"]["path"].as_str().unwrap();
+        let off = a["handle"]["offset"].as_u64().unwrap() as usize;
+        let f = OpenOptions::new().read(true).open(path).unwrap();
+        let map = unsafe { memmap2::Mmap::map(&f).unwrap() };
+        assert!(
+            map[off..off + want.len()] == want[..],
+            "tensor {} differs",
+            a["purpose"]
+        );
+    }
+    let usage = w.usage("shm");
+    assert_eq!(usage["model_bytes"], m["size_bytes"]);
+
+    // Status, leases, unload.
+    let st = w.ok("memory.model_status", json!({"device_id": "shm"}));
+    assert_eq!(st["models"][0]["model_name"], "sdxl");
+    assert_eq!(st["model_bytes"], m["size_bytes"]);
+    assert_eq!(st["model_budget_bytes"], 64 * MIB);
+    let lease = w.ok("memory.model_acquire", json!({"model_name": "sdxl"}));
+    let lease_id = lease["lease_id"].as_str().unwrap().to_string();
+    assert_eq!(lease["model"]["model_name"], "sdxl");
+    let (code, _) = w.err("memory.model_unload", json!({"model_name": "sdxl"}));
+    assert_eq!(code, "MODEL_IN_USE");
+    // A model's allocation cannot be freed or transferred by a client.
+    let a0 = allocs[0]["allocation_id"].clone();
+    assert_eq!(
+        w.err("memory.deallocate", json!({"allocation_id": a0})).0,
+        "ALLOCATION_IN_USE"
+    );
+    assert_eq!(
+        w.err(
+            "memory.transfer",
+            json!({"allocation_id": a0, "source_device_id": "shm", "destination_device_id": "cpu"})
+        )
+        .0,
+        "ALLOCATION_IN_USE"
+    );
+    // Loading again from the same file is a use; from another file is refused.
+    let again = w.ok(
+        "memory.model_load",
+        json!({"model_name": "sdxl", "path": "sdxl.safetensors", "device_id": "shm"}),
+    );
+    assert_eq!(again["state"], "Loaded");
+    write_model(&root.path().join("other.safetensors"), &[("x", 4)]);
+    let (code, msg) = w.err(
+        "memory.model_load",
+        json!({"model_name": "sdxl", "path": "other.safetensors", "device_id": "shm"}),
+    );
+    assert_eq!(code, "INVALID_PARAMETER", "{msg}");
+
+    let r = w.ok("memory.model_release", json!({"lease_id": lease_id}));
+    assert_eq!(r, json!({"lease_id": lease_id, "model_name": "sdxl"}));
+    assert_eq!(
+        w.err("memory.model_release", json!({"lease_id": lease_id}))
+            .0,
+        "LEASE_NOT_FOUND"
+    );
+    let u = w.ok("memory.model_unload", json!({"model_name": "sdxl"}));
+    assert_eq!(
+        u,
+        json!({"model_name": "sdxl", "freed_bytes": m["size_bytes"]})
+    );
+    assert!(model_allocations(&mut w, "shm", "sdxl").is_empty());
+    assert_eq!(w.usage("shm")["allocated_bytes"], 0);
+    assert_eq!(
+        w.err("memory.model_status", json!({"model_name": "sdxl"}))
+            .0,
+        "MODEL_NOT_FOUND"
+    );
+    assert_eq!(
+        w.err("memory.model_unload", json!({"model_name": "sdxl"}))
+            .0,
+        "MODEL_NOT_FOUND"
+    );
+    assert_eq!(
+        w.err("memory.model_acquire", json!({"model_name": "sdxl"}))
+            .0,
+        "MODEL_NOT_FOUND"
+    );
+
+    // Force unloads a leased model.
+    w.ok(
+        "memory.model_load",
+        json!({"model_name": "small", "path": "other.safetensors", "device_id": "cpu"}),
+    );
+    w.ok("memory.model_acquire", json!({"model_name": "small"}));
+    w.ok(
+        "memory.model_unload",
+        json!({"model_name": "small", "force": true}),
+    );
+    assert_eq!(w.usage("cpu")["allocated_bytes"], 0);
+}
+
+#[test]
+fn failed_loads_leave_nothing_allocated() {
+    let root = Root::new("fail");
+    let bytes = std::fs::read({
+        write_model(
+            &root.path().join("good.safetensors"),
+            &[("a", 1000), ("b", 3_000_000)],
+        );
+        root.path().join("good.safetensors")
+    })
+    .unwrap();
+    // Corrupt header, truncated data, not safetensors at all.
+    let mut corrupt = bytes.clone();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    corrupt[8..8 + header_len].fill(b'#'); // the JSON header, garbled
+    std::fs::write(root.path().join("corrupt.safetensors"), &corrupt).unwrap();
+    std::fs::write(
+        root.path().join("truncated.safetensors"),
+        &bytes[..bytes.len() / 2],
+    )
+    .unwrap();
+    std::fs::write(root.path().join("text.safetensors"), b"hello").unwrap();
+    // A file outside the root, and a symlink to it inside.
+    let outside = Root::new("outside");
+    write_model(&outside.path().join("secret.safetensors"), &[("s", 10)]);
+    std::os::unix::fs::symlink(
+        outside.path().join("secret.safetensors"),
+        root.path().join("link.safetensors"),
+    )
+    .unwrap();
+
+    let mut w = worker(&root, "8MiB");
+    let before = w.usage("cpu");
+    let cases = [
+        ("corrupt.safetensors", "MODEL_LOAD_FAILED"),
+        ("truncated.safetensors", "MODEL_LOAD_FAILED"),
+        ("text.safetensors", "MODEL_LOAD_FAILED"),
+        ("missing.safetensors", "MODEL_LOAD_FAILED"),
+        (
+            "../memcoord-models-outside-x/secret.safetensors",
+            "MODEL_LOAD_FAILED",
+        ),
+        ("link.safetensors", "MODEL_LOAD_FAILED"),
+        ("/etc/passwd", "MODEL_LOAD_FAILED"),
+        // 12 MB of tensors on an 8 MiB budget: the first tensor fits, the second does not.
+        ("good.safetensors", "OUT_OF_MEMORY"),
+    ];
+    for (path, code) in cases {
+        let (got, msg) = w.err(
+            "memory.model_load",
+            json!({"model_name": "m", "path": path, "device_id": "cpu"}),
+        );
+        assert_eq!(got, code, "{path}: {msg}");
+        let after = w.usage("cpu");
+        assert_eq!(
+            after["allocated_bytes"], before["allocated_bytes"],
+            "{path} left bytes allocated"
+        );
+        assert_eq!(
+            after["allocation_count"], before["allocation_count"],
+            "{path}"
+        );
+        assert_eq!(
+            w.err("memory.model_status", json!({"model_name": "m"})).0,
+            "MODEL_NOT_FOUND",
+            "{path}"
+        );
+    }
+    let traversal = format!(
+        "../{}/secret.safetensors",
+        outside.path().file_name().unwrap().to_str().unwrap()
+    );
+    let (got, _) = w.err(
+        "memory.model_load",
+        json!({"model_name": "m", "path": traversal, "device_id": "cpu"}),
+    );
+    assert_eq!(got, "MODEL_LOAD_FAILED");
+    assert_eq!(
+        w.err(
+            "memory.model_load",
+            json!({"model_name": "m", "path": "good.safetensors", "device_id": "nope"})
+        )
+        .0,
+        "INVALID_DEVICE"
+    );
+    assert_eq!(
+        w.err(
+            "memory.model_load",
+            json!({"path": "good.safetensors", "device_id": "cpu"})
+        )
+        .0,
+        "INVALID_PARAMETER"
+    );
+}
