@@ -35,6 +35,10 @@ enum Command {
         /// The folder `memory.model_load` paths are relative to (and must stay inside).
         #[arg(long, value_name = "DIR", default_value = ".")]
         model_root: PathBuf,
+        /// The most bytes of models a device holds, e.g. `cuda:0=40GiB` (repeatable).
+        /// Default: the device's whole budget.
+        #[arg(long = "model-budget", value_name = "DEVICE=SIZE")]
+        model_budgets: Vec<String>,
     },
     /// Replay an allocation trace (one JSON op a line) through the engine and report speed,
     /// peak allocated and reserved bytes, and fragmentation at the peak.
@@ -114,15 +118,24 @@ fn run(cli: Cli) -> Result<(), String> {
             devices,
             max_line_bytes,
             model_root,
+            model_budgets,
         } => {
             let settings = devices.settings().map_err(|e| e.to_string())?;
             let options = WorkerOptions {
                 max_line_bytes: max_line_bytes.unwrap_or(settings.max_line_bytes),
             };
-            let service = Arc::new(
-                MemoryService::new(settings.devices().map_err(|e| e.to_string())?)
-                    .with_model_root(model_root),
-            );
+            let mut service = MemoryService::new(settings.devices().map_err(|e| e.to_string())?)
+                .with_model_root(model_root);
+            for spec in &model_budgets {
+                let (device, size) = spec
+                    .split_once('=')
+                    .ok_or_else(|| format!("--model-budget `{spec}` is not DEVICE=SIZE"))?;
+                let bytes = memcoord::units::parse_size(size)
+                    .map_err(|e| format!("--model-budget {device}: {e}"))?;
+                service = service.with_model_budget(device.trim(), bytes);
+            }
+            let service = Arc::new(service);
+            service.start_keep_alive_sweeper();
             if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
                 show_transfer_progress(Arc::clone(&service));
             }

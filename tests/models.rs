@@ -291,3 +291,183 @@ fn failed_loads_leave_nothing_allocated() {
         "INVALID_PARAMETER"
     );
 }
+
+fn state_of(w: &mut Worker, name: &str) -> (String, String) {
+    let st = w.ok("memory.model_status", json!({"model_name": name}));
+    (
+        st["models"][0]["state"].as_str().unwrap().to_string(),
+        st["models"][0]["resident_device_id"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+    )
+}
+
+fn verify_on_shm(w: &mut Worker, name: &str, bytes: &HashMap<String, Vec<u8>>) {
+    for a in model_allocations(w, "shm", name) {
+        let want = &bytes[a["purpose"].as_str().unwrap()];
+        let path = a["handle"]["path"].as_str().unwrap();
+        let off = a["handle"]["offset"].as_u64().unwrap() as usize;
+        let f = OpenOptions::new().read(true).open(path).unwrap();
+        let map = unsafe { memmap2::Mmap::map(&f).unwrap() };
+        assert!(
+            map[off..off + want.len()] == want[..],
+            "{name}: tensor {} differs",
+            a["purpose"]
+        );
+    }
+}
+
+#[test]
+fn idle_models_are_offloaded_lru_and_restored_byte_for_byte() {
+    let root = Root::new("evict");
+    // Three 3 MiB models; shm holds 8 MiB of models, cpu has room for offloads.
+    let a = write_model(&root.path().join("a.safetensors"), &[("a.w", 786_432)]);
+    let b = write_model(
+        &root.path().join("b.safetensors"),
+        &[("b.w", 700_000), ("b.b", 86_432)],
+    );
+    write_model(&root.path().join("c.safetensors"), &[("c.w", 786_432)]);
+    let mut w = Worker::spawn(&[
+        "--budget",
+        "cpu=64MiB",
+        "--budget",
+        "shm=64MiB",
+        "--model-budget",
+        "shm=8MiB",
+        "--model-root",
+        root.path().to_str().unwrap(),
+    ]);
+    let load = |w: &mut Worker, name: &str| {
+        w.ok(
+            "memory.model_load",
+            json!({"model_name": name, "path": format!("{name}.safetensors"), "device_id": "shm"}),
+        )
+    };
+    load(&mut w, "a");
+    load(&mut w, "b");
+    // a is used after b: b is now the least recently used.
+    let lease = w.ok("memory.model_acquire", json!({"model_name": "a"}));
+    w.ok(
+        "memory.model_release",
+        json!({"lease_id": lease["lease_id"]}),
+    );
+    load(&mut w, "c");
+    assert_eq!(
+        state_of(&mut w, "b"),
+        ("Offloaded".into(), "cpu".into()),
+        "LRU b offloaded"
+    );
+    assert_eq!(state_of(&mut w, "a").0, "Loaded");
+    assert_eq!(model_allocations(&mut w, "cpu", "b").len(), 2);
+
+    // Acquire brings b back (offloading the next LRU, a), without touching the file.
+    std::fs::remove_file(root.path().join("b.safetensors")).unwrap();
+    let got = w.ok("memory.model_acquire", json!({"model_name": "b"}));
+    assert_eq!(got["model"]["state"], "Loaded");
+    assert_eq!(got["model"]["resident_device_id"], "shm");
+    verify_on_shm(&mut w, "b", &b);
+    assert_eq!(state_of(&mut w, "a"), ("Offloaded".into(), "cpu".into()));
+
+    // Leased models are never evicted: with b leased and c the only other model on shm,
+    // bringing a back evicts c.
+    let a_back = w.ok("memory.model_acquire", json!({"model_name": "a"}));
+    assert_eq!(a_back["model"]["state"], "Loaded");
+    verify_on_shm(&mut w, "a", &a);
+    assert_eq!(state_of(&mut w, "b").0, "Loaded", "leased b stayed");
+    assert_eq!(state_of(&mut w, "c"), ("Offloaded".into(), "cpu".into()));
+
+    // With a and b leased, nothing can make room for another model: OUT_OF_MEMORY naming holders.
+    write_model(&root.path().join("d.safetensors"), &[("d.w", 786_432)]);
+    let (code, msg) = w.err(
+        "memory.model_load",
+        json!({"model_name": "d", "path": "d.safetensors", "device_id": "shm"}),
+    );
+    assert_eq!(code, "OUT_OF_MEMORY", "{msg}");
+    assert!(msg.contains("model a") && msg.contains("leased"), "{msg}");
+}
+
+#[test]
+fn keep_alive_expiry_model_optimize_and_allocations_that_make_room() {
+    let root = Root::new("keepalive");
+    write_model(&root.path().join("m.safetensors"), &[("w", 1_048_576)]); // 4 MiB
+    let mut w = worker(&root, "12MiB");
+    w.ok("memory.model_load", json!({"model_name": "brief", "path": "m.safetensors", "device_id": "cpu", "keep_alive_seconds": 0.5}));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while w.request("memory.model_status", json!({"model_name": "brief"}))["success"] == true {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "keep-alive never expired"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(w.usage("cpu")["allocated_bytes"], 0);
+
+    // An allocation that does not fit makes room by evicting an idle model (cpu: unloaded).
+    w.ok(
+        "memory.model_load",
+        json!({"model_name": "idle", "path": "m.safetensors", "device_id": "cpu"}),
+    );
+    let d = w.ok(
+        "memory.allocate",
+        json!({"device_id": "cpu", "size_bytes": 10 * MIB, "timeout_seconds": 0}),
+    );
+    assert!(
+        d["message"]
+            .as_str()
+            .unwrap()
+            .contains("unloaded model idle"),
+        "{d}"
+    );
+    w.ok("memory.clear", json!({"device_id": "cpu"}));
+
+    // model_optimize.
+    for name in ["x", "y"] {
+        w.ok(
+            "memory.model_load",
+            json!({"model_name": name, "path": "m.safetensors", "device_id": "shm"}),
+        );
+    }
+    let lease = w.ok("memory.model_acquire", json!({"model_name": "y"}));
+    let r = w.ok(
+        "memory.model_optimize",
+        json!({"device_id": "shm", "strategy": "OffloadIdle", "idle_seconds": 0}),
+    );
+    assert_eq!(r["offloaded"], json!(["x"]), "{r}");
+    assert_eq!(r["freed_bytes"], 4 * MIB);
+    w.ok(
+        "memory.model_release",
+        json!({"lease_id": lease["lease_id"]}),
+    );
+    let r = w.ok(
+        "memory.model_optimize",
+        json!({"strategy": "UnloadIdle", "idle_seconds": 3600}),
+    );
+    assert_eq!(r["unloaded"], json!([]), "nothing idle for an hour: {r}");
+    let r = w.ok(
+        "memory.model_optimize",
+        json!({"device_id": "shm", "strategy": "FitBudget", "target_bytes": 0}),
+    );
+    assert_eq!(
+        r["offloaded"].as_array().unwrap().len() + r["unloaded"].as_array().unwrap().len(),
+        1,
+        "{r}"
+    );
+    assert_eq!(
+        w.err("memory.model_optimize", json!({"strategy": "Shrink"}))
+            .0,
+        "INVALID_PARAMETER"
+    );
+    // EvictIdleModels through memory.optimize.
+    let o = w.ok(
+        "memory.optimize",
+        json!({"device_id": "cpu", "optimization_type": "EvictIdleModels"}),
+    );
+    assert!(
+        o["actions"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("EvictIdleModels"),
+        "{o}"
+    );
+}

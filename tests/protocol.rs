@@ -704,7 +704,6 @@ fn a_size_over_the_budget_fails_at_once() {
 fn planned_actions_answer_unknown_action() {
     let mut w = Worker::small();
     for action in [
-        "memory.model_optimize",
         "memory.get_pressure",
         "memory.analytics",
         "memory.optimization_recs",

@@ -5,8 +5,8 @@
 use crate::protocol::envelope::{parse_request, write_error, write_success};
 use crate::protocol::requests::{
     AllocateRequest, ClearRequest, DeallocateRequest, DeviceRequest, GetAllocationsRequest,
-    GetStatusRequest, LeaseRequest, ModelLoadRequest, ModelRequest, ModelStatusRequest,
-    OptimizeRequest, TransferIdRequest, TransferRequest,
+    GetStatusRequest, LeaseRequest, ModelLoadRequest, ModelOptimizeRequest, ModelRequest,
+    ModelStatusRequest, OptimizeRequest, TransferIdRequest, TransferRequest,
 };
 use crate::protocol::{ErrorCode, OptimizeResponse, ProtocolError};
 use crate::service::{MemoryService, TryAllocate};
@@ -52,13 +52,14 @@ pub enum Action {
     ModelRelease,
     /// `memory.model_status`
     ModelStatus,
+    /// `memory.model_optimize`
+    ModelOptimize,
     /// An action of the contract that a later version carries out.
     NotYet(&'static str),
 }
 
 /// Actions of the contract that this version does not carry out yet.
-pub const PLANNED_ACTIONS: [&str; 4] = [
-    "memory.model_optimize",
+pub const PLANNED_ACTIONS: [&str; 3] = [
     "memory.get_pressure",
     "memory.analytics",
     "memory.optimization_recs",
@@ -84,6 +85,7 @@ impl Action {
             "memory.model_acquire" => Action::ModelAcquire,
             "memory.model_release" => Action::ModelRelease,
             "memory.model_status" => Action::ModelStatus,
+            "memory.model_optimize" => Action::ModelOptimize,
             other => Action::NotYet(PLANNED_ACTIONS.iter().find(|a| **a == other)?),
         })
     }
@@ -368,6 +370,13 @@ impl Dispatcher {
                 id,
                 ModelStatusRequest::parse(data).and_then(|r| s.model_status(&r)),
             ),
+            Action::ModelOptimize => match ModelOptimizeRequest::parse(data) {
+                Ok(r) => {
+                    let service = Arc::clone(s);
+                    return Some(on_blocking_thread(id, move || service.model_optimize(&r)));
+                }
+                Err(e) => write_error(out, Some(id), &e),
+            },
             Action::NotYet(name) => {
                 let e = ProtocolError::new(
                     ErrorCode::UnknownAction,

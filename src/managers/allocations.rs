@@ -823,6 +823,7 @@ impl AllocationEngine {
         let size = src.size;
         // The destination device keeps its accounting (the memory stays); the source device
         // gives its bytes back as a deallocation.
+        let is_model = matches!(src.owner, Owner::Model(_));
         let dev = &mut self.devices[old_device];
         if let Some(p) = old_placement {
             dev.arena_mut(old_pool).free(&p);
@@ -830,7 +831,45 @@ impl AllocationEngine {
         dev.allocated -= size;
         dev.live -= 1;
         dev.total_deallocations += 1;
+        if is_model {
+            dev.model_bytes -= size;
+        }
         Ok(*src_id)
+    }
+
+    /// Moves an allocation (a model's too) to another device, keeping its id: the engine's own
+    /// move, for offloading and restoring models. Copies under the caller's hold of the engine;
+    /// on failure the allocation stays where it was.
+    pub fn relocate(&mut self, id: &Uuid, dst: usize, now: SystemTime) -> Result<(), EngineError> {
+        let gone = || EngineError::AllocationNotFound(id.to_string());
+        let r = self.records.get(id).ok_or_else(gone)?;
+        if r.device as usize == dst {
+            return Ok(());
+        }
+        let spec = AllocationSpec {
+            size: r.size,
+            alignment: r.alignment(),
+            kind: r.kind,
+            purpose: r.purpose.to_string(),
+            persistent: r.persistent,
+            owner: r.owner.clone(),
+        };
+        let size = r.size;
+        let (dst_id, _) = self.place(dst, &spec, now, false)?;
+        if let Some(d) = self.records.get_mut(&dst_id) {
+            d.busy = true;
+            d.hidden = true;
+        }
+        let mut done = 0;
+        while done < size {
+            let len = (256u64 << 20).min(size - done);
+            if let Err(e) = self.transfer_chunk(id, &dst_id, done, len) {
+                self.free_id(&dst_id);
+                return Err(e);
+            }
+            done += len;
+        }
+        self.finish_transfer(id, &dst_id, false).map(|_| ())
     }
 
     /// Abandons a transfer: frees the destination, leaves the source as it was.

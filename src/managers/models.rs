@@ -16,7 +16,9 @@ pub struct Model {
     pub path: PathBuf,
     /// Its home device.
     pub device_id: String,
-    /// Loading or Loaded.
+    /// Where its bytes are now: the home device, or `cpu` while Offloaded.
+    pub resident_device_id: String,
+    /// Loading, Loaded or Offloaded.
     pub state: ModelState,
     /// One allocation per non-empty tensor, in file order.
     pub allocations: Vec<Uuid>,
@@ -40,7 +42,7 @@ impl Model {
         ModelInfo {
             model_name: self.name.clone(),
             device_id: self.device_id.clone(),
-            resident_device_id: self.device_id.clone(),
+            resident_device_id: self.resident_device_id.clone(),
             state: self.state,
             size_bytes: self.size_bytes,
             tensor_count: self.tensor_count,
@@ -104,6 +106,41 @@ impl ModelTable {
     /// Ends a lease; returns the model's name.
     pub fn release(&mut self, lease: &Uuid) -> Option<String> {
         self.leases.remove(lease)
+    }
+
+    /// Whether a model's keep-alive has run out.
+    pub fn expired(&self, m: &Model, now: SystemTime) -> bool {
+        m.keep_alive_seconds.is_some_and(|k| {
+            now.duration_since(m.last_used_at)
+                .is_ok_and(|idle| idle.as_secs_f64() >= k)
+        })
+    }
+
+    /// Models that may be evicted from `device_id` (resident there, loaded, not leased), best
+    /// victims first: expired keep-alive, then least recently used.
+    pub fn eviction_order(&self, device_id: &str, now: SystemTime) -> Vec<(String, u64)> {
+        let mut v: Vec<&Model> = self
+            .models
+            .values()
+            .filter(|m| {
+                m.resident_device_id == device_id
+                    && m.state == ModelState::Loaded
+                    && self.lease_count(&m.name) == 0
+            })
+            .collect();
+        v.sort_by_key(|m| (!self.expired(m, now), m.last_used_at));
+        v.into_iter()
+            .map(|m| (m.name.clone(), m.size_bytes))
+            .collect()
+    }
+
+    /// Bytes of models resident on a device.
+    pub fn resident_bytes(&self, device_id: &str) -> u64 {
+        self.models
+            .values()
+            .filter(|m| m.resident_device_id == device_id)
+            .map(|m| m.size_bytes)
+            .sum()
     }
 
     /// Allocations of leased models (they must not move).

@@ -573,6 +573,85 @@ impl ModelStatusRequest {
     }
 }
 
+/// `memory.model_optimize` strategies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelStrategy {
+    /// Offload models idle for `idle_seconds` to `cpu` (unload where `cpu` has no room).
+    OffloadIdle,
+    /// Unload models idle for `idle_seconds`.
+    UnloadIdle,
+    /// Evict idle models until the device's model bytes fit `target_bytes` (or its budget).
+    FitBudget,
+}
+
+#[derive(Deserialize)]
+struct ModelOptimizeWire {
+    device_id: Option<String>,
+    strategy: Option<String>,
+    idle_seconds: Option<f64>,
+    target_bytes: Option<i64>,
+}
+
+/// `memory.model_optimize`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelOptimizeRequest {
+    /// Only this device (else every device).
+    pub device_id: Option<String>,
+    /// What to do.
+    pub strategy: ModelStrategy,
+    /// Idle time that makes a model idle (default 300).
+    pub idle_seconds: f64,
+    /// FitBudget's target.
+    pub target_bytes: Option<u64>,
+}
+
+impl ModelOptimizeRequest {
+    /// Parses and checks `data`.
+    pub fn parse(data: Option<&RawValue>) -> Result<Self, ProtocolError> {
+        let w: ModelOptimizeWire = parse_data(data)?;
+        let strategy = match w
+            .strategy
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            Some("offloadidle") => ModelStrategy::OffloadIdle,
+            Some("unloadidle") => ModelStrategy::UnloadIdle,
+            Some("fitbudget") => ModelStrategy::FitBudget,
+            Some(other) => {
+                return Err(ProtocolError::invalid_parameter(format!(
+                    "field `strategy` must be OffloadIdle, UnloadIdle or FitBudget, got {other}"
+                )));
+            }
+            None => {
+                return Err(ProtocolError::invalid_parameter(
+                    "field `strategy` is required",
+                ));
+            }
+        };
+        let idle_seconds = w.idle_seconds.unwrap_or(300.0);
+        if idle_seconds < 0.0 {
+            return Err(ProtocolError::invalid_parameter(format!(
+                "field `idle_seconds` must be ≥ 0, got {idle_seconds}"
+            )));
+        }
+        let target_bytes = match w.target_bytes {
+            Some(t) if t < 0 => {
+                return Err(ProtocolError::invalid_parameter(format!(
+                    "field `target_bytes` must be ≥ 0, got {t}"
+                )));
+            }
+            t => t.map(|t| t as u64),
+        };
+        Ok(ModelOptimizeRequest {
+            device_id: w.device_id,
+            strategy,
+            idle_seconds,
+            target_bytes,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -349,3 +349,14 @@ pub struct ModelStatusResponse {
     /// The model budget of the device asked about (every device's, summed, when none was).
     pub model_budget_bytes: u64,
 }
+
+/// `memory.model_optimize`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelOptimizeResponse {
+    /// Models unloaded.
+    pub unloaded: Vec<String>,
+    /// Models offloaded to `cpu`.
+    pub offloaded: Vec<String>,
+    /// Bytes taken off the devices.
+    pub freed_bytes: u64,
+}

@@ -24,6 +24,7 @@ use crate::protocol::{
 };
 use crate::protocol::{MemoryTransfer, TransferStatus};
 use std::path::PathBuf;
+use std::sync::Arc;
 use uuid::Uuid;
 
 /// The most bytes a transfer copies while holding the engine.
@@ -72,6 +73,7 @@ pub struct MemoryService {
     commit_gate: RwLock<()>,
     models: Mutex<ModelTable>,
     model_root: PathBuf,
+    model_budgets: rustc_hash::FxHashMap<String, u64>,
     /// Woken whenever memory is freed (and at shutdown).
     room: Notify,
     shutting_down: AtomicBool,
@@ -102,6 +104,7 @@ impl MemoryService {
             commit_gate: RwLock::new(()),
             models: Mutex::new(ModelTable::default()),
             model_root: PathBuf::from("."),
+            model_budgets: Default::default(),
             room: Notify::new(),
             shutting_down: AtomicBool::new(false),
         }
@@ -118,6 +121,32 @@ impl MemoryService {
     pub fn with_model_root(mut self, root: impl Into<PathBuf>) -> Self {
         self.model_root = root.into();
         self
+    }
+
+    /// Sets a device's model budget (default: its whole budget).
+    pub fn with_model_budget(mut self, device_id: impl Into<String>, bytes: u64) -> Self {
+        self.model_budgets.insert(device_id.into(), bytes);
+        self
+    }
+
+    /// Starts a thread that unloads models idle past their keep-alive, once a second, until
+    /// shutdown.
+    pub fn start_keep_alive_sweeper(self: &Arc<Self>) {
+        let service = Arc::downgrade(self);
+        let _ = std::thread::Builder::new()
+            .name("memcoord-keep-alive".into())
+            .spawn(move || {
+                while let Some(s) = service.upgrade() {
+                    if s.is_shutting_down() {
+                        break;
+                    }
+                    for name in s.sweep_keep_alive() {
+                        tracing::info!("unloaded model {name}: idle past its keep-alive");
+                    }
+                    drop(s);
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            });
     }
 
     /// Whether shutdown has begun.
@@ -215,7 +244,22 @@ impl MemoryService {
             Ok(d) => d,
             Err(err) => return TryAllocate::Ready(Err(err.into())),
         };
-        match Self::allocate_locked(&mut e, d, &req, started) {
+        let mut attempt = Self::allocate_locked(&mut e, d, &req, started);
+        if matches!(attempt, Err(EngineError::NoRoom { .. })) {
+            // Make room from idle models, then try once more.
+            drop(e);
+            let made = self.make_room(&req.device_id, |svc| {
+                svc.device_available(d) >= req.size_bytes
+            });
+            e = self.engine.lock();
+            if !made.is_empty() {
+                attempt = Self::allocate_locked(&mut e, d, &req, started).map(|mut r| {
+                    r.message = format!("{}; made room: {}", r.message, made.join(", "));
+                    r
+                });
+            }
+        }
+        match attempt {
             Err(EngineError::NoRoom { .. }) if req.timeout_seconds > 0.0 => {
                 TryAllocate::MustWait(req)
             }
@@ -257,7 +301,24 @@ impl MemoryService {
                 Ok(d) => d,
                 Err(err) => return TryAllocate::Ready(Err(err.into())),
             };
-            match e.try_allocate_deferred(d, &Self::spec(&req), now) {
+            let mut placed = e.try_allocate_deferred(d, &Self::spec(&req), now);
+            if matches!(placed, Err(EngineError::NoRoom { .. })) {
+                drop(e);
+                let made = self.make_room(&req.device_id, |svc| {
+                    svc.device_available(d) >= req.size_bytes
+                });
+                e = self.engine.lock();
+                if !made.is_empty() {
+                    tracing::info!(
+                        "{}: made room for {}: {}",
+                        req.device_id,
+                        format_bytes(req.size_bytes),
+                        made.join(", ")
+                    );
+                    placed = e.try_allocate_deferred(d, &Self::spec(&req), now);
+                }
+            }
+            match placed {
                 Ok((id, pending)) => (d, id, pending),
                 Err(EngineError::NoRoom { .. }) if req.timeout_seconds > 0.0 => {
                     return TryAllocate::MustWait(req);
@@ -559,7 +620,12 @@ impl MemoryService {
         let t = req.optimization_type;
 
         if matches!(t, T::EvictIdleModels | T::Full) {
-            actions.push("EvictIdleModels: no models are loaded; nothing to evict".to_string());
+            let (done, bytes) = self.evict_idle_models(&req.device_id);
+            freed += bytes;
+            if done.is_empty() {
+                actions.push("EvictIdleModels: no idle model to evict".to_string());
+            }
+            actions.extend(done.into_iter().map(|d| format!("EvictIdleModels: {d}")));
         }
         if let (true, Some(target)) = (
             matches!(t, T::ReduceToTarget | T::Full),

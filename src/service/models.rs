@@ -4,10 +4,13 @@
 use super::MemoryService;
 use crate::managers::models::Model;
 use crate::managers::{AllocationSpec, Owner};
-use crate::protocol::requests::{LeaseRequest, ModelLoadRequest, ModelRequest, ModelStatusRequest};
+use crate::protocol::requests::{
+    LeaseRequest, ModelLoadRequest, ModelOptimizeRequest, ModelRequest, ModelStatusRequest,
+    ModelStrategy,
+};
 use crate::protocol::{
-    ErrorCode, MemoryAllocationType, ModelAcquireResponse, ModelInfo, ModelReleaseResponse,
-    ModelState, ModelStatusResponse, ModelUnloadResponse, ProtocolError,
+    ErrorCode, MemoryAllocationType, ModelAcquireResponse, ModelInfo, ModelOptimizeResponse,
+    ModelReleaseResponse, ModelState, ModelStatusResponse, ModelUnloadResponse, ProtocolError,
 };
 use crate::units::format_bytes;
 use std::path::{Path, PathBuf};
@@ -83,6 +86,7 @@ impl MemoryService {
                 name: req.model_name.clone(),
                 path: path.clone(),
                 device_id: req.device_id.clone(),
+                resident_device_id: req.device_id.clone(),
                 state: ModelState::Loading,
                 allocations: Vec::new(),
                 size_bytes: 0,
@@ -145,6 +149,40 @@ impl MemoryService {
             ))
         })?;
         let owner = Owner::Model(req.model_name.as_str().into());
+        let total: u64 = tensors.iter().map(|(_, v)| v.data().len() as u64).sum();
+        let budget = self.model_budget(&req.device_id);
+        if total > budget {
+            return Err(ProtocolError::new(
+                ErrorCode::OutOfMemory,
+                format!(
+                    "model {} needs {}, more than the model budget of {} on {}",
+                    req.model_name,
+                    format_bytes(total),
+                    format_bytes(budget),
+                    req.device_id
+                ),
+            ));
+        }
+        self.make_room(&req.device_id, |svc| {
+            svc.device_available(device) >= total
+                && svc.models.lock().resident_bytes(&req.device_id) + total <= budget
+        });
+        let resident = self.models.lock().resident_bytes(&req.device_id);
+        if resident + total > budget {
+            return Err(ProtocolError::new(
+                ErrorCode::OutOfMemory,
+                format!(
+                    "model {} needs {} on {}, where models hold {} of a {} model budget and none \
+                     can be evicted; {}",
+                    req.model_name,
+                    format_bytes(total),
+                    req.device_id,
+                    format_bytes(resident),
+                    format_bytes(budget),
+                    self.holders(&req.device_id)
+                ),
+            ));
+        }
         let mut size = 0u64;
         let mut count = 0u64;
         for (name, view) in tensors.iter() {
@@ -162,24 +200,294 @@ impl MemoryService {
                 owner: owner.clone(),
             };
             let mut engine = self.engine.lock();
-            let id = engine
-                .try_allocate(device, &spec, SystemTime::now())
-                .map_err(|e| {
-                    ProtocolError::new(
+            let id = match engine.try_allocate(device, &spec, SystemTime::now()) {
+                Ok(id) => id,
+                Err(e) => {
+                    drop(engine);
+                    return Err(ProtocolError::new(
                         ErrorCode::OutOfMemory,
                         format!(
-                            "loading model {} ({} so far) on {}: {e}",
+                            "loading model {} ({} of {} so far) on {}: {e}; {}",
                             req.model_name,
                             format_bytes(size),
-                            req.device_id
+                            format_bytes(total),
+                            req.device_id,
+                            self.holders(&req.device_id)
                         ),
-                    )
-                })?;
+                    ));
+                }
+            };
             made.push(id);
             engine.write(&id.to_string(), 0, data)?;
             size += data.len() as u64;
         }
         Ok((size, count))
+    }
+
+    /// The model budget of a device: `--model-budget`, else its whole budget.
+    pub(super) fn model_budget(&self, device_id: &str) -> u64 {
+        if let Some(b) = self.model_budgets.get(device_id) {
+            return *b;
+        }
+        let e = self.engine.lock();
+        e.device_index(device_id)
+            .map(|d| e.usage(d).budget_bytes)
+            .unwrap_or(0)
+    }
+
+    pub(super) fn device_available(&self, device: usize) -> u64 {
+        self.engine.lock().available(device)
+    }
+
+    /// Evicts idle models from `device_id` (expired keep-alive first, then least recently
+    /// used; never a leased one) until `fits` holds or none is left: each is offloaded to
+    /// `cpu` when `cpu` has room for it, else unloaded. Returns what was done, for people.
+    pub(super) fn make_room(&self, device_id: &str, fits: impl Fn(&Self) -> bool) -> Vec<String> {
+        let mut done = Vec::new();
+        while !fits(self) {
+            let victims = self
+                .models
+                .lock()
+                .eviction_order(device_id, SystemTime::now());
+            let Some((name, size)) = victims.into_iter().next() else {
+                break;
+            };
+            let cpu_room = device_id != "cpu" && {
+                let mut e = self.engine.lock();
+                e.device_index("cpu").is_ok_and(|c| e.available(c) >= size)
+            };
+            if cpu_room && self.offload(&name).is_ok() {
+                done.push(format!(
+                    "offloaded model {name} ({}) to cpu",
+                    format_bytes(size)
+                ));
+            } else if self.drop_model(&name).is_some() {
+                done.push(format!("unloaded model {name} ({})", format_bytes(size)));
+            } else {
+                break;
+            }
+        }
+        done
+    }
+
+    /// Moves a model's bytes to `cpu` (state Offloaded); a later acquire brings them back
+    /// without reading the file.
+    pub(super) fn offload(&self, name: &str) -> Result<u64, ProtocolError> {
+        self.relocate_model(name, "cpu", ModelState::Offloaded)
+    }
+
+    fn relocate_model(
+        &self,
+        name: &str,
+        to: &str,
+        state: ModelState,
+    ) -> Result<u64, ProtocolError> {
+        let allocations = {
+            let models = self.models.lock();
+            models
+                .get(name)
+                .ok_or_else(|| not_found(name))?
+                .allocations
+                .clone()
+        };
+        let mut moved = 0;
+        {
+            let mut e = self.engine.lock();
+            let dst = e.device_index(to)?;
+            let now = SystemTime::now();
+            for (k, id) in allocations.iter().enumerate() {
+                if let Err(err) = e.relocate(id, dst, now) {
+                    // Put back what moved, so the model stays in one place.
+                    let home = self
+                        .models
+                        .lock()
+                        .get(name)
+                        .map(|m| m.resident_device_id.clone())
+                        .unwrap_or_default();
+                    if let Ok(h) = e.device_index(&home) {
+                        for back in &allocations[..k] {
+                            let _ = e.relocate(back, h, now);
+                        }
+                    }
+                    return Err(err.into());
+                }
+                moved += e.allocation_by_id(id).map_or(0, |a| a.size_bytes);
+            }
+        }
+        if let Some(m) = self.models.lock().get_mut(name) {
+            m.resident_device_id = to.to_string();
+            m.state = state;
+        }
+        self.room.notify_waiters();
+        Ok(moved)
+    }
+
+    /// Unloads a model whatever its leases; returns the bytes freed.
+    pub(super) fn drop_model(&self, name: &str) -> Option<u64> {
+        let model = self.models.lock().remove(name)?;
+        let mut freed = 0;
+        {
+            let mut engine = self.engine.lock();
+            for id in &model.allocations {
+                freed += engine.free_id(id).map_or(0, |f| f.bytes);
+            }
+        }
+        self.room.notify_waiters();
+        Some(freed)
+    }
+
+    /// Who holds a device's memory, for people: its models (and their leases) and the clients'
+    /// bytes.
+    pub(super) fn holders(&self, device_id: &str) -> String {
+        let held: Vec<String> = {
+            let models = self.models.lock();
+            models
+                .all()
+                .into_iter()
+                .filter(|m| m.resident_device_id == device_id && m.state != ModelState::Loading)
+                .map(|m| {
+                    let leases = models.lease_count(&m.name);
+                    let leased = if leases > 0 {
+                        format!(" (leased x{leases})")
+                    } else {
+                        String::new()
+                    };
+                    format!("model {} {}{leased}", m.name, format_bytes(m.size_bytes))
+                })
+                .collect()
+        };
+        let client = {
+            let e = self.engine.lock();
+            e.device_index(device_id)
+                .map(|d| {
+                    let u = e.usage(d);
+                    (u.allocated_bytes + u.reservation_bytes).saturating_sub(u.model_bytes)
+                })
+                .unwrap_or(0)
+        };
+        let models = if held.is_empty() {
+            String::new()
+        } else {
+            format!("{}, ", held.join(", "))
+        };
+        format!(
+            "held by: {models}client allocations {}",
+            format_bytes(client)
+        )
+    }
+
+    /// Unloads unleased models idle past their keep-alive; returns their names.
+    pub fn sweep_keep_alive(&self) -> Vec<String> {
+        let now = SystemTime::now();
+        let expired: Vec<String> = {
+            let models = self.models.lock();
+            models
+                .all()
+                .into_iter()
+                .filter(|m| {
+                    m.state != ModelState::Loading
+                        && models.lease_count(&m.name) == 0
+                        && models.expired(m, now)
+                })
+                .map(|m| m.name.clone())
+                .collect()
+        };
+        expired
+            .into_iter()
+            .filter(|n| self.drop_model(n).is_some())
+            .collect()
+    }
+
+    /// Evicts every unleased model resident on a device (offload to `cpu` where it has room,
+    /// else unload): `memory.optimize` EvictIdleModels.
+    pub fn evict_idle_models(&self, device_id: &str) -> (Vec<String>, u64) {
+        let before = self.models.lock().resident_bytes(device_id);
+        let actions = self.make_room(device_id, |svc| {
+            svc.models
+                .lock()
+                .eviction_order(device_id, SystemTime::now())
+                .is_empty()
+        });
+        let after = self.models.lock().resident_bytes(device_id);
+        (actions, before.saturating_sub(after))
+    }
+
+    /// `memory.model_optimize`.
+    pub fn model_optimize(
+        &self,
+        req: &ModelOptimizeRequest,
+    ) -> Result<ModelOptimizeResponse, ProtocolError> {
+        let devices: Vec<String> = match &req.device_id {
+            Some(d) => {
+                self.engine.lock().device_index(d)?;
+                vec![d.clone()]
+            }
+            None => {
+                let e = self.engine.lock();
+                (0..e.device_count())
+                    .map(|d| e.device_id(d).to_string())
+                    .collect()
+            }
+        };
+        let mut out = ModelOptimizeResponse {
+            unloaded: Vec::new(),
+            offloaded: Vec::new(),
+            freed_bytes: 0,
+        };
+        let now = SystemTime::now();
+        for device in devices {
+            match req.strategy {
+                ModelStrategy::OffloadIdle | ModelStrategy::UnloadIdle => {
+                    let idle: Vec<(String, u64)> = {
+                        let models = self.models.lock();
+                        models
+                            .eviction_order(&device, now)
+                            .into_iter()
+                            .filter(|(n, _)| {
+                                models.get(n).is_some_and(|m| {
+                                    now.duration_since(m.last_used_at)
+                                        .is_ok_and(|d| d.as_secs_f64() >= req.idle_seconds)
+                                })
+                            })
+                            .collect()
+                    };
+                    for (name, size) in idle {
+                        let offload =
+                            req.strategy == ModelStrategy::OffloadIdle && device != "cpu" && {
+                                let mut e = self.engine.lock();
+                                e.device_index("cpu").is_ok_and(|c| e.available(c) >= size)
+                            };
+                        if offload && self.offload(&name).is_ok() {
+                            out.offloaded.push(name);
+                            out.freed_bytes += size;
+                        } else if self.drop_model(&name).is_some() {
+                            out.unloaded.push(name);
+                            out.freed_bytes += size;
+                        }
+                    }
+                }
+                ModelStrategy::FitBudget => {
+                    let target = req
+                        .target_bytes
+                        .unwrap_or_else(|| self.model_budget(&device));
+                    let before = self.models.lock().resident_bytes(&device);
+                    for action in self.make_room(&device, |svc| {
+                        svc.models.lock().resident_bytes(&device) <= target
+                    }) {
+                        if let Some(name) = action.strip_prefix("offloaded model ") {
+                            out.offloaded
+                                .push(name.split(' ').next().unwrap_or("").to_string());
+                        } else if let Some(name) = action.strip_prefix("unloaded model ") {
+                            out.unloaded
+                                .push(name.split(' ').next().unwrap_or("").to_string());
+                        }
+                    }
+                    out.freed_bytes +=
+                        before.saturating_sub(self.models.lock().resident_bytes(&device));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// `memory.model_unload`.
@@ -224,6 +532,32 @@ impl MemoryService {
 
     /// `memory.model_acquire`: a lease; a leased model is never evicted or offloaded.
     pub fn model_acquire(&self, req: &ModelRequest) -> Result<ModelAcquireResponse, ProtocolError> {
+        let (state, home, size) = {
+            let models = self.models.lock();
+            let m = models
+                .get(&req.model_name)
+                .ok_or_else(|| not_found(&req.model_name))?;
+            (m.state, m.device_id.clone(), m.size_bytes)
+        };
+        if state == ModelState::Offloaded {
+            // Bring it back first, making room from other idle models.
+            let device = self.engine.lock().device_index(&home)?;
+            let budget = self.model_budget(&home);
+            self.make_room(&home, |svc| {
+                svc.device_available(device) >= size
+                    && svc.models.lock().resident_bytes(&home) + size <= budget
+            });
+            self.relocate_model(&req.model_name, &home, ModelState::Loaded)
+                .map_err(|e| {
+                    ProtocolError::new(
+                        ErrorCode::OutOfMemory,
+                        format!(
+                            "model {} cannot come back to {home}: {}",
+                            req.model_name, e.message
+                        ),
+                    )
+                })?;
+        }
         let mut models = self.models.lock();
         if models.get(&req.model_name).is_none() {
             return Err(not_found(&req.model_name));
