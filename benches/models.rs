@@ -41,8 +41,10 @@ fn main() {
     let file = dir.join("model.safetensors");
     write_model(&file, gib << 30);
     let bytes = std::fs::read(&file).unwrap(); // warms the page cache
-    let mut s = Settings::default();
-    s.no_gpu = true;
+    let mut s = Settings {
+        no_gpu: true,
+        ..Settings::default()
+    };
     s.set_budget(&format!("cpu={}GiB", gib * 3)).unwrap();
     s.set_budget("shm=64MiB").unwrap();
     let svc = MemoryService::new(s.devices().unwrap()).with_model_root(&dir);
