@@ -414,7 +414,9 @@ impl AllocationEngine {
         let mut pending = None;
         let mut pool = false;
         let pooled = match (&mut dev.pinned, spec.kind) {
-            (Some(pinned), MemoryAllocationType::Staging) => {
+            // Staging buffers and model weights (offloaded models) go to pinned memory while
+            // it has room: their copies to and from GPUs then run at the link's speed.
+            (Some(pinned), MemoryAllocationType::Staging | MemoryAllocationType::ModelWeights) => {
                 pinned.allocate(spec.size, spec.alignment).ok()
             }
             _ => None,
