@@ -381,10 +381,31 @@ fn idle_models_are_offloaded_lru_and_restored_byte_for_byte() {
     write_model(&root.path().join("d.safetensors"), &[("d.w", 786_432)]);
     let (code, msg) = w.err(
         "memory.model_load",
-        json!({"model_name": "d", "path": "d.safetensors", "device_id": "shm"}),
+        json!({"model_name": "d", "path": "d.safetensors", "device_id": "shm", "timeout_seconds": 0.3}),
     );
     assert_eq!(code, "OUT_OF_MEMORY", "{msg}");
     assert!(msg.contains("model a") && msg.contains("leased"), "{msg}");
+
+    // A load that waits gets its room when a lease ends meanwhile.
+    let waiting = w.submit(
+        "memory.model_load",
+        json!({"model_name": "d", "path": "d.safetensors", "device_id": "shm", "timeout_seconds": 20}),
+    );
+    assert!(
+        !w.answered_within(&waiting, std::time::Duration::from_millis(300)),
+        "the load waits"
+    );
+    w.ok(
+        "memory.model_release",
+        json!({"lease_id": a_back["lease_id"]}),
+    );
+    let done = w.wait_for(&waiting, std::time::Duration::from_secs(20));
+    assert_eq!(done["success"], true, "{done}");
+    assert_eq!(
+        state_of(&mut w, "a"),
+        ("Offloaded".into(), "cpu".into()),
+        "a made room once released"
+    );
 }
 
 #[test]

@@ -163,10 +163,11 @@ impl MemoryService {
                 ),
             ));
         }
-        self.make_room(&req.device_id, |svc| {
+        let fits = |svc: &Self| {
             svc.device_available(device) >= total
                 && svc.models.lock().resident_bytes(&req.device_id) + total <= budget
-        });
+        };
+        self.wait_for_room(&req.device_id, req.timeout_seconds, fits);
         let resident = self.models.lock().resident_bytes(&req.device_id);
         if resident + total > budget {
             return Err(ProtocolError::new(
@@ -268,6 +269,28 @@ impl MemoryService {
             }
         }
         done
+    }
+
+    /// Makes room as [`MemoryService::make_room`] does; while it still does not fit, waits (up
+    /// to `timeout_seconds`, checking every 50 ms, making room again each time) for frees,
+    /// releases and unloads elsewhere. Returns whether it fits.
+    pub(super) fn wait_for_room(
+        &self,
+        device_id: &str,
+        timeout_seconds: f64,
+        fits: impl Fn(&Self) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + std::time::Duration::from_secs_f64(timeout_seconds);
+        loop {
+            self.make_room(device_id, &fits);
+            if fits(self) {
+                return true;
+            }
+            if Instant::now() >= deadline || self.is_shutting_down() {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     /// Moves a model's bytes to `cpu` (state Offloaded); a later acquire brings them back
@@ -543,7 +566,7 @@ impl MemoryService {
             // Bring it back first, making room from other idle models.
             let device = self.engine.lock().device_index(&home)?;
             let budget = self.model_budget(&home);
-            self.make_room(&home, |svc| {
+            self.wait_for_room(&home, req.timeout_seconds, |svc| {
                 svc.device_available(device) >= size
                     && svc.models.lock().resident_bytes(&home) + size <= budget
             });
