@@ -355,11 +355,18 @@ impl Dispatcher {
                 id,
                 ModelRequest::parse(data).and_then(|r| s.model_unload(&r)),
             ),
-            Action::ModelAcquire => respond(
-                out,
-                id,
-                ModelRequest::parse(data).and_then(|r| s.model_acquire(&r)),
-            ),
+            Action::ModelAcquire => match ModelRequest::parse(data) {
+                Ok(r) => match s.model_acquire_now(&r) {
+                    Some(done) => respond(out, id, done),
+                    None => {
+                        // It waits (for a load to finish, or for room to bring the model
+                        // back): off this thread.
+                        let service = Arc::clone(s);
+                        return Some(on_blocking_thread(id, move || service.model_acquire(&r)));
+                    }
+                },
+                Err(e) => write_error(out, Some(id), &e),
+            },
             Action::ModelRelease => respond(
                 out,
                 id,

@@ -295,6 +295,7 @@ impl MemoryService {
     pub fn allocate_large(&self, req: AllocateRequest, started: Instant) -> TryAllocate {
         let _open = self.commit_gate.read();
         let now = SystemTime::now();
+        let mut made = Vec::new();
         let placed = {
             let mut e = self.engine.lock();
             let d = match e.device_index(&req.device_id) {
@@ -304,17 +305,11 @@ impl MemoryService {
             let mut placed = e.try_allocate_deferred(d, &Self::spec(&req), now);
             if matches!(placed, Err(EngineError::NoRoom { .. })) {
                 drop(e);
-                let made = self.make_room(&req.device_id, |svc| {
+                made = self.make_room(&req.device_id, |svc| {
                     svc.device_available(d) >= req.size_bytes
                 });
                 e = self.engine.lock();
                 if !made.is_empty() {
-                    tracing::info!(
-                        "{}: made room for {}: {}",
-                        req.device_id,
-                        format_bytes(req.size_bytes),
-                        made.join(", ")
-                    );
                     placed = e.try_allocate_deferred(d, &Self::spec(&req), now);
                 }
             }
@@ -348,7 +343,14 @@ impl MemoryService {
         }
         let mut e = self.engine.lock();
         TryAllocate::Ready(
-            Self::respond_allocated(&mut e, d, &req, id, started, now).map_err(Into::into),
+            Self::respond_allocated(&mut e, d, &req, id, started, now)
+                .map(|mut r| {
+                    if !made.is_empty() {
+                        r.message = format!("{}; made room: {}", r.message, made.join(", "));
+                    }
+                    r
+                })
+                .map_err(Into::into),
         )
     }
 

@@ -102,9 +102,17 @@ impl MemoryService {
         let mut models = self.models.lock();
         match result {
             Ok((size, count)) => {
-                let m = models
-                    .get_mut(&req.model_name)
-                    .ok_or_else(|| not_found(&req.model_name))?;
+                let Some(m) = models.get_mut(&req.model_name) else {
+                    // Unloaded with force while it loaded: give its bytes back.
+                    drop(models);
+                    let mut engine = self.engine.lock();
+                    for id in &made {
+                        engine.free_id(id);
+                    }
+                    drop(engine);
+                    self.room.notify_waiters();
+                    return Err(not_found(&req.model_name));
+                };
                 m.state = ModelState::Loaded;
                 m.allocations = made;
                 m.size_bytes = size;
@@ -167,7 +175,7 @@ impl MemoryService {
             svc.device_available(device) >= total
                 && svc.models.lock().resident_bytes(&req.device_id) + total <= budget
         };
-        self.wait_for_room(&req.device_id, req.timeout_seconds, fits);
+        self.wait_for_room(&req.device_id, req.timeout_seconds, fits)?;
         let resident = self.models.lock().resident_bytes(&req.device_id);
         if resident + total > budget {
             return Err(ProtocolError::new(
@@ -186,7 +194,11 @@ impl MemoryService {
         }
         let mut size = 0u64;
         let mut count = 0u64;
-        for (name, view) in tensors.iter() {
+        // In file order (the crate's iteration order is a hash map's).
+        let mut ordered: Vec<(&str, safetensors::tensor::TensorView<'_>)> =
+            tensors.iter().collect();
+        ordered.sort_by_key(|(_, v)| v.data().as_ptr() as usize);
+        for (name, view) in ordered {
             count += 1;
             let data = view.data();
             if data.is_empty() {
@@ -279,15 +291,21 @@ impl MemoryService {
         device_id: &str,
         timeout_seconds: f64,
         fits: impl Fn(&Self) -> bool,
-    ) -> bool {
+    ) -> Result<bool, ProtocolError> {
         let deadline = Instant::now() + std::time::Duration::from_secs_f64(timeout_seconds);
         loop {
             self.make_room(device_id, &fits);
             if fits(self) {
-                return true;
+                return Ok(true);
             }
-            if Instant::now() >= deadline || self.is_shutting_down() {
-                return false;
+            if self.is_shutting_down() {
+                return Err(ProtocolError::new(
+                    ErrorCode::ShuttingDown,
+                    format!("{device_id}: the worker is stopping; the request was not carried out"),
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
@@ -553,6 +571,28 @@ impl MemoryService {
         })
     }
 
+    /// `memory.model_acquire` when it needs no waiting (the model is loaded and home): the
+    /// lease at once, in arrival order. `None`: call [`MemoryService::model_acquire`].
+    pub fn model_acquire_now(
+        &self,
+        req: &ModelRequest,
+    ) -> Option<Result<ModelAcquireResponse, ProtocolError>> {
+        let mut models = self.models.lock();
+        let Some(m) = models.get(&req.model_name) else {
+            return Some(Err(not_found(&req.model_name)));
+        };
+        if m.state != ModelState::Loaded {
+            return None;
+        }
+        let lease = models.lease(&req.model_name);
+        let m = models.get_mut(&req.model_name)?;
+        m.last_used_at = SystemTime::now();
+        Some(Ok(ModelAcquireResponse {
+            lease_id: lease.hyphenated().to_string(),
+            model: m.info(),
+        }))
+    }
+
     /// `memory.model_acquire`: a lease; a leased model is never evicted or offloaded.
     pub fn model_acquire(&self, req: &ModelRequest) -> Result<ModelAcquireResponse, ProtocolError> {
         let (state, home, size) = {
@@ -562,24 +602,53 @@ impl MemoryService {
                 .ok_or_else(|| not_found(&req.model_name))?;
             (m.state, m.device_id.clone(), m.size_bytes)
         };
+        let (mut state, home, size) = (state, home, size);
+        // A model still loading is waited for, up to the timeout.
+        let deadline = Instant::now() + std::time::Duration::from_secs_f64(req.timeout_seconds);
+        while state == ModelState::Loading {
+            if Instant::now() >= deadline || self.is_shutting_down() {
+                return Err(ProtocolError::new(
+                    ErrorCode::ModelInUse,
+                    format!("model {} is still loading", req.model_name),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            state = self
+                .models
+                .lock()
+                .get(&req.model_name)
+                .ok_or_else(|| not_found(&req.model_name))?
+                .state;
+        }
         if state == ModelState::Offloaded {
             // Bring it back first, making room from other idle models.
             let device = self.engine.lock().device_index(&home)?;
             let budget = self.model_budget(&home);
-            self.wait_for_room(&home, req.timeout_seconds, |svc| {
+            let fits = self.wait_for_room(&home, req.timeout_seconds, |svc| {
                 svc.device_available(device) >= size
                     && svc.models.lock().resident_bytes(&home) + size <= budget
-            });
-            self.relocate_model(&req.model_name, &home, ModelState::Loaded)
-                .map_err(|e| {
-                    ProtocolError::new(
-                        ErrorCode::OutOfMemory,
-                        format!(
-                            "model {} cannot come back to {home}: {}",
-                            req.model_name, e.message
-                        ),
-                    )
-                })?;
+            })?;
+            let restored = if fits {
+                self.relocate_model(&req.model_name, &home, ModelState::Loaded)
+                    .map(|_| ())
+                    .map_err(|e| e.message)
+            } else {
+                Err(format!(
+                    "no room for {} within its model budget of {}",
+                    format_bytes(size),
+                    format_bytes(budget)
+                ))
+            };
+            restored.map_err(|why| {
+                ProtocolError::new(
+                    ErrorCode::OutOfMemory,
+                    format!(
+                        "model {} cannot come back to {home}: {why}; {}",
+                        req.model_name,
+                        self.holders(&home)
+                    ),
+                )
+            })?;
         }
         let mut models = self.models.lock();
         if models.get(&req.model_name).is_none() {
@@ -621,13 +690,16 @@ impl MemoryService {
         &self,
         req: &ModelStatusRequest,
     ) -> Result<ModelStatusResponse, ProtocolError> {
-        let budget = {
+        let devices: Vec<String> = {
             let e = self.engine.lock();
             match &req.device_id {
-                Some(id) => e.usage(e.device_index(id)?).budget_bytes,
-                None => (0..e.device_count()).map(|d| e.usage(d).budget_bytes).sum(),
+                Some(id) => vec![e.device_id(e.device_index(id)?).to_string()],
+                None => (0..e.device_count())
+                    .map(|d| e.device_id(d).to_string())
+                    .collect(),
             }
         };
+        let budget = devices.iter().map(|d| self.model_budget(d)).sum();
         let models = self.models.lock();
         if let Some(name) = &req.model_name
             && models.get(name).is_none()
