@@ -3,20 +3,10 @@
 
 mod common;
 
-use common::{Worker, pattern};
+use common::{Worker, map, pattern};
 use serde_json::{Value, json};
-use std::fs::OpenOptions;
 
 const MIB: u64 = 1 << 20;
-
-fn map(path: &str) -> memmap2::MmapMut {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    unsafe { memmap2::MmapMut::map_mut(&f).unwrap() }
-}
 
 fn handle(a: &Value) -> (String, usize, usize) {
     (

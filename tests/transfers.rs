@@ -3,21 +3,11 @@
 
 mod common;
 
-use common::{Worker, pattern};
+use common::{Worker, map, pattern};
 use serde_json::{Value, json};
-use std::fs::OpenOptions;
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
-
-fn map(path: &str) -> memmap2::MmapMut {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    unsafe { memmap2::MmapMut::map_mut(&f).unwrap() }
-}
 
 fn shm_alloc(w: &mut Worker, size: u64, extra: Value) -> (String, String, usize) {
     let mut data = json!({"device_id": "shm", "size_bytes": size});

@@ -213,6 +213,19 @@ impl HasId for Record {
 }
 
 impl Record {
+    /// What a twin of this allocation on another device is made of (transfers, offloads):
+    /// same size, alignment, type, purpose, persistence and owner.
+    fn twin_spec(&self) -> AllocationSpec {
+        AllocationSpec {
+            size: self.size,
+            alignment: self.alignment(),
+            kind: self.kind,
+            purpose: self.purpose.to_string(),
+            persistent: self.persistent,
+            owner: self.owner.clone(),
+        }
+    }
+
     fn alignment(&self) -> u64 {
         match &self.placement {
             Some(p) => p.alignment(),
@@ -720,14 +733,7 @@ impl AllocationEngine {
                 "Allocation {allocation_id} holds weights of model {name}"
             )));
         }
-        let spec = AllocationSpec {
-            size: r.size,
-            alignment: r.alignment(),
-            kind: r.kind,
-            purpose: r.purpose.to_string(),
-            persistent: r.persistent,
-            owner: Owner::Client,
-        };
+        let spec = r.twin_spec();
         let size = r.size;
         let defer = self.devices[dst].arena.committer().is_some();
         let (dst_id, pending) = self.place(dst, &spec, now, defer)?;
@@ -848,14 +854,7 @@ impl AllocationEngine {
         if r.device as usize == dst {
             return Ok(());
         }
-        let spec = AllocationSpec {
-            size: r.size,
-            alignment: r.alignment(),
-            kind: r.kind,
-            purpose: r.purpose.to_string(),
-            persistent: r.persistent,
-            owner: r.owner.clone(),
-        };
+        let spec = r.twin_spec();
         let size = r.size;
         let (dst_id, _) = self.place(dst, &spec, now, false)?;
         if let Some(d) = self.records.get_mut(&dst_id) {

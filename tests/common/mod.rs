@@ -10,6 +10,17 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_memcoord");
 
+/// Maps a shm allocation's file (as another process would, through its handle's path).
+pub fn map(path: &str) -> memmap2::MmapMut {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    // SAFETY: test code; the worker follows the handle protocol while we hold the mapping.
+    unsafe { memmap2::MmapMut::map_mut(&f).unwrap() }
+}
+
 /// Bytes of a repeatable pseudo-random pattern (xorshift), for byte-for-byte checks.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
