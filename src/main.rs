@@ -39,6 +39,9 @@ enum Command {
         /// Default: the device's whole budget.
         #[arg(long = "model-budget", value_name = "DEVICE=SIZE")]
         model_budgets: Vec<String>,
+        /// Seconds a lower memory-pressure level must hold before it is reported.
+        #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+        pressure_hold_seconds: f64,
     },
     /// Replay an allocation trace (one JSON op a line) through the engine and report speed,
     /// peak allocated and reserved bytes, and fragmentation at the peak.
@@ -119,13 +122,17 @@ fn run(cli: Cli) -> Result<(), String> {
             max_line_bytes,
             model_root,
             model_budgets,
+            pressure_hold_seconds,
         } => {
             let settings = devices.settings().map_err(|e| e.to_string())?;
             let options = WorkerOptions {
                 max_line_bytes: max_line_bytes.unwrap_or(settings.max_line_bytes),
             };
             let mut service = MemoryService::new(settings.devices().map_err(|e| e.to_string())?)
-                .with_model_root(model_root);
+                .with_model_root(model_root)
+                .with_pressure_hold(std::time::Duration::from_secs_f64(
+                    pressure_hold_seconds.clamp(0.0, 3600.0),
+                ));
             for spec in &model_budgets {
                 let (device, size) = spec
                     .split_once('=')

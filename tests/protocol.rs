@@ -500,10 +500,10 @@ fn every_error_row_leaves_usage_unchanged() {
             "memory.launch_rockets",
         ),
         (
-            "memory.get_pressure",
+            "memory.analytics",
             json!({"device_id": "cpu"}),
             "UNKNOWN_ACTION",
-            "memory.get_pressure",
+            "memory.analytics",
         ),
         (
             "memory.defragment",
@@ -703,11 +703,7 @@ fn a_size_over_the_budget_fails_at_once() {
 #[test]
 fn planned_actions_answer_unknown_action() {
     let mut w = Worker::small();
-    for action in [
-        "memory.get_pressure",
-        "memory.analytics",
-        "memory.optimization_recs",
-    ] {
+    for action in ["memory.analytics", "memory.optimization_recs"] {
         let v = w.request(action, json!({}));
         assert_eq!(v["error_code"], "UNKNOWN_ACTION", "{action}");
         assert_eq!(v["status_code"], 404);

@@ -77,7 +77,7 @@ const CAPACITY_TTL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Milliseconds of CLOCK_MONOTONIC_COARSE: a few nanoseconds to read where `Instant::now`
 /// costs tens (it is read on every allocation to decide whether a capacity reading is stale).
-fn coarse_millis() -> u64 {
+pub fn coarse_millis() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

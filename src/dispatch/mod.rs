@@ -54,16 +54,14 @@ pub enum Action {
     ModelStatus,
     /// `memory.model_optimize`
     ModelOptimize,
+    /// `memory.get_pressure`
+    GetPressure,
     /// An action of the contract that a later version carries out.
     NotYet(&'static str),
 }
 
 /// Actions of the contract that this version does not carry out yet.
-pub const PLANNED_ACTIONS: [&str; 3] = [
-    "memory.get_pressure",
-    "memory.analytics",
-    "memory.optimization_recs",
-];
+pub const PLANNED_ACTIONS: [&str; 2] = ["memory.analytics", "memory.optimization_recs"];
 
 impl Action {
     /// Looks an action up by name.
@@ -86,6 +84,7 @@ impl Action {
             "memory.model_release" => Action::ModelRelease,
             "memory.model_status" => Action::ModelStatus,
             "memory.model_optimize" => Action::ModelOptimize,
+            "memory.get_pressure" => Action::GetPressure,
             other => Action::NotYet(PLANNED_ACTIONS.iter().find(|a| **a == other)?),
         })
     }
@@ -384,6 +383,12 @@ impl Dispatcher {
                 }
                 Err(e) => write_error(out, Some(id), &e),
             },
+            Action::GetPressure => respond(
+                out,
+                id,
+                crate::protocol::requests::OptionalDeviceRequest::parse(data)
+                    .and_then(|r| s.get_pressure(&r)),
+            ),
             Action::NotYet(name) => {
                 let e = ProtocolError::new(
                     ErrorCode::UnknownAction,

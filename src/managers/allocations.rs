@@ -3,8 +3,11 @@
 
 use super::arena::{Arena, ArenaError, Compaction, Placement};
 use super::health;
+use super::pressure::PressureTracker;
 use super::records::{HasId, RecordTable};
+use crate::backends::coarse_millis;
 use crate::backends::{Backend, BackendError};
+use crate::protocol::MemoryPressure;
 use crate::protocol::{
     MemoryAllocation, MemoryAllocationType, MemoryFragmentation, MemoryInfo, MemoryUsageStats,
     Timestamp,
@@ -121,6 +124,7 @@ struct Device {
     arena: Arena,
     /// Page-locked memory for `Staging` allocations (host devices beside a GPU).
     pinned: Option<Arena>,
+    pressure: PressureTracker,
     budget: u64,
     allocated: u64,
     reservation: u64,
@@ -174,6 +178,11 @@ impl Device {
         } else {
             self.charged() as f64 / self.budget as f64 * 100.0
         }
+    }
+
+    fn note_charged(&mut self) {
+        let charged = self.charged();
+        self.pressure.on_charged(charged, coarse_millis());
     }
 
     fn note_peaks(&mut self) {
@@ -314,6 +323,7 @@ impl AllocationEngine {
                 .map(|d| Device {
                     arena: Arena::new(d.backend),
                     pinned: d.pinned.map(Arena::new),
+                    pressure: PressureTracker::default(),
                     budget: d.budget,
                     allocated: 0,
                     reservation: 0,
@@ -470,6 +480,7 @@ impl AllocationEngine {
         } else {
             dev.reservation += spec.size;
         }
+        dev.note_charged();
         dev.live += 1;
         dev.total_allocations += 1;
         if matches!(spec.owner, Owner::Model(_)) {
@@ -508,13 +519,37 @@ impl AllocationEngine {
 
     /// Counts an allocation that ended in OUT_OF_MEMORY.
     pub fn record_failure(&mut self, device: usize) {
-        self.devices[device].failed_allocations += 1;
+        let d = &mut self.devices[device];
+        d.failed_allocations += 1;
+        d.pressure.on_failure(coarse_millis());
     }
 
     /// Counts a request starting (`+1`) or ending (`-1`) a wait for memory.
     pub fn record_waiting(&mut self, device: usize, delta: i64) {
-        let w = &mut self.devices[device].waiting;
-        *w = w.saturating_add_signed(delta);
+        let d = &mut self.devices[device];
+        d.waiting = d.waiting.saturating_add_signed(delta);
+        d.pressure.on_waiting(d.waiting, coarse_millis());
+    }
+
+    /// A device's memory pressure now; a lower level shows only after `hold_ms`.
+    pub fn pressure(&mut self, device: usize, hold_ms: u64) -> MemoryPressure {
+        let available = self.available(device);
+        let d = &mut self.devices[device];
+        let usage = d.utilization();
+        let reading = d
+            .pressure
+            .read(usage, d.waiting, d.charged(), coarse_millis(), hold_ms);
+        MemoryPressure {
+            device_id: d.arena.backend().device_id().to_string(),
+            level: reading.level,
+            usage_percentage: usage,
+            available_memory: available,
+            waiting_requests: d.waiting,
+            stall_ms_10s: reading.stall_ms_10s,
+            stall_ms_60s: reading.stall_ms_60s,
+            failed_allocations_60s: reading.failed_allocations_60s,
+            trend_bytes_per_second: reading.trend_bytes_per_second,
+        }
     }
 
     /// Requests waiting for memory on a device now.
@@ -568,6 +603,7 @@ impl AllocationEngine {
             }
             None => dev.reservation -= record.size,
         }
+        dev.note_charged();
         dev.live -= 1;
         dev.total_deallocations += 1;
         if matches!(record.owner, Owner::Model(_)) {

@@ -5,6 +5,7 @@ pub mod allocations;
 pub mod arena;
 pub mod health;
 pub mod models;
+pub mod pressure;
 pub mod records;
 pub mod replay;
 pub mod tlsf;

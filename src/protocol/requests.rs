@@ -652,6 +652,28 @@ impl ModelOptimizeRequest {
     }
 }
 
+#[derive(Deserialize)]
+struct OptionalDeviceWire {
+    device_id: Option<String>,
+}
+
+/// A request with an optional `device_id` (absent: every device): `memory.get_pressure`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptionalDeviceRequest {
+    /// The device, or every device.
+    pub device_id: Option<String>,
+}
+
+impl OptionalDeviceRequest {
+    /// Parses and checks `data`.
+    pub fn parse(data: Option<&RawValue>) -> Result<Self, ProtocolError> {
+        let w: OptionalDeviceWire = parse_data(data)?;
+        Ok(OptionalDeviceRequest {
+            device_id: w.device_id,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

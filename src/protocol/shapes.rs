@@ -360,3 +360,33 @@ pub struct ModelOptimizeResponse {
     /// Bytes taken off the devices.
     pub freed_bytes: u64,
 }
+
+/// How hard a device is pressed for memory (`memory.get_pressure`).
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryPressure {
+    /// The device.
+    pub device_id: String,
+    /// The level (rises at once, falls after a hold period).
+    pub level: super::enums::PressureLevel,
+    /// (allocated + reservation bytes) / budget × 100.
+    pub usage_percentage: f64,
+    /// What an allocate could obtain now.
+    pub available_memory: u64,
+    /// Requests waiting for memory now.
+    pub waiting_requests: u64,
+    /// Milliseconds of the last 10 s during which a request waited for memory (as in PSI).
+    pub stall_ms_10s: f64,
+    /// The same over 60 s.
+    pub stall_ms_60s: f64,
+    /// OUT_OF_MEMORY answers in the last 60 s.
+    pub failed_allocations_60s: u64,
+    /// Change of (allocated + reservation) bytes per second over the last 10 s.
+    pub trend_bytes_per_second: f64,
+}
+
+/// `memory.get_pressure`.
+#[derive(Debug, Clone, Serialize)]
+pub struct GetPressureResponse {
+    /// One reading per device asked about.
+    pub devices: Vec<MemoryPressure>,
+}

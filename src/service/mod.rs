@@ -74,6 +74,7 @@ pub struct MemoryService {
     models: Mutex<ModelTable>,
     model_root: PathBuf,
     model_budgets: rustc_hash::FxHashMap<String, u64>,
+    pressure_hold_ms: u64,
     /// Woken whenever memory is freed (and at shutdown).
     room: Notify,
     shutting_down: AtomicBool,
@@ -105,6 +106,7 @@ impl MemoryService {
             models: Mutex::new(ModelTable::default()),
             model_root: PathBuf::from("."),
             model_budgets: Default::default(),
+            pressure_hold_ms: crate::managers::pressure::DEFAULT_HOLD_MS,
             room: Notify::new(),
             shutting_down: AtomicBool::new(false),
         }
@@ -121,6 +123,30 @@ impl MemoryService {
     pub fn with_model_root(mut self, root: impl Into<PathBuf>) -> Self {
         self.model_root = root.into();
         self
+    }
+
+    /// Sets how long a lower pressure level must hold before it is reported (default 10 s).
+    pub fn with_pressure_hold(mut self, hold: Duration) -> Self {
+        self.pressure_hold_ms = hold.as_millis() as u64;
+        self
+    }
+
+    /// `memory.get_pressure`.
+    pub fn get_pressure(
+        &self,
+        req: &crate::protocol::requests::OptionalDeviceRequest,
+    ) -> Result<crate::protocol::GetPressureResponse, ProtocolError> {
+        let mut e = self.engine.lock();
+        let devices: Vec<usize> = match &req.device_id {
+            Some(id) => vec![e.device_index(id)?],
+            None => (0..e.device_count()).collect(),
+        };
+        Ok(crate::protocol::GetPressureResponse {
+            devices: devices
+                .into_iter()
+                .map(|d| e.pressure(d, self.pressure_hold_ms))
+                .collect(),
+        })
     }
 
     /// Sets a device's model budget (default: its whole budget).
