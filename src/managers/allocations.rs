@@ -182,7 +182,7 @@ impl Device {
 
     fn note_charged(&mut self) {
         let charged = self.charged();
-        self.pressure.on_charged(charged, coarse_millis());
+        self.pressure.on_charged_fast(charged, coarse_millis);
     }
 
     fn note_peaks(&mut self) {

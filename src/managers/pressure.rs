@@ -30,6 +30,8 @@ pub struct PressureTracker {
     stalls: VecDeque<(u64, u64)>,
     failures: VecDeque<u64>,
     samples: VecDeque<(u64, u64)>,
+    /// Charge changes since the last timestamped sample (the clock is read every 32).
+    unsampled: u32,
 }
 
 /// What `memory.get_pressure` reports of one device (besides its usage and availability).
@@ -88,6 +90,16 @@ impl PressureTracker {
         self.prune(now);
     }
 
+    /// Charged bytes changed, on the allocation path: only every 32nd change reads the clock
+    /// and takes a sample (readings take one too), so this costs a counter increment.
+    pub fn on_charged_fast(&mut self, charged: u64, clock: impl FnOnce() -> u64) {
+        self.unsampled += 1;
+        if self.unsampled >= 32 || self.samples.is_empty() {
+            self.unsampled = 0;
+            self.on_charged(charged, clock());
+        }
+    }
+
     /// Charged bytes changed (sampled at most every 100 ms).
     pub fn on_charged(&mut self, charged: u64, now: u64) {
         // The first sample stays as the baseline; later ones within 100 ms update the last.
@@ -123,6 +135,7 @@ impl PressureTracker {
         now: u64,
         hold_ms: u64,
     ) -> PressureReading {
+        self.on_charged(charged, now);
         self.prune(now);
         let stall_10 = self.stall_ms(now, 10_000);
         let stall_60 = self.stall_ms(now, WINDOW_MS);
