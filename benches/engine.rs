@@ -10,8 +10,7 @@
 
 use memcoord::backends::CpuBackend;
 use memcoord::managers::replay::{parse_trace, replay};
-use memcoord::managers::{AllocationEngine, AllocationSpec, DeviceSetup, Owner};
-use memcoord::protocol::MemoryAllocationType;
+use memcoord::managers::{AllocationEngine, AllocationSpec, DeviceSetup};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Instant, SystemTime};
@@ -51,14 +50,7 @@ fn engine(budget: u64) -> AllocationEngine {
 }
 
 fn spec(size: u64) -> AllocationSpec {
-    AllocationSpec {
-        size,
-        alignment: 0,
-        kind: MemoryAllocationType::General,
-        purpose: String::new(),
-        persistent: false,
-        owner: Owner::Client,
-    }
+    AllocationSpec::general(size)
 }
 
 /// Sizes 64..1024 bytes from a fixed sequence.

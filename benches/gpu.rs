@@ -11,7 +11,7 @@
 use cudarc::driver::sys;
 use memcoord::config::Settings;
 use memcoord::managers::replay::{parse_trace, replay};
-use memcoord::managers::{AllocationEngine, AllocationSpec, Owner};
+use memcoord::managers::{AllocationEngine, AllocationSpec};
 use memcoord::protocol::MemoryAllocationType;
 use memcoord::protocol::requests::{AllocateRequest, TransferMode, TransferRequest};
 use memcoord::service::MemoryService;
@@ -354,14 +354,7 @@ fn main() {
     // 3. VRAM allocate + free pair in process, pages already backed.
     let mut engine = AllocationEngine::new(s.devices().unwrap());
     let d = engine.device_index("cuda:0").unwrap();
-    let spec = |size| AllocationSpec {
-        size,
-        alignment: 0,
-        kind: MemoryAllocationType::General,
-        purpose: String::new(),
-        persistent: false,
-        owner: Owner::Client,
-    };
+    let spec = AllocationSpec::general;
     let now = SystemTime::now();
     let keep: Vec<_> = (0..1000u64)
         .map(|i| engine.try_allocate(d, &spec(4096 + i * 64), now).unwrap())

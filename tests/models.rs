@@ -103,17 +103,8 @@ fn a_model_loads_byte_for_byte_and_unloads() {
     for a in &allocs {
         assert_eq!(a["allocation_type"], "ModelWeights");
         assert_eq!(a["owner"], "model:sdxl");
-        let want = &bytes[a["purpose"].as_str().unwrap()];
-        let path = a["handle"]["path"].as_str().unwrap();
-        let off = a["handle"]["offset"].as_u64().unwrap() as usize;
-        let f = OpenOptions::new().read(true).open(path).unwrap();
-        let map = unsafe { memmap2::Mmap::map(&f).unwrap() };
-        assert!(
-            map[off..off + want.len()] == want[..],
-            "tensor {} differs",
-            a["purpose"]
-        );
     }
+    verify_on_shm(&mut w, "sdxl", &bytes);
     let usage = w.usage("shm");
     assert_eq!(usage["model_bytes"], m["size_bytes"]);
 

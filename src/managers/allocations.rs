@@ -120,6 +120,20 @@ pub struct AllocationSpec {
     pub owner: Owner,
 }
 
+impl AllocationSpec {
+    /// `size` bytes of a client's General allocation, default alignment, no purpose.
+    pub fn general(size: u64) -> Self {
+        AllocationSpec {
+            size,
+            alignment: 0,
+            kind: MemoryAllocationType::General,
+            purpose: String::new(),
+            persistent: false,
+            owner: Owner::Client,
+        }
+    }
+}
+
 struct Device {
     arena: Arena,
     /// Page-locked memory for `Staging` allocations (host devices beside a GPU).
@@ -222,6 +236,23 @@ impl HasId for Record {
 }
 
 impl Record {
+    /// ALLOCATION_IN_USE for a client's deallocate or transfer: the allocation is in a transfer
+    /// or belongs to a model.
+    /// `busy` and `model_hint` finish the two messages.
+    fn in_use(&self, allocation_id: &str, busy: &str, model_hint: &str) -> Option<EngineError> {
+        if self.busy {
+            return Some(EngineError::InUse(format!(
+                "Allocation {allocation_id} {busy}"
+            )));
+        }
+        match &self.owner {
+            Owner::Model(name) => Some(EngineError::InUse(format!(
+                "Allocation {allocation_id} holds weights of model {name}{model_hint}"
+            ))),
+            Owner::Client => None,
+        }
+    }
+
     /// What a twin of this allocation on another device is made of (transfers, offloads):
     /// same size, alignment, type, purpose, persistence and owner.
     fn twin_spec(&self) -> AllocationSpec {
@@ -575,15 +606,12 @@ impl AllocationEngine {
         if device.is_some_and(|d| r.device as usize != d) || r.hidden {
             return Err(not_found());
         }
-        if r.busy {
-            return Err(EngineError::InUse(format!(
-                "Allocation {allocation_id} is being transferred; deallocate it when the transfer ends"
-            )));
-        }
-        if let Owner::Model(name) = &r.owner {
-            return Err(EngineError::InUse(format!(
-                "Allocation {allocation_id} holds weights of model {name}; unload the model instead"
-            )));
+        if let Some(e) = r.in_use(
+            allocation_id,
+            "is being transferred; deallocate it when the transfer ends",
+            "; unload the model instead",
+        ) {
+            return Err(e);
         }
         self.free_id(&id).ok_or_else(not_found)
     }
@@ -759,15 +787,8 @@ impl AllocationEngine {
                 "Allocation {allocation_id} is a Reservation: it holds no bytes to transfer"
             )));
         }
-        if r.busy {
-            return Err(EngineError::InUse(format!(
-                "Allocation {allocation_id} is already being transferred"
-            )));
-        }
-        if let Owner::Model(name) = &r.owner {
-            return Err(EngineError::InUse(format!(
-                "Allocation {allocation_id} holds weights of model {name}"
-            )));
+        if let Some(e) = r.in_use(allocation_id, "is already being transferred", "") {
+            return Err(e);
         }
         let spec = r.twin_spec();
         let size = r.size;

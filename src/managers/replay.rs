@@ -3,8 +3,7 @@
 //!
 //! Parsing takes any `BufRead`; the caller opens the file.
 
-use super::allocations::{AllocationEngine, AllocationSpec, Owner};
-use crate::protocol::MemoryAllocationType;
+use super::allocations::{AllocationEngine, AllocationSpec};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use std::io::BufRead;
@@ -86,14 +85,7 @@ pub fn replay(
         defragmentations: 0,
         failed_allocations: 0,
     };
-    let mut spec = AllocationSpec {
-        size: 0,
-        alignment: 0,
-        kind: MemoryAllocationType::General,
-        purpose: String::new(),
-        persistent: false,
-        owner: Owner::Client,
-    };
+    let mut spec = AllocationSpec::general(0);
     let now = SystemTime::now();
     let started = Instant::now();
     for (i, op) in ops.iter().enumerate() {
