@@ -15,6 +15,7 @@ pub mod backends;
 pub mod config;
 pub mod dispatch;
 pub mod managers;
+pub mod metrics;
 pub mod protocol;
 pub mod service;
 pub mod transport;

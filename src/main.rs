@@ -42,6 +42,12 @@ enum Command {
         /// Seconds a lower memory-pressure level must hold before it is reported.
         #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
         pressure_hold_seconds: f64,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464; port 0 picks
+        /// one, printed on stderr).
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics_addr: Option<String>,
+        #[command(flatten)]
+        advice: AdviceArgs,
     },
     /// Replay an allocation trace (one JSON op a line) through the engine and report speed,
     /// peak allocated and reserved bytes, and fragmentation at the peak.
@@ -71,6 +77,46 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Thresholds of `memory.optimization_recs`.
+#[derive(Args)]
+struct AdviceArgs {
+    /// An unleased model unused this long counts as idle (OffloadIdleModels, UnloadIdleModels).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    idle_model_seconds: f64,
+    /// A persistent allocation untouched this long is worth a review (ReviewPersistent).
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600.0)]
+    review_persistent_seconds: f64,
+    /// Fragmentation (%) from which a defragment is advised.
+    #[arg(long, value_name = "PERCENT", default_value_t = 20.0)]
+    defragment_above_percentage: f64,
+}
+
+impl AdviceArgs {
+    fn rules(&self) -> Result<memcoord::managers::advisor::Rules, String> {
+        for (name, v) in [
+            ("--idle-model-seconds", self.idle_model_seconds),
+            (
+                "--review-persistent-seconds",
+                self.review_persistent_seconds,
+            ),
+            (
+                "--defragment-above-percentage",
+                self.defragment_above_percentage,
+            ),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(format!("{name} must be a number ≥ 0, got {v}"));
+            }
+        }
+        Ok(memcoord::managers::advisor::Rules {
+            idle_model_seconds: self.idle_model_seconds,
+            review_persistent_seconds: self.review_persistent_seconds.min(1e9),
+            fragmentation_percentage: self.defragment_above_percentage,
+            ..Default::default()
+        })
+    }
 }
 
 #[derive(Args)]
@@ -123,6 +169,8 @@ fn run(cli: Cli) -> Result<(), String> {
             model_root,
             model_budgets,
             pressure_hold_seconds,
+            metrics_addr,
+            advice,
         } => {
             let settings = devices.settings().map_err(|e| e.to_string())?;
             let options = WorkerOptions {
@@ -132,7 +180,8 @@ fn run(cli: Cli) -> Result<(), String> {
                 .with_model_root(model_root)
                 .with_pressure_hold(std::time::Duration::from_secs_f64(
                     pressure_hold_seconds.clamp(0.0, 3600.0),
-                ));
+                ))
+                .with_advice_rules(advice.rules()?);
             for spec in &model_budgets {
                 let (device, size) = spec
                     .split_once('=')
@@ -143,6 +192,7 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             let service = Arc::new(service);
             service.start_keep_alive_sweeper();
+            service.start_sampler();
             if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
                 show_transfer_progress(Arc::clone(&service));
             }
@@ -153,6 +203,15 @@ fn run(cli: Cli) -> Result<(), String> {
                 .enable_io()
                 .build()
                 .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+            if let Some(addr) = &metrics_addr {
+                let bound = memcoord::transport::http::start_metrics_server(
+                    addr,
+                    Arc::clone(&service),
+                    &runtime,
+                )
+                .map_err(|e| format!("--metrics-addr {addr}: {e}"))?;
+                eprintln!("memcoord: metrics on http://{bound}/metrics");
+            }
             stdio::run(Dispatcher::new(service), &runtime, &options)
                 .map_err(|e| format!("worker failed: {e}"))?;
             runtime.shutdown_background();

@@ -4,9 +4,10 @@
 
 use crate::protocol::envelope::{parse_request, write_error, write_success};
 use crate::protocol::requests::{
-    AllocateRequest, ClearRequest, DeallocateRequest, DeviceRequest, GetAllocationsRequest,
-    GetStatusRequest, LeaseRequest, ModelLoadRequest, ModelOptimizeRequest, ModelRequest,
-    ModelStatusRequest, OptimizeRequest, TransferIdRequest, TransferRequest,
+    AllocateRequest, AnalyticsRequest, ClearRequest, DeallocateRequest, DeviceRequest,
+    GetAllocationsRequest, GetStatusRequest, LeaseRequest, ModelLoadRequest, ModelOptimizeRequest,
+    ModelRequest, ModelStatusRequest, OptimizeRequest, OptionalDeviceRequest, TransferIdRequest,
+    TransferRequest,
 };
 use crate::protocol::{ErrorCode, OptimizeResponse, ProtocolError};
 use crate::service::{MemoryService, TryAllocate};
@@ -56,12 +57,11 @@ pub enum Action {
     ModelOptimize,
     /// `memory.get_pressure`
     GetPressure,
-    /// An action of the contract that a later version carries out.
-    NotYet(&'static str),
+    /// `memory.analytics`
+    Analytics,
+    /// `memory.optimization_recs`
+    OptimizationRecs,
 }
-
-/// Actions of the contract that this version does not carry out yet.
-pub const PLANNED_ACTIONS: [&str; 2] = ["memory.analytics", "memory.optimization_recs"];
 
 impl Action {
     /// Looks an action up by name.
@@ -85,7 +85,9 @@ impl Action {
             "memory.model_status" => Action::ModelStatus,
             "memory.model_optimize" => Action::ModelOptimize,
             "memory.get_pressure" => Action::GetPressure,
-            other => Action::NotYet(PLANNED_ACTIONS.iter().find(|a| **a == other)?),
+            "memory.analytics" => Action::Analytics,
+            "memory.optimization_recs" => Action::OptimizationRecs,
+            _ => return None,
         })
     }
 }
@@ -386,16 +388,24 @@ impl Dispatcher {
             Action::GetPressure => respond(
                 out,
                 id,
-                crate::protocol::requests::OptionalDeviceRequest::parse(data)
-                    .and_then(|r| s.get_pressure(&r)),
+                OptionalDeviceRequest::parse(data).and_then(|r| s.get_pressure(&r)),
             ),
-            Action::NotYet(name) => {
-                let e = ProtocolError::new(
-                    ErrorCode::UnknownAction,
-                    format!("action `{name}` is not available in this version of memcoord"),
-                );
-                write_error(out, Some(id), &e);
-            }
+            Action::Analytics => respond(
+                out,
+                id,
+                AnalyticsRequest::parse(data).and_then(|r| s.analytics(&r)),
+            ),
+            Action::OptimizationRecs => match OptionalDeviceRequest::parse(data) {
+                // Working out a defragment's outcome walks a device's allocations: off this
+                // thread.
+                Ok(r) => {
+                    let service = Arc::clone(s);
+                    return Some(on_blocking_thread(id, move || {
+                        service.optimization_recs(&r)
+                    }));
+                }
+                Err(e) => write_error(out, Some(id), &e),
+            },
         }
         None
     }

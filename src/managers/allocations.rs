@@ -1,10 +1,12 @@
 //! The allocation engine: every device's arena and budget, every live allocation, and the
 //! counters the protocol reports. Callers serialise access (the service holds it in a mutex).
 
+use super::analytics::{DurationHistogram, History, HistoryReport, Sample};
 use super::arena::{Arena, ArenaError, Compaction, Placement};
 use super::health;
 use super::pressure::PressureTracker;
 use super::records::{HasId, RecordTable};
+use super::tally::{Entry, TYPE_COUNT, Tally};
 use crate::backends::coarse_millis;
 use crate::backends::{Backend, BackendError};
 use crate::protocol::MemoryPressure;
@@ -151,6 +153,8 @@ struct Device {
     allocation_time_ms_sum: f64,
     waiting: u64,
     model_bytes: u64,
+    tally: Tally,
+    history: History,
 }
 
 impl Device {
@@ -203,6 +207,24 @@ impl Device {
         self.peak_allocated = self.peak_allocated.max(self.allocated);
         self.peak_reserved = self.peak_reserved.max(self.reserved());
     }
+
+    /// Takes an allocation's bytes off the device's books (freed, or moved elsewhere).
+    fn unaccount(&mut self, r: &Record) {
+        let now = coarse_millis();
+        if r.placement.is_some() {
+            let before = self.allocated;
+            self.allocated -= r.size;
+            self.history.on_allocated(before, self.allocated, now);
+        } else {
+            self.reservation -= r.size;
+        }
+        self.note_charged();
+        self.live -= 1;
+        if matches!(r.owner, Owner::Model(_)) {
+            self.model_bytes -= r.size;
+        }
+        self.tally.remove(r.entry());
+    }
 }
 
 /// One live allocation's bookkeeping, kept small (the metadata budget is 200 bytes a live
@@ -250,6 +272,16 @@ impl Record {
                 "Allocation {allocation_id} holds weights of model {name}{model_hint}"
             ))),
             Owner::Client => None,
+        }
+    }
+
+    fn entry(&self) -> Entry<'_> {
+        Entry {
+            size: self.size,
+            kind: self.kind,
+            purpose: &self.purpose,
+            persistent: self.persistent,
+            client: self.owner == Owner::Client,
         }
     }
 
@@ -332,6 +364,63 @@ pub struct DefragmentPass {
     pub pinned_count: u64,
 }
 
+/// A device's figures for metrics and advice: plain data, gathered from running totals.
+#[derive(Debug, Clone)]
+pub struct DeviceTelemetry {
+    /// The device.
+    pub device_id: String,
+    /// RAM, SharedMemory or VRAM.
+    pub memory_type: crate::protocol::MemoryType,
+    /// The device's capacity.
+    pub capacity_bytes: u64,
+    /// In use on the device, by every process.
+    pub used_bytes: u64,
+    /// The service's budget for it.
+    pub budget_bytes: u64,
+    /// Bytes of live allocations holding memory.
+    pub allocated_bytes: u64,
+    /// Bytes of live Reservations.
+    pub reservation_bytes: u64,
+    /// Bytes held from the device.
+    pub reserved_bytes: u64,
+    /// Bytes of model weights resident here.
+    pub model_bytes: u64,
+    /// The most bytes allocated at once since the start.
+    pub peak_allocated_bytes: u64,
+    /// How the free memory is split up.
+    pub fragmentation: MemoryFragmentation,
+    /// The pressure reading.
+    pub pressure: MemoryPressure,
+    /// Seconds during which a request waited for memory, since the start.
+    pub stall_seconds_total: f64,
+    /// The most budget a request refused in the last 60 s would have needed.
+    pub max_failed_demand_60s: Option<u64>,
+    /// Live allocations.
+    pub live_allocations: u64,
+    /// Allocations since the start.
+    pub allocations_total: u64,
+    /// Deallocations since the start.
+    pub deallocations_total: u64,
+    /// OUT_OF_MEMORY answers since the start.
+    pub failures_total: u64,
+    /// Live bytes by type (index = the type's value).
+    pub bytes_by_type: [u64; TYPE_COUNT],
+    /// Live allocations by type.
+    pub live_by_type: [u64; TYPE_COUNT],
+    /// Allocations since the start, by type.
+    pub total_by_type: [u64; TYPE_COUNT],
+    /// Live bytes of non-persistent client allocations, by type.
+    pub unpinned_client_bytes: [u64; TYPE_COUNT],
+    /// Live persistent client allocations.
+    pub persistent_client_count: u64,
+    /// Bytes transferred onto the device since the start.
+    pub transferred_in_bytes: u64,
+    /// Bytes transferred off the device since the start.
+    pub transferred_out_bytes: u64,
+    /// `memory.allocate` durations since the start.
+    pub durations: DurationHistogram,
+}
+
 /// Every device and every live allocation.
 pub struct AllocationEngine {
     devices: Vec<Device>,
@@ -367,6 +456,8 @@ impl AllocationEngine {
                     allocation_time_ms_sum: 0.0,
                     waiting: 0,
                     model_bytes: 0,
+                    tally: Tally::default(),
+                    history: History::new(coarse_millis()),
                 })
                 .collect(),
             records: RecordTable::new(),
@@ -429,11 +520,12 @@ impl AllocationEngine {
         if let Some(record) = self.records.remove(id) {
             let device = record.device as usize;
             let placement = record.placement;
-            // Accounting as a free; then the pages committed for it go back.
+            // Accounting as a free that never was; then the pages committed for it go back.
             let dev = &mut self.devices[device];
-            dev.allocated -= record.size;
-            dev.live -= 1;
+            dev.unaccount(&record);
             dev.total_allocations -= 1;
+            dev.tally.uncount(record.kind);
+            dev.history.undo_allocation(record.size, coarse_millis());
             if let Some(p) = placement {
                 dev.arena.abandon(&p, &pending.runs);
             }
@@ -505,15 +597,26 @@ impl AllocationEngine {
                 Err(ArenaError::Backend(e)) => return Err(e.into()),
             }
         };
+        let now_ms = coarse_millis();
         if placement.is_some() {
+            let before = dev.allocated;
             dev.allocated += spec.size;
             dev.note_peaks();
+            dev.history.on_allocated(before, dev.allocated, now_ms);
         } else {
             dev.reservation += spec.size;
         }
         dev.note_charged();
         dev.live += 1;
         dev.total_allocations += 1;
+        dev.history.on_allocation(spec.size, now_ms);
+        dev.tally.add(Entry {
+            size: spec.size,
+            kind: spec.kind,
+            purpose: &spec.purpose,
+            persistent: spec.persistent,
+            client: spec.owner == Owner::Client,
+        });
         if matches!(spec.owner, Owner::Model(_)) {
             dev.model_bytes += spec.size;
         }
@@ -543,16 +646,101 @@ impl AllocationEngine {
         Ok((id, pending))
     }
 
-    /// Adds the time an allocation took (waiting included) to the device's average.
+    /// Adds the time an allocation took (waiting included) to the device's average and its
+    /// latency figures.
     pub fn record_allocation_time(&mut self, device: usize, ms: f64) {
-        self.devices[device].allocation_time_ms_sum += ms;
+        let d = &mut self.devices[device];
+        d.allocation_time_ms_sum += ms;
+        d.history.on_latency(ms, coarse_millis());
     }
 
-    /// Counts an allocation that ended in OUT_OF_MEMORY.
-    pub fn record_failure(&mut self, device: usize) {
+    /// Counts an allocation of `requested` bytes that ended in OUT_OF_MEMORY.
+    pub fn record_failure(&mut self, device: usize, requested: u64) {
         let d = &mut self.devices[device];
         d.failed_allocations += 1;
-        d.pressure.on_failure(coarse_millis());
+        let demand = d.charged().saturating_add(requested);
+        d.pressure.on_failure(demand, coarse_millis());
+    }
+
+    /// Takes each device's usage sample for this second (`memory.analytics`' time series).
+    pub fn sample_history(&mut self) {
+        let now = coarse_millis();
+        for d in &mut self.devices {
+            let used = d.arena.backend_mut().capacity().used();
+            let sample = Sample {
+                used_memory: used,
+                allocated_bytes: d.allocated,
+                reserved_bytes: d.reserved(),
+            };
+            d.history.sample(sample, now);
+        }
+    }
+
+    /// A device's history over the last `window_seconds` (this second sampled first), and the
+    /// monotonic millisecond it was read at. Never walks the allocations.
+    pub fn history(&mut self, device: usize, window_seconds: u64) -> (HistoryReport, u64) {
+        let now = coarse_millis();
+        let d = &mut self.devices[device];
+        let used = d.arena.backend_mut().capacity().used();
+        let sample = Sample {
+            used_memory: used,
+            allocated_bytes: d.allocated,
+            reserved_bytes: d.reserved(),
+        };
+        d.history.sample(sample, now);
+        (d.history.report(window_seconds, d.allocated, now), now)
+    }
+
+    /// A device's live bytes by purpose: the `limit` largest, the rest summed under
+    /// `rest_label`.
+    pub fn bytes_by_purpose(
+        &self,
+        device: usize,
+        limit: usize,
+        rest_label: &str,
+    ) -> Vec<(String, u64)> {
+        self.devices[device]
+            .tally
+            .bytes_by_purpose(limit, rest_label)
+    }
+
+    /// Everything metrics and advice need of a device, from running totals (never walking the
+    /// allocations). Reads the pressure level as `memory.get_pressure` does.
+    pub fn telemetry(&mut self, device: usize, hold_ms: u64) -> DeviceTelemetry {
+        let pressure = self.pressure(device, hold_ms);
+        let fragmentation = self.fragmentation(device);
+        let now = coarse_millis();
+        let d = &mut self.devices[device];
+        let capacity = d.arena.backend_mut().capacity();
+        let backend = d.arena.backend();
+        DeviceTelemetry {
+            device_id: backend.device_id().to_string(),
+            memory_type: backend.memory_type(),
+            capacity_bytes: capacity.total,
+            used_bytes: capacity.used(),
+            budget_bytes: d.budget,
+            allocated_bytes: d.allocated,
+            reservation_bytes: d.reservation,
+            reserved_bytes: d.reserved(),
+            model_bytes: d.model_bytes,
+            peak_allocated_bytes: d.peak_allocated,
+            fragmentation,
+            pressure,
+            stall_seconds_total: d.pressure.stall_total_ms(now) as f64 / 1000.0,
+            max_failed_demand_60s: d.pressure.max_failed_demand(now),
+            live_allocations: d.live,
+            allocations_total: d.total_allocations,
+            deallocations_total: d.total_deallocations,
+            failures_total: d.failed_allocations,
+            bytes_by_type: d.tally.bytes_by_type,
+            live_by_type: d.tally.live_by_type,
+            total_by_type: d.tally.total_by_type,
+            unpinned_client_bytes: d.tally.unpinned_client_bytes,
+            persistent_client_count: d.tally.persistent_client_count,
+            transferred_in_bytes: d.tally.transferred_in_bytes,
+            transferred_out_bytes: d.tally.transferred_out_bytes,
+            durations: d.history.durations().clone(),
+        }
     }
 
     /// Counts a request starting (`+1`) or ending (`-1`) a wait for memory.
@@ -624,19 +812,11 @@ impl AllocationEngine {
 
     fn release(&mut self, record: Record) -> Freed {
         let dev = &mut self.devices[record.device as usize];
-        match &record.placement {
-            Some(p) => {
-                dev.arena_mut(record.pool).free(p);
-                dev.allocated -= record.size;
-            }
-            None => dev.reservation -= record.size,
+        if let Some(p) = &record.placement {
+            dev.arena_mut(record.pool).free(p);
         }
-        dev.note_charged();
-        dev.live -= 1;
+        dev.unaccount(&record);
         dev.total_deallocations += 1;
-        if matches!(record.owner, Owner::Model(_)) {
-            dev.model_bytes -= record.size;
-        }
         Freed {
             device_id: dev.arena.backend().device_id().to_string(),
             bytes: record.size,
@@ -743,6 +923,61 @@ impl AllocationEngine {
             compaction,
             pinned_count,
         }
+    }
+
+    /// The largest single allocation a full `memory.defragment` would make possible on the
+    /// device (capped, like `largest_free_block_bytes`, by what the budget allows now).
+    /// Walks the device's allocations; moves nothing.
+    pub fn defragment_preview(&mut self, device: usize, pinned: &[Uuid]) -> u64 {
+        let mut placements: Vec<(Placement, bool)> = self
+            .records
+            .iter()
+            .filter(|r| r.device as usize == device && !r.pool)
+            .filter_map(|r| {
+                let movable = !(r.persistent || r.busy || pinned.contains(&r.id));
+                r.placement.map(|p| (p, movable))
+            })
+            .collect();
+        let largest = self.devices[device]
+            .arena
+            .compaction_preview(&mut placements);
+        largest.min(self.available(device))
+    }
+
+    /// A device's persistent client allocations made before `before`, largest first, at most
+    /// `limit`: (id, bytes, made at). Walks the allocations only when the device has some.
+    pub fn persistent_allocations(
+        &self,
+        device: usize,
+        before: SystemTime,
+        limit: usize,
+    ) -> Vec<(Uuid, u64, SystemTime)> {
+        if self.devices[device].tally.persistent_client_count == 0 {
+            return Vec::new();
+        }
+        let cut = micros(before);
+        let mut v: Vec<(Uuid, u64, SystemTime)> = self
+            .records
+            .iter()
+            .filter(|r| {
+                r.device as usize == device
+                    && r.persistent
+                    && r.owner == Owner::Client
+                    && !r.busy
+                    && !r.hidden
+                    && r.created_us < cut
+            })
+            .map(|r| {
+                (
+                    r.id,
+                    r.size,
+                    UNIX_EPOCH + Duration::from_micros(r.created_us),
+                )
+            })
+            .collect();
+        v.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.2.cmp(&b.2)));
+        v.truncate(limit);
+        v
     }
 
     /// Gives back the device's cached pages; returns the bytes.
@@ -867,9 +1102,12 @@ impl AllocationEngine {
             let d = self.records.get_mut(dst_id).ok_or_else(gone)?;
             d.busy = false;
             d.hidden = false;
+            let (size, dst_device) = (d.size, d.device as usize);
             if let Some(s) = self.records.get_mut(src_id) {
                 s.busy = false;
+                self.devices[s.device as usize].tally.transferred_out_bytes += size;
             }
+            self.devices[dst_device].tally.transferred_in_bytes += size;
             return Ok(*dst_id);
         }
         let dst = self.records.remove(dst_id).ok_or_else(gone)?;
@@ -881,24 +1119,20 @@ impl AllocationEngine {
         let old_device = src.device as usize;
         let old_placement = src.placement;
         let old_pool = src.pool;
-        src.device = dst.device;
-        src.placement = dst.placement;
-        src.pool = dst.pool;
-        src.busy = false;
-        let size = src.size;
         // The destination device keeps its accounting (the memory stays); the source device
-        // gives its bytes back as a deallocation.
-        let is_model = matches!(src.owner, Owner::Model(_));
+        // gives its bytes back as a deallocation, books as they were before the move.
         let dev = &mut self.devices[old_device];
         if let Some(p) = old_placement {
             dev.arena_mut(old_pool).free(&p);
         }
-        dev.allocated -= size;
-        dev.live -= 1;
+        dev.unaccount(src);
         dev.total_deallocations += 1;
-        if is_model {
-            dev.model_bytes -= size;
-        }
+        dev.tally.transferred_out_bytes += src.size;
+        self.devices[dst.device as usize].tally.transferred_in_bytes += src.size;
+        src.device = dst.device;
+        src.placement = dst.placement;
+        src.pool = dst.pool;
+        src.busy = false;
         Ok(*src_id)
     }
 

@@ -490,6 +490,28 @@ impl Arena {
         self.backend.write(p.offset() + offset, data)
     }
 
+    /// The largest free block (bytes) that [`Arena::compact`] with no limit would leave:
+    /// the same walk, as arithmetic only; nothing moves. `placements` holds every live
+    /// placement of the arena with whether it may move.
+    pub fn compaction_preview(&self, placements: &mut [(Placement, bool)]) -> u64 {
+        placements.sort_unstable_by_key(|(p, _)| p.block.offset);
+        let mut cursor = 0u32;
+        let mut largest = 0u32;
+        for (p, movable) in placements.iter() {
+            let align_units = (p.alignment() / self.unit).max(1) as u32;
+            let target = cursor.next_multiple_of(align_units);
+            let start = if *movable && target < p.block.offset {
+                target
+            } else {
+                p.block.offset
+            };
+            largest = largest.max(start.saturating_sub(cursor));
+            cursor = start + p.block.size;
+        }
+        largest = largest.max(self.tlsf.capacity().saturating_sub(cursor));
+        largest as u64 * self.unit
+    }
+
     /// Slides movable allocations toward the start of the arena, in address order, moving at
     /// most `max_bytes` (at least one allocation); pinned ones stay. Contents are preserved byte
     /// for byte (overlapping moves are memmoves toward lower addresses); every placement is

@@ -1,13 +1,16 @@
 //! Managers: the core of memcoord. Plain data in, plain data out; no I/O of their own (the
 //! backends they own do the system calls) and nothing printed.
 
+pub mod advisor;
 pub mod allocations;
+pub mod analytics;
 pub mod arena;
 pub mod health;
 pub mod models;
 pub mod pressure;
 pub mod records;
 pub mod replay;
+pub mod tally;
 pub mod tlsf;
 pub mod transfers;
 

@@ -28,7 +28,10 @@ pub struct PressureTracker {
     lower_since: Option<u64>,
     stall_started: Option<u64>,
     stalls: VecDeque<(u64, u64)>,
-    failures: VecDeque<u64>,
+    /// Stall time of closed stall intervals since the start.
+    stall_total_ms: u64,
+    /// (when, bytes the device would have needed: charged + requested).
+    failures: VecDeque<(u64, u64)>,
     samples: VecDeque<(u64, u64)>,
     /// Charge changes since the last timestamped sample (the clock is read every 32).
     unsampled: u32,
@@ -62,7 +65,7 @@ impl PressureTracker {
         while self.stalls.front().is_some_and(|&(_, end)| end < cut) {
             self.stalls.pop_front();
         }
-        while self.failures.front().is_some_and(|&t| t < cut) {
+        while self.failures.front().is_some_and(|&(t, _)| t < cut) {
             self.failures.pop_front();
         }
         let trend_cut = now.saturating_sub(TREND_WINDOW_MS);
@@ -78,16 +81,29 @@ impl PressureTracker {
             (false, Some(start)) => {
                 self.stall_started = None;
                 self.stalls.push_back((start, now));
+                self.stall_total_ms += now.saturating_sub(start);
             }
             _ => {}
         }
         self.prune(now);
     }
 
-    /// An allocation ended in OUT_OF_MEMORY.
-    pub fn on_failure(&mut self, now: u64) {
-        self.failures.push_back(now);
+    /// An allocation ended in OUT_OF_MEMORY; the device would have needed `demand` bytes of
+    /// budget (what it had charged plus the request).
+    pub fn on_failure(&mut self, demand: u64, now: u64) {
+        self.failures.push_back((now, demand));
         self.prune(now);
+    }
+
+    /// The most budget a request refused in the last 60 s would have needed, if any was.
+    pub fn max_failed_demand(&mut self, now: u64) -> Option<u64> {
+        self.prune(now);
+        self.failures.iter().map(|&(_, d)| d).max()
+    }
+
+    /// Milliseconds during which a request waited for memory, since the start.
+    pub fn stall_total_ms(&self, now: u64) -> u64 {
+        self.stall_total_ms + self.stall_started.map_or(0, |s| now.saturating_sub(s))
     }
 
     /// Charged bytes changed, on the allocation path: only every 32nd change reads the clock
@@ -225,7 +241,9 @@ mod tests {
         let mut p = PressureTracker::default();
         p.on_waiting(1, 1_000);
         p.on_waiting(0, 3_000);
-        p.on_failure(3_000);
+        p.on_failure(10, 3_000);
+        assert_eq!(p.max_failed_demand(3_000), Some(10));
+        assert_eq!(p.stall_total_ms(3_500), 2_000);
         let r = p.read(10.0, 0, 0, 4_000, 0);
         assert_eq!(r.stall_ms_10s, 2_000.0);
         assert_eq!(r.failed_allocations_60s, 1);

@@ -23,12 +23,16 @@ pub struct Transfer {
 pub struct TransferTable {
     transfers: FxHashMap<Uuid, Transfer>,
     finished: u64,
+    started_total: u64,
+    completed_total: u64,
+    failed_total: u64,
 }
 
 impl TransferTable {
     /// Records a transfer that starts now.
     pub fn start(&mut self, wire: MemoryTransfer) -> Uuid {
         let id = Uuid::parse_str(&wire.transfer_id).unwrap_or_else(|_| Uuid::new_v4());
+        self.started_total += 1;
         self.transfers.insert(
             id,
             Transfer {
@@ -53,6 +57,19 @@ impl TransferTable {
             .filter(|t| t.finished_seq.is_none())
             .map(|t| t.wire.clone())
             .collect()
+    }
+
+    /// Transfers since the start by how they stand: `(status, count)` for Running (now),
+    /// Completed and Failed (Cancelled included).
+    pub fn status_counts(&self) -> Vec<(&'static str, u64)> {
+        let running = self
+            .started_total
+            .saturating_sub(self.completed_total + self.failed_total);
+        vec![
+            ("Running", running),
+            ("Completed", self.completed_total),
+            ("Failed", self.failed_total),
+        ]
     }
 
     /// Counts copied bytes.
@@ -84,6 +101,11 @@ impl TransferTable {
         let seq = self.finished;
         self.finished += 1;
         let t = self.transfers.get_mut(id)?;
+        match status {
+            TransferStatus::Completed => self.completed_total += 1,
+            TransferStatus::Failed | TransferStatus::Cancelled => self.failed_total += 1,
+            _ => {}
+        }
         t.wire.status = status;
         t.wire.completed_at = Some(Timestamp(SystemTime::now()));
         t.wire.error_message = error;

@@ -201,6 +201,27 @@ wire_enum! {
     }
 }
 
+wire_enum! {
+    /// What a recommendation of `memory.optimization_recs` advises. The contract names these
+    /// as strings only; the integers are this enum's order.
+    RecommendationKind {
+        /// Defragment the device: free memory is in pieces.
+        Defragment = 0,
+        /// Free Cache allocations and give back cached pages.
+        ClearCache = 1,
+        /// Free Cache and Temporary allocations down to a usage target.
+        ReduceToTarget = 2,
+        /// Move idle models' weights to `cpu`.
+        OffloadIdleModels = 3,
+        /// Unload idle models.
+        UnloadIdleModels = 4,
+        /// The budget is below what the device was asked for.
+        RaiseBudget = 5,
+        /// A persistent allocation has not been touched for a long time.
+        ReviewPersistent = 6,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

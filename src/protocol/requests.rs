@@ -674,6 +674,38 @@ impl OptionalDeviceRequest {
     }
 }
 
+#[derive(Deserialize)]
+struct AnalyticsWire {
+    device_id: Option<String>,
+    window_seconds: Option<f64>,
+}
+
+/// `memory.analytics`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnalyticsRequest {
+    /// The device, or every device.
+    pub device_id: Option<String>,
+    /// Seconds of history, 1 to 3600 (default 3600); a fraction counts as a whole second.
+    pub window_seconds: u64,
+}
+
+impl AnalyticsRequest {
+    /// Parses and checks `data`.
+    pub fn parse(data: Option<&RawValue>) -> Result<Self, ProtocolError> {
+        let w: AnalyticsWire = parse_data(data)?;
+        let window = w.window_seconds.unwrap_or(3600.0);
+        if !(1.0..=3600.0).contains(&window) {
+            return Err(ProtocolError::invalid_parameter(format!(
+                "field `window_seconds` must be from 1 to 3600, got {window}"
+            )));
+        }
+        Ok(AnalyticsRequest {
+            device_id: w.device_id,
+            window_seconds: window.ceil() as u64,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -390,3 +390,118 @@ pub struct GetPressureResponse {
     /// One reading per device asked about.
     pub devices: Vec<MemoryPressure>,
 }
+
+/// One second of a device's history (`memory.analytics`).
+#[derive(Debug, Clone, Serialize)]
+pub struct AnalyticsSample {
+    /// The second.
+    pub at: Timestamp,
+    /// In use on the device, by every process.
+    pub used_memory: u64,
+    /// Bytes of live allocations.
+    pub allocated_bytes: u64,
+    /// Bytes this service held from the device.
+    pub reserved_bytes: u64,
+}
+
+/// One cumulative bucket of the allocation size histogram.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct SizeBucket {
+    /// Upper bound in bytes (9223372036854775807 = +Inf).
+    pub le_bytes: u64,
+    /// Allocations of at most `le_bytes` in the window.
+    pub count: u64,
+}
+
+/// Allocation latency percentiles, in milliseconds.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct LatencySummary {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Slowest.
+    pub max: f64,
+}
+
+/// Live bytes by purpose, written as a JSON object, largest first.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PurposeBytes(pub Vec<(String, u64)>);
+
+impl Serialize for PurposeBytes {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+/// A device's analytics over a window (`memory.analytics`).
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryAnalytics {
+    /// The device.
+    pub device_id: String,
+    /// The window, 1 to 3600 seconds.
+    pub window_seconds: u64,
+    /// One sample per second of the window that was sampled, oldest first.
+    pub samples: Vec<AnalyticsSample>,
+    /// Cumulative counts of allocations by size in the window; the last bucket is +Inf.
+    pub allocation_size_histogram: Vec<SizeBucket>,
+    /// `memory.allocate` latency in the window.
+    pub allocation_latency_ms: LatencySummary,
+    /// Allocations per second over the window (or since the start, if shorter).
+    pub allocations_per_second: f64,
+    /// The most bytes allocated at once in the window.
+    pub peak_allocated_bytes: u64,
+    /// Live bytes by purpose (the 1,000 largest; the rest under `"(other purposes)"`).
+    pub bytes_by_purpose: PurposeBytes,
+    /// Allocations in the window (an extension: the +Inf bucket's count).
+    pub allocation_count: u64,
+}
+
+/// `memory.analytics`.
+#[derive(Debug, Clone, Serialize)]
+pub struct GetAnalyticsResponse {
+    /// One per device asked about.
+    pub devices: Vec<MemoryAnalytics>,
+}
+
+/// The request that applies a recommendation.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RecommendedRequest {
+    /// The action.
+    pub action: String,
+    /// Its `data`.
+    pub data: serde_json::Value,
+}
+
+/// One piece of advice (`memory.optimization_recs`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Recommendation {
+    /// Stable for the same advice: `<device>/<kind>` (`/<allocation id>` for ReviewPersistent).
+    pub id: String,
+    /// The device it is about.
+    pub device_id: String,
+    /// What it advises.
+    pub kind: super::enums::RecommendationKind,
+    /// 1 = most urgent.
+    pub priority: u32,
+    /// For people: what was seen and what the request will do.
+    pub description: String,
+    /// Bytes the request is expected to free (RaiseBudget: bytes the budget lacks).
+    pub estimated_savings_bytes: u64,
+    /// The exact request that applies it; null when no request can (RaiseBudget).
+    pub request: Option<RecommendedRequest>,
+}
+
+/// `memory.optimization_recs`.
+#[derive(Debug, Clone, Serialize)]
+pub struct OptimizationRecsResponse {
+    /// Most urgent first.
+    pub recommendations: Vec<Recommendation>,
+}

@@ -4,6 +4,9 @@
 //! see JSON. Only `allocate` can wait (for memory); everything else answers at once.
 
 mod models;
+mod telemetry;
+
+pub use telemetry::{ModelTelemetry, Telemetry};
 
 pub use models::resolve_model_path;
 
@@ -75,6 +78,7 @@ pub struct MemoryService {
     model_root: PathBuf,
     model_budgets: rustc_hash::FxHashMap<String, u64>,
     pressure_hold_ms: u64,
+    rules: crate::managers::advisor::Rules,
     /// Woken whenever memory is freed (and at shutdown).
     room: Notify,
     shutting_down: AtomicBool,
@@ -107,6 +111,7 @@ impl MemoryService {
             model_root: PathBuf::from("."),
             model_budgets: Default::default(),
             pressure_hold_ms: crate::managers::pressure::DEFAULT_HOLD_MS,
+            rules: Default::default(),
             room: Notify::new(),
             shutting_down: AtomicBool::new(false),
         }
@@ -296,7 +301,7 @@ impl MemoryService {
                         | EngineError::OverBudget { .. }
                         | EngineError::Backend(_)
                 ) {
-                    e.record_failure(d);
+                    e.record_failure(d, req.size_bytes);
                 }
                 TryAllocate::Ready(Err(err.into()))
             }
@@ -345,7 +350,7 @@ impl MemoryService {
                     return TryAllocate::MustWait(req);
                 }
                 Err(err) => {
-                    e.record_failure(d);
+                    e.record_failure(d, req.size_bytes);
                     return TryAllocate::Ready(Err(err.into()));
                 }
             }
@@ -356,7 +361,7 @@ impl MemoryService {
             let mut e = self.engine.lock();
             e.finish_deferred(&id, &pending, committed.is_ok());
             if let Err(err) = committed {
-                e.record_failure(d);
+                e.record_failure(d, req.size_bytes);
                 return TryAllocate::Ready(Err(ProtocolError::new(
                     ErrorCode::OutOfMemory,
                     format!(
@@ -464,7 +469,7 @@ impl MemoryService {
             TryAllocate::MustWait(req) | TryAllocate::Large(req) => {
                 let mut e = self.engine.lock();
                 let d = e.device_index(&req.device_id)?;
-                e.record_failure(d);
+                e.record_failure(d, req.size_bytes);
                 Err(no_room(&req))
             }
         }
@@ -509,7 +514,7 @@ impl MemoryService {
                         .await
                         .is_err()
                     {
-                        self.engine.lock().record_failure(d);
+                        self.engine.lock().record_failure(d, req.size_bytes);
                         break Err(ProtocolError::new(
                             ErrorCode::OutOfMemory,
                             format!(
@@ -522,7 +527,7 @@ impl MemoryService {
                     }
                 }
                 Err(err) => {
-                    self.engine.lock().record_failure(d);
+                    self.engine.lock().record_failure(d, req.size_bytes);
                     break Err(err.into());
                 }
             }
@@ -633,6 +638,16 @@ impl MemoryService {
         Ok(e.utilization(d))
     }
 
+    /// A device's (budget-charged bytes, cached bytes: held from the device but not allocated).
+    fn footprint(&self, device_id: &str) -> Result<(u64, u64), ProtocolError> {
+        let e = self.engine.lock();
+        let u = e.usage(e.device_index(device_id)?);
+        Ok((
+            u.allocated_bytes + u.reservation_bytes,
+            u.reserved_bytes.saturating_sub(u.allocated_bytes),
+        ))
+    }
+
     /// `memory.optimize`, run to completion.
     pub fn optimize(&self, req: &OptimizeRequest) -> Result<OptimizeResponse, ProtocolError> {
         use MemoryOptimizationType as T;
@@ -644,12 +659,11 @@ impl MemoryService {
             .filter_map(|id| Uuid::parse_str(id).ok())
             .collect();
         let mut actions = Vec::new();
-        let mut freed = 0u64;
         let t = req.optimization_type;
+        let footprint_before = self.footprint(&req.device_id)?;
 
         if matches!(t, T::EvictIdleModels | T::Full) {
-            let (done, bytes) = self.evict_idle_models(&req.device_id);
-            freed += bytes;
+            let (done, _) = self.evict_idle_models(&req.device_id);
             if done.is_empty() {
                 actions.push("EvictIdleModels: no idle model to evict".to_string());
             }
@@ -671,7 +685,6 @@ impl MemoryService {
             if cleared.count > 0 {
                 self.room.notify_waiters();
             }
-            freed += cleared.bytes;
             let usage_now = self.check_device(&req.device_id)?;
             actions.push(format!(
                 "ReduceToTarget: freed {} allocations ({}) of types {}; usage {:.1}% (target {:.1}%){}",
@@ -685,7 +698,6 @@ impl MemoryService {
         }
         if matches!(t, T::Defragment | T::Full) {
             let r = self.defragment(&req.device_id, &preserve)?;
-            freed += r.released_bytes;
             actions.push(format!(
                 "Defragment: moved {} allocations ({}), {} pinned; fragmentation {:.1}% -> {:.1}%; released {}",
                 r.moved_count,
@@ -697,17 +709,41 @@ impl MemoryService {
             ));
         }
         if matches!(t, T::ClearCache | T::Full) {
-            let released = {
+            let (cleared, released) = {
                 let mut e = self.engine.lock();
                 let d = e.device_index(&req.device_id)?;
-                e.trim(d)
+                // Every (unpinned) Cache allocation: a target no usage can reach.
+                let cleared = e.reclaim(
+                    d,
+                    &[MemoryAllocationType::Cache],
+                    -1.0,
+                    req.force,
+                    &preserve,
+                );
+                (cleared, e.trim(d))
             };
-            freed += released;
+            if cleared.count > 0 {
+                self.room.notify_waiters();
+            }
             actions.push(format!(
-                "ClearCache: released {} of cached pages",
+                "ClearCache: freed {} Cache allocations ({}){}; released {} of cached pages",
+                cleared.count,
+                format_bytes(cleared.bytes),
+                if req.force {
+                    ""
+                } else {
+                    ", persistent ones kept"
+                },
                 format_bytes(released)
             ));
         }
+        let footprint_after = self.footprint(&req.device_id)?;
+        // Budget bytes freed plus cached pages given back, each byte counted once (a freed
+        // allocation's pages that are then given back count as the allocation only).
+        let freed = footprint_before
+            .0
+            .saturating_sub(footprint_after.0)
+            .saturating_add(footprint_before.1.saturating_sub(footprint_after.1));
         Ok(OptimizeResponse {
             device_id: req.device_id.clone(),
             optimization_type: t,

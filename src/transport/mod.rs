@@ -2,4 +2,5 @@
 //! responses; they know nothing of actions.
 
 pub mod framing;
+pub mod http;
 pub mod stdio;

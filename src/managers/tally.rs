@@ -1,0 +1,200 @@
+//! Running totals of a device's live allocations, kept as they come and go so that reports and
+//! metrics never walk the allocations: bytes and counts by type, by purpose, of persistent and
+//! reclaimable ones, and counters since the start.
+
+use crate::protocol::MemoryAllocationType;
+use rustc_hash::FxHashMap;
+
+/// The number of allocation types.
+pub const TYPE_COUNT: usize = 7;
+
+/// What the tally needs to know of an allocation.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry<'a> {
+    /// Bytes.
+    pub size: u64,
+    /// Type.
+    pub kind: MemoryAllocationType,
+    /// Label.
+    pub purpose: &'a str,
+    /// Persistent.
+    pub persistent: bool,
+    /// Made by a client (not a model's weights).
+    pub client: bool,
+}
+
+/// Live bytes and counts of one purpose.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PurposeTotal {
+    /// Live allocations.
+    pub count: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+/// A device's running totals. Memory grows with the number of distinct purposes of live
+/// allocations (an entry goes when its last allocation does), never with requests served.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Live bytes by type (Reservations included), indexed by the type's value.
+    pub bytes_by_type: [u64; TYPE_COUNT],
+    /// Live allocations by type.
+    pub live_by_type: [u64; TYPE_COUNT],
+    /// Allocations made since the start, by type.
+    pub total_by_type: [u64; TYPE_COUNT],
+    /// Live bytes of client allocations that `memory.optimize` may free without force, by
+    /// type (not persistent).
+    pub unpinned_client_bytes: [u64; TYPE_COUNT],
+    /// Live persistent client allocations.
+    pub persistent_client_count: u64,
+    /// Bytes transferred onto this device since the start.
+    pub transferred_in_bytes: u64,
+    /// Bytes transferred off this device since the start.
+    pub transferred_out_bytes: u64,
+    purposes: FxHashMap<Box<str>, PurposeTotal>,
+}
+
+impl Tally {
+    /// An allocation went live.
+    pub fn add(&mut self, e: Entry<'_>) {
+        let t = e.kind.value() as usize % TYPE_COUNT;
+        self.bytes_by_type[t] += e.size;
+        self.live_by_type[t] += 1;
+        self.total_by_type[t] += 1;
+        if e.client {
+            if e.persistent {
+                self.persistent_client_count += 1;
+            } else {
+                self.unpinned_client_bytes[t] += e.size;
+            }
+        }
+        match self.purposes.get_mut(e.purpose) {
+            Some(p) => {
+                p.count += 1;
+                p.bytes += e.size;
+            }
+            None => {
+                self.purposes.insert(
+                    e.purpose.into(),
+                    PurposeTotal {
+                        count: 1,
+                        bytes: e.size,
+                    },
+                );
+            }
+        }
+    }
+
+    /// An allocation added before is gone (freed, or moved to another device).
+    pub fn remove(&mut self, e: Entry<'_>) {
+        let t = e.kind.value() as usize % TYPE_COUNT;
+        self.bytes_by_type[t] = self.bytes_by_type[t].saturating_sub(e.size);
+        self.live_by_type[t] = self.live_by_type[t].saturating_sub(1);
+        if e.client {
+            if e.persistent {
+                self.persistent_client_count = self.persistent_client_count.saturating_sub(1);
+            } else {
+                self.unpinned_client_bytes[t] =
+                    self.unpinned_client_bytes[t].saturating_sub(e.size);
+            }
+        }
+        if let Some(p) = self.purposes.get_mut(e.purpose) {
+            p.count = p.count.saturating_sub(1);
+            p.bytes = p.bytes.saturating_sub(e.size);
+            if p.count == 0 {
+                self.purposes.remove(e.purpose);
+            }
+        }
+    }
+
+    /// An allocation made since the start was undone (its pages were refused).
+    pub fn uncount(&mut self, kind: MemoryAllocationType) {
+        let t = kind.value() as usize % TYPE_COUNT;
+        self.total_by_type[t] = self.total_by_type[t].saturating_sub(1);
+    }
+
+    /// Live bytes of a type.
+    pub fn bytes(&self, kind: MemoryAllocationType) -> u64 {
+        self.bytes_by_type[kind.value() as usize % TYPE_COUNT]
+    }
+
+    /// Live bytes by purpose: the `limit` largest, and the rest summed under `rest_label`
+    /// (only when there are more than `limit`).
+    pub fn bytes_by_purpose(&self, limit: usize, rest_label: &str) -> Vec<(String, u64)> {
+        let mut all: Vec<(&str, u64)> = self
+            .purposes
+            .iter()
+            .map(|(k, v)| (k.as_ref(), v.bytes))
+            .collect();
+        if all.len() > limit {
+            all.select_nth_unstable_by(limit, |a, b| b.1.cmp(&a.1));
+            let rest: u64 = all[limit..].iter().map(|(_, b)| b).sum();
+            all.truncate(limit);
+            all.push((rest_label, rest));
+        }
+        all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        all.into_iter().map(|(k, b)| (k.to_string(), b)).collect()
+    }
+
+    /// Distinct purposes of live allocations.
+    pub fn purpose_count(&self) -> usize {
+        self.purposes.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use MemoryAllocationType as T;
+
+    fn e(size: u64, kind: T, purpose: &str, persistent: bool) -> Entry<'_> {
+        Entry {
+            size,
+            kind,
+            purpose,
+            persistent,
+            client: true,
+        }
+    }
+
+    #[test]
+    fn adds_and_removes_exactly() {
+        let mut t = Tally::default();
+        t.add(e(10, T::Cache, "a", false));
+        t.add(e(20, T::Cache, "a", true));
+        t.add(e(5, T::General, "b", false));
+        assert_eq!(t.bytes(T::Cache), 30);
+        assert_eq!(t.unpinned_client_bytes[T::Cache.value() as usize], 10);
+        assert_eq!(t.persistent_client_count, 1);
+        assert_eq!(
+            t.bytes_by_purpose(10, "…"),
+            vec![("a".to_string(), 30), ("b".to_string(), 5)]
+        );
+        t.remove(e(20, T::Cache, "a", true));
+        t.remove(e(10, T::Cache, "a", false));
+        assert_eq!(t.bytes(T::Cache), 0);
+        assert_eq!(
+            t.purpose_count(),
+            1,
+            "a purpose goes with its last allocation"
+        );
+        assert_eq!(t.total_by_type[T::Cache.value() as usize], 2);
+    }
+
+    #[test]
+    fn purposes_beyond_the_limit_are_summed() {
+        let mut t = Tally::default();
+        for i in 0..5u64 {
+            t.add(e(i + 1, T::General, &format!("p{i}"), false));
+        }
+        let v = t.bytes_by_purpose(2, "(other)");
+        assert_eq!(
+            v,
+            vec![
+                ("(other)".to_string(), 6),
+                ("p4".to_string(), 5),
+                ("p3".to_string(), 4)
+            ]
+        );
+    }
+}
