@@ -339,9 +339,11 @@ impl Collector for Snapshot {
         )?;
         family(
             &mut e,
-            "allocation_duration",
+            // In seconds, named so, but without a UNIT line: some OpenMetrics parsers accept
+            // units on counters and gauges only.
+            "allocation_duration_seconds",
             "How long memory.allocate requests took, waiting included.",
-            Some(Unit::Seconds),
+            None,
             devs.iter().map(|d| {
                 // Per-bucket counts: the encoder makes them cumulative.
                 let buckets = DURATION_BUCKETS

@@ -4,8 +4,7 @@
 
 mod common;
 
-use common::{Worker, pattern};
-use safetensors::tensor::{Dtype, TensorView};
+use common::{Worker, write_model};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::fs::OpenOptions;
@@ -32,26 +31,6 @@ impl Drop for Root {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// Writes a safetensors file of `tensors` (name, element count of f32); returns each tensor's bytes.
-fn write_model(path: &Path, tensors: &[(&str, usize)]) -> HashMap<String, Vec<u8>> {
-    let mut bytes = HashMap::new();
-    for (i, (name, n)) in tensors.iter().enumerate() {
-        bytes.insert(name.to_string(), pattern(i as u64 + 1, n * 4));
-    }
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .map(|(name, n)| {
-            (
-                name.to_string(),
-                TensorView::new(Dtype::F32, vec![*n], &bytes[*name]).unwrap(),
-            )
-        })
-        .collect();
-    let data = safetensors::serialize(views, None).unwrap();
-    std::fs::write(path, data).unwrap();
-    bytes
 }
 
 fn worker(root: &Root, budget: &str) -> Worker {

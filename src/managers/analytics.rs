@@ -57,7 +57,8 @@ struct Second {
     allocations: u32,
     sizes: [u32; SIZE_BUCKETS.len() + 1],
     peak_allocated: u64,
-    sample: Option<Sample>,
+    /// The second's sample and the millisecond it was taken.
+    sample: Option<(u64, Sample)>,
 }
 
 impl Second {
@@ -114,7 +115,8 @@ pub struct LatencyPercentiles {
 pub struct HistoryReport {
     /// The window, in seconds.
     pub window_seconds: u64,
-    /// One sample per second that was sampled, oldest first: (monotonic millisecond, sample).
+    /// One sample per second that was sampled, oldest first: (monotonic millisecond it was
+    /// taken at, sample).
     pub samples: Vec<(u64, Sample)>,
     /// Cumulative counts of allocations by size: (`le_bytes`, count), the last `le` +Inf.
     pub size_histogram: Vec<(u64, u64)>,
@@ -222,7 +224,7 @@ impl History {
     /// replaces it).
     pub fn sample(&mut self, sample: Sample, now_ms: u64) {
         let slot = self.slot(now_ms);
-        slot.sample = Some(sample);
+        slot.sample = Some((now_ms, sample));
         slot.peak_allocated = slot.peak_allocated.max(sample.allocated_bytes);
     }
 
@@ -252,7 +254,7 @@ impl History {
             }
             peak = peak.max(slot.peak_allocated);
             if let Some(s) = slot.sample {
-                samples.push((sec * 1000, s));
+                samples.push(s);
             }
         }
         let mut cumulative = 0;
@@ -397,7 +399,7 @@ mod tests {
         h.sample(s(2), 1_900);
         h.sample(s(3), 2_100);
         let r = h.report(3600, 3, 2_500);
-        assert_eq!(r.samples, vec![(1_000, s(2)), (2_000, s(3))]);
+        assert_eq!(r.samples, vec![(1_900, s(2)), (2_100, s(3))]);
         assert_eq!(r.peak_allocated_bytes, 3);
     }
 }

@@ -1,9 +1,11 @@
 //! A test harness that spawns the real `memcoord worker` and talks NDJSON to it.
 #![allow(dead_code)]
 
+use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -255,4 +257,24 @@ impl Drop for Worker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Writes a safetensors file of `tensors` (name, element count of f32); returns each tensor's bytes.
+pub fn write_model(path: &Path, tensors: &[(&str, usize)]) -> HashMap<String, Vec<u8>> {
+    let mut bytes = HashMap::new();
+    for (i, (name, n)) in tensors.iter().enumerate() {
+        bytes.insert(name.to_string(), pattern(i as u64 + 1, n * 4));
+    }
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, n)| {
+            (
+                name.to_string(),
+                TensorView::new(Dtype::F32, vec![*n], &bytes[*name]).unwrap(),
+            )
+        })
+        .collect();
+    let data = safetensors::serialize(views, None).unwrap();
+    std::fs::write(path, data).unwrap();
+    bytes
 }

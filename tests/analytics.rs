@@ -1,0 +1,180 @@
+//! memory.analytics through the real binary: every field checked against the operations
+//! performed, the window's bounds, and the per-second samples.
+
+mod common;
+
+use common::Worker;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const INF: u64 = i64::MAX as u64;
+
+fn analytics(w: &mut Worker, device: &str, window: u64) -> Value {
+    let d = w.ok(
+        "memory.analytics",
+        json!({"device_id": device, "window_seconds": window}),
+    );
+    assert_eq!(d["devices"].as_array().unwrap().len(), 1, "{d}");
+    d["devices"][0].clone()
+}
+
+fn allocate(w: &mut Worker, size: u64, purpose: &str) -> String {
+    let d = w.ok(
+        "memory.allocate",
+        json!({"device_id": "cpu", "size_bytes": size, "purpose": purpose}),
+    );
+    d["allocation"]["allocation_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn bucket(a: &Value, le: u64) -> u64 {
+    a["allocation_size_histogram"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["le_bytes"] == json!(le))
+        .unwrap_or_else(|| panic!("no bucket {le}: {a}"))["count"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn every_field_follows_the_operations() {
+    let mut w = Worker::small();
+    let fresh = analytics(&mut w, "cpu", 3600);
+    assert_eq!(fresh["device_id"], "cpu");
+    assert_eq!(fresh["window_seconds"], 3600);
+    assert_eq!(fresh["allocations_per_second"], 0.0);
+    assert_eq!(fresh["peak_allocated_bytes"], 0);
+    assert_eq!(fresh["bytes_by_purpose"], json!({}));
+    assert_eq!(bucket(&fresh, INF), 0);
+    for p in ["p50", "p90", "p99", "max"] {
+        assert_eq!(fresh["allocation_latency_ms"][p], 0.0, "{fresh}");
+    }
+
+    // 3 × 1 KiB, 2 × 100 KiB, 1 × 3 MiB, with purposes.
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(allocate(&mut w, KIB, "tokens"));
+    }
+    for _ in 0..2 {
+        ids.push(allocate(&mut w, 100 * KIB, "latents"));
+    }
+    ids.push(allocate(&mut w, 3 * MIB, "vae"));
+    let peak = 3 * KIB + 200 * KIB + 3 * MIB;
+    // A failed allocation counts nowhere but in latency of nothing: it is no allocation.
+    let (code, _) = w.err(
+        "memory.allocate",
+        json!({"device_id": "cpu", "size_bytes": 1u64 << 40, "timeout_seconds": 0}),
+    );
+    assert_eq!(code, "OUT_OF_MEMORY");
+    // Free the 3 MiB one: the peak stays, bytes_by_purpose drops it.
+    w.ok(
+        "memory.deallocate",
+        json!({"allocation_id": ids.pop().unwrap()}),
+    );
+
+    let a = analytics(&mut w, "cpu", 3600);
+    assert_eq!(bucket(&a, KIB), 3, "{a}");
+    assert_eq!(bucket(&a, 4 * KIB), 3);
+    assert_eq!(bucket(&a, 64 * KIB), 3);
+    assert_eq!(bucket(&a, 256 * KIB), 5);
+    assert_eq!(bucket(&a, MIB), 5);
+    assert_eq!(bucket(&a, 4 * MIB), 6);
+    assert_eq!(bucket(&a, INF), 6);
+    assert_eq!(a["allocation_count"], 6);
+    let buckets = a["allocation_size_histogram"].as_array().unwrap();
+    assert_eq!(buckets.last().unwrap()["le_bytes"], json!(INF), "+Inf last");
+    let counts: Vec<u64> = buckets
+        .iter()
+        .map(|b| b["count"].as_u64().unwrap())
+        .collect();
+    assert!(counts.windows(2).all(|p| p[0] <= p[1]), "cumulative");
+
+    assert_eq!(a["peak_allocated_bytes"], peak);
+    assert_eq!(
+        a["bytes_by_purpose"],
+        json!({"latents": 200 * KIB, "tokens": 3 * KIB}),
+        "live bytes only"
+    );
+    // 6 allocations since the worker started, a few seconds at most ago.
+    let rate = a["allocations_per_second"].as_f64().unwrap();
+    assert!((6.0 / 10.0..=6.0).contains(&rate), "{rate}");
+
+    let lat = &a["allocation_latency_ms"];
+    let (p50, p90, p99, max) = (
+        lat["p50"].as_f64().unwrap(),
+        lat["p90"].as_f64().unwrap(),
+        lat["p99"].as_f64().unwrap(),
+        lat["max"].as_f64().unwrap(),
+    );
+    assert!(0.0 < p50 && p50 <= p90 && p90 <= p99 && p99 <= max, "{lat}");
+    // Against the answers' own allocation_time_ms: the max is the slowest of the six.
+    assert!(max < 1000.0, "{lat}");
+
+    // The current second is sampled at the request: the last sample is now.
+    let samples = a["samples"].as_array().unwrap();
+    assert!(!samples.is_empty());
+    let last = samples.last().unwrap();
+    let usage = w.usage("cpu");
+    assert_eq!(last["allocated_bytes"], usage["allocated_bytes"]);
+    assert_eq!(last["reserved_bytes"], usage["reserved_bytes"]);
+    assert!(last["used_memory"].as_u64().unwrap() > 0);
+    assert!(last["at"].as_str().unwrap().ends_with('Z'));
+
+    // Every device without device_id.
+    let all = w.ok("memory.analytics", json!({}));
+    assert_eq!(all["devices"].as_array().unwrap().len(), 2);
+    w.close(Duration::from_secs(10));
+}
+
+#[test]
+fn samples_come_once_a_second_and_the_window_bounds_them() {
+    let mut w = Worker::small();
+    let id = allocate(&mut w, MIB, "x");
+    std::thread::sleep(Duration::from_millis(3300));
+    let a = analytics(&mut w, "cpu", 3600);
+    let samples = a["samples"].as_array().unwrap();
+    assert!(
+        (3..=6).contains(&samples.len()),
+        "one a second: {}",
+        samples.len()
+    );
+    let times: Vec<&str> = samples.iter().map(|s| s["at"].as_str().unwrap()).collect();
+    assert!(times.windows(2).all(|p| p[0] < p[1]), "oldest first");
+    // The first sample may be from before the allocation (the worker samples as it starts).
+    assert!(
+        samples[1..].iter().all(|s| s["allocated_bytes"] == MIB),
+        "{samples:?}"
+    );
+
+    // A 1-second window holds at most 1 sample, no allocation made 3 s ago, but the peak
+    // held through it.
+    let a1 = analytics(&mut w, "cpu", 1);
+    assert_eq!(a1["window_seconds"], 1);
+    assert!(a1["samples"].as_array().unwrap().len() <= 1);
+    assert_eq!(bucket(&a1, INF), 0);
+    assert_eq!(a1["allocations_per_second"], 0.0);
+    assert_eq!(a1["peak_allocated_bytes"], MIB);
+    assert_eq!(a1["allocation_latency_ms"]["max"], 0.0);
+    w.ok("memory.deallocate", json!({"allocation_id": id}));
+    let a1 = analytics(&mut w, "cpu", 1);
+    assert_eq!(a1["peak_allocated_bytes"], MIB, "freed within the window");
+
+    // Bounds.
+    for bad in [json!(0), json!(3601), json!(-1), json!("60")] {
+        let (code, msg) = w.err(
+            "memory.analytics",
+            json!({"device_id": "cpu", "window_seconds": bad}),
+        );
+        assert_eq!(code, "INVALID_PARAMETER", "{bad}");
+        assert!(msg.contains("window_seconds"), "{msg}");
+    }
+    let (code, _) = w.err("memory.analytics", json!({"device_id": "cuda:99"}));
+    assert_eq!(code, "INVALID_DEVICE");
+    w.close(Duration::from_secs(10));
+}
