@@ -6,7 +6,8 @@
 //! 3. defragment throughput against a plain memcpy of the same bytes;
 //! 4. the SDXL trace at 1/16 scale on `cpu`: peak reserved / peak allocated.
 //!
-//! Run: `cargo bench --bench engine` (add `-- --quick` for a short run).
+//! Run: `cargo bench --bench engine` (add `-- --quick` for a short run, `-- --pairs-only` for
+//! the first part only).
 
 use memcoord::backends::CpuBackend;
 use memcoord::managers::replay::{parse_trace, replay};
@@ -138,6 +139,9 @@ fn main() {
         results[2].1 / results[0].1
     );
 
+    if std::env::args().any(|a| a == "--pairs-only") {
+        return;
+    }
     println!(
         "== defragment vs memcpy (each trial: one defragment, then memcpy of the same bytes) =="
     );

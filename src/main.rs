@@ -110,6 +110,12 @@ impl AdviceArgs {
                 return Err(format!("{name} must be a number ≥ 0, got {v}"));
             }
         }
+        if self.defragment_above_percentage > 100.0 {
+            return Err(format!(
+                "--defragment-above-percentage is a percentage (0 to 100), got {}",
+                self.defragment_above_percentage
+            ));
+        }
         Ok(memcoord::managers::advisor::Rules {
             idle_model_seconds: self.idle_model_seconds,
             review_persistent_seconds: self.review_persistent_seconds.min(1e9),

@@ -17,9 +17,10 @@
 //! - **OffloadIdleModels** / **UnloadIdleModels**: pressure at least Moderate and models resident
 //!   on the device, not leased, unused for `idle_model_seconds`. Offload when `cpu` has room
 //!   for them all (GPUs and `shm`), else unload. The saving is their bytes.
-//! - **ReviewPersistent**: persistent allocations not touched (made or moved) for
-//!   `review_persistent_seconds`, the 10 largest per device; the request frees one. memcoord
-//!   cannot see reads and writes of the bytes, so this is for a person to review.
+//! - **ReviewPersistent**: persistent allocations made more than `review_persistent_seconds`
+//!   ago, the 10 largest per device; the request frees one. memcoord cannot see reads and
+//!   writes of the bytes (a transfer keeps the allocation's creation time), so this is for a
+//!   person to review.
 
 use super::allocations::DeviceTelemetry;
 use crate::protocol::{
@@ -72,7 +73,7 @@ pub struct OldPersistent {
     pub allocation_id: String,
     /// Its bytes.
     pub bytes: u64,
-    /// When it was made (or last moved).
+    /// When it was made.
     pub touched_at: SystemTime,
 }
 
@@ -260,16 +261,13 @@ pub fn advise(s: &Situation, rules: &Rules) -> Vec<Recommendation> {
             kind,
             urgency(level),
             format!(
-                "{dev}: pressure is {level}; {} not leased nor used for {} s hold {} ({}); {verb} \
-                 frees it",
-                if names.len() == 1 {
-                    "1 model"
-                } else {
-                    "models"
-                },
-                rules.idle_model_seconds,
+                "{dev}: pressure is {level}; {} ({}) {} {}, with no lease and unused for at least \
+                 {} s; {verb} frees it",
+                if names.len() == 1 { "model" } else { "models" },
+                names.join(", "),
+                if names.len() == 1 { "holds" } else { "hold" },
                 format_bytes(idle_bytes),
-                names.join(", ")
+                rules.idle_model_seconds
             ),
             idle_bytes,
             request(
@@ -292,8 +290,9 @@ pub fn advise(s: &Situation, rules: &Rules) -> Vec<Recommendation> {
             RecommendationKind::ReviewPersistent,
             (urgency(level) + 1).min(5),
             format!(
-                "{dev}: persistent allocation {} ({}) was made {:.0} s ago and has not been moved \
-                 since; if nothing uses it, deallocating it frees its bytes",
+                "{dev}: persistent allocation {} ({}) was made {:.0} s ago; memcoord cannot see \
+                 whether it is still read or written: if nothing uses it, deallocating it frees \
+                 its bytes",
                 p.allocation_id,
                 format_bytes(p.bytes),
                 age

@@ -83,6 +83,8 @@ pub struct History {
     seconds: Box<[Second]>,
     latency_seconds: Vec<Option<LatencySlot>>,
     latency_minutes: Vec<Option<LatencySlot>>,
+    /// The sum of the minute slots held: the default (hour) window without merging 60.
+    latency_hour: Option<Histogram<u32>>,
     durations: DurationHistogram,
 }
 
@@ -141,6 +143,47 @@ fn new_latency_histogram() -> Option<Histogram<u32>> {
     Histogram::new_with_bounds(1, LATENCY_MAX_US, 2).ok()
 }
 
+/// Records into the slot of `index`, recycling it if it held an older index (whose counts are
+/// then taken out of `sum`, when given).
+fn record_latency(
+    slots: &mut [Option<LatencySlot>],
+    index: u64,
+    us: u64,
+    sum: Option<&mut Histogram<u32>>,
+) {
+    let entry = &mut slots[(index % LATENCY_SLOTS) as usize];
+    match entry {
+        Some(s) if s.index == index => s.hist.saturating_record(us),
+        Some(s) => {
+            if let Some(sum) = sum {
+                let _ = sum.subtract(&s.hist);
+            }
+            s.index = index;
+            s.hist.reset();
+            s.hist.saturating_record(us);
+        }
+        None => {
+            if let Some(mut hist) = new_latency_histogram() {
+                hist.saturating_record(us);
+                *entry = Some(LatencySlot { index, hist });
+            }
+        }
+    }
+}
+
+fn percentiles(h: &Histogram<u32>) -> LatencyPercentiles {
+    if h.is_empty() {
+        return LatencyPercentiles::default();
+    }
+    let ms = |us: u64| us as f64 / 1000.0;
+    LatencyPercentiles {
+        p50: ms(h.value_at_quantile(0.50)),
+        p90: ms(h.value_at_quantile(0.90)),
+        p99: ms(h.value_at_quantile(0.99)),
+        max: ms(h.max()),
+    }
+}
+
 impl History {
     /// An empty history starting now.
     pub fn new(now_ms: u64) -> Self {
@@ -149,6 +192,7 @@ impl History {
             seconds: vec![Second::EMPTY; HISTORY_SECONDS as usize].into_boxed_slice(),
             latency_seconds: (0..LATENCY_SLOTS).map(|_| None).collect(),
             latency_minutes: (0..LATENCY_SLOTS).map(|_| None).collect(),
+            latency_hour: new_latency_histogram(),
             durations: DurationHistogram::default(),
         }
     }
@@ -190,25 +234,15 @@ impl History {
     /// A `memory.allocate` request took `ms` milliseconds (waiting included).
     pub fn on_latency(&mut self, ms: f64, now_ms: u64) {
         let us = ((ms * 1000.0).round() as u64).clamp(1, LATENCY_MAX_US);
-        for (slots, index) in [
-            (&mut self.latency_seconds, now_ms / 1000),
-            (&mut self.latency_minutes, now_ms / 60_000),
-        ] {
-            let entry = &mut slots[(index % LATENCY_SLOTS) as usize];
-            match entry {
-                Some(s) if s.index == index => s.hist.saturating_record(us),
-                Some(s) => {
-                    s.index = index;
-                    s.hist.reset();
-                    s.hist.saturating_record(us);
-                }
-                None => {
-                    if let Some(mut hist) = new_latency_histogram() {
-                        hist.saturating_record(us);
-                        *entry = Some(LatencySlot { index, hist });
-                    }
-                }
-            }
+        record_latency(&mut self.latency_seconds, now_ms / 1000, us, None);
+        record_latency(
+            &mut self.latency_minutes,
+            now_ms / 60_000,
+            us,
+            self.latency_hour.as_mut(),
+        );
+        if let Some(hour) = self.latency_hour.as_mut() {
+            hour.saturating_record(us);
         }
         let seconds = ms / 1000.0;
         let bucket = DURATION_BUCKETS
@@ -234,8 +268,9 @@ impl History {
     }
 
     /// The last `window` seconds (1 to [`HISTORY_SECONDS`]), with `allocated` bytes now.
-    /// Walks at most `window` slots and 60 histograms: never the allocations.
-    pub fn report(&self, window: u64, allocated: u64, now_ms: u64) -> HistoryReport {
+    /// Walks at most `window` slots and 60 histograms (none for the whole hour): never the
+    /// allocations.
+    pub fn report(&mut self, window: u64, allocated: u64, now_ms: u64) -> HistoryReport {
         let window = window.clamp(1, HISTORY_SECONDS);
         let now_sec = now_ms / 1000;
         let first = now_sec + 1 - window.min(now_sec + 1);
@@ -280,17 +315,32 @@ impl History {
         }
     }
 
-    /// Latency percentiles over the window: to the second up to a minute, else over the whole
-    /// minutes that cover it.
-    fn latency(&self, window: u64, now_ms: u64) -> LatencyPercentiles {
+    /// Latency percentiles over the window: to the second up to a minute, else over every whole
+    /// minute that overlaps it (at most the last 60; the hour from a running sum, without
+    /// merging).
+    fn latency(&mut self, window: u64, now_ms: u64) -> LatencyPercentiles {
+        let now_minute = now_ms / 60_000;
+        // Minutes that left the hour leave the running sum.
+        for entry in self.latency_minutes.iter_mut() {
+            let stale = entry
+                .as_ref()
+                .is_some_and(|s| s.index + LATENCY_SLOTS <= now_minute);
+            if stale && let (Some(s), Some(hour)) = (entry.take(), self.latency_hour.as_mut()) {
+                let _ = hour.subtract(&s.hist);
+            }
+        }
         let (slots, now_index, count) = if window <= LATENCY_SLOTS {
             (&self.latency_seconds, now_ms / 1000, window)
         } else {
-            (
-                &self.latency_minutes,
-                now_ms / 60_000,
-                window.div_ceil(60).min(LATENCY_SLOTS),
-            )
+            // Every minute that overlaps the window.
+            let first_minute = now_ms.saturating_sub(window * 1000) / 60_000;
+            let minutes = (now_minute - first_minute + 1).min(LATENCY_SLOTS);
+            if minutes == LATENCY_SLOTS
+                && let Some(hour) = &self.latency_hour
+            {
+                return percentiles(hour);
+            }
+            (&self.latency_minutes, now_minute, minutes)
         };
         let first = now_index + 1 - count.min(now_index + 1);
         let mut merged: Option<Histogram<u32>> = None;
@@ -305,18 +355,7 @@ impl History {
                 None => merged = Some(slot.hist.clone()),
             }
         }
-        match merged {
-            Some(h) if !h.is_empty() => {
-                let ms = |us: u64| us as f64 / 1000.0;
-                LatencyPercentiles {
-                    p50: ms(h.value_at_quantile(0.50)),
-                    p90: ms(h.value_at_quantile(0.90)),
-                    p99: ms(h.value_at_quantile(0.99)),
-                    max: ms(h.max()),
-                }
-            }
-            _ => LatencyPercentiles::default(),
-        }
+        merged.as_ref().map(percentiles).unwrap_or_default()
     }
 }
 
@@ -385,6 +424,22 @@ mod tests {
         assert!(h.report(600, 0, 300_000).latency.max > 99.0);
         assert_eq!(h.durations().count, 100);
         assert!((h.durations().sum_seconds - 5.05).abs() < 1e-9);
+    }
+
+    #[test]
+    fn minute_windows_cover_every_minute_they_overlap() {
+        let mut h = History::new(0);
+        h.on_latency(5.0, 100_000); // minute 1
+        // 75 s later, early in minute 2... at 175 s (minute 2): a 120 s window starts at 55 s.
+        assert!(h.report(120, 0, 175_000).latency.max > 4.9);
+        // Two hours later the hour has forgotten it, the running sum too.
+        assert_eq!(
+            h.report(3600, 0, 7_300_000).latency,
+            LatencyPercentiles::default()
+        );
+        h.on_latency(1.0, 7_300_000);
+        let r = h.report(3600, 0, 7_300_500);
+        assert!(r.latency.max < 1.1, "{:?}", r.latency);
     }
 
     #[test]

@@ -130,7 +130,11 @@ impl Tally {
             all.select_nth_unstable_by(limit, |a, b| b.1.cmp(&a.1));
             let rest: u64 = all[limit..].iter().map(|(_, b)| b).sum();
             all.truncate(limit);
-            all.push((rest_label, rest));
+            // A purpose that happens to be named like the rest joins it (keys stay unique).
+            match all.iter_mut().find(|(k, _)| *k == rest_label) {
+                Some((_, b)) => *b += rest,
+                None => all.push((rest_label, rest)),
+            }
         }
         all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
         all.into_iter().map(|(k, b)| (k.to_string(), b)).collect()
