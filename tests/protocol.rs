@@ -501,9 +501,9 @@ fn every_error_row_leaves_usage_unchanged() {
         ),
         (
             "memory.analytics",
-            json!({"device_id": "cpu"}),
-            "UNKNOWN_ACTION",
-            "memory.analytics",
+            json!({"device_id": "cpu", "window_seconds": 0}),
+            "INVALID_PARAMETER",
+            "window_seconds",
         ),
         (
             "memory.defragment",
@@ -701,13 +701,38 @@ fn a_size_over_the_budget_fails_at_once() {
 }
 
 #[test]
-fn planned_actions_answer_unknown_action() {
+fn every_action_of_the_contract_is_known() {
     let mut w = Worker::small();
-    for action in ["memory.analytics", "memory.optimization_recs"] {
+    let actions = [
+        "memory.list_devices",
+        "memory.get_status",
+        "memory.get_usage",
+        "memory.get_allocations",
+        "memory.allocate",
+        "memory.deallocate",
+        "memory.clear",
+        "memory.defragment",
+        "memory.transfer",
+        "memory.get_transfer",
+        "memory.optimize",
+        "memory.model_load",
+        "memory.model_unload",
+        "memory.model_acquire",
+        "memory.model_release",
+        "memory.model_status",
+        "memory.model_optimize",
+        "memory.get_pressure",
+        "memory.analytics",
+        "memory.optimization_recs",
+    ];
+    for action in actions {
+        // Empty data: a success, or a missing field, never an unknown action.
         let v = w.request(action, json!({}));
-        assert_eq!(v["error_code"], "UNKNOWN_ACTION", "{action}");
-        assert_eq!(v["status_code"], 404);
+        assert_ne!(v["error_code"], "UNKNOWN_ACTION", "{action}: {v}");
     }
+    let v = w.request("memory.compact", json!({}));
+    assert_eq!(v["error_code"], "UNKNOWN_ACTION");
+    assert_eq!(v["status_code"], 404);
 }
 
 #[test]
