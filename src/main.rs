@@ -28,26 +28,29 @@ enum Command {
     /// Answer the memory protocol: NDJSON requests on stdin, responses on stdout.
     Worker {
         #[command(flatten)]
-        devices: DeviceArgs,
+        service: ServiceArgs,
         /// Lines longer than this many bytes are answered REQUEST_TOO_LARGE.
         #[arg(long, value_name = "BYTES")]
         max_line_bytes: Option<usize>,
-        /// The folder `memory.model_load` paths are relative to (and must stay inside).
-        #[arg(long, value_name = "DIR", default_value = ".")]
-        model_root: PathBuf,
-        /// The most bytes of models a device holds, e.g. `cuda:0=40GiB` (repeatable).
-        /// Default: the device's whole budget.
-        #[arg(long = "model-budget", value_name = "DEVICE=SIZE")]
-        model_budgets: Vec<String>,
-        /// Seconds a lower memory-pressure level must hold before it is reported.
-        #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
-        pressure_hold_seconds: f64,
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464; port 0 picks
         /// one, printed on stderr).
         #[arg(long, value_name = "ADDR:PORT")]
         metrics_addr: Option<String>,
+    },
+    /// Serve the protocol over HTTP: POST /v1/command, REST routes, the dashboard at /,
+    /// /metrics, /healthz and /v1/openapi.json.
+    Serve {
         #[command(flatten)]
-        advice: AdviceArgs,
+        service: ServiceArgs,
+        /// The address to listen on. Any address but loopback needs --token-file.
+        #[arg(long, value_name = "ADDR:PORT", default_value = memcoord::transport::http::DEFAULT_LISTEN)]
+        listen: String,
+        /// A file holding the bearer token every route but /healthz then requires.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// Request bodies longer than this many bytes are answered REQUEST_TOO_LARGE.
+        #[arg(long, value_name = "BYTES")]
+        max_body_bytes: Option<usize>,
     },
     /// Replay an allocation trace (one JSON op a line) through the engine and report speed,
     /// peak allocated and reserved bytes, and fragmentation at the peak.
@@ -77,6 +80,63 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// What the service is made of and how it behaves (worker and serve alike).
+#[derive(Args)]
+struct ServiceArgs {
+    #[command(flatten)]
+    devices: DeviceArgs,
+    /// The folder `memory.model_load` paths are relative to (and must stay inside).
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    model_root: PathBuf,
+    /// The most bytes of models a device holds, e.g. `cuda:0=40GiB` (repeatable).
+    /// Default: the device's whole budget.
+    #[arg(long = "model-budget", value_name = "DEVICE=SIZE")]
+    model_budgets: Vec<String>,
+    /// Seconds a lower memory-pressure level must hold before it is reported.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pressure_hold_seconds: f64,
+    #[command(flatten)]
+    advice: AdviceArgs,
+}
+
+impl ServiceArgs {
+    /// The settings and a running service (keep-alive sweeper and sampler started).
+    fn start(&self) -> Result<(Settings, Arc<MemoryService>), String> {
+        let settings = self.devices.settings().map_err(|e| e.to_string())?;
+        let mut service = MemoryService::new(settings.devices().map_err(|e| e.to_string())?)
+            .with_model_root(self.model_root.clone())
+            .with_pressure_hold(std::time::Duration::from_secs_f64(
+                self.pressure_hold_seconds.clamp(0.0, 3600.0),
+            ))
+            .with_advice_rules(self.advice.rules()?);
+        for spec in &self.model_budgets {
+            let (device, size) = spec
+                .split_once('=')
+                .ok_or_else(|| format!("--model-budget `{spec}` is not DEVICE=SIZE"))?;
+            let bytes = memcoord::units::parse_size(size)
+                .map_err(|e| format!("--model-budget {device}: {e}"))?;
+            service = service.with_model_budget(device.trim(), bytes);
+        }
+        let service = Arc::new(service);
+        service.start_keep_alive_sweeper();
+        service.start_sampler();
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            show_transfer_progress(Arc::clone(&service));
+        }
+        Ok((settings, service))
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("memcoord-rt")
+        .enable_time()
+        .enable_io()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
 /// Thresholds of `memory.optimization_recs`.
@@ -170,45 +230,15 @@ fn service(settings: &Settings) -> Result<Arc<MemoryService>, ConfigError> {
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Worker {
-            devices,
+            service,
             max_line_bytes,
-            model_root,
-            model_budgets,
-            pressure_hold_seconds,
             metrics_addr,
-            advice,
         } => {
-            let settings = devices.settings().map_err(|e| e.to_string())?;
+            let (settings, service) = service.start()?;
             let options = WorkerOptions {
                 max_line_bytes: max_line_bytes.unwrap_or(settings.max_line_bytes),
             };
-            let mut service = MemoryService::new(settings.devices().map_err(|e| e.to_string())?)
-                .with_model_root(model_root)
-                .with_pressure_hold(std::time::Duration::from_secs_f64(
-                    pressure_hold_seconds.clamp(0.0, 3600.0),
-                ))
-                .with_advice_rules(advice.rules()?);
-            for spec in &model_budgets {
-                let (device, size) = spec
-                    .split_once('=')
-                    .ok_or_else(|| format!("--model-budget `{spec}` is not DEVICE=SIZE"))?;
-                let bytes = memcoord::units::parse_size(size)
-                    .map_err(|e| format!("--model-budget {device}: {e}"))?;
-                service = service.with_model_budget(device.trim(), bytes);
-            }
-            let service = Arc::new(service);
-            service.start_keep_alive_sweeper();
-            service.start_sampler();
-            if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-                show_transfer_progress(Arc::clone(&service));
-            }
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .thread_name("memcoord-rt")
-                .enable_time()
-                .enable_io()
-                .build()
-                .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+            let runtime = runtime()?;
             if let Some(addr) = &metrics_addr {
                 let bound = memcoord::transport::http::start_metrics_server(
                     addr,
@@ -222,6 +252,38 @@ fn run(cli: Cli) -> Result<(), String> {
                 .map_err(|e| format!("worker failed: {e}"))?;
             runtime.shutdown_background();
             Ok(())
+        }
+        Command::Serve {
+            service,
+            listen,
+            token_file,
+            max_body_bytes,
+        } => {
+            let token = match &token_file {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+                    let token = text.trim().to_string();
+                    if token.is_empty() {
+                        return Err(format!(
+                            "--token-file {}: the file is empty",
+                            path.display()
+                        ));
+                    }
+                    Some(token)
+                }
+                None => None,
+            };
+            let (settings, service) = service.start()?;
+            let runtime = runtime()?;
+            let options = memcoord::transport::http::ServeOptions {
+                listen,
+                token,
+                body_limit: max_body_bytes.unwrap_or(settings.max_line_bytes),
+            };
+            let result = runtime.block_on(memcoord::transport::http::serve(service, options));
+            runtime.shutdown_background();
+            result.map_err(|e| format!("serve: {e}"))
         }
         Command::Replay {
             trace,

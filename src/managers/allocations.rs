@@ -421,6 +421,17 @@ pub struct DeviceTelemetry {
     pub durations: DurationHistogram,
 }
 
+/// A device's arena in equal buckets (the dashboard's memory map).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryMap {
+    /// Bytes of the arena's address range.
+    pub arena_bytes: u64,
+    /// Bytes per bucket (the last may be shorter).
+    pub bucket_bytes: u64,
+    /// Per bucket, in address order: bytes of live allocations by type (index = type value).
+    pub buckets: Vec<[u64; TYPE_COUNT]>,
+}
+
 /// Every device and every live allocation.
 pub struct AllocationEngine {
     devices: Vec<Device>,
@@ -1254,6 +1265,53 @@ impl AllocationEngine {
             .map(|r| self.wire(r))
             .collect();
         (total, page)
+    }
+
+    /// A picture of the device's arena for the dashboard: its address range cut into `buckets`
+    /// equal pieces (1 to 4,096), each with the bytes of live allocations by type and the rest
+    /// free. One pass over the allocations; pinned-pool allocations are not in the arena.
+    pub fn memory_map(&self, device: usize, buckets: usize) -> MemoryMap {
+        let arena_bytes = self.devices[device].arena.backend().len().max(1);
+        let n = buckets.clamp(1, 4096) as u64;
+        let bucket_bytes = arena_bytes.div_ceil(n);
+        let mut by_type = vec![[0u64; TYPE_COUNT]; n as usize];
+        for r in self.records.iter() {
+            let Some(p) = r
+                .placement
+                .as_ref()
+                .filter(|_| r.device as usize == device && !r.pool)
+            else {
+                continue;
+            };
+            let (mut start, end) = (p.offset(), (p.offset() + r.size).min(arena_bytes));
+            let t = r.kind.value() as usize % TYPE_COUNT;
+            while start < end {
+                let b = start / bucket_bytes;
+                let bucket_end = ((b + 1) * bucket_bytes).min(end);
+                by_type[b as usize][t] += bucket_end - start;
+                start = bucket_end;
+            }
+        }
+        MemoryMap {
+            arena_bytes,
+            bucket_bytes,
+            buckets: by_type,
+        }
+    }
+
+    /// A device's `limit` largest live allocations, largest first. One pass over them.
+    pub fn largest_allocations(&self, device: usize, limit: usize) -> Vec<MemoryAllocation> {
+        let mut v: Vec<&Record> = self
+            .records
+            .iter()
+            .filter(|r| r.device as usize == device && !r.hidden)
+            .collect();
+        if v.len() > limit {
+            v.select_nth_unstable_by(limit, |a, b| b.size.cmp(&a.size));
+            v.truncate(limit);
+        }
+        v.sort_unstable_by(|a, b| b.size.cmp(&a.size).then(a.seq.cmp(&b.seq)));
+        v.into_iter().map(|r| self.wire(r)).collect()
     }
 
     /// A device's counters.

@@ -72,6 +72,13 @@ impl TransferTable {
         ]
     }
 
+    /// Running transfers and the most recent finished ones, `limit` in all, newest first.
+    pub fn recent(&self, limit: usize) -> Vec<MemoryTransfer> {
+        let mut v: Vec<&Transfer> = self.transfers.values().collect();
+        v.sort_by_key(|t| std::cmp::Reverse(t.finished_seq.map_or(u64::MAX, |s| s)));
+        v.into_iter().take(limit).map(|t| t.wire.clone()).collect()
+    }
+
     /// Counts copied bytes.
     pub fn progress(&mut self, id: &Uuid, bytes_transferred: u64) {
         if let Some(t) = self.transfers.get_mut(id) {

@@ -65,6 +65,85 @@ impl Serialize for Timestamp {
     }
 }
 
+/// Live bytes by allocation type, written as a JSON object of the non-zero ones.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TypeBytes(pub [u64; 7]);
+
+impl Serialize for TypeBytes {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let nonzero = self.0.iter().filter(|b| **b > 0).count();
+        let mut map = serializer.serialize_map(Some(nonzero))?;
+        for kind in MemoryAllocationType::ALL {
+            let bytes = self.0[kind.value() as usize % 7];
+            if bytes > 0 {
+                map.serialize_entry(kind.name(), &bytes)?;
+            }
+        }
+        map.end()
+    }
+}
+
+/// One bucket of a dashboard memory map.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct MapBucket {
+    /// Bytes of the bucket under no allocation.
+    pub free: u64,
+    /// Bytes of live allocations by type.
+    pub types: TypeBytes,
+}
+
+/// A device's arena in equal buckets, in address order (dashboard; not part of the contract).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct MemoryMapView {
+    /// Bytes of the arena's address range.
+    pub arena_bytes: u64,
+    /// Bytes per bucket.
+    pub bucket_bytes: u64,
+    /// The buckets.
+    pub buckets: Vec<MapBucket>,
+}
+
+/// One device on the dashboard.
+#[derive(Debug, Clone, Serialize)]
+pub struct DashboardDevice {
+    /// As `memory.list_devices`.
+    pub info: MemoryInfo,
+    /// As `memory.get_usage`.
+    pub usage: MemoryUsageStats,
+    /// As `memory.get_pressure`.
+    pub pressure: MemoryPressure,
+    /// The memory map.
+    pub map: MemoryMapView,
+    /// The 20 largest live allocations.
+    pub largest_allocations: Vec<MemoryAllocation>,
+    /// The last 300 seconds' samples, oldest first.
+    pub samples: Vec<AnalyticsSample>,
+}
+
+/// A model on the dashboard: ModelInfo and its lease count.
+#[derive(Debug, Clone, Serialize)]
+pub struct DashboardModel {
+    /// As `memory.model_status`.
+    #[serde(flatten)]
+    pub info: ModelInfo,
+    /// Active leases.
+    pub leases: u64,
+}
+
+/// Everything the dashboard shows (`GET /v1/dashboard/state`; not part of the contract).
+#[derive(Debug, Clone, Serialize)]
+pub struct DashboardState {
+    /// When it was gathered.
+    pub generated_at: Timestamp,
+    /// Every device.
+    pub devices: Vec<DashboardDevice>,
+    /// Every model.
+    pub models: Vec<DashboardModel>,
+    /// Running transfers and the most recent finished ones.
+    pub transfers: Vec<MemoryTransfer>,
+}
+
 #[cfg(test)]
 mod timestamp_tests {
     use super::*;

@@ -205,6 +205,78 @@ impl MemoryService {
         })
     }
 
+    /// Everything the dashboard shows, with memory maps of `buckets` buckets. Walks each
+    /// device's allocations once (map and largest ones).
+    pub fn dashboard_state(&self, buckets: usize) -> crate::protocol::DashboardState {
+        use crate::protocol::{
+            DashboardDevice, DashboardModel, MapBucket, MemoryMapView, TypeBytes,
+        };
+        let wall_now = SystemTime::now();
+        let devices = {
+            let mut e = self.engine.lock();
+            (0..e.device_count())
+                .map(|d| {
+                    let map = e.memory_map(d, buckets);
+                    let (report, mono_now) = e.history(d, 300);
+                    let at = |mono: u64| {
+                        let back = Duration::from_millis(mono_now.saturating_sub(mono));
+                        Timestamp(wall_now.checked_sub(back).unwrap_or(wall_now))
+                    };
+                    DashboardDevice {
+                        info: e.info(d),
+                        usage: e.usage(d),
+                        pressure: e.pressure(d, self.pressure_hold_ms),
+                        map: MemoryMapView {
+                            arena_bytes: map.arena_bytes,
+                            bucket_bytes: map.bucket_bytes,
+                            buckets: map
+                                .buckets
+                                .iter()
+                                .enumerate()
+                                .map(|(i, types)| {
+                                    let start = i as u64 * map.bucket_bytes;
+                                    let len = map.bucket_bytes.min(map.arena_bytes - start);
+                                    MapBucket {
+                                        free: len.saturating_sub(types.iter().sum()),
+                                        types: TypeBytes(*types),
+                                    }
+                                })
+                                .collect(),
+                        },
+                        largest_allocations: e.largest_allocations(d, 20),
+                        samples: report
+                            .samples
+                            .iter()
+                            .map(|(mono, s)| AnalyticsSample {
+                                at: at(*mono),
+                                used_memory: s.used_memory,
+                                allocated_bytes: s.allocated_bytes,
+                                reserved_bytes: s.reserved_bytes,
+                            })
+                            .collect(),
+                    }
+                })
+                .collect()
+        };
+        let models = {
+            let models = self.models.lock();
+            models
+                .all()
+                .into_iter()
+                .map(|m| DashboardModel {
+                    info: m.info(),
+                    leases: models.lease_count(&m.name) as u64,
+                })
+                .collect()
+        };
+        crate::protocol::DashboardState {
+            generated_at: Timestamp(wall_now),
+            devices,
+            models,
+            transfers: self.transfers.lock().recent(20),
+        }
+    }
+
     /// Everything `/metrics` shows. Holds the engine for one pass over the devices.
     pub fn telemetry(&self) -> Telemetry {
         let devices = {

@@ -1,20 +1,390 @@
-//! HTTP: the metrics endpoint (`/metrics`, `/healthz`) that `memcoord worker --metrics-addr`
-//! serves beside the stdio protocol.
+//! HTTP: `memcoord serve` (the protocol over HTTP: `POST /v1/command`, one REST route per
+//! action, the dashboard, `/metrics`, `/healthz`, `/v1/openapi.json`) and the metrics endpoint
+//! that `memcoord worker --metrics-addr` serves beside stdio.
+//!
+//! Every protocol answer goes through the same dispatcher as stdio: a REST route only builds
+//! the request envelope (action from the route, `data` from the path, the query string and the
+//! JSON body; `request_id` from `X-Request-Id` or a new UUID) and sends the answer's envelope
+//! back with HTTP status = `status_code`.
 
+use crate::dispatch::{Dispatcher, internal_error};
+use crate::protocol::envelope::write_error;
+use crate::protocol::{ErrorCode, ProtocolError};
 use crate::service::MemoryService;
 use axum::Router;
-use axum::extract::State;
-use axum::http::header::CONTENT_TYPE;
-use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, get, on};
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
+
+/// The address `memcoord serve` listens on by default.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7077";
+/// The largest request body accepted by default (as stdio's line limit).
+pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
+/// The header a REST request's `request_id` comes from (and is echoed in).
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// One REST route: method, path (axum syntax), the action it carries out, and where its
+/// path parameters go in `data` (they are named as the fields they fill).
+#[derive(Debug, Clone, Copy)]
+pub struct RestRoute {
+    /// GET, POST or DELETE.
+    pub method: &'static str,
+    /// The path, `{name}` for a parameter (the field it fills).
+    pub path: &'static str,
+    /// The protocol action.
+    pub action: &'static str,
+    /// What it does, for people (docs, OpenAPI).
+    pub summary: &'static str,
+}
+
+/// Every REST route, one per action of the contract.
+pub const REST_ROUTES: &[RestRoute] = &[
+    RestRoute {
+        method: "GET",
+        path: "/v1/devices",
+        action: "memory.list_devices",
+        summary: "Every device",
+    },
+    RestRoute {
+        method: "GET",
+        path: "/v1/devices/{device_id}/status",
+        action: "memory.get_status",
+        summary: "A device's figures, usage, allocations and fragmentation",
+    },
+    RestRoute {
+        method: "GET",
+        path: "/v1/devices/{device_id}/usage",
+        action: "memory.get_usage",
+        summary: "A device's counters",
+    },
+    RestRoute {
+        method: "GET",
+        path: "/v1/devices/{device_id}/allocations",
+        action: "memory.get_allocations",
+        summary: "A device's allocations, oldest first",
+    },
+    RestRoute {
+        method: "POST",
+        path: "/v1/allocations",
+        action: "memory.allocate",
+        summary: "Allocate memory (may wait for room)",
+    },
+    RestRoute {
+        method: "DELETE",
+        path: "/v1/allocations/{allocation_id}",
+        action: "memory.deallocate",
+        summary: "Free an allocation",
+    },
+    RestRoute {
+        method: "POST",
+        path: "/v1/devices/{device_id}/clear",
+        action: "memory.clear",
+        summary: "Free every client allocation of a device",
+    },
+    RestRoute {
+        method: "POST",
+        path: "/v1/devices/{device_id}/defragment",
+        action: "memory.defragment",
+        summary: "Compact a device's allocations",
+    },
+    RestRoute {
+        method: "POST",
+        path: "/v1/transfers",
+        action: "memory.transfer",
+        summary: "Move or copy an allocation to another device",
+    },
+    RestRoute {
+        method: "GET",
+        path: "/v1/transfers/{transfer_id}",
+        action: "memory.get_transfer",
+        summary: "A transfer's progress",
+    },
+    RestRoute {
+        method: "POST",
+        path: "/v1/devices/{device_id}/optimize",
+        action: "memory.optimize",
+        summary: "Free memory: ClearCache, Defragment, EvictIdleModels, ReduceToTarget, Full",
+    },
+    RestRoute {
+        method: "POST",
+        path: "/v1/models",
+        action: "memory.model_load",
+        summary: "Load a safetensors model onto a device",
+    },
+    RestRoute {
+        method: "DELETE",
+        path: "/v1/models/{model_name}",
+        action: "memory.model_unload",
+        summary: "Unload a model",
+    },
+    RestRoute {
+        method: "POST",
+        path: "/v1/models/{model_name}/acquire",
+        action: "memory.model_acquire",
+        summary: "Lease a model (brings an offloaded one back)",
+    },
+    RestRoute {
+        method: "DELETE",
+        path: "/v1/leases/{lease_id}",
+        action: "memory.model_release",
+        summary: "End a lease",
+    },
+    RestRoute {
+        method: "GET",
+        path: "/v1/models",
+        action: "memory.model_status",
+        summary: "Models, their state and bytes",
+    },
+    RestRoute {
+        method: "POST",
+        path: "/v1/models/optimize",
+        action: "memory.model_optimize",
+        summary: "Offload or unload idle models, or fit a budget",
+    },
+    RestRoute {
+        method: "GET",
+        path: "/v1/pressure",
+        action: "memory.get_pressure",
+        summary: "Memory pressure per device",
+    },
+    RestRoute {
+        method: "GET",
+        path: "/v1/analytics",
+        action: "memory.analytics",
+        summary: "History, size histogram, latency, purposes",
+    },
+    RestRoute {
+        method: "GET",
+        path: "/v1/recommendations",
+        action: "memory.optimization_recs",
+        summary: "Advice with the request that applies it",
+    },
+];
+
+/// Query-string fields read as booleans (`true`/`false`, `1`/`0`).
+const BOOL_FIELDS: &[&str] = &[
+    "include_allocations",
+    "include_usage_stats",
+    "include_fragmentation",
+    "force",
+    "persistent",
+    "wait_for_completion",
+];
+/// Query-string fields read as numbers.
+const NUMBER_FIELDS: &[&str] = &[
+    "offset",
+    "limit",
+    "size_bytes",
+    "alignment",
+    "timeout_seconds",
+    "window_seconds",
+    "idle_seconds",
+    "target_bytes",
+    "target_usage_percentage",
+    "keep_alive_seconds",
+];
+
+/// A query-string value as the JSON type of the field it fills. A value that is not of that
+/// type stays a string, so the request is refused with INVALID_PARAMETER naming the field.
+fn query_value(field: &str, raw: &str) -> Value {
+    if BOOL_FIELDS.contains(&field) {
+        match raw {
+            "true" | "1" => return Value::Bool(true),
+            "false" | "0" => return Value::Bool(false),
+            _ => {}
+        }
+    } else if NUMBER_FIELDS.contains(&field)
+        && let Ok(n) = serde_json::from_str::<serde_json::Number>(raw)
+    {
+        return Value::Number(n);
+    }
+    Value::String(raw.to_string())
+}
+
+/// The shared state of the HTTP server.
+pub struct HttpState {
+    dispatcher: Dispatcher,
+    token: Option<String>,
+    body_limit: usize,
+}
+
+impl HttpState {
+    /// State over a service; `token` (if any) is required on every route but `/healthz`.
+    pub fn new(service: Arc<MemoryService>, token: Option<String>, body_limit: usize) -> Self {
+        HttpState {
+            dispatcher: Dispatcher::new(service),
+            token,
+            body_limit,
+        }
+    }
+}
+
+type Shared = Arc<HttpState>;
+
+/// An envelope answer, with HTTP status = its `status_code`.
+fn envelope_response(line: Vec<u8>, request_id: Option<&str>) -> Response {
+    #[derive(serde::Deserialize)]
+    struct Status {
+        status_code: u16,
+    }
+    let status = serde_json::from_slice::<Status>(&line)
+        .ok()
+        .and_then(|s| StatusCode::from_u16(s.status_code).ok())
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, [(CONTENT_TYPE, "application/json")], line).into_response();
+    if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, id);
+    }
+    response
+}
+
+fn error_response(
+    request_id: Option<&str>,
+    code: ErrorCode,
+    message: impl Into<String>,
+) -> Response {
+    let mut out = Vec::with_capacity(256);
+    write_error(&mut out, request_id, &ProtocolError::new(code, message));
+    envelope_response(out, request_id)
+}
+
+/// The request's id: its `X-Request-Id` (a non-empty string of at most 256 bytes) or a new
+/// UUID.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 256)
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().hyphenated().to_string())
+}
+
+/// Handles one envelope line; waits for it if it has to (on its own task, so that a client
+/// that goes away does not cut an operation in half).
+async fn dispatch(state: &HttpState, line: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512);
+    match state.dispatcher.handle_line(line, &mut out) {
+        None => out,
+        Some(pending) => {
+            let id = pending.request_id.clone();
+            match tokio::spawn(pending.response).await {
+                Ok(line) => line,
+                Err(_) => {
+                    let mut out = Vec::with_capacity(256);
+                    internal_error(&mut out, Some(&id));
+                    out
+                }
+            }
+        }
+    }
+}
+
+/// Reads a body up to the limit: `Err` is the REQUEST_TOO_LARGE answer.
+async fn read_body(
+    state: &HttpState,
+    body: Body,
+    request_id: Option<&str>,
+) -> Result<Bytes, Response> {
+    axum::body::to_bytes(body, state.body_limit)
+        .await
+        .map_err(|_| {
+            error_response(
+                request_id,
+                ErrorCode::RequestTooLarge,
+                format!("request body over the limit of {} bytes", state.body_limit),
+            )
+        })
+}
+
+async fn command(State(state): State<Shared>, body: Body) -> Response {
+    let body = match read_body(&state, body, None).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let line = dispatch(&state, &body).await;
+    envelope_response(line, None)
+}
+
+async fn rest(
+    state: Shared,
+    action: &'static str,
+    path: HashMap<String, String>,
+    query: Vec<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let rid = request_id(&headers);
+    let body = match read_body(&state, body, Some(&rid)).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let mut data = Map::new();
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        match serde_json::from_slice::<Value>(&body) {
+            Ok(Value::Object(m)) => data = m,
+            Ok(_) => {
+                return error_response(
+                    Some(&rid),
+                    ErrorCode::InvalidRequest,
+                    "the body must be a JSON object (the request's `data`)",
+                );
+            }
+            Err(e) => {
+                return error_response(
+                    Some(&rid),
+                    ErrorCode::InvalidRequest,
+                    format!("the body is not JSON: {e}"),
+                );
+            }
+        }
+    }
+    for (k, v) in query {
+        let value = query_value(&k, &v);
+        data.insert(k, value);
+    }
+    for (k, v) in path {
+        data.insert(k, Value::String(v));
+    }
+    let line = serde_json::json!({"request_id": rid, "action": action, "data": data}).to_string();
+    let answer = dispatch(&state, line.as_bytes()).await;
+    envelope_response(answer, Some(&rid))
+}
+
+fn rest_route(route: &'static RestRoute) -> MethodRouter<Shared> {
+    let method = Method::from_bytes(route.method.as_bytes()).unwrap_or(Method::GET);
+    let handler = move |State(state): State<Shared>,
+                        path: Option<Path<HashMap<String, String>>>,
+                        Query(query): Query<Vec<(String, String)>>,
+                        headers: HeaderMap,
+                        body: Body| async move {
+        let path = path.map(|Path(p)| p).unwrap_or_default();
+        rest(state, route.action, path, query, headers, body).await
+    };
+    on(
+        axum::routing::MethodFilter::try_from(method).unwrap_or(axum::routing::MethodFilter::GET),
+        handler,
+    )
+}
 
 /// `/metrics`: OpenMetrics when the scraper asks for it (Prometheus does), else Prometheus'
 /// text format 0.0.4.
-async fn metrics(
-    State(service): State<Arc<MemoryService>>,
-    headers: axum::http::HeaderMap,
-) -> impl IntoResponse {
+async fn metrics(State(service): State<Arc<MemoryService>>, headers: HeaderMap) -> Response {
+    metrics_response(&service, &headers)
+}
+
+async fn serve_metrics(State(state): State<Shared>, headers: HeaderMap) -> Response {
+    metrics_response(state.dispatcher.service(), &headers)
+}
+
+fn metrics_response(service: &MemoryService, headers: &HeaderMap) -> Response {
     let text = crate::metrics::render(service.telemetry());
     let openmetrics = headers
         .get_all(axum::http::header::ACCEPT)
@@ -22,12 +392,13 @@ async fn metrics(
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.contains("application/openmetrics-text"));
     if openmetrics {
-        ([(CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text)
+        ([(CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
     } else {
         (
             [(CONTENT_TYPE, crate::metrics::PROMETHEUS_CONTENT_TYPE)],
             crate::metrics::to_prometheus_text(&text),
         )
+            .into_response()
     }
 }
 
@@ -35,12 +406,133 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// The routes of the metrics endpoint.
+/// The routes of the metrics endpoint (`memcoord worker --metrics-addr`).
 pub fn metrics_router(service: Arc<MemoryService>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .with_state(service)
+}
+
+async fn dashboard_page() -> Response {
+    (
+        [(CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("../../assets/dashboard.html"),
+    )
+        .into_response()
+}
+
+async fn dashboard_state(
+    State(state): State<Shared>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let rid = request_id(&headers);
+    let buckets = query
+        .get("buckets")
+        .and_then(|b| b.parse::<usize>().ok())
+        .unwrap_or(256)
+        .clamp(1, 4096);
+    let service = Arc::clone(state.dispatcher.service());
+    match tokio::task::spawn_blocking(move || service.dashboard_state(buckets)).await {
+        Ok(data) => {
+            let mut out = Vec::with_capacity(64 << 10);
+            crate::protocol::envelope::write_success(&mut out, Some(&rid), &data);
+            envelope_response(out, Some(&rid))
+        }
+        Err(_) => {
+            let mut out = Vec::new();
+            internal_error(&mut out, Some(&rid));
+            envelope_response(out, Some(&rid))
+        }
+    }
+}
+
+async fn openapi() -> Response {
+    (
+        [(CONTENT_TYPE, "application/json")],
+        crate::transport::openapi::document().to_string(),
+    )
+        .into_response()
+}
+
+async fn unknown_route(headers: HeaderMap, request: Request) -> Response {
+    let rid = request_id(&headers);
+    error_response(
+        Some(&rid),
+        ErrorCode::UnknownAction,
+        format!("no route {} {}", request.method(), request.uri().path()),
+    )
+}
+
+async fn wrong_method(headers: HeaderMap, request: Request) -> Response {
+    let rid = request_id(&headers);
+    error_response(
+        Some(&rid),
+        ErrorCode::MethodNotAllowed,
+        format!(
+            "{} is not allowed on {} (see /v1/openapi.json)",
+            request.method(),
+            request.uri().path()
+        ),
+    )
+}
+
+/// Bearer-token check, compared in constant time. The token is never logged.
+async fn require_token(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    let Some(token) = &state.token else {
+        return next.run(request).await;
+    };
+    let given = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let ok = {
+        use subtle::ConstantTimeEq;
+        given.len() == token.len() && bool::from(given.as_bytes().ct_eq(token.as_bytes()))
+    };
+    if ok {
+        next.run(request).await
+    } else {
+        let rid = request_id(request.headers());
+        error_response(
+            Some(&rid),
+            ErrorCode::Unauthorized,
+            "a bearer token is required: send `Authorization: Bearer <token>` (the token of --token-file)",
+        )
+    }
+}
+
+/// Every route of `memcoord serve`.
+pub fn serve_router(state: Shared) -> Router {
+    let mut api = Router::new()
+        .route("/v1/command", axum::routing::post(command))
+        .route("/v1/dashboard/state", get(dashboard_state))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/", get(dashboard_page));
+    for route in REST_ROUTES {
+        api = api.route(route.path, rest_route(route));
+    }
+    let api = api
+        .route("/metrics", get(serve_metrics))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            require_token,
+        ))
+        .with_state(Arc::clone(&state));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(api)
+        .layer(axum::extract::DefaultBodyLimit::disable())
+}
+
+/// Whether an address may be listened on without a token: loopback only.
+pub fn needs_token(addr: &SocketAddr) -> bool {
+    !addr.ip().is_loopback()
 }
 
 /// Binds `addr` now (so a bad address is reported at start) and serves the metrics endpoint on
@@ -61,4 +553,67 @@ pub fn start_metrics_server(
         }
     });
     Ok(local)
+}
+
+/// How `memcoord serve` runs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// `ADDR:PORT` to listen on (port 0 picks one).
+    pub listen: String,
+    /// The bearer token every route but `/healthz` requires; needed off loopback.
+    pub token: Option<String>,
+    /// The largest request body.
+    pub body_limit: usize,
+}
+
+/// Serves until SIGTERM or SIGINT: then new requests get SHUTTING_DOWN, requests waiting for
+/// memory are answered, in-flight ones finish, and every allocation is released.
+pub async fn serve(service: Arc<MemoryService>, options: ServeOptions) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(&options.listen).await?;
+    let local = listener.local_addr()?;
+    if needs_token(&local) && options.token.is_none() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{local} is not a loopback address: a bearer token is required to listen there \
+                 (--token-file FILE)"
+            ),
+        ));
+    }
+    eprintln!(
+        "memcoord: serving on http://{local}/ (dashboard at /, API under /v1, /metrics){}",
+        if options.token.is_some() {
+            "; bearer token required"
+        } else {
+            ""
+        }
+    );
+    let state = Arc::new(HttpState::new(
+        Arc::clone(&service),
+        options.token,
+        options.body_limit,
+    ));
+    let stopping = Arc::clone(&service);
+    let signal = async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async {
+                match term.as_mut() {
+                    Some(t) => { t.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {}
+        }
+        eprintln!("memcoord: stopping");
+        stopping.begin_shutdown();
+    };
+    axum::serve(listener, serve_router(state))
+        .with_graceful_shutdown(signal)
+        .await?;
+    let released = service.release_all();
+    service.close();
+    tracing::info!("released {released} allocations");
+    Ok(())
 }

@@ -3,4 +3,5 @@
 
 pub mod framing;
 pub mod http;
+pub mod openapi;
 pub mod stdio;
