@@ -44,6 +44,23 @@ macro_rules! wire_enum {
             }
         }
 
+        impl schemars::JsonSchema for $name {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                stringify!($name).into()
+            }
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                let names: Vec<&str> = Self::ALL.iter().map(|v| v.name()).collect();
+                let values: Vec<i64> = Self::ALL.iter().map(|v| v.value()).collect();
+                schemars::json_schema!({
+                    "description": "written as its name; read as a name in any case or its integer value",
+                    "anyOf": [
+                        {"type": "string", "enum": names},
+                        {"type": "integer", "enum": values}
+                    ]
+                })
+            }
+        }
+
         impl Serialize for $name {
             fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
                 serializer.serialize_str(self.name())

@@ -70,8 +70,10 @@ fn check_timeout(value: Option<f64>, default: f64) -> Result<f64, ProtocolError>
 }
 
 /// Wire form of `memory.get_status`'s data.
-#[derive(Deserialize)]
-struct GetStatusWire {
+#[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(rename = "GetStatusRequest")]
+pub(crate) struct GetStatusWire {
+    #[schemars(required)]
     device_id: Option<String>,
     include_allocations: Option<bool>,
     include_usage_stats: Option<bool>,
@@ -105,8 +107,10 @@ impl GetStatusRequest {
 }
 
 /// Wire form of data that names one device.
-#[derive(Deserialize)]
-struct DeviceWire {
+#[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(rename = "DeviceRequest")]
+pub(crate) struct DeviceWire {
+    #[schemars(required)]
     device_id: Option<String>,
 }
 
@@ -127,8 +131,10 @@ impl DeviceRequest {
     }
 }
 
-#[derive(Deserialize)]
-struct GetAllocationsWire {
+#[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(rename = "GetAllocationsRequest")]
+pub(crate) struct GetAllocationsWire {
+    #[schemars(required)]
     device_id: Option<String>,
     allocation_type: Option<MemoryAllocationType>,
     purpose: Option<String>,
@@ -181,9 +187,12 @@ impl GetAllocationsRequest {
     }
 }
 
-#[derive(Deserialize)]
-struct AllocateWire {
+#[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(rename = "AllocateRequest")]
+pub(crate) struct AllocateWire {
+    #[schemars(required)]
     device_id: Option<String>,
+    #[schemars(required)]
     size_bytes: Option<i64>,
     allocation_type: Option<MemoryAllocationType>,
     alignment: Option<i64>,
@@ -252,8 +261,10 @@ impl AllocateRequest {
     }
 }
 
-#[derive(Deserialize)]
-struct DeallocateWire {
+#[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(rename = "DeallocateRequest")]
+pub(crate) struct DeallocateWire {
+    #[schemars(required)]
     allocation_id: Option<String>,
     device_id: Option<String>,
 }
@@ -278,8 +289,10 @@ impl DeallocateRequest {
     }
 }
 
-#[derive(Deserialize)]
-struct ClearWire {
+#[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(rename = "ClearRequest")]
+pub(crate) struct ClearWire {
+    #[schemars(required)]
     device_id: Option<String>,
     force: Option<bool>,
 }
@@ -304,9 +317,12 @@ impl ClearRequest {
     }
 }
 
-#[derive(Deserialize)]
-struct OptimizeWire {
+#[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(rename = "OptimizeRequest")]
+pub(crate) struct OptimizeWire {
+    #[schemars(required)]
     device_id: Option<String>,
+    #[schemars(required)]
     optimization_type: Option<MemoryOptimizationType>,
     force: Option<bool>,
     target_usage_percentage: Option<f64>,
@@ -381,10 +397,14 @@ impl TransferMode {
     }
 }
 
-#[derive(Deserialize)]
-struct TransferWire {
+#[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(rename = "TransferRequest")]
+pub(crate) struct TransferWire {
+    #[schemars(required)]
     allocation_id: Option<String>,
+    #[schemars(required)]
     source_device_id: Option<String>,
+    #[schemars(required)]
     destination_device_id: Option<String>,
     mode: Option<String>,
     wait_for_completion: Option<bool>,
@@ -428,8 +448,10 @@ impl TransferRequest {
     }
 }
 
-#[derive(Deserialize)]
-struct TransferIdWire {
+#[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(rename = "TransferIdRequest")]
+pub(crate) struct TransferIdWire {
+    #[schemars(required)]
     transfer_id: Option<String>,
 }
 
@@ -450,10 +472,14 @@ impl TransferIdRequest {
     }
 }
 
-#[derive(Deserialize)]
-struct ModelLoadWire {
+#[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(rename = "ModelLoadRequest")]
+pub(crate) struct ModelLoadWire {
+    #[schemars(required)]
     model_name: Option<String>,
+    #[schemars(required)]
     path: Option<String>,
+    #[schemars(required)]
     device_id: Option<String>,
     keep_alive_seconds: Option<f64>,
     timeout_seconds: Option<f64>,
@@ -495,8 +521,10 @@ impl ModelLoadRequest {
     }
 }
 
-#[derive(Deserialize)]
-struct ModelNameWire {
+#[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(rename = "ModelNameRequest")]
+pub(crate) struct ModelNameWire {
+    #[schemars(required)]
     model_name: Option<String>,
     force: Option<bool>,
     timeout_seconds: Option<f64>,
@@ -525,8 +553,10 @@ impl ModelRequest {
     }
 }
 
-#[derive(Deserialize)]
-struct LeaseWire {
+#[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(rename = "LeaseRequest")]
+pub(crate) struct LeaseWire {
+    #[schemars(required)]
     lease_id: Option<String>,
 }
 
@@ -547,8 +577,9 @@ impl LeaseRequest {
     }
 }
 
-#[derive(Deserialize)]
-struct ModelStatusWire {
+#[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(rename = "ModelStatusRequest")]
+pub(crate) struct ModelStatusWire {
     device_id: Option<String>,
     model_name: Option<String>,
 }
@@ -584,9 +615,11 @@ pub enum ModelStrategy {
     FitBudget,
 }
 
-#[derive(Deserialize)]
-struct ModelOptimizeWire {
+#[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(rename = "ModelOptimizeRequest")]
+pub(crate) struct ModelOptimizeWire {
     device_id: Option<String>,
+    #[schemars(required)]
     strategy: Option<String>,
     idle_seconds: Option<f64>,
     target_bytes: Option<i64>,
@@ -652,8 +685,9 @@ impl ModelOptimizeRequest {
     }
 }
 
-#[derive(Deserialize)]
-struct OptionalDeviceWire {
+#[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(rename = "OptionalDeviceRequest")]
+pub(crate) struct OptionalDeviceWire {
     device_id: Option<String>,
 }
 
@@ -674,8 +708,9 @@ impl OptionalDeviceRequest {
     }
 }
 
-#[derive(Deserialize)]
-struct AnalyticsWire {
+#[derive(Deserialize, schemars::JsonSchema)]
+#[schemars(rename = "AnalyticsRequest")]
+pub(crate) struct AnalyticsWire {
     device_id: Option<String>,
     window_seconds: Option<f64>,
 }

@@ -483,12 +483,24 @@ async fn require_token(State(state): State<Shared>, request: Request, next: Next
     let Some(token) = &state.token else {
         return next.run(request).await;
     };
+    // The dashboard page may also take the token as `/?token=...`: a browser cannot send a
+    // header when it opens a page (the page then sends the header on its own requests).
+    let from_query = (request.uri().path() == "/")
+        .then(|| request.uri().query())
+        .flatten()
+        .and_then(|q| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix("token="))
+                .map(str::to_string)
+        });
     let given = request
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .map(str::to_string)
+        .or(from_query)
+        .unwrap_or_default();
     let ok = {
         use subtle::ConstantTimeEq;
         given.len() == token.len() && bool::from(given.as_bytes().ct_eq(token.as_bytes()))

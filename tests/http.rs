@@ -1,0 +1,445 @@
+//! `memcoord serve`: every REST route exercised and its answers checked against the OpenAPI
+//! document the server publishes; auth rules, body limit, unknown routes and methods, request
+//! ids, waiting requests and leases over HTTP.
+
+mod common;
+
+use common::{HttpAnswer, Server, write_model};
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+/// Checks an answer against the OpenAPI document: the route and method exist, and a 200
+/// answer's envelope matches the route's 200 schema (refs resolved in the document).
+fn check_against(doc: &Value, path_template: &str, method: &str, a: &HttpAnswer) {
+    let op = &doc["paths"][path_template][method];
+    assert!(
+        op.is_object(),
+        "{method} {path_template} not in the OpenAPI document"
+    );
+    let responses = &op["responses"];
+    let status = if a.status == 200 && responses.get("200").is_some() {
+        "200"
+    } else {
+        "default"
+    };
+    let schema = responses[status]["content"]["application/json"]["schema"].clone();
+    assert!(
+        schema.is_object(),
+        "{method} {path_template}: no {status} schema"
+    );
+    let mut root = schema;
+    root["components"] = doc["components"].clone();
+    let validator = jsonschema::options()
+        .with_draft(jsonschema::Draft::Draft202012)
+        .build(&root)
+        .unwrap_or_else(|e| panic!("{method} {path_template}: bad schema: {e}"));
+    let body = a.json();
+    let errors: Vec<String> = validator
+        .iter_errors(&body)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{method} {path_template}: answer does not match its schema: {errors:?}\n{body}"
+    );
+    assert_eq!(body["status_code"], a.status, "HTTP status = status_code");
+}
+
+fn ok(a: HttpAnswer) -> Value {
+    assert_eq!(a.status, 200, "{}", a.body);
+    let v = a.json();
+    assert_eq!(v["success"], true, "{v}");
+    v["data"].clone()
+}
+
+#[test]
+fn every_route_answers_as_its_openapi_document_says() {
+    let root = std::env::temp_dir().join(format!("memcoord-http-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    write_model(&root.join("m.safetensors"), &[("w", MIB as usize / 4)]);
+    let s = Server::spawn(&[
+        "--no-gpu",
+        "--budget",
+        "cpu=64MiB",
+        "--budget",
+        "shm=64MiB",
+        "--model-root",
+        root.to_str().unwrap(),
+    ]);
+    let doc = s.get("/v1/openapi.json").json();
+    assert_eq!(doc["openapi"], "3.1.0");
+
+    // Every REST route of the document is served (never UNKNOWN_ACTION).
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 24, "{}", paths.len());
+
+    let mut seen = std::collections::BTreeSet::new();
+    let mut call = |method: &str, template: &str, path: &str, body: Option<Value>| -> Value {
+        let a = s.request(
+            method,
+            path,
+            &[],
+            body.as_ref().map(|b| b.to_string()).as_deref(),
+        );
+        check_against(&doc, template, &method.to_ascii_lowercase(), &a);
+        seen.insert((template.to_string(), method.to_ascii_lowercase()));
+        ok(a)
+    };
+    let devices = call("GET", "/v1/devices", "/v1/devices", None);
+    assert_eq!(devices["devices"].as_array().unwrap().len(), 2);
+    let a = call(
+        "POST",
+        "/v1/allocations",
+        "/v1/allocations",
+        Some(
+            json!({"device_id": "cpu", "size_bytes": MIB, "allocation_type": "Cache", "purpose": "http"}),
+        ),
+    );
+    let id = a["allocation"]["allocation_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let st = call(
+        "GET",
+        "/v1/devices/{device_id}/status",
+        "/v1/devices/cpu/status?include_allocations=true&include_fragmentation=true",
+        None,
+    );
+    assert_eq!(
+        st["allocations"].as_array().unwrap().len(),
+        1,
+        "query bools read as bools"
+    );
+    assert!(st["fragmentation"].is_object());
+    let u = call(
+        "GET",
+        "/v1/devices/{device_id}/usage",
+        "/v1/devices/cpu/usage",
+        None,
+    );
+    assert_eq!(u["allocated_bytes"], MIB);
+    let l = call(
+        "GET",
+        "/v1/devices/{device_id}/allocations",
+        "/v1/devices/cpu/allocations?purpose=http&limit=5",
+        None,
+    );
+    assert_eq!(l["total_count"], 1);
+    let t = call(
+        "POST",
+        "/v1/transfers",
+        "/v1/transfers",
+        Some(
+            json!({"allocation_id": id, "source_device_id": "cpu", "destination_device_id": "shm", "wait_for_completion": true}),
+        ),
+    );
+    assert_eq!(t["status"], "Completed");
+    let tid = t["transfer_id"].as_str().unwrap().to_string();
+    call(
+        "GET",
+        "/v1/transfers/{transfer_id}",
+        &format!("/v1/transfers/{tid}"),
+        None,
+    );
+    call(
+        "POST",
+        "/v1/devices/{device_id}/defragment",
+        "/v1/devices/shm/defragment",
+        None,
+    );
+    call(
+        "POST",
+        "/v1/devices/{device_id}/optimize",
+        "/v1/devices/shm/optimize",
+        Some(json!({"optimization_type": "ClearCache"})),
+    );
+    let m = call(
+        "POST",
+        "/v1/models",
+        "/v1/models",
+        Some(json!({"model_name": "unet", "path": "m.safetensors", "device_id": "shm"})),
+    );
+    assert_eq!(m["state"], "Loaded");
+    let lease = call(
+        "POST",
+        "/v1/models/{model_name}/acquire",
+        "/v1/models/unet/acquire",
+        None,
+    );
+    let lease_id = lease["lease_id"].as_str().unwrap().to_string();
+    let ms = call("GET", "/v1/models", "/v1/models?model_name=unet", None);
+    assert_eq!(ms["models"].as_array().unwrap().len(), 1);
+    call(
+        "DELETE",
+        "/v1/leases/{lease_id}",
+        &format!("/v1/leases/{lease_id}"),
+        None,
+    );
+    call(
+        "POST",
+        "/v1/models/optimize",
+        "/v1/models/optimize",
+        Some(json!({"strategy": "UnloadIdle", "idle_seconds": 0})),
+    );
+    call("GET", "/v1/pressure", "/v1/pressure?device_id=cpu", None);
+    let an = call(
+        "GET",
+        "/v1/analytics",
+        "/v1/analytics?device_id=cpu&window_seconds=60",
+        None,
+    );
+    assert_eq!(
+        an["devices"][0]["window_seconds"], 60,
+        "query numbers read as numbers"
+    );
+    call("GET", "/v1/recommendations", "/v1/recommendations", None);
+    let again = call(
+        "POST",
+        "/v1/allocations",
+        "/v1/allocations",
+        Some(json!({"device_id": "cpu", "size_bytes": 4096})),
+    );
+    let id2 = again["allocation"]["allocation_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    call(
+        "DELETE",
+        "/v1/allocations/{allocation_id}",
+        &format!("/v1/allocations/{id2}"),
+        None,
+    );
+    call(
+        "POST",
+        "/v1/models",
+        "/v1/models",
+        Some(json!({"model_name": "vae", "path": "m.safetensors", "device_id": "cpu"})),
+    );
+    call("DELETE", "/v1/models/{model_name}", "/v1/models/vae", None);
+    call(
+        "POST",
+        "/v1/devices/{device_id}/clear",
+        "/v1/devices/shm/clear",
+        Some(json!({"force": true})),
+    );
+    let state = call(
+        "GET",
+        "/v1/dashboard/state",
+        "/v1/dashboard/state?buckets=64",
+        None,
+    );
+    assert_eq!(
+        state["devices"][0]["map"]["buckets"]
+            .as_array()
+            .unwrap()
+            .len(),
+        64
+    );
+    let cmd = s.post(
+        "/v1/command",
+        &json!({"request_id": "c1", "action": "memory.get_usage", "data": {"device_id": "shm"}}),
+    );
+    check_against(&doc, "/v1/command", "post", &cmd);
+    assert_eq!(ok(cmd)["device_id"], "shm");
+
+    // Every REST operation of the document was exercised.
+    for (path, ops) in paths {
+        for method in ops.as_object().unwrap().keys() {
+            if path.starts_with("/v1/") && path != "/v1/openapi.json" && path != "/v1/command" {
+                assert!(
+                    seen.contains(&(path.clone(), method.clone())),
+                    "{method} {path} not exercised"
+                );
+            }
+        }
+    }
+
+    // An error answer matches the error envelope, with HTTP status = status_code.
+    let a = s.get("/v1/devices/nope/usage");
+    assert_eq!(a.status, 404);
+    check_against(&doc, "/v1/devices/{device_id}/usage", "get", &a);
+    assert_eq!(a.json()["error_code"], "INVALID_DEVICE");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn unknown_routes_wrong_methods_request_ids_and_the_body_limit() {
+    let s = Server::spawn(&[
+        "--no-gpu",
+        "--budget",
+        "cpu=64MiB",
+        "--budget",
+        "shm=64MiB",
+        "--max-body-bytes",
+        "1024",
+    ]);
+    let a = s.get("/v1/nothing/here");
+    assert_eq!(a.status, 404);
+    assert_eq!(a.json()["error_code"], "UNKNOWN_ACTION");
+    let a = s.request("PUT", "/v1/allocations", &[], None);
+    assert_eq!(a.status, 405);
+    assert_eq!(a.json()["error_code"], "METHOD_NOT_ALLOWED");
+    let a = s.request("DELETE", "/v1/devices", &[], None);
+    assert_eq!(
+        (a.status, a.json()["error_code"].clone()),
+        (405, json!("METHOD_NOT_ALLOWED"))
+    );
+
+    // X-Request-Id is the request_id, echoed; without one the server makes one.
+    let a = s.request("GET", "/v1/pressure", &[("X-Request-Id", "my-id-1")], None);
+    assert_eq!(a.json()["request_id"], "my-id-1");
+    assert_eq!(a.header("x-request-id"), Some("my-id-1"));
+    let made = s.get("/v1/pressure").json()["request_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(made.len(), 36, "a UUID: {made}");
+
+    // Bodies over the limit: REQUEST_TOO_LARGE, nothing done.
+    let big = json!({"device_id": "cpu", "size_bytes": 4096, "purpose": "x".repeat(2000)});
+    let a = s.post("/v1/allocations", &big);
+    assert_eq!(a.status, 413);
+    assert_eq!(a.json()["error_code"], "REQUEST_TOO_LARGE");
+    let a = s.post(
+        "/v1/command",
+        &json!({"request_id": "r", "action": "memory.allocate", "data": big}),
+    );
+    assert_eq!(a.status, 413);
+    assert_eq!(ok(s.get("/v1/devices/cpu/usage"))["allocation_count"], 0);
+
+    // Not JSON, not an object.
+    let a = s.request("POST", "/v1/allocations", &[], Some("{nope"));
+    assert_eq!(
+        (a.status, a.json()["error_code"].clone()),
+        (400, json!("INVALID_REQUEST"))
+    );
+    let a = s.request("POST", "/v1/allocations", &[], Some("[1]"));
+    assert_eq!(a.json()["error_code"], "INVALID_REQUEST");
+    // A query value of the wrong type names the field.
+    let a = s.get("/v1/devices/cpu/allocations?limit=many");
+    assert_eq!(a.json()["error_code"], "INVALID_PARAMETER");
+    assert!(
+        a.json()["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("limit")
+    );
+}
+
+#[test]
+fn a_token_guards_every_route_but_healthz() {
+    let dir = std::env::temp_dir().join(format!("memcoord-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("token");
+    std::fs::write(&file, "s3cret-token\n").unwrap();
+    let s = Server::spawn(&[
+        "--no-gpu",
+        "--budget",
+        "cpu=64MiB",
+        "--budget",
+        "shm=64MiB",
+        "--token-file",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(s.get("/healthz").status, 200);
+    for (path, headers) in [
+        ("/v1/devices", vec![]),
+        (
+            "/v1/devices",
+            vec![("Authorization", "Bearer wrong-token!")],
+        ),
+        ("/v1/devices", vec![("Authorization", "s3cret-token")]),
+        ("/metrics", vec![]),
+        ("/", vec![]),
+        ("/v1/openapi.json", vec![]),
+    ] {
+        let a = s.request("GET", path, &headers, None);
+        assert_eq!(a.status, 401, "{path} {headers:?}");
+        assert_eq!(a.json()["error_code"], "UNAUTHORIZED");
+    }
+    let a = s.request(
+        "GET",
+        "/v1/devices",
+        &[("Authorization", "Bearer s3cret-token")],
+        None,
+    );
+    assert_eq!(a.status, 200);
+    // The dashboard page takes the token in its URL too (a browser opening it sends no
+    // header); nowhere else does.
+    assert_eq!(s.get("/?token=s3cret-token").status, 200);
+    assert_eq!(s.get("/?token=wrong").status, 401);
+    assert_eq!(s.get("/v1/devices?token=s3cret-token").status, 401);
+    let a = s.request(
+        "POST",
+        "/v1/command",
+        &[("Authorization", "Bearer s3cret-token")],
+        Some(&json!({"request_id": "x", "action": "memory.list_devices"}).to_string()),
+    );
+    assert_eq!(a.status, 200);
+
+    // Off loopback without a token: refused at start.
+    let out = std::process::Command::new(common::BIN)
+        .args([
+            "serve",
+            "--no-gpu",
+            "--budget",
+            "cpu=64MiB",
+            "--budget",
+            "shm=64MiB",
+            "--listen",
+            "0.0.0.0:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("token"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn waiting_allocations_and_shutdown_over_http() {
+    let mut s = Server::spawn(&["--no-gpu", "--budget", "cpu=8MiB", "--budget", "shm=64MiB"]);
+    let first = ok(s.post(
+        "/v1/allocations",
+        &json!({"device_id": "cpu", "size_bytes": 6 * MIB}),
+    ));
+    let id = first["allocation"]["allocation_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let port = s.port;
+    // Waits for room on its own connection.
+    let waiter = std::thread::spawn(move || {
+        let s2 = Server::client(port);
+        let started = Instant::now();
+        let a = s2.post(
+            "/v1/allocations",
+            &json!({"device_id": "cpu", "size_bytes": 4 * MIB, "timeout_seconds": 20}),
+        );
+        (a.status, a.body, started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let p = ok(s.get("/v1/pressure?device_id=cpu"));
+    assert_eq!(p["devices"][0]["waiting_requests"], 1, "{p}");
+    ok(s.request("DELETE", &format!("/v1/allocations/{id}"), &[], None));
+    let (status, body, waited) = waiter.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(waited >= Duration::from_millis(400));
+
+    // SIGTERM: waiters get SHUTTING_DOWN, the server exits 0.
+    let waiter = std::thread::spawn(move || {
+        Server::client(port).post(
+            "/v1/allocations",
+            &json!({"device_id": "cpu", "size_bytes": 6 * MIB, "timeout_seconds": 30}),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    s.signal(15);
+    let a = waiter.join().unwrap();
+    assert_eq!(a.status, 503, "{}", a.body);
+    assert_eq!(a.json()["error_code"], "SHUTTING_DOWN");
+    assert!(s.wait_exit(Duration::from_secs(20)).success());
+}
