@@ -1,6 +1,8 @@
 //! The `memcoord` command: `worker` (the stdio protocol), `status` (a table of devices).
 
 use clap::{Args, Parser, Subcommand};
+
+mod cli;
 use memcoord::config::{ConfigError, Settings};
 use memcoord::dispatch::Dispatcher;
 use memcoord::managers::AllocationEngine;
@@ -72,14 +74,112 @@ enum Command {
         #[command(flatten)]
         devices: DeviceArgs,
     },
-    /// Print a table of devices: capacity, use, budget.
+    /// Devices, pressure and models at a glance.
     Status {
         #[command(flatten)]
-        devices: DeviceArgs,
-        /// Print JSON (`{devices: [...]}` with each device's MemoryInfo and usage) for scripts.
-        #[arg(long)]
-        json: bool,
+        target: TargetArgs,
     },
+    /// Devices: capacity, use, budget, fragmentation, health.
+    Devices {
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Live allocations, oldest first.
+    Allocs {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Only this device.
+        #[arg(long)]
+        device: Option<String>,
+        /// The most allocations listed per device.
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+    },
+    /// Models: state, home and resident device, bytes.
+    Models {
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Memory pressure per device.
+    Pressure {
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// A live view, redrawn every interval (like nvtop).
+    Top {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Seconds between frames.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Stop after this many frames.
+        #[arg(long)]
+        iterations: Option<u64>,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Where a view's figures come from: a running server (`--url`), else a service in this
+/// process over the devices the options describe.
+#[derive(Args)]
+struct TargetArgs {
+    /// A running `memcoord serve`, e.g. http://127.0.0.1:7077.
+    #[arg(long, value_name = "URL")]
+    url: Option<String>,
+    /// The server's bearer token, read from this file.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Print the answer as JSON for scripts.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    devices: DeviceArgs,
+}
+
+impl TargetArgs {
+    fn source(&self) -> Result<cli::Source, String> {
+        match &self.url {
+            Some(url) => {
+                let token = match &self.token_file {
+                    Some(p) => Some(
+                        std::fs::read_to_string(p)
+                            .map_err(|e| format!("--token-file {}: {e}", p.display()))?
+                            .trim()
+                            .to_string(),
+                    ),
+                    None => None,
+                };
+                Ok(cli::Source::remote(url, token))
+            }
+            None => {
+                let settings = self.devices.settings().map_err(|e| e.to_string())?;
+                Ok(cli::Source::local(
+                    service(&settings).map_err(|e| e.to_string())?,
+                ))
+            }
+        }
+    }
+
+    /// Runs a view and prints it.
+    fn show(
+        &self,
+        view: impl FnOnce(&cli::Source) -> Result<(serde_json::Value, String), String>,
+    ) -> Result<(), String> {
+        let src = self.source()?;
+        let result = view(&src);
+        src.close();
+        let (json, table) = result?;
+        if self.json {
+            println!("{json}");
+        } else {
+            print!("{table}");
+        }
+        Ok(())
+    }
 }
 
 /// What the service is made of and how it behaves (worker and serve alike).
@@ -342,11 +442,42 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }
-        Command::Status { devices, json } => {
-            let settings = devices.settings().map_err(|e| e.to_string())?;
-            let service = service(&settings).map_err(|e| e.to_string())?;
-            print_status(&service, json);
-            service.close();
+        Command::Status { target } => target.show(cli::status),
+        Command::Devices { target } => target.show(cli::devices),
+        Command::Allocs {
+            target,
+            device,
+            limit,
+        } => target.show(|src| cli::allocs(src, device.as_deref(), limit)),
+        Command::Models { target } => target.show(cli::models),
+        Command::Pressure { target } => target.show(cli::pressure),
+        Command::Top {
+            target,
+            interval,
+            iterations,
+        } => {
+            if !(interval.is_finite() && interval > 0.0) {
+                return Err(format!(
+                    "--interval must be a positive number, got {interval}"
+                ));
+            }
+            let src = target.source()?;
+            let r = cli::top(
+                &src,
+                std::time::Duration::from_secs_f64(interval),
+                iterations,
+            );
+            src.close();
+            r
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "memcoord",
+                &mut std::io::stdout(),
+            );
             Ok(())
         }
     }
@@ -395,52 +526,6 @@ fn show_transfer_progress(service: Arc<MemoryService>) {
                 });
             }
         });
-}
-
-fn print_status(service: &MemoryService, json: bool) {
-    use memcoord::protocol::requests::DeviceRequest;
-    let devices = service.list_devices().devices;
-    let rows: Vec<_> = devices
-        .into_iter()
-        .filter_map(|info| {
-            let usage = service
-                .get_usage(&DeviceRequest {
-                    device_id: info.device_id.clone(),
-                })
-                .ok()?;
-            Some((info, usage))
-        })
-        .collect();
-    if json {
-        let list: Vec<_> = rows
-            .iter()
-            .map(|(info, usage)| serde_json::json!({"memory_info": info, "usage_stats": usage}))
-            .collect();
-        println!("{}", serde_json::json!({ "devices": list }));
-        return;
-    }
-    println!(
-        "{:<6} {:<13} {:>11} {:>11} {:>11} {:>11} {:>11}  {:<22}",
-        "DEVICE", "TYPE", "CAPACITY", "USED", "AVAILABLE", "ALLOCATED", "BUDGET", "USED (device)"
-    );
-    for (info, usage) in rows {
-        let filled = ((info.usage_percentage / 100.0) * 20.0)
-            .round()
-            .clamp(0.0, 20.0) as usize;
-        let bar = format!("[{}{}]", "#".repeat(filled), ".".repeat(20 - filled));
-        println!(
-            "{:<6} {:<13} {:>11} {:>11} {:>11} {:>11} {:>11}  {} {:>5.1}%",
-            info.device_id,
-            info.memory_type.name(),
-            format_bytes(info.total_memory),
-            format_bytes(info.used_memory),
-            format_bytes(info.available_memory),
-            format_bytes(usage.allocated_bytes),
-            format_bytes(usage.budget_bytes),
-            bar,
-            info.usage_percentage
-        );
-    }
 }
 
 fn main() -> ExitCode {
