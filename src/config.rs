@@ -65,6 +65,9 @@ pub struct Settings {
     pub max_line_bytes: usize,
     /// Where the `shm` device's file lives.
     pub shm_dir: PathBuf,
+    /// Where persistent `shm` allocations are recorded so they outlive the worker
+    /// (`--state-dir`); None: nothing outlives it.
+    pub state_dir: Option<PathBuf>,
     /// Do not look for GPUs.
     pub no_gpu: bool,
     /// Bytes of page-locked host memory for `cpu` allocations of type `Staging` when there is
@@ -81,6 +84,7 @@ impl Default for Settings {
             budgets: BTreeMap::new(),
             max_line_bytes: 1 << 20,
             shm_dir: PathBuf::from("/dev/shm"),
+            state_dir: None,
             no_gpu: false,
             pinned_pool: None,
         }
@@ -234,6 +238,19 @@ impl Settings {
         }
     }
 
+    /// The `shm` file of a state directory: one per directory, named from its canonical path
+    /// (FNV-1a; why not a crate: eight lines) so that the same `--state-dir` finds it again.
+    pub fn state_shm_path(&self, state_dir: &std::path::Path) -> PathBuf {
+        let canonical =
+            std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in canonical.to_string_lossy().bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.shm_dir.join(format!("memcoord-state-{h:016x}-shm"))
+    }
+
     /// Creates the host devices with their budgets.
     pub fn host_devices(&self) -> Result<Vec<DeviceSetup>, ConfigError> {
         remove_stale_shm_files(&self.shm_dir);
@@ -252,7 +269,13 @@ impl Settings {
             let range = budget.saturating_add(budget / 4);
             let backend: Box<dyn Backend> = match device {
                 "cpu" => Box::new(CpuBackend::new(range)?),
-                _ => Box::new(ShmBackend::new(&self.shm_dir, range)?),
+                _ => match &self.state_dir {
+                    Some(state) => Box::new(ShmBackend::open_persistent(
+                        &self.state_shm_path(state),
+                        range,
+                    )?),
+                    None => Box::new(ShmBackend::new(&self.shm_dir, range)?),
+                },
             };
             tracing::debug!("{device}: budget {}", format_bytes(budget));
             devices.push(DeviceSetup {

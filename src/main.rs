@@ -197,6 +197,10 @@ struct ServiceArgs {
     /// Seconds a lower memory-pressure level must hold before it is reported.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     pressure_hold_seconds: f64,
+    /// Keep persistent `shm` allocations in this directory so they outlive the worker (even
+    /// killed): the next worker with the same directory adopts them (same ids, bytes, handles).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
     #[command(flatten)]
     advice: AdviceArgs,
 }
@@ -204,7 +208,12 @@ struct ServiceArgs {
 impl ServiceArgs {
     /// The settings and a running service (keep-alive sweeper and sampler started).
     fn start(&self) -> Result<(Settings, Arc<MemoryService>), String> {
-        let settings = self.devices.settings().map_err(|e| e.to_string())?;
+        let mut settings = self.devices.settings().map_err(|e| e.to_string())?;
+        if let Some(dir) = &self.state_dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("--state-dir {}: {e}", dir.display()))?;
+            settings.state_dir = Some(dir.clone());
+        }
         let mut service = MemoryService::new(settings.devices().map_err(|e| e.to_string())?)
             .with_model_root(self.model_root.clone())
             .with_pressure_hold(std::time::Duration::from_secs_f64(
@@ -218,6 +227,18 @@ impl ServiceArgs {
             let bytes = memcoord::units::parse_size(size)
                 .map_err(|e| format!("--model-budget {device}: {e}"))?;
             service = service.with_model_budget(device.trim(), bytes);
+        }
+        if let Some(dir) = &self.state_dir {
+            let (with_state, adopted) = service
+                .with_state_dir(dir)
+                .map_err(|e| format!("--state-dir: {e}"))?;
+            service = with_state;
+            if adopted > 0 {
+                tracing::info!(
+                    "adopted {adopted} persistent shm allocations from {}",
+                    dir.display()
+                );
+            }
         }
         let service = Arc::new(service);
         service.start_keep_alive_sweeper();

@@ -224,6 +224,8 @@ pub struct ShmBackend {
     dir: PathBuf,
     page: u64,
     capacity: CachedCapacity,
+    /// The file outlives the backend (`--state-dir`: persistent allocations survive).
+    keep: bool,
 }
 
 impl ShmBackend {
@@ -264,12 +266,56 @@ impl ShmBackend {
                 dir: dir.to_path_buf(),
                 page,
                 capacity: CachedCapacity::new(),
+                keep: false,
             }),
             Err(e) => {
                 let _ = std::fs::remove_file(&path);
                 Err(e)
             }
         }
+    }
+
+    /// Opens (or creates) the file at `path` for a worker whose persistent allocations
+    /// survive it: the file is kept when the backend goes, and an existing one keeps its bytes
+    /// (it grows to `len` if shorter, never shrinks).
+    pub fn open_persistent(path: &Path, len: u64) -> Result<Self, BackendError> {
+        let os = |what: &'static str| {
+            move |source| BackendError::Os {
+                device: "shm".into(),
+                what,
+                source,
+            }
+        };
+        let page = host_page_size();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(os("opening the shared-memory file"))?;
+        let existing = file
+            .metadata()
+            .map_err(os("reading the shared-memory file's size"))?
+            .len();
+        let len = (len.div_ceil(page).max(1) * page).max(existing.div_ceil(page) * page);
+        if len > existing {
+            file.set_len(len)
+                .map_err(os("sizing the shared-memory file"))?;
+        }
+        // SAFETY: as in `new`; the file is this state directory's, other processes map it by
+        // the handle protocol.
+        let map = unsafe { MmapOptions::new().len(len as usize).map_mut(&file) }
+            .map_err(os("mapping the shared-memory file"))?;
+        Ok(ShmBackend {
+            map,
+            file,
+            path: path.to_path_buf(),
+            dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            page,
+            capacity: CachedCapacity::new(),
+            keep: true,
+        })
     }
 
     /// The file another process maps.
@@ -280,7 +326,9 @@ impl ShmBackend {
 
 impl Drop for ShmBackend {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if !self.keep {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

@@ -163,6 +163,26 @@ impl Dispatcher {
     pub fn handle_line(&self, line: &[u8], out: &mut Vec<u8>) -> Option<Pending> {
         let start = out.len();
         match catch_unwind(AssertUnwindSafe(|| self.handle_line_inner(line, out))) {
+            // With a state directory, a change to persistent shm allocations is on disk before
+            // the answer that reports it goes out.
+            Ok(None) if self.service.has_state() => {
+                self.record_state();
+                None
+            }
+            Ok(Some(p)) if self.service.has_state() => {
+                let service = Arc::clone(&self.service);
+                let response = p.response;
+                Some(Pending {
+                    request_id: p.request_id,
+                    response: Box::pin(async move {
+                        let out = response.await;
+                        if let Err(e) = service.save_state() {
+                            tracing::error!("could not record persistent shm allocations: {e}");
+                        }
+                        out
+                    }),
+                })
+            }
             Ok(pending) => pending,
             Err(_) => {
                 out.truncate(start);
@@ -170,6 +190,12 @@ impl Dispatcher {
                 internal_error(out, id.as_deref());
                 None
             }
+        }
+    }
+
+    fn record_state(&self) {
+        if let Err(e) = self.service.save_state() {
+            tracing::error!("could not record persistent shm allocations: {e}");
         }
     }
 

@@ -155,6 +155,8 @@ struct Device {
     model_bytes: u64,
     tally: Tally,
     history: History,
+    /// Bumped whenever a persistent client allocation comes or goes (state files follow it).
+    persistent_changes: u64,
 }
 
 impl Device {
@@ -224,6 +226,9 @@ impl Device {
             self.model_bytes -= r.size;
         }
         self.tally.remove(r.entry());
+        if r.persistent && r.owner == Owner::Client {
+            self.persistent_changes += 1;
+        }
     }
 }
 
@@ -421,6 +426,19 @@ pub struct DeviceTelemetry {
     pub durations: DurationHistogram,
 }
 
+/// A persistent allocation of an earlier worker, to adopt (or as saved for that).
+#[derive(Debug, Clone)]
+pub struct Adopted {
+    /// Its id (kept).
+    pub id: Uuid,
+    /// Its byte offset in the device's memory (kept).
+    pub offset: u64,
+    /// Size, alignment, type, purpose (persistent, client).
+    pub spec: AllocationSpec,
+    /// When it was made, microseconds since the Unix epoch.
+    pub created_us: u64,
+}
+
 /// A device's arena in equal buckets (the dashboard's memory map).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MemoryMap {
@@ -469,6 +487,7 @@ impl AllocationEngine {
                     model_bytes: 0,
                     tally: Tally::default(),
                     history: History::new(coarse_millis()),
+                    persistent_changes: 0,
                 })
                 .collect(),
             records: RecordTable::new(),
@@ -630,6 +649,9 @@ impl AllocationEngine {
         });
         if matches!(spec.owner, Owner::Model(_)) {
             dev.model_bytes += spec.size;
+        }
+        if spec.persistent && spec.owner == Owner::Client {
+            dev.persistent_changes += 1;
         }
         let (id, slot) = self.records.next_id();
         let record = Record {
@@ -1185,6 +1207,130 @@ impl AllocationEngine {
         }
     }
 
+    /// The key that turns record slots into ids (saved with persistent state, so a later
+    /// worker can adopt the same ids).
+    pub fn id_key(&self) -> u32 {
+        self.records.key()
+    }
+
+    /// Sets the id key; only before any allocation exists.
+    pub fn set_id_key(&mut self, key: u32) -> bool {
+        self.records.set_key(key)
+    }
+
+    /// How many times a persistent client allocation came or went on a device.
+    pub fn persistent_changes(&self, device: usize) -> u64 {
+        self.devices[device].persistent_changes
+    }
+
+    /// A device's persistent client allocations as they would be adopted later.
+    pub fn persistent_state(&self, device: usize) -> Vec<Adopted> {
+        let mut v: Vec<Adopted> = self
+            .records
+            .iter()
+            .filter(|r| {
+                r.device as usize == device
+                    && r.persistent
+                    && r.owner == Owner::Client
+                    && !r.hidden
+                    && !r.pool
+            })
+            .filter_map(|r| {
+                r.placement.map(|p| Adopted {
+                    id: r.id,
+                    offset: p.offset(),
+                    spec: r.twin_spec(),
+                    created_us: r.created_us,
+                })
+            })
+            .collect();
+        v.sort_by_key(|a| a.offset);
+        v
+    }
+
+    /// Takes over persistent allocations an earlier worker left on a device (which must have
+    /// none yet): same ids, offsets and bytes. Everything else in the device's memory is given
+    /// back. A failure adopts nothing.
+    pub fn adopt(&mut self, device: usize, items: Vec<Adopted>) -> Result<usize, EngineError> {
+        let dev = &mut self.devices[device];
+        if dev.live > 0 {
+            return Err(EngineError::OutOfRange(
+                "adopting allocations needs an empty device".into(),
+            ));
+        }
+        let total: u64 = items.iter().map(|a| a.spec.size).sum();
+        if total > dev.budget {
+            return Err(EngineError::OverBudget {
+                device: dev.arena.backend().device_id().to_string(),
+                requested: total,
+                budget: dev.budget,
+            });
+        }
+        let ranges: Vec<(u64, u64, u64)> = items
+            .iter()
+            .map(|a| (a.offset, a.spec.size, a.spec.alignment))
+            .collect();
+        let placements = dev.arena.adopt(&ranges).map_err(EngineError::OutOfRange)?;
+        let n = items.len();
+        for (a, placement) in items.into_iter().zip(placements) {
+            let dev = &mut self.devices[device];
+            dev.allocated += a.spec.size;
+            dev.live += 1;
+            dev.total_allocations += 1;
+            dev.note_peaks();
+            dev.tally.add(Entry {
+                size: a.spec.size,
+                kind: a.spec.kind,
+                purpose: &a.spec.purpose,
+                persistent: true,
+                client: true,
+            });
+            let record = Record {
+                id: a.id,
+                size: a.spec.size,
+                seq: self.next_seq,
+                created_us: a.created_us,
+                placement: Some(placement),
+                purpose: a.spec.purpose.as_str().into(),
+                owner: Owner::Client,
+                device: device as u16,
+                kind: a.spec.kind,
+                persistent: true,
+                reservation_align_log2: 0,
+                busy: false,
+                hidden: false,
+                pool: false,
+            };
+            self.next_seq += 1;
+            if self.records.adopt(record).is_err() {
+                return Err(EngineError::OutOfRange(format!(
+                    "allocation id {} cannot be adopted (its slot is taken)",
+                    a.id
+                )));
+            }
+        }
+        self.devices[device].note_charged();
+        Ok(n)
+    }
+
+    /// Frees every allocation except the persistent client ones of `keep` (a device whose
+    /// persistent allocations outlive the worker).
+    pub fn release_all_but_persistent(&mut self, keep: usize) -> u64 {
+        let ids: Vec<Uuid> = self
+            .records
+            .iter()
+            .filter(|r| {
+                !(r.device as usize == keep && r.persistent && r.owner == Owner::Client && !r.busy)
+            })
+            .map(|r| r.id)
+            .collect();
+        let n = ids.len() as u64;
+        for id in ids {
+            self.free_id(&id);
+        }
+        n
+    }
+
     /// Frees every allocation on every device (shutdown).
     pub fn release_all(&mut self) -> u64 {
         let records: Vec<Record> = self.records.drain();
@@ -1193,6 +1339,14 @@ impl AllocationEngine {
             self.release(r);
         }
         n
+    }
+
+    /// Like [`AllocationEngine::close`], but the persistent client allocations of `keep` are
+    /// left in its memory untouched (their pages are not given back) for a later worker.
+    pub fn close_keeping_persistent(&mut self, keep: usize) {
+        self.release_all_but_persistent(keep);
+        self.records.drain();
+        self.devices.clear();
     }
 
     /// Frees everything and drops every device (unmapping it, removing files).

@@ -490,6 +490,67 @@ impl Arena {
         self.backend.write(p.offset() + offset, data)
     }
 
+    /// Takes over allocations an earlier process left in this (fresh) arena's memory: places
+    /// them at their byte offsets, marks their pages backed, and gives back every other page
+    /// (what the earlier process held for anything else). `ranges` are (offset, size,
+    /// alignment) in bytes; they must be unit-aligned, inside the arena and not overlap.
+    pub fn adopt(&mut self, ranges: &[(u64, u64, u64)]) -> Result<Vec<Placement>, String> {
+        if self.in_use_bytes > 0 || self.tlsf.free_units() != self.tlsf.capacity() as u64 {
+            return Err("the arena is not empty".into());
+        }
+        let mut order: Vec<usize> = (0..ranges.len()).collect();
+        order.sort_by_key(|&i| ranges[i].0);
+        let mut layout = Vec::with_capacity(ranges.len());
+        let mut end = 0u64;
+        for &i in &order {
+            let (offset, size, alignment) = ranges[i];
+            if !offset.is_multiple_of(self.unit) || offset < end || size == 0 {
+                return Err(format!(
+                    "allocation at offset {offset} overlaps or is misaligned"
+                ));
+            }
+            let units = size.div_ceil(self.unit);
+            end = offset + units * self.unit;
+            if end > self.tlsf.capacity() as u64 * self.unit {
+                return Err(format!(
+                    "allocation at offset {offset} ({size} bytes) lies beyond the arena"
+                ));
+            }
+            let _ = alignment;
+            layout.push(((offset / self.unit) as u32, units as u32));
+        }
+        let blocks = self.tlsf.rebuild(&layout);
+        let mut placements = vec![None; ranges.len()];
+        for (&i, block) in order.iter().zip(blocks) {
+            let align = ranges[i].2.max(self.unit);
+            let p = Placement {
+                block,
+                align_log2: align.trailing_zeros() as u8,
+                unit_log2: self.unit.trailing_zeros() as u8,
+            };
+            let (start, len) = self.block_range(&p.block);
+            let (first, last) = (start / self.page, (start + len - 1) / self.page);
+            // The pages hold the adopted bytes already: mark them, never touch them (a commit
+            // may write to fault pages in).
+            for (a, b) in self.runs(first, last, false) {
+                for p in a..=b {
+                    self.set_backed(p, true);
+                }
+                self.backed_bytes += (b - a + 1) * self.page;
+            }
+            self.acquire_pages(start, len);
+            placements[i] = Some(p);
+        }
+        // Whatever else the earlier process had in this memory goes back now.
+        let pages = self.backend.len() / self.page;
+        if pages > 0 {
+            for (a, b) in self.runs(0, pages - 1, false) {
+                self.backend.release(a * self.page, (b - a + 1) * self.page);
+            }
+        }
+        Ok(placements.into_iter().flatten().collect())
+    }
+
     /// The largest free block (bytes) that [`Arena::compact`] with no limit would leave:
     /// the same walk, as arithmetic only; nothing moves. `placements` holds every live
     /// placement of the arena with whether it may move.

@@ -106,6 +106,40 @@ impl<R: HasId> RecordTable<R> {
         self.slots.drain(..).flatten().collect()
     }
 
+    /// The key that whitens slots into ids (kept across restarts to adopt old ids).
+    pub fn key(&self) -> u32 {
+        self.key
+    }
+
+    /// Sets the key, on an empty table only (returns whether it was set).
+    pub fn set_key(&mut self, key: u32) -> bool {
+        if self.len > 0 {
+            return false;
+        }
+        self.key = key;
+        true
+    }
+
+    /// Stores a record under the id it already has (one minted by a table with the same key,
+    /// in an earlier process). Fails when that slot is taken.
+    pub fn adopt(&mut self, record: R) -> Result<(), R> {
+        let slot = self.slot_of(record.id());
+        if slot > u32::MAX as usize / 2 {
+            return Err(record);
+        }
+        while self.slots.len() <= slot {
+            self.free.push(self.slots.len() as u32);
+            self.slots.push(None);
+        }
+        if self.slots[slot].is_some() {
+            return Err(record);
+        }
+        self.free.retain(|&s| s as usize != slot);
+        self.slots[slot] = Some(record);
+        self.len += 1;
+        Ok(())
+    }
+
     /// Live records.
     pub fn len(&self) -> usize {
         self.len

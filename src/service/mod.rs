@@ -4,7 +4,10 @@
 //! see JSON. Only `allocate` can wait (for memory); everything else answers at once.
 
 mod models;
+mod state;
 mod telemetry;
+
+pub use state::StateError;
 
 pub use telemetry::{ModelTelemetry, Telemetry};
 
@@ -79,6 +82,7 @@ pub struct MemoryService {
     model_budgets: rustc_hash::FxHashMap<String, u64>,
     pressure_hold_ms: u64,
     rules: crate::managers::advisor::Rules,
+    state: Option<state::StateDir>,
     /// Woken whenever memory is freed (and at shutdown).
     room: Notify,
     shutting_down: AtomicBool,
@@ -112,6 +116,7 @@ impl MemoryService {
             model_budgets: Default::default(),
             pressure_hold_ms: crate::managers::pressure::DEFAULT_HOLD_MS,
             rules: Default::default(),
+            state: None,
             room: Notify::new(),
             shutting_down: AtomicBool::new(false),
         }
@@ -192,8 +197,21 @@ impl MemoryService {
     }
 
     /// Frees every allocation (at exit); returns how many there were.
+    /// With a state directory, persistent `shm` allocations stay (and stay recorded).
     pub fn release_all(&self) -> u64 {
-        self.engine.lock().release_all()
+        match &self.state {
+            Some(state) => {
+                let n = self
+                    .engine
+                    .lock()
+                    .release_all_but_persistent(state.device());
+                if let Err(e) = self.save_state() {
+                    tracing::error!("could not record persistent shm allocations: {e}");
+                }
+                n
+            }
+            None => self.engine.lock().release_all(),
+        }
     }
 
     /// Releases every allocation and unmaps every device (removing the `shm` file). The
@@ -201,7 +219,10 @@ impl MemoryService {
     pub fn close(&self) {
         // Wait for large allocations faulting pages in without the engine.
         let _closed = self.commit_gate.write();
-        self.engine.lock().close();
+        match &self.state {
+            Some(state) => self.engine.lock().close_keeping_persistent(state.device()),
+            None => self.engine.lock().close(),
+        }
     }
 
     /// `memory.list_devices`.

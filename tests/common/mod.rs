@@ -207,6 +207,12 @@ impl Worker {
             .to_string()
     }
 
+    /// SIGKILL: the worker gets no chance to clean up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Closes stdin and waits for the exit status (failing after `timeout`).
     pub fn close(&mut self, timeout: Duration) -> std::process::ExitStatus {
         self.stdin.take();

@@ -1,0 +1,200 @@
+//! `--state-dir`: persistent `shm` allocations outlive the worker, gracefully stopped or killed.
+//! The state file (`DIR/state.json`) lists them (id, offset, size, type, purpose) with the key
+//! their ids were minted with; it is rewritten, atomically (temporary file + fsync + rename),
+//! before the answer of any request that made or freed one goes out, so a SIGKILL can never
+//! lose an allocation a host was told about. The next worker with the same directory adopts
+//! them: same ids, same bytes (the `shm` file is kept), same handles.
+
+use super::MemoryService;
+use crate::managers::allocations::Adopted;
+use crate::managers::{AllocationSpec, Owner};
+use crate::protocol::MemoryAllocationType;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use uuid::Uuid;
+
+const STATE_FILE: &str = "state.json";
+
+#[derive(Serialize, Deserialize)]
+struct SavedAllocation {
+    allocation_id: Uuid,
+    offset: u64,
+    size_bytes: u64,
+    alignment: u64,
+    allocation_type: MemoryAllocationType,
+    purpose: String,
+    created_us: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    version: u32,
+    id_key: u32,
+    allocations: Vec<SavedAllocation>,
+}
+
+/// Where the state goes and what was last written.
+pub(super) struct StateDir {
+    dir: PathBuf,
+    device: usize,
+    written: Mutex<Option<u64>>,
+}
+
+impl StateDir {
+    /// The device whose persistent allocations are kept (`shm`).
+    pub(super) fn device(&self) -> usize {
+        self.device
+    }
+}
+
+/// Why a state directory cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Reading or writing it failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file is not a state file of this version.
+    #[error("{path}: not a memcoord state file ({reason})")]
+    Corrupt {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The allocations it lists cannot be taken over.
+    #[error("{0}")]
+    Adopt(String),
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent()
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+impl MemoryService {
+    /// Keeps persistent `shm` allocations in `dir` (created if missing): adopts what an
+    /// earlier worker left there, and records every change from now on. The service's `shm`
+    /// device must have been made over the directory's file (`Settings::state_dir`). Returns
+    /// how many allocations were adopted.
+    pub fn with_state_dir(mut self, dir: &Path) -> Result<(Self, usize), StateError> {
+        let io = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| StateError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let path = dir.join(STATE_FILE);
+        let device = self
+            .engine
+            .lock()
+            .device_index("shm")
+            .map_err(|e| StateError::Adopt(e.to_string()))?;
+        let mut adopted = 0;
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let saved: Saved =
+                    serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+                        path: path.display().to_string(),
+                        reason: e.to_string(),
+                    })?;
+                if saved.version != 1 {
+                    return Err(StateError::Corrupt {
+                        path: path.display().to_string(),
+                        reason: format!("version {}", saved.version),
+                    });
+                }
+                let items: Vec<Adopted> = saved
+                    .allocations
+                    .into_iter()
+                    .map(|a| Adopted {
+                        id: a.allocation_id,
+                        offset: a.offset,
+                        spec: AllocationSpec {
+                            size: a.size_bytes,
+                            alignment: a.alignment,
+                            kind: a.allocation_type,
+                            purpose: a.purpose,
+                            persistent: true,
+                            owner: Owner::Client,
+                        },
+                        created_us: a.created_us,
+                    })
+                    .collect();
+                let mut e = self.engine.lock();
+                e.set_id_key(saved.id_key);
+                adopted = e
+                    .adopt(device, items)
+                    .map_err(|e| StateError::Adopt(format!("{}: {e}", path.display())))?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&path)(e)),
+        }
+        self.state = Some(StateDir {
+            dir: dir.to_path_buf(),
+            device,
+            written: Mutex::new(None),
+        });
+        self.save_state().map_err(io(&path))?;
+        Ok((self, adopted))
+    }
+
+    /// Whether persistent `shm` allocations are kept in a state directory.
+    pub fn has_state(&self) -> bool {
+        self.state.is_some()
+    }
+
+    /// Writes the state file if persistent `shm` allocations changed since it was last
+    /// written. Cheap when nothing changed (one look at a counter).
+    pub fn save_state(&self) -> std::io::Result<()> {
+        let Some(state) = &self.state else {
+            return Ok(());
+        };
+        let mut written = state.written.lock();
+        let (generation, saved) = {
+            let e = self.engine.lock();
+            let generation = e.persistent_changes(state.device);
+            if *written == Some(generation) {
+                return Ok(());
+            }
+            let saved = Saved {
+                version: 1,
+                id_key: e.id_key(),
+                allocations: e
+                    .persistent_state(state.device)
+                    .into_iter()
+                    .map(|a| SavedAllocation {
+                        allocation_id: a.id,
+                        offset: a.offset,
+                        size_bytes: a.spec.size,
+                        alignment: a.spec.alignment,
+                        allocation_type: a.spec.kind,
+                        purpose: a.spec.purpose,
+                        created_us: a.created_us,
+                    })
+                    .collect(),
+            };
+            (generation, saved)
+        };
+        let bytes = serde_json::to_vec_pretty(&saved).map_err(std::io::Error::other)?;
+        write_atomically(&state.dir.join(STATE_FILE), &bytes)?;
+        *written = Some(generation);
+        Ok(())
+    }
+}
