@@ -201,6 +201,13 @@ struct ServiceArgs {
     /// killed): the next worker with the same directory adopts them (same ids, bytes, handles).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// The most requests that may wait for memory on one device at once; more are answered
+    /// OUT_OF_MEMORY at once.
+    #[arg(long, value_name = "N", default_value_t = memcoord::service::DEFAULT_MAX_WAITING)]
+    max_waiting: u64,
+    /// The most live allocations one device may hold.
+    #[arg(long, value_name = "N", default_value_t = memcoord::managers::allocations::DEFAULT_MAX_ALLOCATIONS)]
+    max_allocations: u64,
     #[command(flatten)]
     advice: AdviceArgs,
 }
@@ -219,7 +226,9 @@ impl ServiceArgs {
             .with_pressure_hold(std::time::Duration::from_secs_f64(
                 self.pressure_hold_seconds.clamp(0.0, 3600.0),
             ))
-            .with_advice_rules(self.advice.rules()?);
+            .with_advice_rules(self.advice.rules()?)
+            .with_max_waiting(self.max_waiting)
+            .with_max_allocations(self.max_allocations);
         for spec in &self.model_budgets {
             let (device, size) = spec
                 .split_once('=')
@@ -395,6 +404,15 @@ fn run(cli: Cli) -> Result<(), String> {
                 }
                 None => None,
             };
+            // Refused before anything starts: off loopback, a token is required.
+            if let Ok(addr) = listen.parse::<std::net::SocketAddr>()
+                && memcoord::transport::http::needs_token(&addr)
+                && token.is_none()
+            {
+                return Err(format!(
+                    "serve: {addr} is not a loopback address: a bearer token is required to listen there (--token-file FILE)"
+                ));
+            }
             let (settings, service) = service.start()?;
             let runtime = runtime()?;
             let options = memcoord::transport::http::ServeOptions {
@@ -477,6 +495,9 @@ fn run(cli: Cli) -> Result<(), String> {
             interval,
             iterations,
         } => {
+            if target.json {
+                return Err("top draws tables; for JSON use status --json (repeatedly)".into());
+            }
             if !(interval.is_finite() && interval > 0.0) {
                 return Err(format!(
                     "--interval must be a positive number, got {interval}"

@@ -82,7 +82,8 @@ fn views_in_process_and_completions() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|d| d["device_id"] == "cpu")
+            .any(|d| d["memory_info"]["device_id"] == "cpu"
+                && d["usage_stats"]["budget_bytes"] == 1u64 << 30)
     );
     let (ok, out, _) = memcoord(&["status", "--no-gpu"]);
     assert!(ok && out.contains("DEVICE") && out.contains("cpu"), "{out}");

@@ -139,9 +139,11 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 pub fn devices(src: &Source) -> Result<(Value, String), String> {
     let d = src.call("memory.list_devices", json!({}))?;
     let mut rows = Vec::new();
+    let mut listed = Vec::new();
     for dev in d["devices"].as_array().into_iter().flatten() {
         let id = dev["device_id"].as_str().unwrap_or("");
         let usage = src.call("memory.get_usage", json!({"device_id": id}))?;
+        listed.push(json!({"memory_info": dev, "usage_stats": usage}));
         let budget = usage["budget_bytes"].as_f64().unwrap_or(0.0);
         let charged = usage["allocated_bytes"].as_f64().unwrap_or(0.0)
             + usage["reservation_bytes"].as_f64().unwrap_or(0.0);
@@ -184,7 +186,7 @@ pub fn devices(src: &Source) -> Result<(Value, String), String> {
         ],
         &rows,
     );
-    Ok((d, out))
+    Ok((json!({ "devices": listed }), out))
 }
 
 /// `memcoord allocs`.

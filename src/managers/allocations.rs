@@ -54,6 +54,16 @@ pub enum EngineError {
         /// The budget.
         budget: u64,
     },
+    /// The device holds as many allocations as it may.
+    #[error(
+        "{device}: {limit} live allocations, the most a device may hold (--max-allocations); free some first"
+    )]
+    TooMany {
+        /// The device.
+        device: String,
+        /// The limit.
+        limit: u64,
+    },
     /// The allocation holds no bytes (a Reservation) or the range is outside it.
     #[error("{0}")]
     OutOfRange(String),
@@ -455,7 +465,12 @@ pub struct AllocationEngine {
     devices: Vec<Device>,
     records: RecordTable<Record>,
     next_seq: u64,
+    max_allocations: u64,
 }
+
+/// The most live allocations a device may hold, by default (each costs about 160 bytes of
+/// bookkeeping).
+pub const DEFAULT_MAX_ALLOCATIONS: u64 = 10_000_000;
 
 fn micros(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
@@ -492,7 +507,13 @@ impl AllocationEngine {
                 .collect(),
             records: RecordTable::new(),
             next_seq: 0,
+            max_allocations: DEFAULT_MAX_ALLOCATIONS,
         }
+    }
+
+    /// Sets the most live allocations a device may hold.
+    pub fn set_max_allocations(&mut self, n: u64) {
+        self.max_allocations = n.max(1);
     }
 
     /// The index of a device, by id.
@@ -570,6 +591,12 @@ impl AllocationEngine {
         defer: bool,
     ) -> Result<(Uuid, Option<DeferredCommit>), EngineError> {
         let dev = &mut self.devices[device];
+        if dev.live >= self.max_allocations {
+            return Err(EngineError::TooMany {
+                device: dev.arena.backend().device_id().to_string(),
+                limit: self.max_allocations,
+            });
+        }
         if spec.size > dev.budget {
             return Err(EngineError::OverBudget {
                 device: dev.arena.backend().device_id().to_string(),

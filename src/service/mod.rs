@@ -60,7 +60,9 @@ impl From<EngineError> for ProtocolError {
         let code = match &e {
             EngineError::UnknownDevice(_) => ErrorCode::InvalidDevice,
             EngineError::AllocationNotFound(_) => ErrorCode::AllocationNotFound,
-            EngineError::NoRoom { .. } | EngineError::OverBudget { .. } => ErrorCode::OutOfMemory,
+            EngineError::NoRoom { .. }
+            | EngineError::OverBudget { .. }
+            | EngineError::TooMany { .. } => ErrorCode::OutOfMemory,
             EngineError::OutOfRange(_) => ErrorCode::InvalidParameter,
             EngineError::InvalidTransfer(_) => ErrorCode::InvalidTransferParams,
             EngineError::InUse(_) => ErrorCode::AllocationInUse,
@@ -83,6 +85,7 @@ pub struct MemoryService {
     pressure_hold_ms: u64,
     rules: crate::managers::advisor::Rules,
     state: Option<state::StateDir>,
+    max_waiting: u64,
     /// Woken whenever memory is freed (and at shutdown).
     room: Notify,
     shutting_down: AtomicBool,
@@ -98,6 +101,9 @@ pub enum TryAllocate {
     /// by [`MemoryService::allocate_large`].
     Large(AllocateRequest),
 }
+
+/// How many requests may wait for memory on one device at once, by default.
+pub const DEFAULT_MAX_WAITING: u64 = 4096;
 
 /// Allocations at least this large fault their pages in without holding the engine, on a
 /// blocking thread, so other requests are answered meanwhile.
@@ -117,6 +123,7 @@ impl MemoryService {
             pressure_hold_ms: crate::managers::pressure::DEFAULT_HOLD_MS,
             rules: Default::default(),
             state: None,
+            max_waiting: DEFAULT_MAX_WAITING,
             room: Notify::new(),
             shutting_down: AtomicBool::new(false),
         }
@@ -126,6 +133,20 @@ impl MemoryService {
     /// [`TRANSFER_CHUNK_BYTES`]): smaller answers other requests sooner during transfers.
     pub fn with_transfer_chunk_bytes(mut self, bytes: u64) -> Self {
         self.transfer_chunk_bytes = bytes.max(4096);
+        self
+    }
+
+    /// Sets how many requests may wait for memory on one device at once (default
+    /// [`DEFAULT_MAX_WAITING`]); more are refused with OUT_OF_MEMORY at once.
+    pub fn with_max_waiting(mut self, n: u64) -> Self {
+        self.max_waiting = n;
+        self
+    }
+
+    /// Sets the most live allocations a device may hold (default
+    /// [`crate::managers::allocations::DEFAULT_MAX_ALLOCATIONS`]).
+    pub fn with_max_allocations(self, n: u64) -> Self {
+        self.engine.lock().set_max_allocations(n);
         self
     }
 
@@ -320,6 +341,7 @@ impl MemoryService {
                     err,
                     EngineError::NoRoom { .. }
                         | EngineError::OverBudget { .. }
+                        | EngineError::TooMany { .. }
                         | EngineError::Backend(_)
                 ) {
                     e.record_failure(d, req.size_bytes);
@@ -503,8 +525,26 @@ impl MemoryService {
         started: Instant,
     ) -> Result<AllocateMemoryResponse, ProtocolError> {
         let deadline = started + Duration::from_secs_f64(req.timeout_seconds);
-        let d = self.engine.lock().device_index(&req.device_id)?;
-        self.engine.lock().record_waiting(d, 1);
+        let d = {
+            let mut e = self.engine.lock();
+            let d = e.device_index(&req.device_id)?;
+            // A bounded queue: past the limit, a request that would wait is refused at once.
+            if e.waiting(d) >= self.max_waiting {
+                e.record_failure(d, req.size_bytes);
+                return Err(ProtocolError::new(
+                    ErrorCode::OutOfMemory,
+                    format!(
+                        "{}: requested {}, not available now, and {} requests already wait for \
+                         memory there (the most allowed, --max-waiting)",
+                        req.device_id,
+                        format_bytes(req.size_bytes),
+                        e.waiting(d)
+                    ),
+                ));
+            }
+            e.record_waiting(d, 1);
+            d
+        };
         let result = loop {
             let notified = self.room.notified();
             tokio::pin!(notified);

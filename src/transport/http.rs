@@ -192,6 +192,9 @@ const NUMBER_FIELDS: &[&str] = &[
     "keep_alive_seconds",
 ];
 
+/// Query-string enum fields: a name stays a string, an integer is read as the enum's value.
+const ENUM_FIELDS: &[&str] = &["allocation_type", "optimization_type"];
+
 /// A query-string value as the JSON type of the field it fills. A value that is not of that
 /// type stays a string, so the request is refused with INVALID_PARAMETER naming the field.
 fn query_value(field: &str, raw: &str) -> Value {
@@ -201,7 +204,7 @@ fn query_value(field: &str, raw: &str) -> Value {
             "false" | "0" => return Value::Bool(false),
             _ => {}
         }
-    } else if NUMBER_FIELDS.contains(&field)
+    } else if (NUMBER_FIELDS.contains(&field) || ENUM_FIELDS.contains(&field))
         && let Ok(n) = serde_json::from_str::<serde_json::Number>(raw)
     {
         return Value::Number(n);
@@ -478,11 +481,46 @@ async fn wrong_method(headers: HeaderMap, request: Request) -> Response {
     )
 }
 
+/// `%XX` and `+` of a query-string value decoded (a page URL's `token`). Why not a crate:
+/// ten lines, for one parameter.
+fn percent_decode(raw: &str) -> String {
+    fn hex(c: u8) -> Option<u8> {
+        (c as char).to_digit(16).map(|d| d as u8)
+    }
+    let b = raw.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push(hi << 4 | lo);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Bearer-token check, compared in constant time. The token is never logged.
 async fn require_token(State(state): State<Shared>, request: Request, next: Next) -> Response {
     let Some(token) = &state.token else {
         return next.run(request).await;
     };
+    if request.uri().path() == "/healthz" {
+        return next.run(request).await;
+    }
     // The dashboard page may also take the token as `/?token=...`: a browser cannot send a
     // header when it opens a page (the page then sends the header on its own requests).
     let from_query = (request.uri().path() == "/")
@@ -491,14 +529,18 @@ async fn require_token(State(state): State<Shared>, request: Request, next: Next
         .and_then(|q| {
             q.split('&')
                 .find_map(|kv| kv.strip_prefix("token="))
-                .map(str::to_string)
+                .map(percent_decode)
         });
     let given = request
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_string)
+        // The scheme is case-insensitive (RFC 9110).
+        .and_then(|v| {
+            v.get(..7)
+                .filter(|p| p.eq_ignore_ascii_case("bearer "))
+                .map(|_| v[7..].trim().to_string())
+        })
         .or(from_query)
         .unwrap_or_default();
     let ok = {
@@ -520,6 +562,7 @@ async fn require_token(State(state): State<Shared>, request: Request, next: Next
 /// Every route of `memcoord serve`.
 pub fn serve_router(state: Shared) -> Router {
     let mut api = Router::new()
+        .route("/healthz", get(healthz))
         .route("/v1/command", axum::routing::post(command))
         .route("/v1/dashboard/state", get(dashboard_state))
         .route("/v1/openapi.json", get(openapi))
@@ -536,10 +579,7 @@ pub fn serve_router(state: Shared) -> Router {
             require_token,
         ))
         .with_state(Arc::clone(&state));
-    Router::new()
-        .route("/healthz", get(healthz))
-        .merge(api)
-        .layer(axum::extract::DefaultBodyLimit::disable())
+    api.layer(axum::extract::DefaultBodyLimit::disable())
 }
 
 /// Whether an address may be listened on without a token: loopback only.
@@ -628,4 +668,27 @@ pub async fn serve(service: Arc<MemoryService>, options: ServeOptions) -> std::i
     service.close();
     tracing::info!("released {released} allocations");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_tokens_are_percent_decoded() {
+        assert_eq!(percent_decode("a%2Bb+c%25%zz%"), "a+b c%%zz%");
+        assert_eq!(percent_decode("ümlaut%C3%BC"), "ümlautü");
+    }
+
+    #[test]
+    fn query_values_take_their_fields_types() {
+        assert_eq!(query_value("force", "true"), Value::Bool(true));
+        assert_eq!(query_value("limit", "5"), serde_json::json!(5));
+        assert_eq!(query_value("allocation_type", "2"), serde_json::json!(2));
+        assert_eq!(
+            query_value("allocation_type", "Cache"),
+            serde_json::json!("Cache")
+        );
+        assert_eq!(query_value("purpose", "123"), serde_json::json!("123"));
+    }
 }
