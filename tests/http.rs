@@ -443,3 +443,77 @@ fn waiting_allocations_and_shutdown_over_http() {
     assert_eq!(a.json()["error_code"], "SHUTTING_DOWN");
     assert!(s.wait_exit(Duration::from_secs(20)).success());
 }
+
+/// Sends a request on a fresh connection and closes it without reading the answer.
+fn send_and_hang_up(port: u16, path: &str, body: &Value) {
+    use std::io::Write;
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let b = body.to_string();
+    write!(
+        c,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+        b.len()
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(c);
+}
+
+#[test]
+fn a_client_that_hangs_up_leaves_nothing_behind() {
+    let root = std::env::temp_dir().join(format!("memcoord-hangup-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    write_model(&root.join("m.safetensors"), &[("w", MIB as usize)]);
+    let s = Server::spawn(&[
+        "--no-gpu",
+        "--budget",
+        "cpu=8MiB",
+        "--budget",
+        "shm=8MiB",
+        "--model-root",
+        root.to_str().unwrap(),
+    ]);
+    // Both devices full: the allocate and the load wait for room.
+    let cpu = ok(s.post(
+        "/v1/allocations",
+        &json!({"device_id": "cpu", "size_bytes": 7 * MIB}),
+    ));
+    let shm = ok(s.post(
+        "/v1/allocations",
+        &json!({"device_id": "shm", "size_bytes": 7 * MIB}),
+    ));
+    send_and_hang_up(
+        s.port,
+        "/v1/allocations",
+        &json!({"device_id": "cpu", "size_bytes": 4 * MIB, "timeout_seconds": 20}),
+    );
+    send_and_hang_up(
+        s.port,
+        "/v1/models",
+        &json!({"model_name": "unet", "path": "m.safetensors", "device_id": "shm", "timeout_seconds": 20}),
+    );
+    // Room comes; the two requests complete for nobody, and are undone.
+    for a in [&cpu, &shm] {
+        let id = a["allocation"]["allocation_id"].as_str().unwrap();
+        ok(s.request("DELETE", &format!("/v1/allocations/{id}"), &[], None));
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let c = ok(s.get("/v1/devices/cpu/usage"));
+        let m = ok(s.get("/v1/models"));
+        let u = ok(s.get("/v1/devices/shm/usage"));
+        if c["allocation_count"] == 0
+            && m["models"].as_array().unwrap().is_empty()
+            && u["allocation_count"] == 0
+            && c["total_allocations"] == 2
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind: cpu {c}\nshm {u}\nmodels {m}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}

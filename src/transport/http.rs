@@ -270,15 +270,93 @@ fn request_id(headers: &HeaderMap) -> String {
         .unwrap_or_else(|| uuid::Uuid::new_v4().hyphenated().to_string())
 }
 
-/// Handles one envelope line; waits for it if it has to (on its own task, so that a client
-/// that goes away does not cut an operation in half).
+/// A request still running for a client that may go away. The work runs on its own task, so
+/// it is never cut in half; if the client disconnects first (the handler is dropped), what it
+/// made for that client is undone when it finishes: an allocation is freed, a loaded model
+/// unloaded, a lease released. A transfer simply completes.
+struct UndoIfGone {
+    dispatcher: Dispatcher,
+    line: Vec<u8>,
+    task: Option<tokio::task::JoinHandle<Vec<u8>>>,
+}
+
+impl Drop for UndoIfGone {
+    fn drop(&mut self) {
+        let (Some(task), Ok(rt)) = (self.task.take(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let dispatcher = self.dispatcher.clone();
+        let line = std::mem::take(&mut self.line);
+        rt.spawn(async move {
+            if let Ok(answer) = task.await {
+                undo(&dispatcher, &line, &answer).await;
+            }
+        });
+    }
+}
+
+/// The request that takes back what `answer` (to `line`) made, run for a client that left.
+async fn undo(dispatcher: &Dispatcher, line: &[u8], answer: &[u8]) {
+    #[derive(serde::Deserialize)]
+    struct Req {
+        action: String,
+    }
+    let (Ok(req), Ok(ans)) = (
+        serde_json::from_slice::<Req>(line),
+        serde_json::from_slice::<Value>(answer),
+    ) else {
+        return;
+    };
+    if ans["success"] != true {
+        return;
+    }
+    let data = &ans["data"];
+    let (action, undo_data) = match req.action.as_str() {
+        "memory.allocate" => (
+            "memory.deallocate",
+            serde_json::json!({"allocation_id": data["allocation"]["allocation_id"]}),
+        ),
+        "memory.model_load" => (
+            "memory.model_unload",
+            serde_json::json!({"model_name": data["model_name"], "force": true}),
+        ),
+        "memory.model_acquire" => (
+            "memory.model_release",
+            serde_json::json!({"lease_id": data["lease_id"]}),
+        ),
+        _ => return,
+    };
+    let line =
+        serde_json::json!({"request_id": "undo", "action": action, "data": undo_data}).to_string();
+    let mut out = Vec::new();
+    if let Some(p) = dispatcher.handle_line(line.as_bytes(), &mut out) {
+        out = p.response.await;
+    }
+    tracing::info!(
+        "client went away before the answer to {}: undone with {action}: {}",
+        req.action,
+        String::from_utf8_lossy(&out).trim()
+    );
+}
+
+/// Handles one envelope line; waits for it if it has to (see [`UndoIfGone`]).
 async fn dispatch(state: &HttpState, line: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     match state.dispatcher.handle_line(line, &mut out) {
         None => out,
         Some(pending) => {
             let id = pending.request_id.clone();
-            match tokio::spawn(pending.response).await {
+            let mut guard = UndoIfGone {
+                dispatcher: state.dispatcher.clone(),
+                line: line.to_vec(),
+                task: Some(tokio::spawn(pending.response)),
+            };
+            let result = match guard.task.as_mut() {
+                Some(task) => task.await,
+                None => return out,
+            };
+            guard.task = None;
+            match result {
                 Ok(line) => line,
                 Err(_) => {
                     let mut out = Vec::with_capacity(256);
