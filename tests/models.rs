@@ -211,7 +211,10 @@ fn failed_loads_leave_nothing_allocated() {
         ),
         ("link.safetensors", "MODEL_LOAD_FAILED"),
         ("/etc/passwd", "MODEL_LOAD_FAILED"),
-        ("good.safetensors\u{0}/../../etc/passwd", "MODEL_LOAD_FAILED"),
+        (
+            "good.safetensors\u{0}/../../etc/passwd",
+            "MODEL_LOAD_FAILED",
+        ),
         ("good\u{0}.safetensors", "MODEL_LOAD_FAILED"),
         ("", "INVALID_PARAMETER"),
         // 12 MB of tensors on an 8 MiB budget: the first tensor fits, the second does not.
