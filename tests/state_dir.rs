@@ -159,3 +159,39 @@ fn without_a_state_dir_nothing_outlives_the_worker() {
     assert!(w.close(Duration::from_secs(10)).success());
     assert!(!std::path::Path::new(&path).exists(), "{path} left behind");
 }
+
+#[test]
+fn one_worker_per_state_dir() {
+    let dir = std::env::temp_dir().join(format!("memcoord-state-lock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut first = worker(&dir);
+    let (id, path, off) = filled(&mut first, MIB, true, 9);
+    let out = std::process::Command::new(common::BIN)
+        .args([
+            "worker",
+            "--no-gpu",
+            "--budget",
+            "cpu=64MiB",
+            "--budget",
+            "shm=64MiB",
+            "--state-dir",
+        ])
+        .arg(&dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another worker"), "{err}");
+    // The first worker's allocation is untouched.
+    verify(&path, off, MIB, 9);
+    assert!(shm_allocations(&mut first).contains_key(&id));
+    first.kill();
+    // Killed: the lock went with it.
+    let mut again = worker(&dir);
+    assert!(shm_allocations(&mut again).contains_key(&id));
+    again.ok("memory.clear", json!({"device_id": "shm", "force": true}));
+    assert!(again.close(Duration::from_secs(10)).success());
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -534,8 +534,8 @@ impl MemoryService {
                 return Err(ProtocolError::new(
                     ErrorCode::OutOfMemory,
                     format!(
-                        "{}: requested {}, not available now, and {} requests already wait for \
-                         memory there (the most allowed, --max-waiting)",
+                        "{}: requested {}, not available now, and {} request(s) already wait \
+                         for memory there (the most allowed, --max-waiting)",
                         req.device_id,
                         format_bytes(req.size_bytes),
                         e.waiting(d)

@@ -40,6 +40,8 @@ pub(super) struct StateDir {
     dir: PathBuf,
     device: usize,
     written: Mutex<Option<u64>>,
+    /// Holds an exclusive lock on `DIR/lock` for the worker's life: one worker per directory.
+    _lock: std::fs::File,
 }
 
 impl StateDir {
@@ -73,6 +75,39 @@ pub enum StateError {
     Adopt(String),
 }
 
+/// Takes `DIR/lock` exclusively (flock; released by the kernel when the process ends, killed
+/// or not), or says which worker holds it.
+fn lock_dir(dir: &Path) -> Result<std::fs::File, StateError> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|source| StateError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+    // SAFETY: flock on a descriptor we own.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        return Err(StateError::Adopt(format!(
+            "{} is in use by another worker{}: each worker needs its own --state-dir",
+            dir.display(),
+            match holder.trim() {
+                "" => String::new(),
+                pid => format!(" (pid {pid})"),
+            }
+        )));
+    }
+    let _ = file.set_len(0);
+    let _ = write!(file, "{}", std::process::id());
+    Ok(file)
+}
+
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     {
@@ -100,6 +135,7 @@ impl MemoryService {
             move |source| StateError::Io { path, source }
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let lock = lock_dir(dir)?;
         let path = dir.join(STATE_FILE);
         let device = self
             .engine
@@ -150,6 +186,7 @@ impl MemoryService {
             dir: dir.to_path_buf(),
             device,
             written: Mutex::new(None),
+            _lock: lock,
         });
         self.save_state().map_err(io(&path))?;
         Ok((self, adopted))

@@ -286,6 +286,7 @@ fn request_id(headers: &HeaderMap) -> String {
 struct UndoIfGone {
     dispatcher: Dispatcher,
     line: Vec<u8>,
+    started: std::time::SystemTime,
     task: Option<tokio::task::JoinHandle<Vec<u8>>>,
 }
 
@@ -296,16 +297,17 @@ impl Drop for UndoIfGone {
         };
         let dispatcher = self.dispatcher.clone();
         let line = std::mem::take(&mut self.line);
+        let started = self.started;
         rt.spawn(async move {
             if let Ok(answer) = task.await {
-                undo(&dispatcher, &line, &answer).await;
+                undo(&dispatcher, &line, &answer, started).await;
             }
         });
     }
 }
 
 /// The request that takes back what `answer` (to `line`) made, run for a client that left.
-async fn undo(dispatcher: &Dispatcher, line: &[u8], answer: &[u8]) {
+async fn undo(dispatcher: &Dispatcher, line: &[u8], answer: &[u8], started: std::time::SystemTime) {
     #[derive(serde::Deserialize)]
     struct Req {
         action: String,
@@ -325,10 +327,21 @@ async fn undo(dispatcher: &Dispatcher, line: &[u8], answer: &[u8]) {
             "memory.deallocate",
             serde_json::json!({"allocation_id": data["allocation"]["allocation_id"]}),
         ),
-        "memory.model_load" => (
-            "memory.model_unload",
-            serde_json::json!({"model_name": data["model_name"], "force": true}),
-        ),
+        // Only a load this request made (a model already loaded is answered as it is), and
+        // never one somebody leased in the meantime (no force).
+        "memory.model_load" => {
+            let loaded_now = data["loaded_at"]
+                .as_str()
+                .and_then(|t| humantime::parse_rfc3339(t).ok())
+                .is_some_and(|t| t + std::time::Duration::from_millis(1) >= started);
+            if !loaded_now {
+                return;
+            }
+            (
+                "memory.model_unload",
+                serde_json::json!({"model_name": data["model_name"], "force": false}),
+            )
+        }
         "memory.model_acquire" => (
             "memory.model_release",
             serde_json::json!({"lease_id": data["lease_id"]}),
@@ -358,6 +371,7 @@ async fn dispatch(state: &HttpState, line: &[u8]) -> Vec<u8> {
             let mut guard = UndoIfGone {
                 dispatcher: state.dispatcher.clone(),
                 line: line.to_vec(),
+                started: std::time::SystemTime::now(),
                 task: Some(tokio::spawn(pending.response)),
             };
             let result = match guard.task.as_mut() {
