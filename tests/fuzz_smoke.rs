@@ -123,6 +123,9 @@ fn dictionary() -> Vec<Vec<u8>> {
         out.push(v);
     }
     assert!(out.len() > 50, "the dictionary is missing");
+    // The harness's concurrency markers (`&`, `~`) stay out of the smoke run: with them, what
+    // an input does depends on timing, and this run is to be repeatable from its seed.
+    out.retain(|t| !t.contains(&b'&') && !t.contains(&b'~'));
     out
 }
 

@@ -235,7 +235,7 @@ impl Device {
         if matches!(r.owner, Owner::Model(_)) {
             self.model_bytes -= r.size;
         }
-        self.tally.remove(r.entry());
+        self.tally.remove(r.entry(), r.purpose_slot);
         if r.persistent && r.owner == Owner::Client {
             self.persistent_changes += 1;
         }
@@ -264,6 +264,8 @@ struct Record {
     hidden: bool,
     /// Lives in the device's pinned pool.
     pool: bool,
+    /// Its purpose's slot in the device's tally.
+    purpose_slot: u32,
 }
 
 impl HasId for Record {
@@ -667,7 +669,7 @@ impl AllocationEngine {
         dev.live += 1;
         dev.total_allocations += 1;
         dev.history.on_allocation(spec.size, now_ms);
-        dev.tally.add(Entry {
+        let purpose_slot = dev.tally.add(Entry {
             size: spec.size,
             kind: spec.kind,
             purpose: &spec.purpose,
@@ -700,6 +702,7 @@ impl AllocationEngine {
             busy: pending.is_some(),
             hidden: pending.is_some(),
             pool,
+            purpose_slot,
         };
         self.next_seq += 1;
         self.records.insert(slot, record);
@@ -1192,6 +1195,7 @@ impl AllocationEngine {
         src.device = dst.device;
         src.placement = dst.placement;
         src.pool = dst.pool;
+        src.purpose_slot = dst.purpose_slot;
         src.busy = false;
         Ok(*src_id)
     }
@@ -1305,7 +1309,7 @@ impl AllocationEngine {
             dev.live += 1;
             dev.total_allocations += 1;
             dev.note_peaks();
-            dev.tally.add(Entry {
+            let purpose_slot = dev.tally.add(Entry {
                 size: a.spec.size,
                 kind: a.spec.kind,
                 purpose: &a.spec.purpose,
@@ -1327,6 +1331,7 @@ impl AllocationEngine {
                 busy: false,
                 hidden: false,
                 pool: false,
+                purpose_slot,
             };
             self.next_seq += 1;
             if self.records.adopt(record).is_err() {

@@ -32,8 +32,21 @@ pub struct PurposeTotal {
     pub bytes: u64,
 }
 
+/// Live allocations of one purpose.
+#[derive(Debug)]
+struct PurposeSlot {
+    name: Box<str>,
+    total: PurposeTotal,
+}
+
 /// A device's running totals. Memory grows with the number of distinct purposes of live
 /// allocations (an entry goes when its last allocation does), never with requests served.
+///
+/// Purposes are interned: an allocation keeps the slot of its purpose (returned by
+/// [`Tally::add`]), so freeing it is an index, not a hash lookup, and adding one with the same
+/// purpose as the last skips the hash too. (A hash lookup per free and per allocation cost
+/// 200–400 ns per pair on the H200 host's Xeon, against about 200 ns for the whole pair
+/// otherwise.)
 #[derive(Debug, Default)]
 pub struct Tally {
     /// Live bytes by type (Reservations included), indexed by the type's value.
@@ -51,12 +64,47 @@ pub struct Tally {
     pub transferred_in_bytes: u64,
     /// Bytes transferred off this device since the start.
     pub transferred_out_bytes: u64,
-    purposes: FxHashMap<Box<str>, PurposeTotal>,
+    slots: Vec<Option<PurposeSlot>>,
+    free_slots: Vec<u32>,
+    by_name: FxHashMap<Box<str>, u32>,
+    last: Option<u32>,
 }
 
 impl Tally {
-    /// An allocation went live.
-    pub fn add(&mut self, e: Entry<'_>) {
+    fn purpose_slot(&mut self, purpose: &str) -> u32 {
+        if let Some(l) = self.last
+            && let Some(Some(slot)) = self.slots.get(l as usize)
+            && &*slot.name == purpose
+        {
+            return l;
+        }
+        let index = match self.by_name.get(purpose) {
+            Some(&i) => i,
+            None => {
+                let slot = PurposeSlot {
+                    name: purpose.into(),
+                    total: PurposeTotal::default(),
+                };
+                let i = match self.free_slots.pop() {
+                    Some(i) => {
+                        self.slots[i as usize] = Some(slot);
+                        i
+                    }
+                    None => {
+                        self.slots.push(Some(slot));
+                        (self.slots.len() - 1) as u32
+                    }
+                };
+                self.by_name.insert(purpose.into(), i);
+                i
+            }
+        };
+        self.last = Some(index);
+        index
+    }
+
+    /// An allocation went live; returns its purpose's slot, for [`Tally::remove`].
+    pub fn add(&mut self, e: Entry<'_>) -> u32 {
         let t = e.kind.value() as usize % TYPE_COUNT;
         self.bytes_by_type[t] += e.size;
         self.live_by_type[t] += 1;
@@ -68,25 +116,16 @@ impl Tally {
                 self.unpinned_client_bytes[t] += e.size;
             }
         }
-        match self.purposes.get_mut(e.purpose) {
-            Some(p) => {
-                p.count += 1;
-                p.bytes += e.size;
-            }
-            None => {
-                self.purposes.insert(
-                    e.purpose.into(),
-                    PurposeTotal {
-                        count: 1,
-                        bytes: e.size,
-                    },
-                );
-            }
+        let index = self.purpose_slot(e.purpose);
+        if let Some(Some(slot)) = self.slots.get_mut(index as usize) {
+            slot.total.count += 1;
+            slot.total.bytes += e.size;
         }
+        index
     }
 
-    /// An allocation added before is gone (freed, or moved to another device).
-    pub fn remove(&mut self, e: Entry<'_>) {
+    /// An allocation added before (its purpose at `slot`) is gone: freed, or moved away.
+    pub fn remove(&mut self, e: Entry<'_>, slot: u32) {
         let t = e.kind.value() as usize % TYPE_COUNT;
         self.bytes_by_type[t] = self.bytes_by_type[t].saturating_sub(e.size);
         self.live_by_type[t] = self.live_by_type[t].saturating_sub(1);
@@ -98,11 +137,19 @@ impl Tally {
                     self.unpinned_client_bytes[t].saturating_sub(e.size);
             }
         }
-        if let Some(p) = self.purposes.get_mut(e.purpose) {
-            p.count = p.count.saturating_sub(1);
-            p.bytes = p.bytes.saturating_sub(e.size);
-            if p.count == 0 {
-                self.purposes.remove(e.purpose);
+        let gone = match self.slots.get_mut(slot as usize) {
+            Some(Some(s)) => {
+                s.total.count = s.total.count.saturating_sub(1);
+                s.total.bytes = s.total.bytes.saturating_sub(e.size);
+                s.total.count == 0
+            }
+            _ => false,
+        };
+        if gone && let Some(s) = self.slots[slot as usize].take() {
+            self.by_name.remove(&s.name);
+            self.free_slots.push(slot);
+            if self.last == Some(slot) {
+                self.last = None;
             }
         }
     }
@@ -122,9 +169,10 @@ impl Tally {
     /// (only when there are more than `limit`).
     pub fn bytes_by_purpose(&self, limit: usize, rest_label: &str) -> Vec<(String, u64)> {
         let mut all: Vec<(&str, u64)> = self
-            .purposes
+            .slots
             .iter()
-            .map(|(k, v)| (k.as_ref(), v.bytes))
+            .flatten()
+            .map(|s| (s.name.as_ref(), s.total.bytes))
             .collect();
         if all.len() > limit {
             all.select_nth_unstable_by(limit, |a, b| b.1.cmp(&a.1));
@@ -142,7 +190,7 @@ impl Tally {
 
     /// Distinct purposes of live allocations.
     pub fn purpose_count(&self) -> usize {
-        self.purposes.len()
+        self.by_name.len()
     }
 }
 
@@ -164,9 +212,11 @@ mod tests {
     #[test]
     fn adds_and_removes_exactly() {
         let mut t = Tally::default();
-        t.add(e(10, T::Cache, "a", false));
-        t.add(e(20, T::Cache, "a", true));
-        t.add(e(5, T::General, "b", false));
+        let a1 = t.add(e(10, T::Cache, "a", false));
+        let a2 = t.add(e(20, T::Cache, "a", true));
+        let b = t.add(e(5, T::General, "b", false));
+        assert_eq!(a1, a2, "one slot per purpose");
+        assert_ne!(a1, b);
         assert_eq!(t.bytes(T::Cache), 30);
         assert_eq!(t.unpinned_client_bytes[T::Cache.value() as usize], 10);
         assert_eq!(t.persistent_client_count, 1);
@@ -174,8 +224,8 @@ mod tests {
             t.bytes_by_purpose(10, "…"),
             vec![("a".to_string(), 30), ("b".to_string(), 5)]
         );
-        t.remove(e(20, T::Cache, "a", true));
-        t.remove(e(10, T::Cache, "a", false));
+        t.remove(e(20, T::Cache, "a", true), a2);
+        t.remove(e(10, T::Cache, "a", false), a1);
         assert_eq!(t.bytes(T::Cache), 0);
         assert_eq!(
             t.purpose_count(),
