@@ -468,3 +468,55 @@ fn keep_alive_expiry_model_optimize_and_allocations_that_make_room() {
         "{o}"
     );
 }
+
+/// Found by the dispatch fuzzer: a load that was waiting for room when its model was unloaded
+/// with force, and loaded again by another request, must not take the new entry over.
+#[test]
+fn a_load_unloaded_with_force_does_not_take_over_a_reload() {
+    let root = Root::new("reload-race");
+    write_model(&root.path().join("a.safetensors"), &[("a", MIB as usize)]);
+    write_model(
+        &root.path().join("b.safetensors"),
+        &[("b1", 128 << 10), ("b2", 128 << 10)],
+    );
+    let mut w = worker(&root, "8MiB");
+    let fill = w.allocate("shm", 7 * MIB);
+    let first = w.submit(
+        "memory.model_load",
+        json!({"model_name": "m", "path": "a.safetensors", "device_id": "shm", "timeout_seconds": 20}),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    w.ok(
+        "memory.model_unload",
+        json!({"model_name": "m", "force": true}),
+    );
+    let second = w.submit(
+        "memory.model_load",
+        json!({"model_name": "m", "path": "b.safetensors", "device_id": "shm", "timeout_seconds": 20}),
+    );
+    // The second (small) load fits at once; leased, the first cannot evict it for room.
+    let b = w.wait_for(&second, std::time::Duration::from_secs(20));
+    assert_eq!(b["success"], true, "{b}");
+    let lease = w.ok("memory.model_acquire", json!({"model_name": "m"}));
+    w.ok("memory.deallocate", json!({"allocation_id": fill}));
+    let a = w.wait_for(&first, std::time::Duration::from_secs(20));
+    assert_eq!(a["error_code"], "MODEL_NOT_FOUND", "{a}");
+    let m = &w.ok("memory.model_status", json!({"model_name": "m"}))["models"][0];
+    assert!(
+        m["path"].as_str().unwrap().ends_with("b.safetensors"),
+        "{m}"
+    );
+    assert_eq!(m["size_bytes"], 2 * 4 * (128 << 10));
+    let u = w.usage("shm");
+    assert_eq!(
+        u["allocated_bytes"], m["size_bytes"],
+        "no orphaned tensors: {u}"
+    );
+    assert_eq!(u["allocation_count"], 2);
+    w.ok(
+        "memory.model_release",
+        json!({"lease_id": lease["lease_id"]}),
+    );
+    w.ok("memory.model_unload", json!({"model_name": "m"}));
+    assert_eq!(w.usage("shm")["allocation_count"], 0);
+}

@@ -34,6 +34,9 @@ pub struct Model {
     pub keep_alive_seconds: Option<f64>,
     /// How long the load took.
     pub load_time_ms: f64,
+    /// Which load made this entry (a load that finishes after its entry was replaced must not
+    /// take the new one over).
+    pub load_token: u64,
 }
 
 impl Model {

@@ -55,6 +55,8 @@ impl MemoryService {
     /// the tensor's name, in file order). Atomic: on any failure nothing stays allocated.
     /// Loading a name already loaded from the same file returns it (and counts as a use).
     pub fn model_load(&self, req: &ModelLoadRequest) -> Result<ModelInfo, ProtocolError> {
+        static LOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let load_token = LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = Instant::now();
         let path = resolve_model_path(&self.model_root, &req.path)?;
         let device = {
@@ -83,6 +85,7 @@ impl MemoryService {
             }
             let now = SystemTime::now();
             models.insert(Model {
+                load_token,
                 name: req.model_name.clone(),
                 path: path.clone(),
                 device_id: req.device_id.clone(),
@@ -102,8 +105,12 @@ impl MemoryService {
         let mut models = self.models.lock();
         match result {
             Ok((size, count)) => {
-                let Some(m) = models.get_mut(&req.model_name) else {
-                    // Unloaded with force while it loaded: give its bytes back.
+                let Some(m) = models
+                    .get_mut(&req.model_name)
+                    .filter(|m| m.load_token == load_token)
+                else {
+                    // Unloaded with force while it loaded (and perhaps loaded again since, by
+                    // another request): give its bytes back.
                     drop(models);
                     let mut engine = self.engine.lock();
                     for id in &made {
@@ -123,7 +130,12 @@ impl MemoryService {
                 Ok(m.info())
             }
             Err(e) => {
-                models.remove(&req.model_name);
+                if models
+                    .get(&req.model_name)
+                    .is_some_and(|m| m.load_token == load_token)
+                {
+                    models.remove(&req.model_name);
+                }
                 drop(models);
                 let mut engine = self.engine.lock();
                 for id in &made {
