@@ -263,7 +263,7 @@ fn mutate(rng: &mut Rng, input: &[u8], seeds: &[Vec<u8>], dict: &[Vec<u8>]) -> V
             let mut text = line.to_string().into_bytes();
             // Sometimes, a key twice.
             if rng.chance(6) {
-                let dup: &[u8] = *rng.pick::<&[u8]>(&[
+                let dup: &[u8] = rng.pick::<&[u8]>(&[
                     b"\"request_id\":\"dup\",",
                     b"\"device_id\":\"shm\",",
                     b"\"size_bytes\":1,",
