@@ -48,6 +48,27 @@ pub struct Telemetry {
     pub transfers: Vec<(&'static str, u64)>,
 }
 
+/// A history's samples as the protocol writes them: monotonic milliseconds turned into wall
+/// time with one offset (`mono_now` read at `wall_now`).
+fn wire_samples(
+    samples: &[(u64, crate::managers::analytics::Sample)],
+    mono_now: u64,
+    wall_now: SystemTime,
+) -> Vec<AnalyticsSample> {
+    samples
+        .iter()
+        .map(|(mono, s)| {
+            let back = Duration::from_millis(mono_now.saturating_sub(*mono));
+            AnalyticsSample {
+                at: Timestamp(wall_now.checked_sub(back).unwrap_or(wall_now)),
+                used_memory: s.used_memory,
+                allocated_bytes: s.allocated_bytes,
+                reserved_bytes: s.reserved_bytes,
+            }
+        })
+        .collect()
+}
+
 impl MemoryService {
     /// Sets the thresholds of `memory.optimization_recs`.
     pub fn with_advice_rules(mut self, rules: Rules) -> Self {
@@ -87,23 +108,10 @@ impl MemoryService {
         let mut out = Vec::with_capacity(devices.len());
         for d in devices {
             let (report, mono_now) = e.history(d, req.window_seconds);
-            let at = |mono: u64| {
-                let back = Duration::from_millis(mono_now.saturating_sub(mono));
-                Timestamp(wall_now.checked_sub(back).unwrap_or(wall_now))
-            };
             out.push(MemoryAnalytics {
                 device_id: e.device_id(d).to_string(),
                 window_seconds: report.window_seconds,
-                samples: report
-                    .samples
-                    .iter()
-                    .map(|(mono, s)| AnalyticsSample {
-                        at: at(*mono),
-                        used_memory: s.used_memory,
-                        allocated_bytes: s.allocated_bytes,
-                        reserved_bytes: s.reserved_bytes,
-                    })
-                    .collect(),
+                samples: wire_samples(&report.samples, mono_now, wall_now),
                 allocation_size_histogram: report
                     .size_histogram
                     .iter()
@@ -218,10 +226,6 @@ impl MemoryService {
                 .map(|d| {
                     let map = e.memory_map(d, buckets);
                     let (report, mono_now) = e.history(d, 300);
-                    let at = |mono: u64| {
-                        let back = Duration::from_millis(mono_now.saturating_sub(mono));
-                        Timestamp(wall_now.checked_sub(back).unwrap_or(wall_now))
-                    };
                     DashboardDevice {
                         info: e.info(d),
                         usage: e.usage(d),
@@ -244,16 +248,7 @@ impl MemoryService {
                                 .collect(),
                         },
                         largest_allocations: e.largest_allocations(d, 20),
-                        samples: report
-                            .samples
-                            .iter()
-                            .map(|(mono, s)| AnalyticsSample {
-                                at: at(*mono),
-                                used_memory: s.used_memory,
-                                allocated_bytes: s.allocated_bytes,
-                                reserved_bytes: s.reserved_bytes,
-                            })
-                            .collect(),
+                        samples: wire_samples(&report.samples, mono_now, wall_now),
                     }
                 })
                 .collect()
