@@ -90,6 +90,26 @@ fn seeds() -> Vec<Vec<u8>> {
     out.into_iter().map(|(_, b)| b).collect()
 }
 
+/// The inputs kept in `fuzz/artifacts/<target>/` (past findings), but those named `open-*`.
+fn artifacts(target: &str) -> Vec<Vec<u8>> {
+    let Ok(dir) = std::fs::read_dir(fuzz_dir().join("artifacts").join(target)) else {
+        return Vec::new();
+    };
+    let mut files: Vec<_> = dir
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            !name.starts_with("open-") && !name.ends_with(".md") && e.path().is_file()
+        })
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .collect()
+}
+
 /// The tokens of `fuzz/dict/protocol.dict` (libFuzzer's format: `name="value"`, with `\\`,
 /// `\"` and `\xAB` escapes).
 fn dictionary() -> Vec<Vec<u8>> {
@@ -673,7 +693,7 @@ fn the_decoder_takes_any_line() {
     let seeds = seeds();
     let dict = dictionary();
     let mut n = 0u64;
-    for input in nasty().iter().chain(&seeds) {
+    for input in nasty().iter().chain(&seeds).chain(&artifacts("decode")) {
         for l in input.split(|&b| b == b'\n').chain([&input[..]]) {
             guarded("decode (nasty/seed)", n, l, || harness::check_decode(l));
             n += 1;
@@ -726,6 +746,14 @@ fn the_dispatcher_answers_any_input_and_keeps_its_books() {
         n += 1;
         seed_n += 1;
     }
+    // Every finding kept in fuzz/artifacts/dispatch stays fixed (one still open is named
+    // `open-*` there, and skipped).
+    let mut findings = 0;
+    for input in artifacts("dispatch") {
+        guarded("dispatch (finding)", n, &input, || h.run_input(&input));
+        n += 1;
+        findings += 1;
+    }
     let deadline = started + budget(18.0);
     while Instant::now() < deadline {
         let input = if rng.chance(5) {
@@ -750,7 +778,7 @@ fn the_dispatcher_answers_any_input_and_keeps_its_books() {
     let s = &h.stats;
     let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     println!(
-        "fuzz_smoke dispatch: seed {seed:#x}, {n} inputs ({nasty_n} nasty, {seed_n} seeds, {random_n} random, {mutated_n} mutated), {} lines, {} answered with success, {} pending, room made {} times, in {:.1} s; no failure",
+        "fuzz_smoke dispatch: seed {seed:#x}, {n} inputs ({nasty_n} nasty, {seed_n} seeds, {findings} past findings, {random_n} random, {mutated_n} mutated), {} lines, {} answered with success, {} pending, room made {} times, in {:.1} s; no failure",
         get(&s.lines),
         get(&s.successes),
         get(&s.pending),
