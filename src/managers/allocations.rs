@@ -292,6 +292,14 @@ impl Record {
         }
     }
 
+    /// A listed persistent client allocation on `device`.
+    fn persistent_client_on(&self, device: usize) -> bool {
+        self.device as usize == device
+            && self.persistent
+            && self.owner == Owner::Client
+            && !self.hidden
+    }
+
     fn entry(&self) -> Entry<'_> {
         Entry {
             size: self.size,
@@ -1022,14 +1030,7 @@ impl AllocationEngine {
         let mut v: Vec<(Uuid, u64, SystemTime)> = self
             .records
             .iter()
-            .filter(|r| {
-                r.device as usize == device
-                    && r.persistent
-                    && r.owner == Owner::Client
-                    && !r.busy
-                    && !r.hidden
-                    && r.created_us < cut
-            })
+            .filter(|r| r.persistent_client_on(device) && !r.busy && r.created_us < cut)
             .map(|r| {
                 (
                     r.id,
@@ -1259,13 +1260,7 @@ impl AllocationEngine {
         let mut v: Vec<Adopted> = self
             .records
             .iter()
-            .filter(|r| {
-                r.device as usize == device
-                    && r.persistent
-                    && r.owner == Owner::Client
-                    && !r.hidden
-                    && !r.pool
-            })
+            .filter(|r| r.persistent_client_on(device) && !r.pool)
             .filter_map(|r| {
                 r.placement.map(|p| Adopted {
                     id: r.id,
