@@ -205,9 +205,15 @@ struct ServiceArgs {
     /// OUT_OF_MEMORY at once.
     #[arg(long, value_name = "N", default_value_t = memcoord::service::DEFAULT_MAX_WAITING)]
     max_waiting: u64,
-    /// The most live allocations one device may hold.
-    #[arg(long, value_name = "N", default_value_t = memcoord::managers::allocations::DEFAULT_MAX_ALLOCATIONS)]
+    /// The most live allocations one device may hold (at least 1).
+    #[arg(long, value_name = "N", default_value_t = memcoord::managers::allocations::DEFAULT_MAX_ALLOCATIONS,
+          value_parser = clap::value_parser!(u64).range(1..))]
     max_allocations: u64,
+    /// The most requests one client may have in flight (answered later or running in the
+    /// background): per stdio session, per HTTP client address. More are answered
+    /// TOO_MANY_REQUESTS at once.
+    #[arg(long, value_name = "N", default_value_t = memcoord::transport::stdio::DEFAULT_MAX_IN_FLIGHT)]
+    max_in_flight: usize,
     #[command(flatten)]
     advice: AdviceArgs,
 }
@@ -364,9 +370,11 @@ fn run(cli: Cli) -> Result<(), String> {
             max_line_bytes,
             metrics_addr,
         } => {
+            let max_in_flight = service.max_in_flight;
             let (settings, service) = service.start()?;
             let options = WorkerOptions {
                 max_line_bytes: max_line_bytes.unwrap_or(settings.max_line_bytes),
+                max_in_flight,
             };
             let runtime = runtime()?;
             if let Some(addr) = &metrics_addr {
@@ -413,12 +421,14 @@ fn run(cli: Cli) -> Result<(), String> {
                     "serve: {addr} is not a loopback address: a bearer token is required to listen there (--token-file FILE)"
                 ));
             }
+            let max_in_flight = service.max_in_flight;
             let (settings, service) = service.start()?;
             let runtime = runtime()?;
             let options = memcoord::transport::http::ServeOptions {
                 listen,
                 token,
                 body_limit: max_body_bytes.unwrap_or(settings.max_line_bytes),
+                max_in_flight,
             };
             let result = runtime.block_on(memcoord::transport::http::serve(service, options));
             runtime.shutdown_background();

@@ -778,10 +778,11 @@ fn the_dispatcher_answers_any_input_and_keeps_its_books() {
     let s = &h.stats;
     let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     println!(
-        "fuzz_smoke dispatch: seed {seed:#x}, {n} inputs ({nasty_n} nasty, {seed_n} seeds, {findings} past findings, {random_n} random, {mutated_n} mutated), {} lines, {} answered with success, {} pending, room made {} times, in {:.1} s; no failure",
+        "fuzz_smoke dispatch: seed {seed:#x}, {n} inputs ({nasty_n} nasty, {seed_n} seeds, {findings} past findings, {random_n} random, {mutated_n} mutated), {} lines, {} answered with success, {} pending, {} refused TOO_MANY_REQUESTS, room made {} times, in {:.1} s; no failure",
         get(&s.lines),
         get(&s.successes),
         get(&s.pending),
+        get(&s.refused_in_flight),
         get(&s.reliefs),
         started.elapsed().as_secs_f64()
     );

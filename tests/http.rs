@@ -218,6 +218,20 @@ fn every_route_answers_as_its_openapi_document_says() {
         Some(json!({"model_name": "vae", "path": "m.safetensors", "device_id": "cpu"})),
     );
     call("DELETE", "/v1/models/{model_name}", "/v1/models/vae", None);
+    // A model named like the static route `/v1/models/optimize` is still unloaded by DELETE.
+    call(
+        "POST",
+        "/v1/models",
+        "/v1/models",
+        Some(json!({"model_name": "optimize", "path": "m.safetensors", "device_id": "cpu"})),
+    );
+    let gone = call(
+        "DELETE",
+        "/v1/models/{model_name}",
+        "/v1/models/optimize",
+        None,
+    );
+    assert_eq!(gone["model_name"], "optimize");
     call(
         "POST",
         "/v1/devices/{device_id}/clear",

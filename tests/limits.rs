@@ -1,9 +1,10 @@
 //! Bounds that refuse with a clear error instead of queueing without end: live allocations
-//! per device, requests waiting for memory per device.
+//! per device, requests waiting for memory per device, requests in flight per stdio session and
+//! per HTTP client.
 
 mod common;
 
-use common::Worker;
+use common::{Server, Worker};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -70,4 +71,140 @@ fn requests_waiting_for_memory_are_bounded() {
     w.ok("memory.deallocate", json!({"allocation_id": big}));
     let v = w.wait_for(&first, Duration::from_secs(20));
     assert_eq!(v["success"], true, "{v}");
+}
+
+#[test]
+fn max_allocations_zero_is_refused_at_start() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_memcoord"))
+        .args(["worker", "--no-gpu", "--max-allocations", "0"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--max-allocations"), "{err}");
+}
+
+#[test]
+fn requests_in_flight_per_stdio_session_are_bounded() {
+    let mut w = Worker::spawn(&[
+        "--no-gpu",
+        "--budget",
+        "cpu=8MiB",
+        "--budget",
+        "shm=64MiB",
+        "--max-in-flight",
+        "2",
+    ]);
+    let big = w.allocate("cpu", 6 << 20);
+    let wait = json!({"device_id": "cpu", "size_bytes": 4 << 20, "timeout_seconds": 30});
+    let first = w.submit("memory.allocate", wait.clone());
+    let second = w.submit("memory.allocate", wait.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let before = w.usage("cpu");
+    // A third request that would wait, and a transfer (work that runs after its answer), are
+    // refused at once; requests answered at once still are.
+    let started = Instant::now();
+    let (code, msg) = w.err("memory.allocate", wait.clone());
+    assert_eq!(code, "TOO_MANY_REQUESTS");
+    assert!(
+        msg.contains("--max-in-flight") && msg.contains('2'),
+        "{msg}"
+    );
+    let small = w.allocate("shm", 4096);
+    let (code, _) = w.err(
+        "memory.transfer",
+        json!({"allocation_id": small, "source_device_id": "shm", "destination_device_id": "cpu",
+               "mode": "copy"}),
+    );
+    assert_eq!(code, "TOO_MANY_REQUESTS");
+    let (code, _) = w.err("memory.defragment", json!({"device_id": "shm"}));
+    assert_eq!(code, "TOO_MANY_REQUESTS");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused at once"
+    );
+    let after = w.usage("cpu");
+    assert_eq!(after["allocated_bytes"], before["allocated_bytes"]);
+    assert_eq!(after["allocation_count"], before["allocation_count"]);
+    assert_eq!(
+        w.usage("shm")["allocation_count"],
+        1,
+        "nothing was transferred"
+    );
+    // Freeing lets both waiting requests through (one, then, once it is freed, the other),
+    // and their places are given back.
+    w.ok("memory.deallocate", json!({"allocation_id": big}));
+    let a = w.wait_for(&first, Duration::from_secs(20));
+    assert_eq!(a["success"], true, "{a}");
+    let id = a["data"]["allocation"]["allocation_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    w.ok("memory.deallocate", json!({"allocation_id": id}));
+    let b = w.wait_for(&second, Duration::from_secs(20));
+    assert_eq!(b["success"], true, "{b}");
+    let v = w.ok("memory.defragment", json!({"device_id": "shm"}));
+    assert_eq!(v["device_id"], "shm");
+}
+
+#[test]
+fn requests_in_flight_per_http_client_are_bounded() {
+    let server = Server::spawn(&[
+        "--no-gpu",
+        "--budget",
+        "cpu=8MiB",
+        "--budget",
+        "shm=64MiB",
+        "--max-in-flight",
+        "1",
+    ]);
+    let big = server.post(
+        "/v1/allocations",
+        &json!({"device_id": "cpu", "size_bytes": 6 << 20}),
+    );
+    assert_eq!(big.status, 200, "{}", big.body);
+    let big_id = big.json()["data"]["allocation"]["allocation_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let client = Server::client(server.port);
+    let waiting = std::thread::spawn(move || {
+        client.post(
+            "/v1/allocations",
+            &json!({"device_id": "cpu", "size_bytes": 4 << 20, "timeout_seconds": 30}),
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.get("/v1/pressure?device_id=cpu").json()["data"]["devices"][0]["waiting_requests"]
+        != 1
+    {
+        assert!(Instant::now() < deadline, "the first allocate never waited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let refused = server.post(
+        "/v1/command",
+        &json!({"request_id": "second", "action": "memory.allocate",
+                "data": {"device_id": "cpu", "size_bytes": 4 << 20, "timeout_seconds": 30}}),
+    );
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    let v = refused.json();
+    assert_eq!(v["error_code"], "TOO_MANY_REQUESTS");
+    assert_eq!(v["status_code"], 429);
+    assert_eq!(v["request_id"], "second");
+    // Requests answered at once are not held back.
+    assert_eq!(server.get("/v1/devices/cpu/usage").status, 200);
+    let freed = server.request("DELETE", &format!("/v1/allocations/{big_id}"), &[], None);
+    assert_eq!(freed.status, 200, "{}", freed.body);
+    let first = waiting.join().unwrap();
+    assert_eq!(first.status, 200, "{}", first.body);
+    // The place was given back.
+    let id = first.json()["data"]["allocation"]["allocation_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let v = server.post("/v1/devices/shm/defragment", &json!({}));
+    assert_eq!(v.status, 200, "{}", v.body);
+    let freed = server.request("DELETE", &format!("/v1/allocations/{id}"), &[], None);
+    assert_eq!(freed.status, 200);
 }

@@ -405,6 +405,16 @@ fn keep_alive_expiry_model_optimize_and_allocations_that_make_room() {
         "memory.model_load",
         json!({"model_name": "idle", "path": "m.safetensors", "device_id": "cpu"}),
     );
+    // One that would not fit even then evicts nothing: a failed request changes nothing.
+    let held = w.allocate("cpu", 2 * MIB);
+    let (code, _) = w.err(
+        "memory.allocate",
+        json!({"device_id": "cpu", "size_bytes": 11 * MIB, "timeout_seconds": 0}),
+    );
+    assert_eq!(code, "OUT_OF_MEMORY");
+    assert_eq!(state_of(&mut w, "idle").0, "Loaded");
+    assert_eq!(w.usage("cpu")["allocated_bytes"], 6 * MIB);
+    w.ok("memory.deallocate", json!({"allocation_id": held}));
     let d = w.ok(
         "memory.allocate",
         json!({"device_id": "cpu", "size_bytes": 10 * MIB, "timeout_seconds": 0}),

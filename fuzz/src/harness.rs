@@ -35,7 +35,7 @@
 
 use jsonschema::Validator;
 use memcoord::config::Settings;
-use memcoord::dispatch::{Action, Dispatcher};
+use memcoord::dispatch::{Action, Dispatcher, InFlightLimit};
 use memcoord::protocol::ErrorCode;
 use memcoord::protocol::envelope::{MAX_REQUEST_ID_BYTES, parse_request};
 use memcoord::service::MemoryService;
@@ -346,6 +346,8 @@ pub struct Stats {
     pub pending: AtomicU64,
     /// Times room was made for a waiting answer.
     pub reliefs: AtomicU64,
+    /// Answers `TOO_MANY_REQUESTS` (the in-flight bound reached).
+    pub refused_in_flight: AtomicU64,
 }
 
 /// An answer now, or one still running.
@@ -360,12 +362,18 @@ pub struct Harness {
     rt: tokio::runtime::Runtime,
     service: Arc<MemoryService>,
     dispatcher: Dispatcher,
+    /// The bound on the inputs' requests in flight, as a transport sets one per session (the
+    /// harness's own requests are not bounded). Small, so that inputs reach it.
+    limit: Arc<InFlightLimit>,
     responses: HashMap<&'static str, Validator>,
     model_root: PathBuf,
     next_id: AtomicU64,
     /// Counts so far.
     pub stats: Stats,
 }
+
+/// The in-flight bound of the inputs' requests.
+const IN_FLIGHT: usize = 8;
 
 /// A failure of a response rule: what is wrong, the request line and the answer.
 fn fail(what: impl std::fmt::Display, line: &[u8], answer: &[u8]) -> ! {
@@ -421,6 +429,7 @@ impl Harness {
         Harness {
             rt,
             dispatcher: Dispatcher::new(Arc::clone(&service)),
+            limit: InFlightLimit::new(IN_FLIGHT),
             service,
             responses,
             model_root,
@@ -473,10 +482,17 @@ impl Harness {
     }
 
     /// Hands a line to the dispatcher: its answer now, or its pending answer started on the
-    /// runtime (as the transports run them).
-    fn start(&self, line: &[u8]) -> Answer {
+    /// runtime (as the transports run them). An input's line (`bounded`) counts against the
+    /// in-flight bound.
+    fn start(&self, line: &[u8], bounded: bool) -> Answer {
         let mut out = Vec::new();
-        match self.dispatcher.handle_line(line, &mut out) {
+        let pending = if bounded {
+            self.dispatcher
+                .handle_line_limited(line, &mut out, &self.limit)
+        } else {
+            self.dispatcher.handle_line(line, &mut out)
+        };
+        match pending {
             None => Answer::Now(out),
             Some(p) => {
                 if !out.is_empty() {
@@ -532,7 +548,7 @@ impl Harness {
 
     /// The answer to one line, waited for if pending.
     fn answer(&self, line: &[u8]) -> Vec<u8> {
-        match self.start(line) {
+        match self.start(line, false) {
             Answer::Now(out) => out,
             Answer::Later(handle) => self.wait(handle, line),
         }
@@ -706,6 +722,8 @@ impl Harness {
         let v = self.check_response(line, answer);
         if v["success"] == json!(true) {
             self.stats.successes.fetch_add(1, Ordering::Relaxed);
+        } else if v["error_code"] == "TOO_MANY_REQUESTS" {
+            self.stats.refused_in_flight.fetch_add(1, Ordering::Relaxed);
         }
         ids.harvest(&v);
     }
@@ -734,7 +752,7 @@ impl Harness {
             };
             let line = ids.substitute(raw);
             self.stats.lines.fetch_add(1, Ordering::Relaxed);
-            let answer = match self.start(&line) {
+            let answer = match self.start(&line, true) {
                 Answer::Now(out) => out,
                 Answer::Later(handle) if concurrent => {
                     later.push((line, handle));
@@ -782,6 +800,14 @@ impl Harness {
     }
 
     fn books(&self, full: bool) -> Result<(), String> {
+        // Every place in the in-flight bound is given back once answers and background work
+        // are done.
+        let taken = self.limit.in_flight();
+        if taken != 0 {
+            return Err(format!(
+                "{taken} in-flight place(s) still taken after every answer and transfer"
+            ));
+        }
         let mut seen = HashSet::new();
         let mut by_owner: HashMap<String, (u64, HashSet<String>)> = HashMap::new();
         let devices = if full {

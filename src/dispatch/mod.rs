@@ -16,6 +16,7 @@ use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 /// Every action of the contract, and whether this version carries it out.
@@ -101,6 +102,85 @@ pub struct Pending {
     pub response: Pin<Box<dyn Future<Output = Vec<u8>> + Send>>,
 }
 
+/// A bound on the requests one session (a stdio worker's host, one HTTP client) has in flight:
+/// those answered later (an allocate waiting for memory, a model load, a defragment) and the
+/// background work a request leaves running (a transfer without `wait_for_completion`, a
+/// scheduled optimize). Requests answered at once take no place. Past the bound, a request that
+/// would take a place is refused with `TOO_MANY_REQUESTS` before it changes anything, so a
+/// flooding host meets a clear error instead of an unbounded queue.
+#[derive(Debug)]
+pub struct InFlightLimit {
+    count: AtomicUsize,
+    max: usize,
+}
+
+impl InFlightLimit {
+    /// A limit of `max` requests in flight (0 refuses every request that would wait).
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(InFlightLimit {
+            count: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Takes a place, or `None` when all are taken.
+    pub fn try_enter(self: &Arc<Self>) -> Option<InFlightTicket> {
+        self.count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| InFlightTicket(Arc::clone(self)))
+    }
+
+    fn refusal(&self) -> ProtocolError {
+        ProtocolError::new(
+            ErrorCode::TooManyRequests,
+            format!(
+                "this client already has {} request(s) in flight, the most allowed \
+                 (--max-in-flight); this one was not carried out: retry once some are answered",
+                self.in_flight()
+            ),
+        )
+    }
+}
+
+/// A place taken in an [`InFlightLimit`]; given back when dropped.
+#[derive(Debug)]
+pub struct InFlightTicket(Arc<InFlightLimit>);
+
+impl Drop for InFlightTicket {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The ticket of a request that takes a place (none when the caller sets no limit).
+type Admission = Result<Option<InFlightTicket>, ProtocolError>;
+
+/// `pending`, holding `ticket` until its answer is made.
+fn holding(ticket: Option<InFlightTicket>, pending: Pending) -> Pending {
+    match ticket {
+        None => pending,
+        Some(ticket) => {
+            let response = pending.response;
+            Pending {
+                request_id: pending.request_id,
+                response: Box::pin(async move {
+                    let out = response.await;
+                    drop(ticket);
+                    out
+                }),
+            }
+        }
+    }
+}
+
 /// Turns request lines into response lines.
 #[derive(Clone)]
 pub struct Dispatcher {
@@ -159,10 +239,32 @@ impl Dispatcher {
     }
 
     /// Handles one request line (without its line ending). Appends the response line to `out`,
-    /// or returns it as [`Pending`] when it has to wait.
+    /// or returns it as [`Pending`] when it has to wait. No bound on requests in flight.
     pub fn handle_line(&self, line: &[u8], out: &mut Vec<u8>) -> Option<Pending> {
+        self.handle(line, out, None)
+    }
+
+    /// [`Dispatcher::handle_line`] for a session whose requests in flight are bounded by
+    /// `limit`.
+    pub fn handle_line_limited(
+        &self,
+        line: &[u8],
+        out: &mut Vec<u8>,
+        limit: &Arc<InFlightLimit>,
+    ) -> Option<Pending> {
+        self.handle(line, out, Some(limit))
+    }
+
+    fn handle(
+        &self,
+        line: &[u8],
+        out: &mut Vec<u8>,
+        limit: Option<&Arc<InFlightLimit>>,
+    ) -> Option<Pending> {
         let start = out.len();
-        match catch_unwind(AssertUnwindSafe(|| self.handle_line_inner(line, out))) {
+        match catch_unwind(AssertUnwindSafe(|| {
+            self.handle_line_inner(line, out, limit)
+        })) {
             // With a state directory, a change to persistent shm allocations is on disk before
             // the answer that reports it goes out.
             Ok(None) if self.service.has_state() => {
@@ -199,7 +301,18 @@ impl Dispatcher {
         }
     }
 
-    fn handle_line_inner(&self, line: &[u8], out: &mut Vec<u8>) -> Option<Pending> {
+    fn handle_line_inner(
+        &self,
+        line: &[u8],
+        out: &mut Vec<u8>,
+        limit: Option<&Arc<InFlightLimit>>,
+    ) -> Option<Pending> {
+        let admit = || -> Admission {
+            match limit {
+                None => Ok(None),
+                Some(l) => l.try_enter().map(Some).ok_or_else(|| l.refusal()),
+            }
+        };
         let request = match parse_request(line) {
             Ok(r) => r,
             Err(e) => {
@@ -261,57 +374,84 @@ impl Dispatcher {
                 match s.try_allocate(req, started) {
                     TryAllocate::Ready(r) => respond(out, id, r),
                     TryAllocate::Large(req) => {
+                        let ticket = match admit() {
+                            Ok(t) => t,
+                            Err(e) => {
+                                write_error(out, Some(id), &e);
+                                return None;
+                            }
+                        };
                         let service = Arc::clone(s);
                         let rid = id.to_string();
-                        return Some(Pending {
-                            request_id: id.to_string(),
-                            response: Box::pin(async move {
-                                let blocking = Arc::clone(&service);
-                                let attempt = tokio::task::spawn_blocking(move || {
-                                    blocking.allocate_large(req, started)
-                                })
-                                .await;
-                                let mut out = Vec::with_capacity(512);
-                                match attempt {
-                                    Ok(TryAllocate::Ready(r)) => respond(&mut out, &rid, r),
-                                    Ok(TryAllocate::MustWait(req) | TryAllocate::Large(req)) => {
-                                        let r = service.wait_and_allocate(req, started).await;
-                                        respond(&mut out, &rid, r);
+                        return Some(holding(
+                            ticket,
+                            Pending {
+                                request_id: id.to_string(),
+                                response: Box::pin(async move {
+                                    let blocking = Arc::clone(&service);
+                                    let attempt = tokio::task::spawn_blocking(move || {
+                                        blocking.allocate_large(req, started)
+                                    })
+                                    .await;
+                                    let mut out = Vec::with_capacity(512);
+                                    match attempt {
+                                        Ok(TryAllocate::Ready(r)) => respond(&mut out, &rid, r),
+                                        Ok(
+                                            TryAllocate::MustWait(req) | TryAllocate::Large(req),
+                                        ) => {
+                                            let r = service.wait_and_allocate(req, started).await;
+                                            respond(&mut out, &rid, r);
+                                        }
+                                        Err(_) => internal_error(&mut out, Some(&rid)),
                                     }
-                                    Err(_) => internal_error(&mut out, Some(&rid)),
-                                }
-                                out
-                            }),
-                        });
+                                    out
+                                }),
+                            },
+                        ));
                     }
                     TryAllocate::MustWait(req) => {
+                        let ticket = match admit() {
+                            Ok(t) => t,
+                            Err(e) => {
+                                s.record_refused(&req);
+                                write_error(out, Some(id), &e);
+                                return None;
+                            }
+                        };
                         let service = Arc::clone(s);
                         let request_id = id.to_string();
                         let rid = request_id.clone();
-                        return Some(Pending {
-                            request_id,
-                            response: Box::pin(async move {
-                                let r = service.wait_and_allocate(req, started).await;
-                                let mut out = Vec::with_capacity(512);
-                                respond(&mut out, &rid, r);
-                                out
-                            }),
-                        });
+                        return Some(holding(
+                            ticket,
+                            Pending {
+                                request_id,
+                                response: Box::pin(async move {
+                                    let r = service.wait_and_allocate(req, started).await;
+                                    let mut out = Vec::with_capacity(512);
+                                    respond(&mut out, &rid, r);
+                                    out
+                                }),
+                            },
+                        ));
                     }
                 }
             }
-            Action::Defragment => match DeviceRequest::parse(data) {
-                Ok(r) => {
-                    let service = Arc::clone(s);
-                    return Some(on_blocking_thread(id, move || {
-                        service.defragment(&r.device_id, &[])
-                    }));
+            Action::Defragment => {
+                match DeviceRequest::parse(data).and_then(|r| Ok((r, admit()?))) {
+                    Ok((r, ticket)) => {
+                        let service = Arc::clone(s);
+                        return Some(holding(
+                            ticket,
+                            on_blocking_thread(id, move || service.defragment(&r.device_id, &[])),
+                        ));
+                    }
+                    Err(e) => write_error(out, Some(id), &e),
                 }
-                Err(e) => write_error(out, Some(id), &e),
-            },
+            }
             Action::Optimize => {
                 let req = match OptimizeRequest::parse(data)
                     .and_then(|r| s.check_device(&r.device_id).map(|u| (r, u)))
+                    .and_then(|r| Ok((r, admit()?)))
                 {
                     Ok(r) => r,
                     Err(e) => {
@@ -319,10 +459,13 @@ impl Dispatcher {
                         return None;
                     }
                 };
-                let (req, usage) = req;
+                let ((req, usage), ticket) = req;
                 let service = Arc::clone(s);
                 if req.wait_for_completion {
-                    return Some(on_blocking_thread(id, move || service.optimize(&req)));
+                    return Some(holding(
+                        ticket,
+                        on_blocking_thread(id, move || service.optimize(&req)),
+                    ));
                 }
                 let scheduled = OptimizeResponse {
                     device_id: req.device_id.clone(),
@@ -337,6 +480,7 @@ impl Dispatcher {
                     if let Err(e) = service.optimize(&req) {
                         tracing::warn!("background optimize of {} failed: {e}", req.device_id);
                     }
+                    drop(ticket);
                 });
                 respond(out, id, Ok(scheduled));
             }
@@ -345,21 +489,26 @@ impl Dispatcher {
                 // the destination's pages are faulted in and the bytes copied off this thread.
                 let started = TransferRequest::parse(data).and_then(|r| {
                     let wait = r.wait_for_completion;
-                    s.start_transfer(&r).map(|t| (t, wait))
+                    let ticket = admit()?;
+                    s.start_transfer(&r).map(|t| (t, wait, ticket))
                 });
                 match started {
                     Err(e) => write_error(out, Some(id), &e),
-                    Ok((t, true)) => {
+                    Ok((t, true, ticket)) => {
                         let service = Arc::clone(s);
-                        return Some(on_blocking_thread(id, move || service.run_transfer(&t)));
+                        return Some(holding(
+                            ticket,
+                            on_blocking_thread(id, move || service.run_transfer(&t)),
+                        ));
                     }
-                    Ok((t, false)) => {
+                    Ok((t, false, ticket)) => {
                         respond(out, id, Ok(&t.wire));
                         let service = Arc::clone(s);
                         std::thread::spawn(move || {
                             if let Err(e) = service.run_transfer(&t) {
                                 tracing::warn!("{}", e.message);
                             }
+                            drop(ticket);
                         });
                     }
                 }
@@ -369,14 +518,19 @@ impl Dispatcher {
                 id,
                 TransferIdRequest::parse(data).and_then(|r| s.get_transfer(&r.transfer_id)),
             ),
-            Action::ModelLoad => match ModelLoadRequest::parse(data) {
-                // Reading the file and copying its tensors takes a while: off this thread.
-                Ok(r) => {
-                    let service = Arc::clone(s);
-                    return Some(on_blocking_thread(id, move || service.model_load(&r)));
+            Action::ModelLoad => {
+                match ModelLoadRequest::parse(data).and_then(|r| Ok((r, admit()?))) {
+                    // Reading the file and copying its tensors takes a while: off this thread.
+                    Ok((r, ticket)) => {
+                        let service = Arc::clone(s);
+                        return Some(holding(
+                            ticket,
+                            on_blocking_thread(id, move || service.model_load(&r)),
+                        ));
+                    }
+                    Err(e) => write_error(out, Some(id), &e),
                 }
-                Err(e) => write_error(out, Some(id), &e),
-            },
+            }
             Action::ModelUnload => respond(
                 out,
                 id,
@@ -388,8 +542,18 @@ impl Dispatcher {
                     None => {
                         // It waits (for a load to finish, or for room to bring the model
                         // back): off this thread.
+                        let ticket = match admit() {
+                            Ok(t) => t,
+                            Err(e) => {
+                                write_error(out, Some(id), &e);
+                                return None;
+                            }
+                        };
                         let service = Arc::clone(s);
-                        return Some(on_blocking_thread(id, move || service.model_acquire(&r)));
+                        return Some(holding(
+                            ticket,
+                            on_blocking_thread(id, move || service.model_acquire(&r)),
+                        ));
                     }
                 },
                 Err(e) => write_error(out, Some(id), &e),
@@ -404,13 +568,18 @@ impl Dispatcher {
                 id,
                 ModelStatusRequest::parse(data).and_then(|r| s.model_status(&r)),
             ),
-            Action::ModelOptimize => match ModelOptimizeRequest::parse(data) {
-                Ok(r) => {
-                    let service = Arc::clone(s);
-                    return Some(on_blocking_thread(id, move || service.model_optimize(&r)));
+            Action::ModelOptimize => {
+                match ModelOptimizeRequest::parse(data).and_then(|r| Ok((r, admit()?))) {
+                    Ok((r, ticket)) => {
+                        let service = Arc::clone(s);
+                        return Some(holding(
+                            ticket,
+                            on_blocking_thread(id, move || service.model_optimize(&r)),
+                        ));
+                    }
+                    Err(e) => write_error(out, Some(id), &e),
                 }
-                Err(e) => write_error(out, Some(id), &e),
-            },
+            }
             Action::GetPressure => respond(
                 out,
                 id,
@@ -421,17 +590,20 @@ impl Dispatcher {
                 id,
                 AnalyticsRequest::parse(data).and_then(|r| s.analytics(&r)),
             ),
-            Action::OptimizationRecs => match OptionalDeviceRequest::parse(data) {
-                // Working out a defragment's outcome walks a device's allocations: off this
-                // thread.
-                Ok(r) => {
-                    let service = Arc::clone(s);
-                    return Some(on_blocking_thread(id, move || {
-                        service.optimization_recs(&r)
-                    }));
+            Action::OptimizationRecs => {
+                match OptionalDeviceRequest::parse(data).and_then(|r| Ok((r, admit()?))) {
+                    // Working out a defragment's outcome walks a device's allocations: off this
+                    // thread.
+                    Ok((r, ticket)) => {
+                        let service = Arc::clone(s);
+                        return Some(holding(
+                            ticket,
+                            on_blocking_thread(id, move || service.optimization_recs(&r)),
+                        ));
+                    }
+                    Err(e) => write_error(out, Some(id), &e),
                 }
-                Err(e) => write_error(out, Some(id), &e),
-            },
+            }
         }
         None
     }

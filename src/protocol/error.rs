@@ -44,11 +44,14 @@ pub enum ErrorCode {
     MethodNotAllowed,
     /// A bug; the worker keeps serving.
     InternalError,
+    /// Extension (not in the contract's table): the session or HTTP client already has as many
+    /// requests in flight as allowed (`--max-in-flight`); this one was not carried out.
+    TooManyRequests,
 }
 
 impl ErrorCode {
-    /// Every code, in the order of the contract's table.
-    pub const ALL: [ErrorCode; 19] = [
+    /// Every code, in the order of the contract's table, then this version's extensions.
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::InvalidRequest,
         ErrorCode::RequestTooLarge,
         ErrorCode::UnknownAction,
@@ -68,6 +71,7 @@ impl ErrorCode {
         ErrorCode::Unauthorized,
         ErrorCode::MethodNotAllowed,
         ErrorCode::InternalError,
+        ErrorCode::TooManyRequests,
     ];
 
     /// The code as it appears in `error_code`.
@@ -92,6 +96,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "UNAUTHORIZED",
             ErrorCode::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             ErrorCode::InternalError => "INTERNAL_ERROR",
+            ErrorCode::TooManyRequests => "TOO_MANY_REQUESTS",
         }
     }
 
@@ -111,6 +116,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::AllocationInUse | ErrorCode::ModelInUse => 409,
             ErrorCode::RequestTooLarge => 413,
+            ErrorCode::TooManyRequests => 429,
             ErrorCode::ModelLoadFailed => 422,
             ErrorCode::TransferFailed | ErrorCode::InternalError => 500,
             ErrorCode::OutOfMemory | ErrorCode::ShuttingDown => 503,
@@ -186,6 +192,7 @@ mod tests {
                 ("UNAUTHORIZED", 401),
                 ("METHOD_NOT_ALLOWED", 405),
                 ("INTERNAL_ERROR", 500),
+                ("TOO_MANY_REQUESTS", 429),
             ]
         );
     }

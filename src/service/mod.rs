@@ -321,9 +321,7 @@ impl MemoryService {
         if matches!(attempt, Err(EngineError::NoRoom { .. })) {
             // Make room from idle models, then try once more.
             drop(e);
-            let made = self.make_room(&req.device_id, |svc| {
-                svc.device_available(d) >= req.size_bytes
-            });
+            let made = self.make_room_for(&req.device_id, d, req.size_bytes);
             e = self.engine.lock();
             if !made.is_empty() {
                 attempt = Self::allocate_locked(&mut e, d, &req, started).map(|mut r| {
@@ -379,9 +377,7 @@ impl MemoryService {
             let mut placed = e.try_allocate_deferred(d, &Self::spec(&req), now);
             if matches!(placed, Err(EngineError::NoRoom { .. })) {
                 drop(e);
-                made = self.make_room(&req.device_id, |svc| {
-                    svc.device_available(d) >= req.size_bytes
-                });
+                made = self.make_room_for(&req.device_id, d, req.size_bytes);
                 e = self.engine.lock();
                 if !made.is_empty() {
                     placed = e.try_allocate_deferred(d, &Self::spec(&req), now);
@@ -518,6 +514,15 @@ impl MemoryService {
         }
     }
 
+    /// Counts an allocate refused before it could wait (its client has too many requests in
+    /// flight) as a failed allocation of its device.
+    pub fn record_refused(&self, req: &AllocateRequest) {
+        let mut e = self.engine.lock();
+        if let Ok(d) = e.device_index(&req.device_id) {
+            e.record_failure(d, req.size_bytes);
+        }
+    }
+
     /// Waits for room (woken by every free) until the request's deadline, then allocates.
     pub async fn wait_and_allocate(
         &self,
@@ -545,7 +550,16 @@ impl MemoryService {
             e.record_waiting(d, 1);
             d
         };
-        let result = loop {
+        // The device's waiting count goes down however this ends, the future dropped unpolled
+        // (a runtime shutting down) included.
+        struct Waiting<'a>(&'a MemoryService, usize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.engine.lock().record_waiting(self.1, -1);
+            }
+        }
+        let _waiting = Waiting(self, d);
+        loop {
             let notified = self.room.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
@@ -592,9 +606,7 @@ impl MemoryService {
                     break Err(err.into());
                 }
             }
-        };
-        self.engine.lock().record_waiting(d, -1);
-        result
+        }
     }
 
     /// `memory.deallocate`.

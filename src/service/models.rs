@@ -295,6 +295,23 @@ impl MemoryService {
         done
     }
 
+    /// [`MemoryService::make_room`] for an allocation of `size` bytes on device `d` (index of
+    /// `device_id`), only when evicting every idle model there would make it fit: an allocation
+    /// that fails anyway evicts nothing (a failed request changes nothing).
+    pub(super) fn make_room_for(&self, device_id: &str, d: usize, size: u64) -> Vec<String> {
+        let evictable: u64 = self
+            .models
+            .lock()
+            .eviction_order(device_id, SystemTime::now())
+            .iter()
+            .map(|(_, bytes)| bytes)
+            .sum();
+        if self.device_available(d).saturating_add(evictable) < size {
+            return Vec::new();
+        }
+        self.make_room(device_id, |svc| svc.device_available(d) >= size)
+    }
+
     /// Makes room as [`MemoryService::make_room`] does; while it still does not fit, waits (up
     /// to `timeout_seconds`, checking every 50 ms, making room again each time) for frees,
     /// releases and unloads elsewhere. Returns whether it fits.

@@ -7,13 +7,14 @@
 //! JSON body; `request_id` from `X-Request-Id` or a new UUID) and sends the answer's envelope
 //! back with HTTP status = `status_code`.
 
-use crate::dispatch::{Dispatcher, internal_error};
+use crate::dispatch::{Dispatcher, InFlightLimit, internal_error};
 use crate::protocol::envelope::write_error;
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::service::MemoryService;
+use axum::Extension;
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
@@ -21,8 +22,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, on};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 
 /// The address `memcoord serve` listens on by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7077";
@@ -212,22 +213,67 @@ fn query_value(field: &str, raw: &str) -> Value {
     Value::String(raw.to_string())
 }
 
+/// The bound on requests in flight of each HTTP client, a client being a remote address
+/// (every local process shares the loopback address). See [`InFlightLimit`].
+struct ClientLimits {
+    max: usize,
+    by_address: Mutex<HashMap<IpAddr, Arc<InFlightLimit>>>,
+}
+
+/// Past this many client addresses, those with nothing in flight are forgotten.
+const REMEMBERED_CLIENTS: usize = 4096;
+
+impl ClientLimits {
+    /// The limit of the client at `address` (unknown: one shared by every such client).
+    fn of(&self, address: Option<IpAddr>) -> Arc<InFlightLimit> {
+        let key = address.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let mut map = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= REMEMBERED_CLIENTS && !map.contains_key(&key) {
+            map.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        Arc::clone(
+            map.entry(key)
+                .or_insert_with(|| InFlightLimit::new(self.max)),
+        )
+    }
+}
+
 /// The shared state of the HTTP server.
 pub struct HttpState {
     dispatcher: Dispatcher,
     token: Option<String>,
     body_limit: usize,
+    clients: ClientLimits,
 }
 
 impl HttpState {
-    /// State over a service; `token` (if any) is required on every route but `/healthz`.
+    /// State over a service; `token` (if any) is required on every route but `/healthz`. Each
+    /// client may have [`DEFAULT_MAX_IN_FLIGHT`](crate::transport::stdio::DEFAULT_MAX_IN_FLIGHT)
+    /// requests in flight.
     pub fn new(service: Arc<MemoryService>, token: Option<String>, body_limit: usize) -> Self {
         HttpState {
             dispatcher: Dispatcher::new(service),
             token,
             body_limit,
+            clients: ClientLimits {
+                max: crate::transport::stdio::DEFAULT_MAX_IN_FLIGHT,
+                by_address: Mutex::new(HashMap::new()),
+            },
         }
     }
+
+    /// Sets the bound on requests in flight per client address.
+    pub fn with_max_in_flight(mut self, max: usize) -> Self {
+        self.clients.max = max;
+        self
+    }
+}
+
+/// The remote address of a request, when the server was started with connect info.
+type Client = Option<Extension<ConnectInfo<SocketAddr>>>;
+
+fn client_address(client: Client) -> Option<IpAddr> {
+    client.map(|Extension(ConnectInfo(a))| a.ip())
 }
 
 type Shared = Arc<HttpState>;
@@ -361,10 +407,12 @@ async fn undo(dispatcher: &Dispatcher, line: &[u8], answer: &[u8], started: std:
     );
 }
 
-/// Handles one envelope line; waits for it if it has to (see [`UndoIfGone`]).
-async fn dispatch(state: &HttpState, line: &[u8]) -> Vec<u8> {
+/// Handles one envelope line of the client at `address`; waits for it if it has to (see
+/// [`UndoIfGone`]).
+async fn dispatch(state: &HttpState, line: &[u8], address: Option<IpAddr>) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
-    match state.dispatcher.handle_line(line, &mut out) {
+    let limit = state.clients.of(address);
+    match state.dispatcher.handle_line_limited(line, &mut out, &limit) {
         None => out,
         Some(pending) => {
             let id = pending.request_id.clone();
@@ -408,17 +456,18 @@ async fn read_body(
         })
 }
 
-async fn command(State(state): State<Shared>, body: Body) -> Response {
+async fn command(State(state): State<Shared>, client: Client, body: Body) -> Response {
     let body = match read_body(&state, body, None).await {
         Ok(b) => b,
         Err(r) => return r,
     };
-    let line = dispatch(&state, &body).await;
+    let line = dispatch(&state, &body, client_address(client)).await;
     envelope_response(line, None)
 }
 
 async fn rest(
     state: Shared,
+    address: Option<IpAddr>,
     action: &'static str,
     path: HashMap<String, String>,
     query: Vec<(String, String)>,
@@ -458,19 +507,21 @@ async fn rest(
         data.insert(k, Value::String(v));
     }
     let line = serde_json::json!({"request_id": rid, "action": action, "data": data}).to_string();
-    let answer = dispatch(&state, line.as_bytes()).await;
+    let answer = dispatch(&state, line.as_bytes(), address).await;
     envelope_response(answer, Some(&rid))
 }
 
 fn rest_route(route: &'static RestRoute) -> MethodRouter<Shared> {
     let method = Method::from_bytes(route.method.as_bytes()).unwrap_or(Method::GET);
     let handler = move |State(state): State<Shared>,
+                        client: Client,
                         path: Option<Path<HashMap<String, String>>>,
                         Query(query): Query<Vec<(String, String)>>,
                         headers: HeaderMap,
                         body: Body| async move {
         let path = path.map(|Path(p)| p).unwrap_or_default();
-        rest(state, route.action, path, query, headers, body).await
+        let address = client_address(client);
+        rest(state, address, route.action, path, query, headers, body).await
     };
     on(
         axum::routing::MethodFilter::try_from(method).unwrap_or(axum::routing::MethodFilter::GET),
@@ -671,6 +722,31 @@ pub fn serve_router(state: Shared) -> Router {
     for route in REST_ROUTES {
         api = api.route(route.path, rest_route(route));
     }
+    // The static `/v1/models/optimize` (POST) shadows `/v1/models/{model_name}` for a model
+    // named "optimize": its unload is added to the static route.
+    api = api.route(
+        "/v1/models/optimize",
+        axum::routing::delete(
+            |State(state): State<Shared>,
+             client: Client,
+             Query(query): Query<Vec<(String, String)>>,
+             headers: HeaderMap,
+             body: Body| async move {
+                let path = HashMap::from([("model_name".to_string(), "optimize".to_string())]);
+                let address = client_address(client);
+                rest(
+                    state,
+                    address,
+                    "memory.model_unload",
+                    path,
+                    query,
+                    headers,
+                    body,
+                )
+                .await
+            },
+        ),
+    );
     let mut api = api
         .route("/metrics", get(serve_metrics))
         .fallback(unknown_route)
@@ -720,6 +796,8 @@ pub struct ServeOptions {
     pub token: Option<String>,
     /// The largest request body.
     pub body_limit: usize,
+    /// The most requests one client address may have in flight.
+    pub max_in_flight: usize,
 }
 
 /// Serves until SIGTERM or SIGINT: then new requests get SHUTTING_DOWN, requests waiting for
@@ -744,11 +822,10 @@ pub async fn serve(service: Arc<MemoryService>, options: ServeOptions) -> std::i
             ""
         }
     );
-    let state = Arc::new(HttpState::new(
-        Arc::clone(&service),
-        options.token,
-        options.body_limit,
-    ));
+    let state = Arc::new(
+        HttpState::new(Arc::clone(&service), options.token, options.body_limit)
+            .with_max_in_flight(options.max_in_flight),
+    );
     let stopping = Arc::clone(&service);
     let signal = async move {
         let mut term =
@@ -765,9 +842,12 @@ pub async fn serve(service: Arc<MemoryService>, options: ServeOptions) -> std::i
         eprintln!("memcoord: stopping");
         stopping.begin_shutdown();
     };
-    axum::serve(listener, serve_router(state))
-        .with_graceful_shutdown(signal)
-        .await?;
+    axum::serve(
+        listener,
+        serve_router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(signal)
+    .await?;
     let released = service.release_all();
     service.close();
     tracing::info!("released {released} allocations");

@@ -9,7 +9,7 @@
 //! response when done.
 
 use super::framing::{Frame, LineReader};
-use crate::dispatch::{Dispatcher, Pending, internal_error};
+use crate::dispatch::{Dispatcher, InFlightLimit, Pending, internal_error};
 use crate::protocol::envelope::write_error;
 use crate::protocol::{ErrorCode, ProtocolError};
 use std::io::{self, Read, Write};
@@ -22,12 +22,18 @@ use std::sync::{Arc, Condvar, Mutex, Once};
 pub struct WorkerOptions {
     /// Lines longer than this are answered REQUEST_TOO_LARGE.
     pub max_line_bytes: usize,
+    /// Requests of the session that may be in flight at once (see [`InFlightLimit`]).
+    pub max_in_flight: usize,
 }
+
+/// The default bound on requests in flight, per stdio session and per HTTP client.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 4096;
 
 impl Default for WorkerOptions {
     fn default() -> Self {
         WorkerOptions {
             max_line_bytes: 1 << 20,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         }
     }
 }
@@ -169,6 +175,7 @@ impl Worker {
     /// Reads and answers requests from `input` until end of input, then finishes.
     pub fn serve<R: Read>(self: &Arc<Self>, input: R, options: &WorkerOptions) {
         let mut reader = LineReader::new(input, options.max_line_bytes);
+        let limit = InFlightLimit::new(options.max_in_flight);
         let mut out = Vec::with_capacity(64 * 1024);
         let too_large = ProtocolError::new(
             ErrorCode::RequestTooLarge,
@@ -186,7 +193,9 @@ impl Worker {
                 while let Some(frame) = reader.next_frame() {
                     match frame {
                         Frame::Line(line) => {
-                            if let Some(p) = self.dispatcher.handle_line(line, &mut out) {
+                            if let Some(p) =
+                                self.dispatcher.handle_line_limited(line, &mut out, &limit)
+                            {
                                 self.spawn_pending(p);
                             }
                         }
@@ -206,7 +215,9 @@ impl Worker {
                         match frame {
                             Frame::Line(line) if line.iter().all(u8::is_ascii_whitespace) => {}
                             Frame::Line(line) => {
-                                if let Some(p) = self.dispatcher.handle_line(line, &mut out) {
+                                if let Some(p) =
+                                    self.dispatcher.handle_line_limited(line, &mut out, &limit)
+                                {
                                     self.spawn_pending(p);
                                 }
                             }
