@@ -531,3 +531,85 @@ fn a_client_that_hangs_up_leaves_nothing_behind() {
     }
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// No secret in the logs: with everything logged (`MEMCOORD_LOG=trace`), neither the token nor
+/// a wrong one a client sent appears on stderr.
+#[test]
+fn tokens_never_reach_the_logs() {
+    let dir = std::env::temp_dir().join(format!("memcoord-http-secret-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = "s3cret-token-7f1c2d9e";
+    let wrong = "wrong-token-a9b8c7d6";
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, format!("{secret}\n")).unwrap();
+    let log = dir.join("stderr.log");
+    let port = common::free_port();
+    let mut child = std::process::Command::new(common::BIN)
+        .args([
+            "serve",
+            "--no-gpu",
+            "--budget",
+            "cpu=64MiB",
+            "--budget",
+            "shm=64MiB",
+        ])
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--token-file")
+        .arg(&token_file)
+        .env("MEMCOORD_LOG", "trace")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "serve did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let good = format!("Bearer {secret}");
+    let bad = format!("Bearer {wrong}");
+    let body =
+        json!({"request_id": "r", "action": "memory.get_usage", "data": {"device_id": "cpu"}})
+            .to_string();
+    let a = common::http_request(
+        port,
+        "POST",
+        "/v1/command",
+        &[("Authorization", &good)],
+        Some(&body),
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    let a = common::http_request(
+        port,
+        "POST",
+        "/v1/command",
+        &[("Authorization", &bad)],
+        Some(&body),
+    );
+    assert_eq!(a.status, 401);
+    let a = common::http_request(port, "GET", &format!("/?token={secret}"), &[], None);
+    assert_eq!(a.status, 200);
+    let a = common::http_request(port, "GET", &format!("/?token={wrong}"), &[], None);
+    assert_eq!(a.status, 401);
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc_kill(child.id() as i32, 15) };
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.is_empty(),
+        "trace logging wrote nothing: the check would be empty"
+    );
+    assert!(!text.contains(secret), "the token is in the logs:\n{text}");
+    assert!(
+        !text.contains(wrong),
+        "a client's token is in the logs:\n{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
