@@ -460,6 +460,10 @@ fn waiting_allocations_and_shutdown_over_http() {
 
 /// Sends a request on a fresh connection and closes it without reading the answer.
 fn send_and_hang_up(port: u16, path: &str, body: &Value) {
+    send_and_hang_up_after(port, path, body, Duration::from_millis(300));
+}
+
+fn send_and_hang_up_after(port: u16, path: &str, body: &Value, after: Duration) {
     use std::io::Write;
     let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     let b = body.to_string();
@@ -469,8 +473,66 @@ fn send_and_hang_up(port: u16, path: &str, body: &Value) {
         b.len()
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(after);
     drop(c);
+}
+
+/// A client that hangs up while its transfer (`wait_for_completion`) copies: the transfer
+/// completes for nobody, and every byte arrives.
+#[test]
+fn a_transfer_whose_client_hangs_up_completes_with_every_byte() {
+    let s = Server::spawn(&["--no-gpu", "--budget", "cpu=1GiB", "--budget", "shm=1GiB"]);
+    let size = 256 * MIB as usize;
+    let a = ok(s.post(
+        "/v1/allocations",
+        &json!({"device_id": "shm", "size_bytes": size, "persistent": true}),
+    ));
+    let id = a["allocation"]["allocation_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bytes = common::pattern(77, size);
+    {
+        let h = &a["allocation"]["handle"];
+        let mut m = common::map(h["path"].as_str().unwrap());
+        let off = h["offset"].as_u64().unwrap() as usize;
+        m[off..off + size].copy_from_slice(&bytes);
+    }
+    send_and_hang_up_after(
+        s.port,
+        "/v1/transfers",
+        &json!({"allocation_id": id, "source_device_id": "shm", "destination_device_id": "cpu",
+                "mode": "move", "wait_for_completion": true}),
+        Duration::from_millis(5),
+    );
+    // Done for nobody: the allocation is on cpu, once, and nothing is left on shm.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let moved = loop {
+        let c = ok(s.get("/v1/devices/cpu/allocations"));
+        let h = ok(s.get("/v1/devices/shm/allocations"));
+        if c["total_count"] == 1 && h["total_count"] == 0 {
+            break c["allocations"][0].clone();
+        }
+        assert!(Instant::now() < deadline, "not settled: cpu {c}\nshm {h}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(moved["size_bytes"], size);
+    assert_eq!(moved["persistent"], true, "a move keeps persistence");
+    // Back to shm, by a client that stays, to read every byte through the handle.
+    let t = ok(s.post(
+        "/v1/transfers",
+        &json!({"allocation_id": moved["allocation_id"], "source_device_id": "cpu",
+                "destination_device_id": "shm", "wait_for_completion": true}),
+    ));
+    assert_eq!(t["status"], "Completed", "{t}");
+    let back = ok(s.get("/v1/devices/shm/allocations"));
+    let h = &back["allocations"][0]["handle"];
+    let m = common::map(h["path"].as_str().unwrap());
+    let off = h["offset"].as_u64().unwrap() as usize;
+    assert!(
+        m[off..off + size] == bytes[..],
+        "bytes differ after the move"
+    );
 }
 
 #[test]
