@@ -301,6 +301,36 @@ impl Dispatcher {
         }
     }
 
+    /// A request whose work runs on a blocking thread: parsed, given a place in the session's
+    /// bound (`admit`), then run; a bad request or a refusal is answered at once.
+    fn blocking<R, T, F>(
+        &self,
+        id: &str,
+        out: &mut Vec<u8>,
+        parsed: Result<R, ProtocolError>,
+        admit: impl FnOnce() -> Admission,
+        work: F,
+    ) -> Option<Pending>
+    where
+        R: Send + 'static,
+        T: Serialize + Send + 'static,
+        F: FnOnce(&MemoryService, R) -> Result<T, ProtocolError> + Send + 'static,
+    {
+        match parsed.and_then(|r| Ok((r, admit()?))) {
+            Ok((r, ticket)) => {
+                let service = Arc::clone(&self.service);
+                Some(holding(
+                    ticket,
+                    on_blocking_thread(id, move || work(&service, r)),
+                ))
+            }
+            Err(e) => {
+                write_error(out, Some(id), &e);
+                None
+            }
+        }
+    }
+
     fn handle_line_inner(
         &self,
         line: &[u8],
@@ -377,6 +407,7 @@ impl Dispatcher {
                         let ticket = match admit() {
                             Ok(t) => t,
                             Err(e) => {
+                                s.record_refused(&req);
                                 write_error(out, Some(id), &e);
                                 return None;
                             }
@@ -437,16 +468,9 @@ impl Dispatcher {
                 }
             }
             Action::Defragment => {
-                match DeviceRequest::parse(data).and_then(|r| Ok((r, admit()?))) {
-                    Ok((r, ticket)) => {
-                        let service = Arc::clone(s);
-                        return Some(holding(
-                            ticket,
-                            on_blocking_thread(id, move || service.defragment(&r.device_id, &[])),
-                        ));
-                    }
-                    Err(e) => write_error(out, Some(id), &e),
-                }
+                return self.blocking(id, out, DeviceRequest::parse(data), admit, |s, r| {
+                    s.defragment(&r.device_id, &[])
+                });
             }
             Action::Optimize => {
                 let req = match OptimizeRequest::parse(data)
@@ -518,18 +542,11 @@ impl Dispatcher {
                 id,
                 TransferIdRequest::parse(data).and_then(|r| s.get_transfer(&r.transfer_id)),
             ),
+            // Reading the file and copying its tensors takes a while: off this thread.
             Action::ModelLoad => {
-                match ModelLoadRequest::parse(data).and_then(|r| Ok((r, admit()?))) {
-                    // Reading the file and copying its tensors takes a while: off this thread.
-                    Ok((r, ticket)) => {
-                        let service = Arc::clone(s);
-                        return Some(holding(
-                            ticket,
-                            on_blocking_thread(id, move || service.model_load(&r)),
-                        ));
-                    }
-                    Err(e) => write_error(out, Some(id), &e),
-                }
+                return self.blocking(id, out, ModelLoadRequest::parse(data), admit, |s, r| {
+                    s.model_load(&r)
+                });
             }
             Action::ModelUnload => respond(
                 out,
@@ -569,16 +586,9 @@ impl Dispatcher {
                 ModelStatusRequest::parse(data).and_then(|r| s.model_status(&r)),
             ),
             Action::ModelOptimize => {
-                match ModelOptimizeRequest::parse(data).and_then(|r| Ok((r, admit()?))) {
-                    Ok((r, ticket)) => {
-                        let service = Arc::clone(s);
-                        return Some(holding(
-                            ticket,
-                            on_blocking_thread(id, move || service.model_optimize(&r)),
-                        ));
-                    }
-                    Err(e) => write_error(out, Some(id), &e),
-                }
+                return self.blocking(id, out, ModelOptimizeRequest::parse(data), admit, |s, r| {
+                    s.model_optimize(&r)
+                });
             }
             Action::GetPressure => respond(
                 out,
@@ -590,19 +600,15 @@ impl Dispatcher {
                 id,
                 AnalyticsRequest::parse(data).and_then(|r| s.analytics(&r)),
             ),
+            // Working out a defragment's outcome walks a device's allocations: off this thread.
             Action::OptimizationRecs => {
-                match OptionalDeviceRequest::parse(data).and_then(|r| Ok((r, admit()?))) {
-                    // Working out a defragment's outcome walks a device's allocations: off this
-                    // thread.
-                    Ok((r, ticket)) => {
-                        let service = Arc::clone(s);
-                        return Some(holding(
-                            ticket,
-                            on_blocking_thread(id, move || service.optimization_recs(&r)),
-                        ));
-                    }
-                    Err(e) => write_error(out, Some(id), &e),
-                }
+                return self.blocking(
+                    id,
+                    out,
+                    OptionalDeviceRequest::parse(data),
+                    admit,
+                    |s, r| s.optimization_recs(&r),
+                );
             }
         }
         None
