@@ -822,3 +822,18 @@ fn a_large_allocation_faulting_pages_in_does_not_hold_up_other_requests() {
     assert_eq!(big["success"], true, "{big}");
     assert_eq!(w.usage("cpu")["allocated_bytes"], 2u64 << 30);
 }
+
+/// An allocate kept out by its alignment alone (the free memory is there, but not at such an
+/// offset) says so, instead of blaming fragmentation.
+#[test]
+fn an_allocate_kept_out_by_its_alignment_says_so() {
+    let mut w = Worker::spawn(&["--no-gpu", "--budget", "cpu=64MiB", "--budget", "shm=64MiB"]);
+    w.allocate("cpu", 10);
+    let (code, msg) = w.err(
+        "memory.allocate",
+        json!({"device_id": "cpu", "size_bytes": 10, "alignment": 1u64 << 30, "timeout_seconds": 0}),
+    );
+    assert_eq!(code, "OUT_OF_MEMORY");
+    assert!(msg.contains("aligned to 1.00 GiB"), "{msg}");
+    assert!(!msg.contains("fragmented"), "{msg}");
+}

@@ -19,6 +19,16 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
 
+/// `" aligned to N"` for an alignment large enough to be why a request does not fit (a page
+/// or more), else nothing.
+pub fn aligned_note(alignment: u64) -> String {
+    if alignment >= 4096 {
+        format!(" aligned to {}", format_bytes(alignment))
+    } else {
+        String::new()
+    }
+}
+
 /// What the engine refuses, in terms the service turns into protocol errors.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -29,7 +39,7 @@ pub enum EngineError {
     #[error("Allocation {0} not found")]
     AllocationNotFound(String),
     /// Not enough room now; freeing memory could make room.
-    #[error("{device}: requested {}, {} available{}", format_bytes(*requested), format_bytes(*available),
+    #[error("{device}: requested {}{}, {} available{}", format_bytes(*requested), aligned_note(*alignment), format_bytes(*available),
         match largest {
             Some(l) => format!(", but the largest free block is {} (fragmented: memory.defragment may help)", format_bytes(*l)),
             None => String::new(),
@@ -39,6 +49,8 @@ pub enum EngineError {
         device: String,
         /// Bytes asked for.
         requested: u64,
+        /// The alignment asked for (0: the device's default).
+        alignment: u64,
         /// Bytes available now.
         available: u64,
         /// When the bytes are there but not in one piece: the largest piece.
@@ -618,6 +630,7 @@ impl AllocationEngine {
         let no_room = |dev: &Device, available, largest| EngineError::NoRoom {
             device: dev.arena.backend().device_id().to_string(),
             requested: spec.size,
+            alignment: spec.alignment,
             available,
             largest,
         };
@@ -658,8 +671,15 @@ impl AllocationEngine {
             match placed {
                 Ok(p) => Some(p),
                 Err(ArenaError::NoSpace) => {
-                    let largest = dev.arena.largest_free_block();
-                    return Err(no_room(dev, available, Some(largest)));
+                    // The arena spans more than the budget: what one request could get is
+                    // capped by what is available. When that is enough, the alignment asked
+                    // for is why it did not fit (the message names it), not fragmentation.
+                    let largest = dev.arena.largest_free_block().min(available);
+                    return Err(no_room(
+                        dev,
+                        available,
+                        (largest < spec.size).then_some(largest),
+                    ));
                 }
                 Err(ArenaError::Backend(e)) => return Err(e.into()),
             }

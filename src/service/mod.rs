@@ -582,6 +582,7 @@ impl MemoryService {
                 Err(EngineError::NoRoom {
                     device,
                     requested,
+                    alignment,
                     available,
                     ..
                 }) => {
@@ -593,8 +594,9 @@ impl MemoryService {
                         break Err(ProtocolError::new(
                             ErrorCode::OutOfMemory,
                             format!(
-                                "{device}: requested {}, {} available after waiting {} s",
+                                "{device}: requested {}{}, {} available after waiting {} s",
                                 format_bytes(requested),
+                                crate::managers::allocations::aligned_note(alignment),
                                 format_bytes(available),
                                 req.timeout_seconds
                             ),
