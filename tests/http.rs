@@ -225,12 +225,7 @@ fn every_route_answers_as_its_openapi_document_says() {
         "/v1/models",
         Some(json!({"model_name": "optimize", "path": "m.safetensors", "device_id": "cpu"})),
     );
-    let gone = call(
-        "DELETE",
-        "/v1/models/{model_name}",
-        "/v1/models/optimize",
-        None,
-    );
+    let gone = call("DELETE", "/v1/models/optimize", "/v1/models/optimize", None);
     assert_eq!(gone["model_name"], "optimize");
     call(
         "POST",

@@ -74,6 +74,7 @@ fn check_timeout(value: Option<f64>, default: f64) -> Result<f64, ProtocolError>
 #[schemars(rename = "GetStatusRequest")]
 pub(crate) struct GetStatusWire {
     #[schemars(required)]
+    #[schemars(length(min = 1))]
     device_id: Option<String>,
     include_allocations: Option<bool>,
     include_usage_stats: Option<bool>,
@@ -111,6 +112,7 @@ impl GetStatusRequest {
 #[schemars(rename = "DeviceRequest")]
 pub(crate) struct DeviceWire {
     #[schemars(required)]
+    #[schemars(length(min = 1))]
     device_id: Option<String>,
 }
 
@@ -135,11 +137,14 @@ impl DeviceRequest {
 #[schemars(rename = "GetAllocationsRequest")]
 pub(crate) struct GetAllocationsWire {
     #[schemars(required)]
+    #[schemars(length(min = 1))]
     device_id: Option<String>,
     allocation_type: Option<MemoryAllocationType>,
     purpose: Option<String>,
     owner: Option<String>,
+    #[schemars(range(min = 0))]
     offset: Option<i64>,
+    #[schemars(range(min = 0, max = 100000))]
     limit: Option<i64>,
 }
 
@@ -191,13 +196,17 @@ impl GetAllocationsRequest {
 #[schemars(rename = "AllocateRequest")]
 pub(crate) struct AllocateWire {
     #[schemars(required)]
+    #[schemars(length(min = 1))]
     device_id: Option<String>,
     #[schemars(required)]
+    #[schemars(range(min = 1))]
     size_bytes: Option<i64>,
     allocation_type: Option<MemoryAllocationType>,
+    #[schemars(extend("enum" = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576, 2097152, 4194304, 8388608, 16777216, 33554432, 67108864, 134217728, 268435456, 536870912, 1073741824, null]))]
     alignment: Option<i64>,
     purpose: Option<String>,
     persistent: Option<bool>,
+    #[schemars(range(min = 0, max = 3600))]
     timeout_seconds: Option<f64>,
 }
 
@@ -265,7 +274,9 @@ impl AllocateRequest {
 #[schemars(rename = "DeallocateRequest")]
 pub(crate) struct DeallocateWire {
     #[schemars(required)]
+    #[schemars(length(min = 1))]
     allocation_id: Option<String>,
+    #[schemars(length(min = 1))]
     device_id: Option<String>,
 }
 
@@ -293,6 +304,7 @@ impl DeallocateRequest {
 #[schemars(rename = "ClearRequest")]
 pub(crate) struct ClearWire {
     #[schemars(required)]
+    #[schemars(length(min = 1))]
     device_id: Option<String>,
     force: Option<bool>,
 }
@@ -321,10 +333,12 @@ impl ClearRequest {
 #[schemars(rename = "OptimizeRequest")]
 pub(crate) struct OptimizeWire {
     #[schemars(required)]
+    #[schemars(length(min = 1))]
     device_id: Option<String>,
     #[schemars(required)]
     optimization_type: Option<MemoryOptimizationType>,
     force: Option<bool>,
+    #[schemars(range(min = 0, max = 100))]
     target_usage_percentage: Option<f64>,
     preserve_allocations: Option<Vec<String>>,
     wait_for_completion: Option<bool>,
@@ -401,11 +415,15 @@ impl TransferMode {
 #[schemars(rename = "TransferRequest")]
 pub(crate) struct TransferWire {
     #[schemars(required)]
+    #[schemars(length(min = 1))]
     allocation_id: Option<String>,
     #[schemars(required)]
+    #[schemars(length(min = 1))]
     source_device_id: Option<String>,
     #[schemars(required)]
+    #[schemars(length(min = 1))]
     destination_device_id: Option<String>,
+    #[schemars(extend("enum" = ["move", "copy", null]))]
     mode: Option<String>,
     wait_for_completion: Option<bool>,
 }
@@ -452,6 +470,7 @@ impl TransferRequest {
 #[schemars(rename = "TransferIdRequest")]
 pub(crate) struct TransferIdWire {
     #[schemars(required)]
+    #[schemars(length(min = 1))]
     transfer_id: Option<String>,
 }
 
@@ -476,12 +495,17 @@ impl TransferIdRequest {
 #[schemars(rename = "ModelLoadRequest")]
 pub(crate) struct ModelLoadWire {
     #[schemars(required)]
+    #[schemars(length(min = 1))]
     model_name: Option<String>,
     #[schemars(required)]
+    #[schemars(length(min = 1))]
     path: Option<String>,
     #[schemars(required)]
+    #[schemars(length(min = 1))]
     device_id: Option<String>,
+    #[schemars(range(min = 0))]
     keep_alive_seconds: Option<f64>,
+    #[schemars(range(min = 0, max = 3600))]
     timeout_seconds: Option<f64>,
 }
 
@@ -525,8 +549,10 @@ impl ModelLoadRequest {
 #[schemars(rename = "ModelNameRequest")]
 pub(crate) struct ModelNameWire {
     #[schemars(required)]
+    #[schemars(length(min = 1))]
     model_name: Option<String>,
     force: Option<bool>,
+    #[schemars(range(min = 0, max = 3600))]
     timeout_seconds: Option<f64>,
 }
 
@@ -557,6 +583,7 @@ impl ModelRequest {
 #[schemars(rename = "LeaseRequest")]
 pub(crate) struct LeaseWire {
     #[schemars(required)]
+    #[schemars(length(min = 1))]
     lease_id: Option<String>,
 }
 
@@ -580,7 +607,9 @@ impl LeaseRequest {
 #[derive(Deserialize, schemars::JsonSchema)]
 #[schemars(rename = "ModelStatusRequest")]
 pub(crate) struct ModelStatusWire {
+    #[schemars(length(min = 1))]
     device_id: Option<String>,
+    #[schemars(length(min = 1))]
     model_name: Option<String>,
 }
 
@@ -618,10 +647,14 @@ pub enum ModelStrategy {
 #[derive(Deserialize, schemars::JsonSchema)]
 #[schemars(rename = "ModelOptimizeRequest")]
 pub(crate) struct ModelOptimizeWire {
+    #[schemars(length(min = 1))]
     device_id: Option<String>,
     #[schemars(required)]
+    #[schemars(extend("enum" = ["OffloadIdle", "UnloadIdle", "FitBudget"]))]
     strategy: Option<String>,
+    #[schemars(range(min = 0))]
     idle_seconds: Option<f64>,
+    #[schemars(range(min = 0))]
     target_bytes: Option<i64>,
 }
 
@@ -688,6 +721,7 @@ impl ModelOptimizeRequest {
 #[derive(Deserialize, schemars::JsonSchema)]
 #[schemars(rename = "OptionalDeviceRequest")]
 pub(crate) struct OptionalDeviceWire {
+    #[schemars(length(min = 1))]
     device_id: Option<String>,
 }
 
@@ -711,7 +745,9 @@ impl OptionalDeviceRequest {
 #[derive(Deserialize, schemars::JsonSchema)]
 #[schemars(rename = "AnalyticsRequest")]
 pub(crate) struct AnalyticsWire {
+    #[schemars(length(min = 1))]
     device_id: Option<String>,
+    #[schemars(range(min = 1, max = 3600))]
     window_seconds: Option<f64>,
 }
 

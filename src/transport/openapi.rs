@@ -185,15 +185,48 @@ pub fn document() -> Value {
                         "schema": schema
                     }));
                 }
-            } else {
+            } else if in_path.is_empty() {
                 op["requestBody"] = json!({
-                    "required": !req_fields.iter().all(|f| in_path.contains(&f.as_str())),
+                    "required": true,
                     "content": {"application/json": {"schema": req}}
+                });
+            } else {
+                // The path gives these fields: the body has the others (any it repeats are
+                // overridden by the path).
+                let body_props: Map<String, Value> = props
+                    .into_iter()
+                    .filter(|(name, _)| !in_path.contains(&name.as_str()))
+                    .collect();
+                let body_required: Vec<&String> = req_fields
+                    .iter()
+                    .filter(|f| !in_path.contains(&f.as_str()))
+                    .collect();
+                op["requestBody"] = json!({
+                    "required": !body_required.is_empty(),
+                    "content": {"application/json": {"schema": {
+                        "type": "object",
+                        "properties": body_props,
+                        "required": body_required
+                    }}}
                 });
             }
         }
         op["parameters"] = Value::Array(parameters);
         ops.push((route.path.to_string(), method, op));
+    }
+    // `DELETE /v1/models/optimize` unloads a model named "optimize" (the static route would
+    // otherwise shadow `/v1/models/{model_name}` for it).
+    if let Some((_, _, unload)) = ops
+        .iter()
+        .find(|(path, method, _)| path == "/v1/models/{model_name}" && method == "delete")
+    {
+        let mut op = unload.clone();
+        op["operationId"] = json!("model_unload_optimize");
+        op["summary"] = json!("Unload the model named `optimize`");
+        if let Some(params) = op["parameters"].as_array_mut() {
+            params.retain(|p| p["in"] != "path");
+        }
+        ops.push(("/v1/models/optimize".into(), "delete".into(), op));
     }
     ops.push((
         "/v1/command".into(),
