@@ -68,7 +68,16 @@ pub struct Tally {
     free_slots: Vec<u32>,
     by_name: FxHashMap<Box<str>, u32>,
     last: Option<u32>,
+    /// Slots whose purpose has no live allocation now, kept for its next allocation.
+    empty: usize,
 }
+
+/// Empty purpose slots kept before they are swept. A purpose whose last allocation goes keeps
+/// its slot, so an allocate/free cycle of one purpose (the common case: one live allocation of
+/// a purpose at a time) does not create and drop a slot, its two name copies and its map entry
+/// on every cycle; past this many empty slots they are all dropped at once, so memory stays
+/// bounded by the purposes of live allocations plus this.
+const KEPT_EMPTY_SLOTS: usize = 256;
 
 impl Tally {
     fn purpose_slot(&mut self, purpose: &str) -> u32 {
@@ -96,6 +105,8 @@ impl Tally {
                     }
                 };
                 self.by_name.insert(purpose.into(), i);
+                // Empty until `add` counts its allocation.
+                self.empty += 1;
                 i
             }
         };
@@ -118,6 +129,9 @@ impl Tally {
         }
         let index = self.purpose_slot(e.purpose);
         if let Some(Some(slot)) = self.slots.get_mut(index as usize) {
+            if slot.total.count == 0 {
+                self.empty = self.empty.saturating_sub(1);
+            }
             slot.total.count += 1;
             slot.total.bytes += e.size;
         }
@@ -137,21 +151,36 @@ impl Tally {
                     self.unpinned_client_bytes[t].saturating_sub(e.size);
             }
         }
-        let gone = match self.slots.get_mut(slot as usize) {
-            Some(Some(s)) => {
-                s.total.count = s.total.count.saturating_sub(1);
+        let emptied = match self.slots.get_mut(slot as usize) {
+            Some(Some(s)) if s.total.count > 0 => {
+                s.total.count -= 1;
                 s.total.bytes = s.total.bytes.saturating_sub(e.size);
                 s.total.count == 0
             }
             _ => false,
         };
-        if gone && let Some(s) = self.slots[slot as usize].take() {
-            self.by_name.remove(&s.name);
-            self.free_slots.push(slot);
-            if self.last == Some(slot) {
-                self.last = None;
+        if emptied {
+            self.empty += 1;
+            if self.empty > KEPT_EMPTY_SLOTS {
+                self.sweep_empty();
             }
         }
+    }
+
+    /// Drops every slot whose purpose has no live allocation.
+    fn sweep_empty(&mut self) {
+        for (i, entry) in self.slots.iter_mut().enumerate() {
+            if entry.as_ref().is_some_and(|s| s.total.count == 0)
+                && let Some(s) = entry.take()
+            {
+                self.by_name.remove(&s.name);
+                self.free_slots.push(i as u32);
+                if self.last == Some(i as u32) {
+                    self.last = None;
+                }
+            }
+        }
+        self.empty = 0;
     }
 
     /// An allocation made since the start was undone (its pages were refused).
@@ -172,6 +201,7 @@ impl Tally {
             .slots
             .iter()
             .flatten()
+            .filter(|s| s.total.count > 0)
             .map(|s| (s.name.as_ref(), s.total.bytes))
             .collect();
         if all.len() > limit {
@@ -190,7 +220,7 @@ impl Tally {
 
     /// Distinct purposes of live allocations.
     pub fn purpose_count(&self) -> usize {
-        self.by_name.len()
+        self.by_name.len() - self.empty
     }
 }
 
@@ -233,6 +263,26 @@ mod tests {
             "a purpose goes with its last allocation"
         );
         assert_eq!(t.total_by_type[T::Cache.value() as usize], 2);
+        assert_eq!(t.bytes_by_purpose(10, "…"), vec![("b".to_string(), 5)]);
+        // The emptied slot serves the purpose's next allocation.
+        assert_eq!(t.add(e(7, T::Cache, "a", false)), a1);
+        assert_eq!(t.purpose_count(), 2);
+    }
+
+    #[test]
+    fn empty_purpose_slots_are_bounded() {
+        let mut t = Tally::default();
+        let keep = t.add(e(1, T::General, "kept", false));
+        for i in 0..10 * KEPT_EMPTY_SLOTS {
+            let s = t.add(e(3, T::General, &format!("p{i}"), false));
+            t.remove(e(3, T::General, &format!("p{i}"), false), s);
+            assert!(t.empty <= KEPT_EMPTY_SLOTS);
+        }
+        assert!(t.slots.len() <= KEPT_EMPTY_SLOTS + 2, "{}", t.slots.len());
+        assert_eq!(t.purpose_count(), 1);
+        assert_eq!(t.bytes_by_purpose(10, "…"), vec![("kept".to_string(), 1)]);
+        t.remove(e(1, T::General, "kept", false), keep);
+        assert_eq!(t.purpose_count(), 0);
     }
 
     #[test]
