@@ -138,6 +138,11 @@ impl InFlightLimit {
             .map(|_| InFlightTicket(Arc::clone(self)))
     }
 
+    /// Takes a place, or the `TOO_MANY_REQUESTS` refusal when all are taken.
+    pub fn admit(self: &Arc<Self>) -> Result<InFlightTicket, ProtocolError> {
+        self.try_enter().ok_or_else(|| self.refusal())
+    }
+
     fn refusal(&self) -> ProtocolError {
         ProtocolError::new(
             ErrorCode::TooManyRequests,
@@ -252,14 +257,26 @@ impl Dispatcher {
         out: &mut Vec<u8>,
         limit: &Arc<InFlightLimit>,
     ) -> Option<Pending> {
-        self.handle(line, out, Some(limit))
+        self.handle(line, out, Some(&|| limit.admit()))
+    }
+
+    /// [`Dispatcher::handle_line`] with a bound found only when a request needs a place:
+    /// `admit` is called for requests answered later or leaving work running, never for those
+    /// answered at once (HTTP looks its client's bound up this way).
+    pub fn handle_line_admitting(
+        &self,
+        line: &[u8],
+        out: &mut Vec<u8>,
+        admit: &dyn Fn() -> Result<InFlightTicket, ProtocolError>,
+    ) -> Option<Pending> {
+        self.handle(line, out, Some(admit))
     }
 
     fn handle(
         &self,
         line: &[u8],
         out: &mut Vec<u8>,
-        limit: Option<&Arc<InFlightLimit>>,
+        limit: Option<&dyn Fn() -> Result<InFlightTicket, ProtocolError>>,
     ) -> Option<Pending> {
         let start = out.len();
         match catch_unwind(AssertUnwindSafe(|| {
@@ -335,12 +352,12 @@ impl Dispatcher {
         &self,
         line: &[u8],
         out: &mut Vec<u8>,
-        limit: Option<&Arc<InFlightLimit>>,
+        limit: Option<&dyn Fn() -> Result<InFlightTicket, ProtocolError>>,
     ) -> Option<Pending> {
         let admit = || -> Admission {
             match limit {
                 None => Ok(None),
-                Some(l) => l.try_enter().map(Some).ok_or_else(|| l.refusal()),
+                Some(admit) => admit().map(Some),
             }
         };
         let request = match parse_request(line) {

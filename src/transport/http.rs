@@ -411,8 +411,12 @@ async fn undo(dispatcher: &Dispatcher, line: &[u8], answer: &[u8], started: std:
 /// [`UndoIfGone`]).
 async fn dispatch(state: &HttpState, line: &[u8], address: Option<IpAddr>) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
-    let limit = state.clients.of(address);
-    match state.dispatcher.handle_line_limited(line, &mut out, &limit) {
+    // The client's bound is looked up only for a request that takes a place.
+    let admit = || state.clients.of(address).admit();
+    match state
+        .dispatcher
+        .handle_line_admitting(line, &mut out, &admit)
+    {
         None => out,
         Some(pending) => {
             let id = pending.request_id.clone();
