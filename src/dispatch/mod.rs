@@ -165,6 +165,9 @@ impl Drop for InFlightTicket {
     }
 }
 
+/// Gives a request a place in its session's bound, or the refusal.
+pub type Admit<'a> = &'a dyn Fn() -> Result<InFlightTicket, ProtocolError>;
+
 /// The ticket of a request that takes a place (none when the caller sets no limit).
 type Admission = Result<Option<InFlightTicket>, ProtocolError>;
 
@@ -267,17 +270,12 @@ impl Dispatcher {
         &self,
         line: &[u8],
         out: &mut Vec<u8>,
-        admit: &dyn Fn() -> Result<InFlightTicket, ProtocolError>,
+        admit: Admit<'_>,
     ) -> Option<Pending> {
         self.handle(line, out, Some(admit))
     }
 
-    fn handle(
-        &self,
-        line: &[u8],
-        out: &mut Vec<u8>,
-        limit: Option<&dyn Fn() -> Result<InFlightTicket, ProtocolError>>,
-    ) -> Option<Pending> {
+    fn handle(&self, line: &[u8], out: &mut Vec<u8>, limit: Option<Admit<'_>>) -> Option<Pending> {
         let start = out.len();
         match catch_unwind(AssertUnwindSafe(|| {
             self.handle_line_inner(line, out, limit)
@@ -352,7 +350,7 @@ impl Dispatcher {
         &self,
         line: &[u8],
         out: &mut Vec<u8>,
-        limit: Option<&dyn Fn() -> Result<InFlightTicket, ProtocolError>>,
+        limit: Option<Admit<'_>>,
     ) -> Option<Pending> {
         let admit = || -> Admission {
             match limit {
