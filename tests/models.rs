@@ -530,3 +530,43 @@ fn a_load_unloaded_with_force_does_not_take_over_a_reload() {
     w.ok("memory.model_unload", json!({"model_name": "m"}));
     assert_eq!(w.usage("shm")["allocation_count"], 0);
 }
+
+/// A load (or an acquire) that cannot fit even with every idle model evicted evicts nothing: a
+/// failed request changes nothing.
+#[test]
+fn a_load_that_cannot_fit_evicts_nothing() {
+    let root = Root::new("evict-nothing");
+    write_model(&root.path().join("m.safetensors"), &[("w", 1_048_576)]); // 4 MiB
+    write_model(&root.path().join("big.safetensors"), &[("w", 7 * 262_144)]); // 7 MiB
+    let mut w = worker(&root, "12MiB");
+    w.ok(
+        "memory.model_load",
+        json!({"model_name": "idle", "path": "m.safetensors", "device_id": "cpu"}),
+    );
+    let held = w.allocate("cpu", 6 * MIB);
+    // 2 MiB free + 4 MiB of idle model < 7 MiB.
+    let (code, _) = w.err(
+        "memory.model_load",
+        json!({"model_name": "big", "path": "big.safetensors", "device_id": "cpu", "timeout_seconds": 0}),
+    );
+    assert_eq!(code, "OUT_OF_MEMORY");
+    assert_eq!(
+        state_of(&mut w, "idle").0,
+        "Loaded",
+        "the idle model stayed"
+    );
+    assert_eq!(w.usage("cpu")["allocated_bytes"], 10 * MIB);
+    // Once it would fit, the idle model makes room as before.
+    w.ok("memory.deallocate", json!({"allocation_id": held}));
+    w.allocate("cpu", 3 * MIB);
+    let m = w.ok(
+        "memory.model_load",
+        json!({"model_name": "big", "path": "big.safetensors", "device_id": "cpu", "timeout_seconds": 0}),
+    );
+    assert_eq!(m["state"], "Loaded");
+    assert_eq!(
+        w.request("memory.model_status", json!({"model_name": "idle"}))["error_code"],
+        "MODEL_NOT_FOUND",
+        "unloaded to make room (cpu has nowhere to offload to)"
+    );
+}

@@ -183,11 +183,13 @@ impl MemoryService {
                 ),
             ));
         }
-        let fits = |svc: &Self| {
-            svc.device_available(device) >= total
-                && svc.models.lock().resident_bytes(&req.device_id) + total <= budget
-        };
-        self.wait_for_room(&req.device_id, req.timeout_seconds, fits)?;
+        self.wait_for_room(
+            &req.device_id,
+            device,
+            total,
+            Some(budget),
+            req.timeout_seconds,
+        )?;
         let resident = self.models.lock().resident_bytes(&req.device_id);
         if resident + total > budget {
             return Err(ProtocolError::new(
@@ -299,31 +301,57 @@ impl MemoryService {
     /// `device_id`), only when evicting every idle model there would make it fit: an allocation
     /// that fails anyway evicts nothing (a failed request changes nothing).
     pub(super) fn make_room_for(&self, device_id: &str, d: usize, size: u64) -> Vec<String> {
-        let evictable: u64 = self
-            .models
-            .lock()
-            .eviction_order(device_id, SystemTime::now())
-            .iter()
-            .map(|(_, bytes)| bytes)
-            .sum();
-        if self.device_available(d).saturating_add(evictable) < size {
+        if !self.eviction_would_fit(device_id, d, size, None) {
             return Vec::new();
         }
         self.make_room(device_id, |svc| svc.device_available(d) >= size)
     }
 
-    /// Makes room as [`MemoryService::make_room`] does; while it still does not fit, waits (up
-    /// to `timeout_seconds`, checking every 50 ms, making room again each time) for frees,
-    /// releases and unloads elsewhere. Returns whether it fits.
+    /// Whether `size` bytes fit on device `d` (index of `device_id`) now, or would once every
+    /// idle model there is evicted; with `model_budget`, as models' bytes within that budget.
+    fn eviction_would_fit(
+        &self,
+        device_id: &str,
+        d: usize,
+        size: u64,
+        model_budget: Option<u64>,
+    ) -> bool {
+        let (evictable, resident) = {
+            let models = self.models.lock();
+            let evictable: u64 = models
+                .eviction_order(device_id, SystemTime::now())
+                .iter()
+                .map(|(_, bytes)| bytes)
+                .sum();
+            (evictable, models.resident_bytes(device_id))
+        };
+        self.device_available(d).saturating_add(evictable) >= size
+            && model_budget.is_none_or(|b| resident.saturating_sub(evictable) + size <= b)
+    }
+
+    /// Room for a model's `size` bytes on device `d` (index of `device_id`), within
+    /// `model_budget`: makes room as [`MemoryService::make_room`] does, but only when evicting
+    /// every idle model would be enough (a request that fails anyway evicts nothing); while it
+    /// does not fit, waits (up to `timeout_seconds`, checking every 50 ms, trying again each
+    /// time) for frees, releases and unloads elsewhere. Returns whether it fits.
     pub(super) fn wait_for_room(
         &self,
         device_id: &str,
+        d: usize,
+        size: u64,
+        model_budget: Option<u64>,
         timeout_seconds: f64,
-        fits: impl Fn(&Self) -> bool,
     ) -> Result<bool, ProtocolError> {
+        let fits = |svc: &Self| {
+            svc.device_available(d) >= size
+                && model_budget
+                    .is_none_or(|b| svc.models.lock().resident_bytes(device_id) + size <= b)
+        };
         let deadline = Instant::now() + std::time::Duration::from_secs_f64(timeout_seconds);
         loop {
-            self.make_room(device_id, &fits);
+            if self.eviction_would_fit(device_id, d, size, model_budget) {
+                self.make_room(device_id, fits);
+            }
             if fits(self) {
                 return Ok(true);
             }
@@ -653,10 +681,8 @@ impl MemoryService {
             // Bring it back first, making room from other idle models.
             let device = self.engine.lock().device_index(&home)?;
             let budget = self.model_budget(&home);
-            let fits = self.wait_for_room(&home, req.timeout_seconds, |svc| {
-                svc.device_available(device) >= size
-                    && svc.models.lock().resident_bytes(&home) + size <= budget
-            })?;
+            let fits =
+                self.wait_for_room(&home, device, size, Some(budget), req.timeout_seconds)?;
             let restored = if fits {
                 self.relocate_model(&req.model_name, &home, ModelState::Loaded)
                     .map(|_| ())
