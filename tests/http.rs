@@ -600,59 +600,44 @@ fn tokens_never_reach_the_logs() {
     let token_file = dir.join("token");
     std::fs::write(&token_file, format!("{secret}\n")).unwrap();
     let log = dir.join("stderr.log");
-    let port = common::free_port();
-    let mut child = std::process::Command::new(common::BIN)
-        .args([
-            "serve",
+    let mut server = Server::spawn_with(
+        &[
             "--no-gpu",
             "--budget",
             "cpu=64MiB",
             "--budget",
             "shm=64MiB",
-        ])
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--token-file")
-        .arg(&token_file)
-        .env("MEMCOORD_LOG", "trace")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "serve did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ],
+        &[("MEMCOORD_LOG", "trace")],
+        std::fs::File::create(&log).unwrap().into(),
+    );
     let good = format!("Bearer {secret}");
     let bad = format!("Bearer {wrong}");
     let body =
         json!({"request_id": "r", "action": "memory.get_usage", "data": {"device_id": "cpu"}})
             .to_string();
-    let a = common::http_request(
-        port,
+    let a = server.request(
         "POST",
         "/v1/command",
         &[("Authorization", &good)],
         Some(&body),
     );
     assert_eq!(a.status, 200, "{}", a.body);
-    let a = common::http_request(
-        port,
+    let a = server.request(
         "POST",
         "/v1/command",
         &[("Authorization", &bad)],
         Some(&body),
     );
     assert_eq!(a.status, 401);
-    let a = common::http_request(port, "GET", &format!("/?token={secret}"), &[], None);
+    let a = server.request("GET", &format!("/?token={secret}"), &[], None);
     assert_eq!(a.status, 200);
-    let a = common::http_request(port, "GET", &format!("/?token={wrong}"), &[], None);
+    let a = server.request("GET", &format!("/?token={wrong}"), &[], None);
     assert_eq!(a.status, 401);
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc_kill(child.id() as i32, 15) };
-    assert!(child.wait().unwrap().success());
+    server.signal(15);
+    assert!(server.wait_exit(Duration::from_secs(30)).success());
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         !text.is_empty(),
@@ -664,9 +649,4 @@ fn tokens_never_reach_the_logs() {
         "a client's token is in the logs:\n{text}"
     );
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }

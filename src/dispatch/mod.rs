@@ -416,71 +416,57 @@ impl Dispatcher {
                         return None;
                     }
                 };
-                match s.try_allocate(req, started) {
-                    TryAllocate::Ready(r) => respond(out, id, r),
-                    TryAllocate::Large(req) => {
-                        let ticket = match admit() {
-                            Ok(t) => t,
-                            Err(e) => {
-                                s.record_refused(&req);
-                                write_error(out, Some(id), &e);
-                                return None;
-                            }
-                        };
-                        let service = Arc::clone(s);
-                        let rid = id.to_string();
-                        return Some(holding(
-                            ticket,
-                            Pending {
-                                request_id: id.to_string(),
-                                response: Box::pin(async move {
-                                    let blocking = Arc::clone(&service);
-                                    let attempt = tokio::task::spawn_blocking(move || {
-                                        blocking.allocate_large(req, started)
-                                    })
-                                    .await;
-                                    let mut out = Vec::with_capacity(512);
-                                    match attempt {
-                                        Ok(TryAllocate::Ready(r)) => respond(&mut out, &rid, r),
-                                        Ok(
-                                            TryAllocate::MustWait(req) | TryAllocate::Large(req),
-                                        ) => {
-                                            let r = service.wait_and_allocate(req, started).await;
-                                            respond(&mut out, &rid, r);
-                                        }
-                                        Err(_) => internal_error(&mut out, Some(&rid)),
+                let (req, large) = match s.try_allocate(req, started) {
+                    TryAllocate::Ready(r) => {
+                        respond(out, id, r);
+                        return None;
+                    }
+                    TryAllocate::Large(req) => (req, true),
+                    TryAllocate::MustWait(req) => (req, false),
+                };
+                // It waits for room, or (large) is placed off this thread first.
+                let ticket = match admit() {
+                    Ok(t) => t,
+                    Err(e) => {
+                        s.record_refused(&req);
+                        write_error(out, Some(id), &e);
+                        return None;
+                    }
+                };
+                let service = Arc::clone(s);
+                let rid = id.to_string();
+                return Some(holding(
+                    ticket,
+                    Pending {
+                        request_id: id.to_string(),
+                        response: Box::pin(async move {
+                            let mut out = Vec::with_capacity(512);
+                            let req = if large {
+                                let blocking = Arc::clone(&service);
+                                let attempt = tokio::task::spawn_blocking(move || {
+                                    blocking.allocate_large(req, started)
+                                })
+                                .await;
+                                match attempt {
+                                    Ok(TryAllocate::Ready(r)) => {
+                                        respond(&mut out, &rid, r);
+                                        return out;
                                     }
-                                    out
-                                }),
-                            },
-                        ));
-                    }
-                    TryAllocate::MustWait(req) => {
-                        let ticket = match admit() {
-                            Ok(t) => t,
-                            Err(e) => {
-                                s.record_refused(&req);
-                                write_error(out, Some(id), &e);
-                                return None;
-                            }
-                        };
-                        let service = Arc::clone(s);
-                        let request_id = id.to_string();
-                        let rid = request_id.clone();
-                        return Some(holding(
-                            ticket,
-                            Pending {
-                                request_id,
-                                response: Box::pin(async move {
-                                    let r = service.wait_and_allocate(req, started).await;
-                                    let mut out = Vec::with_capacity(512);
-                                    respond(&mut out, &rid, r);
-                                    out
-                                }),
-                            },
-                        ));
-                    }
-                }
+                                    Ok(TryAllocate::MustWait(req) | TryAllocate::Large(req)) => req,
+                                    Err(_) => {
+                                        internal_error(&mut out, Some(&rid));
+                                        return out;
+                                    }
+                                }
+                            } else {
+                                req
+                            };
+                            let r = service.wait_and_allocate(req, started).await;
+                            respond(&mut out, &rid, r);
+                            out
+                        }),
+                    },
+                ));
             }
             Action::Defragment => {
                 return self.blocking(id, out, DeviceRequest::parse(data), admit, |s, r| {

@@ -396,15 +396,21 @@ unsafe extern "C" {
 impl Server {
     /// Starts `memcoord serve --listen 127.0.0.1:PORT ARGS` and waits until it listens.
     pub fn spawn(args: &[&str]) -> Server {
+        Server::spawn_with(args, &[], Stdio::inherit())
+    }
+
+    /// [`Server::spawn`] with environment variables set and stderr sent to `stderr`.
+    pub fn spawn_with(args: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Server {
         let port = free_port();
         let child = Command::new(BIN)
             .arg("serve")
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn memcoord serve");
         let server = Server { child, port };
