@@ -1,7 +1,8 @@
 //! Settings: device budgets and worker limits, from `--budget`/`--config` and defaults.
 
 use crate::backends::{
-    Backend, CpuBackend, ShmBackend, cuda, meminfo, remove_stale_shm_files, tmpfs_capacity,
+    Backend, CpuBackend, DEFAULT_SHM_MODE, ShmBackend, cuda, meminfo, remove_stale_shm_files,
+    tmpfs_capacity,
 };
 use crate::managers::DeviceSetup;
 use crate::units::{format_bytes, parse_size};
@@ -73,6 +74,8 @@ pub struct Settings {
     /// Bytes of page-locked host memory for `cpu` allocations of type `Staging` when there is
     /// a GPU (default [`DEFAULT_PINNED_POOL`], at most a quarter of the `cpu` budget; 0: none).
     pub pinned_pool: Option<u64>,
+    /// Permissions of the `shm` file (default [`DEFAULT_SHM_MODE`], the owner's only).
+    pub shm_mode: u32,
 }
 
 /// The default pinned pool beside a GPU.
@@ -87,6 +90,7 @@ impl Default for Settings {
             state_dir: None,
             no_gpu: false,
             pinned_pool: None,
+            shm_mode: DEFAULT_SHM_MODE,
         }
     }
 }
@@ -146,6 +150,24 @@ impl Settings {
             s.shm_dir = dir;
         }
         Ok(s)
+    }
+
+    /// Sets the `shm` file's permissions from octal text (`0660`): at most `0666`, and the
+    /// owner can always read and write.
+    pub fn set_shm_mode(&mut self, text: &str) -> Result<(), ConfigError> {
+        let bad = || {
+            ConfigError::Budget(format!(
+                "--shm-mode `{text}` is not a file mode in octal between 0600 and 0666 \
+                 (e.g. 0660 to let the group map allocations)"
+            ))
+        };
+        let mode =
+            u32::from_str_radix(text.trim().trim_start_matches("0o"), 8).map_err(|_| bad())?;
+        if mode & !0o666 != 0 || mode & 0o600 != 0o600 {
+            return Err(bad());
+        }
+        self.shm_mode = mode;
+        Ok(())
     }
 
     /// Applies one `DEVICE=SIZE` from the command line.
@@ -273,8 +295,9 @@ impl Settings {
                     Some(state) => Box::new(ShmBackend::open_persistent(
                         &self.state_shm_path(state),
                         range,
+                        self.shm_mode,
                     )?),
-                    None => Box::new(ShmBackend::new(&self.shm_dir, range)?),
+                    None => Box::new(ShmBackend::new(&self.shm_dir, range, self.shm_mode)?),
                 },
             };
             tracing::debug!("{device}: budget {}", format_bytes(budget));

@@ -337,6 +337,11 @@ struct DeviceArgs {
     /// from and to it need no staging copy). Default 2GiB, at most a quarter of the cpu budget.
     #[arg(long, value_name = "SIZE")]
     pinned_pool: Option<String>,
+    /// Permissions of the `shm` file, in octal. Default 0600: only this user's processes can
+    /// map allocations; 0660 lets the file's group map them too (clients running as another
+    /// user in that group).
+    #[arg(long, value_name = "MODE")]
+    shm_mode: Option<String>,
 }
 
 impl DeviceArgs {
@@ -349,6 +354,9 @@ impl DeviceArgs {
             s.set_budget(b)?;
         }
         s.no_gpu |= self.no_gpu;
+        if let Some(mode) = &self.shm_mode {
+            s.set_shm_mode(mode)?;
+        }
         if let Some(size) = &self.pinned_pool {
             s.pinned_pool = Some(
                 memcoord::units::parse_size(size)

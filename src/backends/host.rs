@@ -8,6 +8,7 @@ use crate::protocol::{MemoryHandle, MemoryType};
 use memmap2::{Advice, MmapMut, MmapOptions, UncheckedAdvice};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -45,21 +46,46 @@ fn populate(
     }
 }
 
-/// Faults in pages of a host mapping from any thread (MADV_POPULATE_WRITE).
+/// Gives pages of a shared-memory file their tmpfs pages now (fallocate), so that a full
+/// tmpfs is an error here (ENOSPC) instead of a SIGBUS at the first write.
+fn allocate_file_pages(fd: i32, offset: u64, len: u64) -> Result<(), BackendError> {
+    // SAFETY: fallocate on a descriptor the caller owns; mode 0 within the file's length only
+    // allocates pages (holes become zero pages), it never changes bytes already there.
+    let rc = unsafe { libc::fallocate(fd, 0, offset as libc::off_t, len as libc::off_t) };
+    if rc == 0 {
+        return Ok(());
+    }
+    Err(BackendError::Os {
+        device: "shm".into(),
+        what: "backing pages (the tmpfs may be full)",
+        source: std::io::Error::last_os_error(),
+    })
+}
+
+/// Faults in pages of a host mapping from any thread (MADV_POPULATE_WRITE); for a shared
+/// file, allocates the file's pages first.
 struct MappingCommitter {
     base: usize,
     len: u64,
     page: u64,
     device: &'static str,
+    /// The shared-memory file behind the mapping (`shm`).
+    file: Option<std::sync::Arc<File>>,
 }
 
 impl MappingCommitter {
-    fn of(map: &MmapMut, page: u64, device: &'static str) -> std::sync::Arc<dyn super::Committer> {
+    fn of(
+        map: &MmapMut,
+        page: u64,
+        device: &'static str,
+        file: Option<std::sync::Arc<File>>,
+    ) -> std::sync::Arc<dyn super::Committer> {
         std::sync::Arc::new(MappingCommitter {
             base: map.as_ptr() as usize,
             len: map.len() as u64,
             page,
             device,
+            file,
         })
     }
 }
@@ -73,6 +99,9 @@ impl super::Committer for MappingCommitter {
                 message: "range outside the mapping".into(),
             });
         }
+        if let Some(file) = &self.file {
+            allocate_file_pages(file.as_raw_fd(), offset, len)?;
+        }
         let ptr = (self.base + offset as usize) as *mut libc::c_void;
         // SAFETY: the range lies inside the mapping (checked above), which outlives every
         // commit: the service commits only while the allocation's request is in flight, and
@@ -83,6 +112,10 @@ impl super::Committer for MappingCommitter {
         }
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EINVAL) {
+            if self.file.is_some() {
+                // Kernels before 5.14: the file's pages are allocated; the first touch maps them.
+                return Ok(());
+            }
             // Kernels before 5.14: touch each page. Only pages that hold no live data are
             // committed, so writing a zero there is harmless.
             let mut at = 0;
@@ -173,7 +206,7 @@ impl Backend for CpuBackend {
         self.map.get_mut(offset as usize..(offset + len) as usize)
     }
     fn committer(&self) -> Option<std::sync::Arc<dyn super::Committer>> {
-        Some(MappingCommitter::of(&self.map, self.page, "cpu"))
+        Some(MappingCommitter::of(&self.map, self.page, "cpu", None))
     }
     fn handle(&self, _offset: u64) -> Option<MemoryHandle> {
         None
@@ -181,6 +214,10 @@ impl Backend for CpuBackend {
 }
 
 static SHM_FILES: AtomicU64 = AtomicU64::new(0);
+
+/// Permissions of `shm` files by default: the owner's only. Another user's process that maps
+/// allocations needs them widened (`--shm-mode`).
+pub const DEFAULT_SHM_MODE: u32 = 0o600;
 
 /// Removes `memcoord-<pid>-<n>-shm` files in `dir` left by workers that no longer run (killed
 /// before they could clean up). Returns how many were removed.
@@ -218,8 +255,10 @@ pub fn remove_stale_shm_files(dir: &Path) -> usize {
 /// map an allocation by its handle's path and offset. The file is removed when the backend is
 /// dropped.
 pub struct ShmBackend {
+    /// Declared first, so dropped first: unregistered before the mapping goes.
+    guard: super::sigbus::Guard,
     map: MmapMut,
-    file: File,
+    file: std::sync::Arc<File>,
     path: PathBuf,
     dir: PathBuf,
     page: u64,
@@ -230,8 +269,8 @@ pub struct ShmBackend {
 
 impl ShmBackend {
     /// Creates `memcoord-<pid>-<n>-shm` in `dir`, `len` bytes long (rounded up to whole pages)
-    /// and sparse, and maps it.
-    pub fn new(dir: &Path, len: u64) -> Result<Self, BackendError> {
+    /// and sparse, with permissions `mode` (see [`DEFAULT_SHM_MODE`]), and maps it.
+    pub fn new(dir: &Path, len: u64, mode: u32) -> Result<Self, BackendError> {
         let os = |what: &'static str| {
             move |source| BackendError::Os {
                 device: "shm".into(),
@@ -247,11 +286,16 @@ impl ShmBackend {
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(mode)
             .open(&path)
             .map_err(os("creating the shared-memory file"))?;
         let made = file
-            .set_len(len)
-            .map_err(os("sizing the shared-memory file"))
+            .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .map_err(os("setting the shared-memory file's permissions"))
+            .and_then(|()| {
+                file.set_len(len)
+                    .map_err(os("sizing the shared-memory file"))
+            })
             .and_then(|()| {
                 // SAFETY: the file is ours, freshly created; other processes may map it too,
                 // which is the point of `shm`: they follow the handle protocol (PROTOCOL.md §6).
@@ -260,8 +304,13 @@ impl ShmBackend {
             });
         match made {
             Ok(map) => Ok(ShmBackend {
+                guard: super::sigbus::Guard::register(
+                    map.as_ptr() as usize,
+                    map.len(),
+                    file.as_raw_fd(),
+                ),
                 map,
-                file,
+                file: std::sync::Arc::new(file),
                 path,
                 dir: dir.to_path_buf(),
                 page,
@@ -275,10 +324,10 @@ impl ShmBackend {
         }
     }
 
-    /// Opens (or creates) the file at `path` for a worker whose persistent allocations
-    /// survive it: the file is kept when the backend goes, and an existing one keeps its bytes
+    /// Opens (or creates, with permissions `mode`) the file at `path` for a worker whose
+    /// persistent allocations survive it: the file is kept when the backend goes, and an existing one keeps its bytes
     /// (it grows to `len` if shorter, never shrinks).
-    pub fn open_persistent(path: &Path, len: u64) -> Result<Self, BackendError> {
+    pub fn open_persistent(path: &Path, len: u64, mode: u32) -> Result<Self, BackendError> {
         let os = |what: &'static str| {
             move |source| BackendError::Os {
                 device: "shm".into(),
@@ -292,8 +341,12 @@ impl ShmBackend {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(mode)
             .open(path)
             .map_err(os("opening the shared-memory file"))?;
+        // Exactly `mode`, whatever the umask, and for a file an earlier worker made too.
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .map_err(os("setting the shared-memory file's permissions"))?;
         let existing = file
             .metadata()
             .map_err(os("reading the shared-memory file's size"))?
@@ -308,8 +361,13 @@ impl ShmBackend {
         let map = unsafe { MmapOptions::new().len(len as usize).map_mut(&file) }
             .map_err(os("mapping the shared-memory file"))?;
         Ok(ShmBackend {
+            guard: super::sigbus::Guard::register(
+                map.as_ptr() as usize,
+                map.len(),
+                file.as_raw_fd(),
+            ),
             map,
-            file,
+            file: std::sync::Arc::new(file),
             path: path.to_path_buf(),
             dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
             page,
@@ -353,6 +411,7 @@ impl Backend for ShmBackend {
         self.page
     }
     fn commit(&mut self, offset: u64, len: u64) -> Result<(), BackendError> {
+        allocate_file_pages(self.file.as_raw_fd(), offset, len)?;
         populate(&mut self.map, "shm", offset, len, self.page)
     }
     fn release(&mut self, offset: u64, len: u64) {
@@ -380,7 +439,56 @@ impl Backend for ShmBackend {
         self.map.get_mut(offset as usize..(offset + len) as usize)
     }
     fn committer(&self) -> Option<std::sync::Arc<dyn super::Committer>> {
-        Some(MappingCommitter::of(&self.map, self.page, "shm"))
+        Some(MappingCommitter::of(
+            &self.map,
+            self.page,
+            "shm",
+            Some(self.file.clone()),
+        ))
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        let src = self
+            .map
+            .get(offset as usize..offset as usize + buf.len())
+            .ok_or_else(|| super::not_addressable("shm", "read"))?;
+        let token = self.begin_access();
+        buf.copy_from_slice(src);
+        self.end_access(token)
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+        let token = self.begin_access();
+        let dst = self
+            .map
+            .get_mut(offset as usize..offset as usize + data.len())
+            .ok_or_else(|| super::not_addressable("shm", "write"))?;
+        dst.copy_from_slice(data);
+        self.end_access(token)
+    }
+    fn copy_within(&mut self, src: u64, dst: u64, len: u64) -> Result<(), BackendError> {
+        let lo = src.min(dst);
+        let token = self.begin_access();
+        let span = self
+            .map
+            .get_mut(lo as usize..(src.max(dst) + len) as usize)
+            .ok_or_else(|| super::not_addressable("shm", "copy"))?;
+        let s = (src - lo) as usize;
+        span.copy_within(s..s + len as usize, (dst - lo) as usize);
+        self.end_access(token)
+    }
+    fn begin_access(&self) -> u64 {
+        self.guard.begin()
+    }
+    fn end_access(&self, token: u64) -> Result<(), BackendError> {
+        self.guard.end(token).map_err(|faults| BackendError::Device {
+            device: "shm".into(),
+            what: "accessing shared memory",
+            message: format!(
+                "another process truncated {} or took pages of it away while memcoord used them \
+                 ({faults} pages faulted); the bytes there are lost. Clients must never truncate \
+                 or punch the shared-memory file",
+                self.path.display()
+            ),
+        })
     }
     fn handle(&self, offset: u64) -> Option<MemoryHandle> {
         Some(MemoryHandle {
@@ -430,7 +538,7 @@ mod tests {
 
     #[test]
     fn shm_file_is_shared_and_removed() {
-        let mut b = ShmBackend::new(Path::new("/dev/shm"), 1 << 20).unwrap();
+        let mut b = ShmBackend::new(Path::new("/dev/shm"), 1 << 20, DEFAULT_SHM_MODE).unwrap();
         let path = b.path().to_path_buf();
         b.commit(0, b.page_size()).unwrap();
         b.write(100, b"shared").unwrap();

@@ -1,14 +1,15 @@
 //! Backends: where the bytes of a device's arena come from (host RAM, a shared-memory file,
-//! later CUDA). Each backend maps one contiguous range of address space, backs pages of it on
+//! NVIDIA VRAM). Each backend maps one contiguous range of address space, backs pages of it on
 //! request and gives them back; the arena above decides which pages.
 //!
 //! This is the only layer that calls the operating system's memory APIs.
 
 pub mod cuda;
 mod host;
+mod sigbus;
 mod sysinfo;
 
-pub use host::{CpuBackend, ShmBackend, remove_stale_shm_files};
+pub use host::{CpuBackend, DEFAULT_SHM_MODE, ShmBackend, remove_stale_shm_files};
 pub use sysinfo::{meminfo, tmpfs_capacity};
 
 use crate::protocol::{MemoryHandle, MemoryType};
@@ -38,7 +39,7 @@ pub enum BackendError {
     },
 }
 
-fn not_addressable(device: &str, what: &'static str) -> BackendError {
+pub(crate) fn not_addressable(device: &str, what: &'static str) -> BackendError {
     BackendError::Device {
         device: device.to_string(),
         what,
@@ -203,4 +204,17 @@ pub trait Backend: Send {
     }
     /// Where another process maps the bytes at `offset`, for shareable memory.
     fn handle(&self, offset: u64) -> Option<MemoryHandle>;
+    /// Starts a copy that reads or writes this backend's memory through
+    /// [`Backend::host_slice`] or [`Backend::host_slice_mut`]; pass what it returns to
+    /// [`Backend::end_access`] when the copy is done. Memory that another process can take
+    /// away (an `shm` file truncated through its path) is guarded: see [`Backend::end_access`].
+    fn begin_access(&self) -> u64 {
+        0
+    }
+    /// Ends a copy begun with [`Backend::begin_access`]: an error if memory it touched was
+    /// taken away by another process meanwhile (the copy then read zeros or wrote nowhere),
+    /// never a signal.
+    fn end_access(&self, _token: u64) -> Result<(), BackendError> {
+        Ok(())
+    }
 }

@@ -1160,15 +1160,22 @@ impl AllocationEngine {
         };
         let src_backend = src_dev.arena(s_pool).backend();
         let dst_backend = dst_dev.arena_mut(d_pool).backend_mut();
-        if let Some(bytes) = src_backend.host_slice(so, len) {
-            dst_backend.write(doff, bytes)?;
+        // One side copies straight from or into the other's memory: both are guarded against
+        // memory another process takes away meanwhile (an error then, never a signal).
+        let (src_token, dst_token) = (src_backend.begin_access(), dst_backend.begin_access());
+        let copied = if let Some(bytes) = src_backend.host_slice(so, len) {
+            dst_backend.write(doff, bytes)
         } else if let Some(bytes) = dst_backend.host_slice_mut(doff, len) {
-            src_backend.read(so, bytes)?;
+            src_backend.read(so, bytes)
         } else {
             let mut staging = vec![0u8; len as usize];
-            src_backend.read(so, &mut staging)?;
-            dst_backend.write(doff, &staging)?;
-        }
+            src_backend
+                .read(so, &mut staging)
+                .and_then(|()| dst_backend.write(doff, &staging))
+        };
+        let src_ok = src_backend.end_access(src_token);
+        let dst_ok = dst_backend.end_access(dst_token);
+        copied.and(src_ok).and(dst_ok)?;
         Ok(())
     }
 

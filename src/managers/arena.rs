@@ -263,7 +263,28 @@ impl Arena {
         let (start, len) = self.block_range(&block);
         let mut runs = Vec::new();
         if let Some((first, last)) = self.acquire_pages(start, len) {
-            for (a, b) in self.runs(first, last, false) {
+            // The block's end pages are the only ones a neighbour placed meanwhile can share,
+            // and a neighbour trusts the backed bit: it writes at once. Were an end page only
+            // marked backed here and faulted in later by another thread, that neighbour would
+            // write to a page nothing backs (on a full tmpfs: SIGBUS). So the end pages are
+            // backed now, under the engine; only the interior, this allocation's alone while it
+            // lives, is left to the caller.
+            let mut synced = self.back(first, first);
+            if synced.is_ok() && last != first {
+                synced = self.back(last, last);
+            }
+            if let Err(e) = synced {
+                // The pages backed before the failure stay as cache; nothing else changed.
+                self.release_pages(start, len);
+                self.tlsf.free(block);
+                return Err(e.into());
+            }
+            let interior = if last > first + 1 {
+                self.runs(first + 1, last - 1, false)
+            } else {
+                Vec::new()
+            };
+            for (a, b) in interior {
                 for p in a..=b {
                     self.set_backed(p, true);
                 }
@@ -663,6 +684,99 @@ mod tests {
 
     fn arena(len: u64) -> Arena {
         Arena::new(Box::new(CpuBackend::new(len).unwrap()))
+    }
+
+    /// A host backend that remembers which pages were really committed (through the backend
+    /// or its committer), as opposed to marked backed.
+    struct Recording {
+        inner: CpuBackend,
+        committed: std::sync::Arc<parking_lot::Mutex<std::collections::BTreeSet<u64>>>,
+    }
+
+    struct RecordingCommitter(std::sync::Arc<parking_lot::Mutex<std::collections::BTreeSet<u64>>>);
+
+    impl crate::backends::Committer for RecordingCommitter {
+        fn commit(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+            self.0.lock().extend((offset / 4096)..(offset + len) / 4096);
+            Ok(())
+        }
+    }
+
+    impl Backend for Recording {
+        fn device_id(&self) -> &str {
+            "cpu"
+        }
+        fn name(&self) -> &str {
+            "recording"
+        }
+        fn memory_type(&self) -> crate::protocol::MemoryType {
+            crate::protocol::MemoryType::RAM
+        }
+        fn capacity(&mut self) -> crate::backends::Capacity {
+            self.inner.capacity()
+        }
+        fn len(&self) -> u64 {
+            self.inner.len()
+        }
+        fn page_size(&self) -> u64 {
+            4096
+        }
+        fn commit(&mut self, offset: u64, len: u64) -> Result<(), BackendError> {
+            self.committed
+                .lock()
+                .extend((offset / 4096)..(offset + len) / 4096);
+            self.inner.commit(offset, len)
+        }
+        fn release(&mut self, offset: u64, len: u64) {
+            let mut c = self.committed.lock();
+            for p in (offset / 4096)..(offset + len) / 4096 {
+                c.remove(&p);
+            }
+        }
+        fn committer(&self) -> Option<std::sync::Arc<dyn crate::backends::Committer>> {
+            Some(std::sync::Arc::new(RecordingCommitter(
+                self.committed.clone(),
+            )))
+        }
+        fn handle(&self, _offset: u64) -> Option<crate::protocol::MemoryHandle> {
+            None
+        }
+    }
+
+    /// Issue 19, item 1: a large allocation's pages are committed off the engine; a small
+    /// neighbour placed meanwhile on the large one's last page must find that page really
+    /// backed (it was only marked so, and the neighbour's first write faulted it in on a full
+    /// tmpfs: SIGBUS).
+    #[test]
+    fn a_neighbour_never_shares_a_page_still_to_be_committed() {
+        let committed = std::sync::Arc::new(parking_lot::Mutex::new(Default::default()));
+        let mut a = Arena::new(Box::new(Recording {
+            inner: CpuBackend::new(1 << 24).unwrap(),
+            committed: committed.clone(),
+        }));
+        for (lead, size) in [(0, 10 * 4096 + 100), (100, 3 * 4096), (4000, 4096 + 10)] {
+            let lead = (lead > 0).then(|| a.allocate(lead, 0).unwrap());
+            let (big, runs) = a.allocate_deferred(size, 0).unwrap();
+            // The committer has not run yet. A neighbour comes.
+            let small = a.allocate(200, 0).unwrap();
+            let (so, sl) = (small.offset(), small.block_bytes());
+            for page in so / 4096..=(so + sl - 1) / 4096 {
+                assert!(
+                    committed.lock().contains(&page),
+                    "page {page} of a published allocation is not backed (big at {}, {size} bytes)",
+                    big.offset()
+                );
+            }
+            // The deferred runs never include a page another allocation can share.
+            for &(o, l) in &runs {
+                assert!(o > big.offset() && o + l < big.offset() + big.block_bytes());
+            }
+            a.free(&small);
+            a.abandon(&big, &runs);
+            if let Some(l) = lead {
+                a.free(&l);
+            }
+        }
     }
 
     #[test]

@@ -246,6 +246,11 @@ impl Worker {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// The exit status if the worker has ended (killed by a signal, say), without waiting.
+    pub fn wait_exit_now(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
 }
 
 impl Drop for Worker {
