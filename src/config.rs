@@ -296,6 +296,7 @@ impl Settings {
                         &self.state_shm_path(state),
                         range,
                         self.shm_mode,
+                        state,
                     )?),
                     None => Box::new(ShmBackend::new(&self.shm_dir, range, self.shm_mode)?),
                 },

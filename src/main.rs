@@ -248,6 +248,21 @@ impl ServiceArgs {
                 .with_state_dir(dir)
                 .map_err(|e| format!("--state-dir: {e}"))?;
             service = with_state;
+            // For crash tests: `MEMCOORD_TEST_FAILPOINT=state-written:N` kills the worker
+            // (SIGKILL) right after its Nth state file write from now on, before the memory
+            // that file no longer lists is given back.
+            if let Some(n) = std::env::var("MEMCOORD_TEST_FAILPOINT")
+                .ok()
+                .and_then(|v| v.strip_prefix("state-written:")?.parse::<u64>().ok())
+            {
+                let writes = std::sync::atomic::AtomicU64::new(0);
+                service = service.on_state_written(Box::new(move || {
+                    if writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == n {
+                        // SAFETY: raising a signal in our own process has no preconditions.
+                        unsafe { libc::raise(libc::SIGKILL) };
+                    }
+                }));
+            }
             if adopted > 0 {
                 tracing::info!(
                     "adopted {adopted} persistent shm allocations from {}",

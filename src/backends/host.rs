@@ -229,6 +229,26 @@ pub fn remove_stale_shm_files(dir: &Path) -> usize {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
+        if name.starts_with("memcoord-state-") && name.ends_with("-shm") {
+            // A state directory's file: it outlives workers, but not its directory.
+            let note = owner_note(&entry.path());
+            if let Ok(owner) = std::fs::read(&note) {
+                let owner = PathBuf::from(std::ffi::OsString::from(
+                    String::from_utf8_lossy(&owner).into_owned(),
+                ));
+                if !owner.is_dir() && std::fs::remove_file(entry.path()).is_ok() {
+                    let _ = std::fs::remove_file(&note);
+                    tracing::warn!(
+                        "removed {}: its state directory {} is gone, and with it the record \
+                         of what the file held",
+                        entry.path().display(),
+                        owner.display()
+                    );
+                    removed += 1;
+                }
+            }
+            continue;
+        }
         let Some(pid) = name
             .strip_prefix("memcoord-")
             .and_then(|rest| rest.strip_suffix("-shm"))
@@ -327,7 +347,16 @@ impl ShmBackend {
     /// Opens (or creates, with permissions `mode`) the file at `path` for a worker whose
     /// persistent allocations survive it: the file is kept when the backend goes, and an existing one keeps its bytes
     /// (it grows to `len` if shorter, never shrinks).
-    pub fn open_persistent(path: &Path, len: u64, mode: u32) -> Result<Self, BackendError> {
+    ///
+    /// `owner` is the state directory the file belongs to; it is written beside the file
+    /// (`<file>.dir`), so that a later worker can remove the file once that directory is gone
+    /// ([`remove_stale_shm_files`]).
+    pub fn open_persistent(
+        path: &Path,
+        len: u64,
+        mode: u32,
+        owner: &Path,
+    ) -> Result<Self, BackendError> {
         let os = |what: &'static str| {
             move |source| BackendError::Os {
                 device: "shm".into(),
@@ -356,6 +385,10 @@ impl ShmBackend {
             file.set_len(len)
                 .map_err(os("sizing the shared-memory file"))?;
         }
+        let owner = std::fs::canonicalize(owner).unwrap_or_else(|_| owner.to_path_buf());
+        std::fs::write(owner_note(path), owner.as_os_str().as_encoded_bytes()).map_err(os(
+            "noting the state directory beside the shared-memory file",
+        ))?;
         // SAFETY: as in `new`; the file is this state directory's, other processes map it by
         // the handle protocol.
         let map = unsafe { MmapOptions::new().len(len as usize).map_mut(&file) }
@@ -386,8 +419,32 @@ impl Drop for ShmBackend {
     fn drop(&mut self) {
         if !self.keep {
             let _ = std::fs::remove_file(&self.path);
+            let _ = std::fs::remove_file(owner_note(&self.path));
         }
     }
+}
+
+/// The file beside a state directory's `shm` file that names the directory.
+fn owner_note(shm_file: &Path) -> PathBuf {
+    let mut name = shm_file.as_os_str().to_owned();
+    name.push(".dir");
+    PathBuf::from(name)
+}
+
+/// Whether `[offset, offset + len)` of the file at `path` has a hole: pages the file no longer
+/// holds (removed and made again, or given back), which read as zeros. tmpfs reports pages
+/// that were written (or faulted in writable) as data.
+pub fn has_hole(path: &Path, offset: u64, len: u64) -> std::io::Result<bool> {
+    let file = File::open(path)?;
+    if offset.saturating_add(len) > file.metadata()?.len() {
+        return Ok(true);
+    }
+    // SAFETY: lseek on a descriptor we own.
+    let hole = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, libc::SEEK_HOLE) };
+    if hole < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((hole as u64) < offset + len)
 }
 
 impl Backend for ShmBackend {
@@ -489,6 +546,9 @@ impl Backend for ShmBackend {
                 self.path.display()
             ),
         })
+    }
+    fn keep_file(&mut self, keep: bool) {
+        self.keep = keep;
     }
     fn handle(&self, offset: u64) -> Option<MemoryHandle> {
         Some(MemoryHandle {

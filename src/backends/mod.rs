@@ -9,7 +9,7 @@ mod host;
 mod sigbus;
 mod sysinfo;
 
-pub use host::{CpuBackend, DEFAULT_SHM_MODE, ShmBackend, remove_stale_shm_files};
+pub use host::{CpuBackend, DEFAULT_SHM_MODE, ShmBackend, has_hole, remove_stale_shm_files};
 pub use sysinfo::{meminfo, tmpfs_capacity};
 
 use crate::protocol::{MemoryHandle, MemoryType};
@@ -204,6 +204,9 @@ pub trait Backend: Send {
     }
     /// Where another process maps the bytes at `offset`, for shareable memory.
     fn handle(&self, offset: u64) -> Option<MemoryHandle>;
+    /// For memory kept in a file that outlives the worker (a state directory's `shm`
+    /// file): whether the file stays when the backend goes. Nothing for other backends.
+    fn keep_file(&mut self, _keep: bool) {}
     /// Starts a copy that reads or writes this backend's memory through
     /// [`Backend::host_slice`] or [`Backend::host_slice_mut`]; pass what it returns to
     /// [`Backend::end_access`] when the copy is done. Memory that another process can take

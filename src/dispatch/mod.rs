@@ -283,7 +283,7 @@ impl Dispatcher {
             // With a state directory, a change to persistent shm allocations is on disk before
             // the answer that reports it goes out.
             Ok(None) if self.service.has_state() => {
-                self.record_state();
+                self.service.record_state();
                 None
             }
             Ok(Some(p)) if self.service.has_state() => {
@@ -293,9 +293,7 @@ impl Dispatcher {
                     request_id: p.request_id,
                     response: Box::pin(async move {
                         let out = response.await;
-                        if let Err(e) = service.save_state() {
-                            tracing::error!("could not record persistent shm allocations: {e}");
-                        }
+                        service.record_state();
                         out
                     }),
                 })
@@ -307,12 +305,6 @@ impl Dispatcher {
                 internal_error(out, id.as_deref());
                 None
             }
-        }
-    }
-
-    fn record_state(&self) {
-        if let Err(e) = self.service.save_state() {
-            tracing::error!("could not record persistent shm allocations: {e}");
         }
     }
 
@@ -505,6 +497,7 @@ impl Dispatcher {
                     if let Err(e) = service.optimize(&req) {
                         tracing::warn!("background optimize of {} failed: {e}", req.device_id);
                     }
+                    service.record_state();
                     drop(ticket);
                 });
                 respond(out, id, Ok(scheduled));

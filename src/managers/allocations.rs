@@ -179,9 +179,26 @@ struct Device {
     history: History,
     /// Bumped whenever a persistent client allocation comes or goes (state files follow it).
     persistent_changes: u64,
+    /// Persistent allocations here are recorded in a state file (`--state-dir`).
+    durable: bool,
+    /// Placements of recorded persistent allocations that were freed or moved away, with the
+    /// `persistent_changes` that dropped them: their memory is not given back or reused until
+    /// a state file that no longer lists them is written ([`AllocationEngine::release_held`]),
+    /// so a crash in between never leaves a state file naming memory already given back.
+    held: Vec<(u64, Placement)>,
 }
 
 impl Device {
+    /// Frees a placement of the device's arena (or pool); a recorded persistent one is held
+    /// instead until the state file drops it.
+    fn free_placement(&mut self, p: &Placement, pool: bool, recorded: bool) {
+        if recorded && self.durable && !pool {
+            self.held.push((self.persistent_changes, *p));
+        } else {
+            self.arena_mut(pool).free(p);
+        }
+    }
+
     fn arena(&self, pool: bool) -> &Arena {
         match (&self.pinned, pool) {
             (Some(p), true) => p,
@@ -525,6 +542,8 @@ impl AllocationEngine {
                     tally: Tally::default(),
                     history: History::new(coarse_millis()),
                     persistent_changes: 0,
+                    durable: false,
+                    held: Vec::new(),
                 })
                 .collect(),
             records: RecordTable::new(),
@@ -587,6 +606,10 @@ impl AllocationEngine {
             if let Some(r) = self.records.get_mut(id) {
                 r.busy = false;
                 r.hidden = false;
+                // Listed from now on: a state file written while it was hidden lacks it.
+                if r.persistent && r.owner == Owner::Client {
+                    self.devices[r.device as usize].persistent_changes += 1;
+                }
             }
             return;
         }
@@ -902,11 +925,14 @@ impl AllocationEngine {
     }
 
     fn release(&mut self, record: Record) -> Freed {
+        let recorded = record.persistent_client_on(record.device as usize);
         let dev = &mut self.devices[record.device as usize];
-        if let Some(p) = &record.placement {
-            dev.arena_mut(record.pool).free(p);
-        }
+        // Off the books first: a recorded persistent placement is held under the change that
+        // dropped it.
         dev.unaccount(&record);
+        if let Some(p) = &record.placement {
+            dev.free_placement(p, record.pool, recorded);
+        }
         dev.total_deallocations += 1;
         Freed {
             device_id: dev.arena.backend().device_id().to_string(),
@@ -1008,8 +1034,14 @@ impl AllocationEngine {
                 placements.push((p, movable));
             }
         }
+        // Memory held for the state file stays where it is, untouched.
+        let mut held = std::mem::take(&mut self.devices[device].held);
+        for (_, p) in held.iter_mut() {
+            placements.push((p, false));
+        }
         let dev = &mut self.devices[device];
         let compaction = dev.arena.compact(&mut placements, max_bytes);
+        dev.held = held;
         DefragmentPass {
             compaction,
             pinned_count,
@@ -1028,6 +1060,7 @@ impl AllocationEngine {
                 let movable = !(r.persistent || r.busy || pinned.contains(&r.id));
                 r.placement.map(|p| (p, movable))
             })
+            .chain(self.devices[device].held.iter().map(|(_, p)| (*p, false)))
             .collect();
         let largest = self.devices[device]
             .arena
@@ -1194,6 +1227,10 @@ impl AllocationEngine {
             d.busy = false;
             d.hidden = false;
             let (size, dst_device) = (d.size, d.device as usize);
+            // Listed from now on: a state file written while it was hidden lacks it.
+            if d.persistent && d.owner == Owner::Client {
+                self.devices[dst_device].persistent_changes += 1;
+            }
             if let Some(s) = self.records.get_mut(src_id) {
                 s.busy = false;
                 self.devices[s.device as usize].tally.transferred_out_bytes += size;
@@ -1210,13 +1247,14 @@ impl AllocationEngine {
         let old_device = src.device as usize;
         let old_placement = src.placement;
         let old_pool = src.pool;
+        let recorded = src.persistent_client_on(old_device);
         // The destination device keeps its accounting (the memory stays); the source device
         // gives its bytes back as a deallocation, books as they were before the move.
         let dev = &mut self.devices[old_device];
-        if let Some(p) = old_placement {
-            dev.arena_mut(old_pool).free(&p);
-        }
         dev.unaccount(src);
+        if let Some(p) = old_placement {
+            dev.free_placement(&p, old_pool, recorded);
+        }
         dev.total_deallocations += 1;
         dev.tally.transferred_out_bytes += src.size;
         self.devices[dst.device as usize].tally.transferred_in_bytes += src.size;
@@ -1225,6 +1263,10 @@ impl AllocationEngine {
         src.pool = dst.pool;
         src.purpose_slot = dst.purpose_slot;
         src.busy = false;
+        // Listed on its new device from now on.
+        if src.persistent && src.owner == Owner::Client {
+            self.devices[dst.device as usize].persistent_changes += 1;
+        }
         Ok(*src_id)
     }
 
@@ -1280,6 +1322,41 @@ impl AllocationEngine {
     /// How many times a persistent client allocation came or went on a device.
     pub fn persistent_changes(&self, device: usize) -> u64 {
         self.devices[device].persistent_changes
+    }
+
+    /// The file another process maps a device's memory through, if it has one.
+    pub fn handle_path(&self, device: usize) -> Option<std::path::PathBuf> {
+        self.devices[device]
+            .arena
+            .backend()
+            .handle(0)
+            .map(|h| std::path::PathBuf::from(h.path))
+    }
+
+    /// Records a device's persistent allocations in a state file from now on: the memory of
+    /// one that is freed or moved away is held until [`AllocationEngine::release_held`] says
+    /// a state file without it is written.
+    pub fn set_durable(&mut self, device: usize) {
+        self.devices[device].durable = true;
+    }
+
+    /// A state file of `generation` (a [`AllocationEngine::persistent_changes`] figure) is
+    /// written: gives back the memory of the persistent allocations it no longer lists.
+    /// Returns the bytes.
+    pub fn release_held(&mut self, device: usize, generation: u64) -> u64 {
+        let dev = &mut self.devices[device];
+        let mut released = 0;
+        let mut kept = Vec::new();
+        for (g, p) in std::mem::take(&mut dev.held) {
+            if g <= generation {
+                released += p.block_bytes();
+                dev.arena.free(&p);
+            } else {
+                kept.push((g, p));
+            }
+        }
+        dev.held = kept;
+        released
     }
 
     /// A device's persistent client allocations as they would be adopted later.
@@ -1397,8 +1474,17 @@ impl AllocationEngine {
 
     /// Like [`AllocationEngine::close`], but the persistent client allocations of `keep` are
     /// left in its memory untouched (their pages are not given back) for a later worker.
+    /// Every other page of `keep` is given back first (the file holds only what a later worker
+    /// adopts), and with no persistent allocation left the file itself goes.
     pub fn close_keeping_persistent(&mut self, keep: usize) {
         self.release_all_but_persistent(keep);
+        let dev = &mut self.devices[keep];
+        if dev.held.is_empty() {
+            dev.arena.trim();
+            if dev.live == 0 {
+                dev.arena.backend_mut().keep_file(false);
+            }
+        }
         self.records.drain();
         self.devices.clear();
     }

@@ -917,6 +917,9 @@ impl MemoryService {
         {
             failure = Some(e.to_string());
         }
+        // With a state directory, the outcome (a persistent allocation now on shm, or gone from
+        // it) is on disk before the transfer reads Completed, whether or not anyone waits for it.
+        self.record_state();
         match failure {
             None => {
                 if !t.copy {

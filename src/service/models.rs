@@ -141,6 +141,11 @@ impl MemoryService {
                 for id in &made {
                     engine.free_id(id);
                 }
+                // The pages copied so far go back too, not into the cache: a load that fails
+                // (often for want of room) leaves the device as it found it.
+                if !made.is_empty() {
+                    engine.trim(device);
+                }
                 drop(engine);
                 self.room.notify_waiters();
                 Err(e)

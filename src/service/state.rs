@@ -1,9 +1,16 @@
 //! `--state-dir`: persistent `shm` allocations outlive the worker, gracefully stopped or killed.
 //! The state file (`DIR/state.json`) lists them (id, offset, size, type, purpose) with the key
 //! their ids were minted with; it is rewritten, atomically (temporary file + fsync + rename),
-//! before the answer of any request that made or freed one goes out, so a SIGKILL can never
-//! lose an allocation a host was told about. The next worker with the same directory adopts
-//! them: same ids, same bytes (the `shm` file is kept), same handles.
+//! before the answer of any request that made or freed one goes out (and before a transfer
+//! that moved one reads Completed, waited for or not), so a SIGKILL can never lose an
+//! allocation a host was told about. The next worker with the same directory adopts them:
+//! same ids, same bytes (the `shm` file is kept), same handles.
+//!
+//! Order matters: the memory of a persistent allocation that is freed or moved away is given
+//! back (or reused) only after a state file that no longer lists it is in place, so a crash
+//! between the two never leaves a state file naming memory that is gone. An allocation listed
+//! but whose pages are gone anyway (the `shm` file was removed, as a reboot clears /dev/shm)
+//! is dropped with an error in the log, never served as zeros.
 
 use super::MemoryService;
 use crate::managers::allocations::Adopted;
@@ -35,11 +42,16 @@ struct Saved {
     allocations: Vec<SavedAllocation>,
 }
 
+/// Called right after a state file is in place and before the memory it no longer lists is
+/// given back (a seam for tests that crash the worker exactly there).
+pub type StateWrittenHook = Box<dyn Fn() + Send + Sync>;
+
 /// Where the state goes and what was last written.
 pub(super) struct StateDir {
     dir: PathBuf,
     device: usize,
     written: Mutex<Option<u64>>,
+    on_written: Option<StateWrittenHook>,
     /// Holds an exclusive lock on `DIR/lock` for the worker's life: one worker per directory.
     _lock: std::fs::File,
 }
@@ -156,8 +168,33 @@ impl MemoryService {
                         reason: format!("version {}", saved.version),
                     });
                 }
-                let items: Vec<Adopted> = saved
-                    .allocations
+                let shm_file = self
+                    .engine
+                    .lock()
+                    .handle_path(device)
+                    .ok_or_else(|| StateError::Adopt("shm has no file".into()))?;
+                let (kept, lost): (Vec<SavedAllocation>, Vec<SavedAllocation>) =
+                    saved.allocations.into_iter().partition(|a| {
+                        !crate::backends::has_hole(&shm_file, a.offset, a.size_bytes)
+                            .unwrap_or(true)
+                    });
+                if !lost.is_empty() {
+                    let bytes: u64 = lost.iter().map(|a| a.size_bytes).sum();
+                    tracing::error!(
+                        "{}: {} persistent shm allocations ({}) are listed but their bytes are \
+                         gone from {} (the file was removed, as a reboot clears /dev/shm, or its \
+                         pages were given back): dropped, not served as zeros: {}",
+                        path.display(),
+                        lost.len(),
+                        crate::units::format_bytes(bytes),
+                        shm_file.display(),
+                        lost.iter()
+                            .map(|a| a.allocation_id.hyphenated().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+                let items: Vec<Adopted> = kept
                     .into_iter()
                     .map(|a| Adopted {
                         id: a.allocation_id,
@@ -182,10 +219,12 @@ impl MemoryService {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(&path)(e)),
         }
+        self.engine.lock().set_durable(device);
         self.state = Some(StateDir {
             dir: dir.to_path_buf(),
             device,
             written: Mutex::new(None),
+            on_written: None,
             _lock: lock,
         });
         self.save_state().map_err(io(&path))?;
@@ -195,6 +234,23 @@ impl MemoryService {
     /// Whether persistent `shm` allocations are kept in a state directory.
     pub fn has_state(&self) -> bool {
         self.state.is_some()
+    }
+
+    /// Calls `hook` each time a state file is in place, before the memory it no longer lists
+    /// is given back (after [`MemoryService::with_state_dir`]).
+    pub fn on_state_written(mut self, hook: StateWrittenHook) -> Self {
+        if let Some(state) = &mut self.state {
+            state.on_written = Some(hook);
+        }
+        self
+    }
+
+    /// [`MemoryService::save_state`], with a failure logged: the worker goes on, and the
+    /// memory of freed persistent allocations stays held until a later write succeeds.
+    pub fn record_state(&self) {
+        if let Err(e) = self.save_state() {
+            tracing::error!("could not record persistent shm allocations: {e}");
+        }
     }
 
     /// Writes the state file if persistent `shm` allocations changed since it was last
@@ -232,6 +288,14 @@ impl MemoryService {
         let bytes = serde_json::to_vec_pretty(&saved).map_err(std::io::Error::other)?;
         write_atomically(&state.dir.join(STATE_FILE), &bytes)?;
         *written = Some(generation);
+        if let Some(hook) = &state.on_written {
+            hook();
+        }
+        // Only now may the memory of what the file no longer lists go back, or be reused.
+        let released = self.engine.lock().release_held(state.device, generation);
+        if released > 0 {
+            self.room.notify_waiters();
+        }
         Ok(())
     }
 }

@@ -70,9 +70,15 @@ pub fn check_envelope(v: &Value) {
 
 impl Worker {
     pub fn spawn(args: &[&str]) -> Worker {
+        Worker::spawn_with_env(args, &[])
+    }
+
+    /// A worker with extra environment variables.
+    pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Worker {
         let mut child = Command::new(BIN)
             .arg("worker")
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
