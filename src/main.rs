@@ -223,7 +223,7 @@ impl ServiceArgs {
     fn start(&self) -> Result<(Settings, Arc<MemoryService>), String> {
         let mut settings = self.devices.settings().map_err(|e| e.to_string())?;
         if let Some(dir) = &self.state_dir {
-            std::fs::create_dir_all(dir)
+            memcoord::service::create_private_dir(dir)
                 .map_err(|e| format!("--state-dir {}: {e}", dir.display()))?;
             settings.state_dir = Some(dir.clone());
         }

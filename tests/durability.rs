@@ -349,3 +349,42 @@ fn a_failed_model_load_keeps_no_cache() {
     drop(w);
     let _ = std::fs::remove_dir_all(&root);
 }
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Item 9: shm files, the state file and the state directory are the owner's only by default
+/// (they were 0644: every local user could read client data); `--shm-mode` widens the shm file
+/// on purpose, within 0600..0666.
+#[test]
+fn state_and_shm_files_are_private() {
+    let dir = state_dir("durable-modes");
+    let mut w = worker(&dir);
+    let (_, state_shm, _) = filled(&mut w, MIB, true, 81);
+    assert_eq!(mode(Path::new(&state_shm)), 0o600, "{state_shm}");
+    assert_eq!(mode(&dir.join("state.json")), 0o600);
+    assert_eq!(mode(&dir.join("lock")), 0o600);
+    assert_eq!(mode(&dir), 0o700);
+    w.ok("memory.clear", json!({"device_id": "shm", "force": true}));
+    assert!(w.close(Duration::from_secs(10)).success());
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let mut w = Worker::small();
+    let (_, path, _) = filled(&mut w, MIB, false, 82);
+    assert_eq!(mode(Path::new(&path)), 0o600, "{path}");
+    drop(w);
+    let mut w = Worker::spawn(&["--no-gpu", "--budget", "shm=8MiB", "--shm-mode", "0660"]);
+    let (_, path, _) = filled(&mut w, MIB, false, 83);
+    assert_eq!(mode(Path::new(&path)), 0o660, "{path}");
+    drop(w);
+    let out = Command::new(BIN)
+        .args(["worker", "--no-gpu", "--shm-mode", "0777"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--shm-mode") && err.contains("0660"), "{err}");
+}

@@ -7,7 +7,7 @@ mod models;
 mod state;
 mod telemetry;
 
-pub use state::StateError;
+pub use state::{StateError, StateWrittenHook, create_private_dir};
 
 pub use telemetry::{ModelTelemetry, Telemetry};
 

@@ -19,6 +19,7 @@ use crate::protocol::MemoryAllocationType;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
@@ -97,6 +98,7 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File, StateError> {
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
         .open(&path)
         .map_err(|source| StateError::Io {
             path: path.display().to_string(),
@@ -120,10 +122,25 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File, StateError> {
     Ok(file)
 }
 
+/// Creates `dir` (and its parents) if missing; the directory itself is made 0700: it holds the
+/// record of every persistent allocation. An existing directory keeps its mode.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     {
-        let mut f = std::fs::File::create(&tmp)?;
+        // The owner's only: the file names every persistent allocation and where it lies.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -146,7 +163,7 @@ impl MemoryService {
             let path = path.display().to_string();
             move |source| StateError::Io { path, source }
         };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        create_private_dir(dir).map_err(io(dir))?;
         let lock = lock_dir(dir)?;
         let path = dir.join(STATE_FILE);
         let device = self
