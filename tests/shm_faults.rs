@@ -193,7 +193,12 @@ fn a_full_tmpfs_under_concurrent_large_allocations_never_kills_the_worker() {
         seed ^= seed << 17;
         seed % n
     };
-    while workers < 12 && started.elapsed() < Duration::from_secs(20) {
+    // `MEMCOORD_STRESS_WORKERS=150` repeats the probe's run (docs/reliability.md).
+    let (max_workers, max_time) = match std::env::var("MEMCOORD_STRESS_WORKERS") {
+        Ok(n) => (n.parse().unwrap_or(12), Duration::from_secs(3600)),
+        Err(_) => (12, Duration::from_secs(20)),
+    };
+    while workers < max_workers && started.elapsed() < max_time {
         workers += 1;
         let mut w = Worker::spawn(&["--no-gpu", "--config", cfg.to_str().unwrap()]);
         let mut live_shm: Vec<String> = Vec::new();
