@@ -88,10 +88,9 @@ pub enum StateError {
     Adopt(String),
 }
 
-/// Takes `DIR/lock` exclusively (flock; released by the kernel when the process ends, killed
-/// or not), or says which worker holds it.
+/// Takes `DIR/lock` exclusively (`File::try_lock`, flock on Linux: released by the kernel when
+/// the process ends, killed or not), or says which worker holds it.
 fn lock_dir(dir: &Path) -> Result<std::fs::File, StateError> {
-    use std::os::fd::AsRawFd;
     let path = dir.join("lock");
     let mut file = std::fs::OpenOptions::new()
         .read(true)
@@ -104,18 +103,25 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File, StateError> {
             path: path.display().to_string(),
             source,
         })?;
-    // SAFETY: flock on a descriptor we own.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let holder = std::fs::read_to_string(&path).unwrap_or_default();
-        return Err(StateError::Adopt(format!(
-            "{} is in use by another worker{}: each worker needs its own --state-dir",
-            dir.display(),
-            match holder.trim() {
-                "" => String::new(),
-                pid => format!(" (pid {pid})"),
-            }
-        )));
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::Error(source)) => {
+            return Err(StateError::Io {
+                path: path.display().to_string(),
+                source,
+            });
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(StateError::Adopt(format!(
+                "{} is in use by another worker{}: each worker needs its own --state-dir",
+                dir.display(),
+                match holder.trim() {
+                    "" => String::new(),
+                    pid => format!(" (pid {pid})"),
+                }
+            )));
+        }
     }
     let _ = file.set_len(0);
     let _ = write!(file, "{}", std::process::id());
