@@ -1,7 +1,8 @@
 //! The service: one method per protocol action, over the managers. The seed's "interface".
 //!
 //! Methods take typed requests and return typed responses or a [`ProtocolError`]; they never
-//! see JSON. Only `allocate` can wait (for memory); everything else answers at once.
+//! see JSON. Some wait (an allocate, a model load or an acquire waiting for room; a transfer, a
+//! defragment or an optimize doing its work); the transports run those off the reading thread.
 
 mod models;
 mod state;
