@@ -570,3 +570,378 @@ fn a_load_that_cannot_fit_evicts_nothing() {
         "unloaded to make room (cpu has nowhere to offload to)"
     );
 }
+
+/// Issue 19 item 2: a model file cut short (`truncate`) or rewritten in place with a shorter
+/// file (`cp other victim`) while the worker reads it. Before, the file was mapped and the
+/// worker died of SIGBUS on the first page past the new end; now each load either finishes
+/// (the change came after it, or before it opened the file: then byte for byte the file it
+/// read) or fails with `MODEL_LOAD_FAILED` saying what happened, and leaves nothing allocated.
+/// The change comes 0 to 100 ms into each load, so the trials land at different points of it
+/// (tests/model_files.rs hits the read past the new end deterministically, in process).
+#[test]
+fn a_model_file_cut_short_while_it_loads_never_kills_the_worker() {
+    let root = Root::new("changed");
+    let victim = root.path().join("victim.safetensors");
+    let small = root.path().join("small.safetensors");
+    let small_bytes = write_model(&small, &[("s", 1000)]);
+    // 64 MiB: 8 tensors of 8 MiB, written once and copied over the victim for each trial.
+    let pristine = root.path().join("pristine.safetensors");
+    let tensors: Vec<(String, usize)> = (0..8).map(|i| (format!("layer.{i}"), 2 << 20)).collect();
+    let tensors: Vec<(&str, usize)> = tensors.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+    let bytes = write_model(&pristine, &tensors);
+    let len = std::fs::metadata(&pristine).unwrap().len();
+    let mut w = worker(&root, "128MiB");
+    let mut outcomes: HashMap<String, u32> = HashMap::new();
+    for how in ["truncate", "rewrite"] {
+        for delay_ms in [0u64, 1, 3, 10, 30, 100] {
+            std::fs::copy(&pristine, &victim).unwrap();
+            let id = w.submit(
+                "memory.model_load",
+                json!({"model_name": "m", "path": "victim.safetensors", "device_id": "shm"}),
+            );
+            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+            if how == "truncate" {
+                OpenOptions::new()
+                    .write(true)
+                    .open(&victim)
+                    .unwrap()
+                    .set_len(len / 2)
+                    .unwrap();
+            } else {
+                std::fs::copy(&small, &victim).unwrap(); // opens with O_TRUNC, as cp does
+            }
+            let r = w.wait_for(&id, std::time::Duration::from_secs(60));
+            let outcome = if r["success"] == true {
+                let m = &r["data"];
+                if m["size_bytes"] == 8 * 4 * (2 << 20) {
+                    verify_on_shm(&mut w, "m", &bytes);
+                    "loaded before the change"
+                } else {
+                    assert_eq!(how, "rewrite", "{r}");
+                    assert_eq!(m["size_bytes"], 4000, "{r}");
+                    verify_on_shm(&mut w, "m", &small_bytes);
+                    "loaded the new file"
+                }
+            } else {
+                assert_eq!(r["error_code"], "MODEL_LOAD_FAILED", "{r}");
+                let msg = r["error_message"].as_str().unwrap();
+                if msg.contains("victim.safetensors changed while loading") {
+                    assert!(msg.ends_with("load it again once it is written"), "{msg}");
+                    "failed: changed while loading"
+                } else {
+                    assert!(
+                        msg.contains("victim.safetensors is not a valid safetensors file"),
+                        "{msg}"
+                    );
+                    "failed: cut short before it was opened"
+                }
+            };
+            *outcomes.entry(format!("{how}: {outcome}")).or_default() += 1;
+            if r["success"] == true {
+                w.ok("memory.model_unload", json!({"model_name": "m"}));
+            }
+            let u = w.usage("shm");
+            assert_eq!(u["allocated_bytes"], 0, "{how} after {delay_ms} ms: {u}");
+            assert_eq!(u["allocation_count"], 0, "{how} after {delay_ms} ms: {u}");
+        }
+    }
+    eprintln!("12 loads of a 64 MiB model changed 0-100 ms in: {outcomes:?}; worker deaths: 0");
+    // Still alive and serving.
+    std::fs::copy(&pristine, &victim).unwrap();
+    w.ok(
+        "memory.model_load",
+        json!({"model_name": "m", "path": "victim.safetensors", "device_id": "shm"}),
+    );
+}
+
+/// Issue 19 item 8: a folder swapped for a symlink out of the root (and back, atomically, by
+/// RENAME_EXCHANGE) while loads resolve a path through it. Before, the path was checked, then
+/// opened by name, and the swap in between loaded the file outside; now the kernel resolves
+/// the path beneath the root's descriptor on every step, so no load ever reads the outside
+/// file, whatever the timing.
+#[test]
+fn swapping_a_folder_for_a_symlink_never_loads_a_file_outside_the_root() {
+    let root = Root::new("swap");
+    let outside = Root::new("swap-outside");
+    std::fs::create_dir_all(root.path().join("d")).unwrap();
+    write_model(&root.path().join("d/m.safetensors"), &[("inside", 16)]);
+    write_model(&outside.path().join("m.safetensors"), &[("outside", 32)]);
+    std::os::unix::fs::symlink(outside.path(), root.path().join("alt")).unwrap();
+    let mut w = worker(&root, "8MiB");
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flips = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let flipper = {
+        let (stop, flips) = (stop.clone(), flips.clone());
+        let d = std::ffi::CString::new(root.path().join("d").to_str().unwrap()).unwrap();
+        let alt = std::ffi::CString::new(root.path().join("alt").to_str().unwrap()).unwrap();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: two NUL-terminated paths alive for the call.
+                let rc = unsafe {
+                    libc::renameat2(
+                        libc::AT_FDCWD,
+                        d.as_ptr(),
+                        libc::AT_FDCWD,
+                        alt.as_ptr(),
+                        libc::RENAME_EXCHANGE,
+                    )
+                };
+                assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+                flips.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    };
+    let tries = 2000;
+    let (mut inside, mut refused_outside, mut other) = (0, 0, 0);
+    for _ in 0..tries {
+        let r = w.request(
+            "memory.model_load",
+            json!({"model_name": "m", "path": "d/m.safetensors", "device_id": "cpu"}),
+        );
+        if r["success"] == true {
+            assert_eq!(
+                r["data"]["size_bytes"], 64,
+                "loaded the file outside the root: {r}"
+            );
+            inside += 1;
+            w.ok("memory.model_unload", json!({"model_name": "m"}));
+        } else {
+            assert_eq!(r["error_code"], "MODEL_LOAD_FAILED", "{r}");
+            let msg = r["error_message"].as_str().unwrap();
+            if msg.contains("d/m.safetensors resolves outside the model root") {
+                refused_outside += 1;
+            } else {
+                other += 1;
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flipper.join().unwrap();
+    eprintln!(
+        "{tries} loads while the folder was swapped {} times: {inside} loaded the file inside, \
+         {refused_outside} refused as outside the root, {other} other failures, 0 loaded the \
+         file outside",
+        flips.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert_eq!(inside + refused_outside + other, tries);
+    assert_eq!(w.usage("cpu")["allocated_bytes"], 0);
+}
+
+/// Paths beneath the model root, one of each kind: what stays inside loads (through a symlink
+/// that stays inside too, as a Hugging Face cache's snapshots/ link into blobs/); what leaves
+/// the root, or is not a regular file, is `MODEL_LOAD_FAILED` with nothing allocated, and a
+/// FIFO does not stall the worker.
+#[test]
+fn paths_beneath_the_model_root() {
+    let root = Root::new("paths");
+    let outside = Root::new("paths-outside");
+    let hf = root.path().join("models--org--name");
+    std::fs::create_dir_all(hf.join("blobs")).unwrap();
+    std::fs::create_dir_all(hf.join("snapshots/abc123")).unwrap();
+    let bytes = write_model(&hf.join("blobs/0f1e2d"), &[("w", 1000), ("b", 10)]);
+    std::os::unix::fs::symlink(
+        "../../blobs/0f1e2d",
+        hf.join("snapshots/abc123/model.safetensors"),
+    )
+    .unwrap();
+    write_model(&outside.path().join("x.safetensors"), &[("x", 10)]);
+    std::os::unix::fs::symlink(outside.path(), root.path().join("out")).unwrap();
+    // An absolute link, even to a file inside the root, is refused (RESOLVE_BENEATH).
+    std::os::unix::fs::symlink(hf.join("blobs/0f1e2d"), root.path().join("abs.safetensors"))
+        .unwrap();
+    let fifo = std::ffi::CString::new(root.path().join("fifo").to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path alive for the call.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let mut w = worker(&root, "8MiB");
+
+    // Through the relative link inside the root, and by an absolute path inside it.
+    let absolute = hf.join("snapshots/abc123/model.safetensors");
+    for (name, path) in [
+        ("hf", "models--org--name/snapshots/abc123/model.safetensors"),
+        ("abs", absolute.to_str().unwrap()),
+    ] {
+        let m = w.ok(
+            "memory.model_load",
+            json!({"model_name": name, "path": path, "device_id": "shm"}),
+        );
+        assert_eq!(m["tensor_count"], 2);
+        assert!(
+            m["path"]
+                .as_str()
+                .unwrap()
+                .ends_with("models--org--name/blobs/0f1e2d"),
+            "the real path: {m}"
+        );
+        verify_on_shm(&mut w, name, &bytes);
+        w.ok("memory.model_unload", json!({"model_name": name}));
+    }
+
+    let outside_name = outside.path().file_name().unwrap().to_str().unwrap();
+    let outside_abs = outside.path().join("x.safetensors");
+    for (path, says) in [
+        ("../x".to_string(), "resolves outside the model root"),
+        (
+            format!("../{outside_name}/x.safetensors"),
+            "resolves outside the model root",
+        ),
+        (
+            "models--org--name/../../x".to_string(),
+            "resolves outside the model root",
+        ),
+        (
+            outside_abs.to_str().unwrap().to_string(),
+            "resolves outside the model root",
+        ),
+        ("/etc/passwd".to_string(), "resolves outside the model root"),
+        (
+            "out/x.safetensors".to_string(),
+            "resolves outside the model root",
+        ),
+        (
+            "abs.safetensors".to_string(),
+            "resolves outside the model root",
+        ),
+        ("fifo".to_string(), "is not a file"),
+        ("models--org--name".to_string(), "is not a file"),
+        (".".to_string(), "is not a file"),
+        ("nope.safetensors".to_string(), "No such file or directory"),
+    ] {
+        let (code, msg) = w.err(
+            "memory.model_load",
+            json!({"model_name": "m", "path": path, "device_id": "cpu"}),
+        );
+        assert_eq!(code, "MODEL_LOAD_FAILED", "{path}: {msg}");
+        assert!(msg.contains(says), "{path}: {msg}");
+        assert!(msg.contains(&path), "names the path asked for: {msg}");
+    }
+    assert_eq!(w.usage("cpu")["allocation_count"], 0);
+    assert_eq!(w.usage("shm")["allocation_count"], 0);
+}
+
+/// A safetensors file with the given header (JSON) and `data` bytes of tensor data.
+fn raw_model(path: &Path, header: &str, data: usize) {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend(std::iter::repeat_n(7u8, data));
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Issue 19 item 9: a tensor name that appears twice was accepted (the last one won); it is
+/// refused, naming the name. And every header check says what is wrong, naming the tensor.
+#[test]
+fn duplicate_tensor_names_and_inconsistent_headers_are_refused() {
+    let root = Root::new("headers");
+    let t = |name: &str, dtype: &str, shape: &str, s: u64, e: u64| {
+        format!(r#""{name}":{{"dtype":"{dtype}","shape":{shape},"data_offsets":[{s},{e}]}}"#)
+    };
+    let cases: Vec<(&str, String, usize, &str)> = vec![
+        (
+            "dup-same.safetensors",
+            format!(
+                "{{{},{}}}",
+                t("w", "F32", "[1]", 0, 4),
+                t("w", "F32", "[1]", 0, 4)
+            ),
+            4,
+            "the name `w` appears twice",
+        ),
+        (
+            "dup.safetensors",
+            format!(
+                "{{{},{},{}}}",
+                t("a", "F32", "[1]", 0, 4),
+                t("b", "F32", "[1]", 4, 8),
+                t("a", "F32", "[1]", 8, 12)
+            ),
+            12,
+            "the name `a` appears twice",
+        ),
+        (
+            "dup-metadata.safetensors",
+            format!(
+                r#"{{"__metadata__":{{"format":"pt"}},{},"__metadata__":{{}}}}"#,
+                t("a", "F32", "[1]", 0, 4)
+            ),
+            4,
+            "the name `__metadata__` appears twice",
+        ),
+        (
+            "gap.safetensors",
+            format!(
+                "{{{},{}}}",
+                t("a", "F32", "[1]", 0, 4),
+                t("b", "F32", "[1]", 8, 12)
+            ),
+            12,
+            "tensor `b` starts at byte 8 of the data, where 4 was expected",
+        ),
+        (
+            "shape.safetensors",
+            format!("{{{}}}", t("a", "F16", "[3, 2]", 0, 16)),
+            16,
+            "tensor `a` is F16 with shape [3, 2], which is 12 bytes, but its data_offsets [0, 16] hold 16",
+        ),
+        (
+            "extra.safetensors",
+            format!("{{{}}}", t("a", "F32", "[1]", 0, 4)),
+            5,
+            "its header describes",
+        ),
+        (
+            "short.safetensors",
+            format!("{{{}}}", t("a", "F32", "[4]", 0, 16)),
+            15,
+            "(cut short?)",
+        ),
+        (
+            "dtype.safetensors",
+            format!("{{{}}}", t("a", "F99", "[1]", 0, 4)),
+            4,
+            "invalid header: unknown variant `F99`",
+        ),
+    ];
+    for (file, header, data, _) in &cases {
+        raw_model(&root.path().join(file), header, *data);
+    }
+    // A header length past the end of the file.
+    std::fs::write(
+        root.path().join("long.safetensors"),
+        [&1000u64.to_le_bytes()[..], b"{}"].concat(),
+    )
+    .unwrap();
+    let mut w = worker(&root, "8MiB");
+    let long = (
+        "long.safetensors",
+        String::new(),
+        0,
+        "its header length is 1000 bytes, but the file is only 10 bytes",
+    );
+    for (file, _, _, says) in cases.iter().chain(std::iter::once(&long)) {
+        let (code, msg) = w.err(
+            "memory.model_load",
+            json!({"model_name": "m", "path": file, "device_id": "cpu"}),
+        );
+        assert_eq!(code, "MODEL_LOAD_FAILED", "{file}: {msg}");
+        assert!(
+            msg.contains(&format!("{file} is not a valid safetensors file")) && msg.contains(says),
+            "{file}: {msg}"
+        );
+    }
+    assert_eq!(w.usage("cpu")["allocation_count"], 0);
+    // The same tensors with names of their own load.
+    raw_model(
+        &root.path().join("ok.safetensors"),
+        &format!(
+            "{{{},{}}}",
+            t("a", "F32", "[1]", 0, 4),
+            t("b", "F32", "[1]", 4, 8)
+        ),
+        8,
+    );
+    let m = w.ok(
+        "memory.model_load",
+        json!({"model_name": "m", "path": "ok.safetensors", "device_id": "cpu"}),
+    );
+    assert_eq!(m["tensor_count"], 2);
+}

@@ -12,7 +12,7 @@
 //! back with `cuMemUnmap` + `cuMemRelease`. No managed memory. Host copies go through two
 //! pinned staging buffers, so the host-side copy of one chunk overlaps the DMA of the other.
 
-use super::{Backend, BackendError, CachedCapacity, Capacity};
+use super::{Backend, BackendError, CachedCapacity, Capacity, Fill};
 use crate::protocol::{MemoryHandle, MemoryType};
 use cudarc::driver::sys;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -577,6 +577,73 @@ impl Gpu {
         }
     }
 
+    /// Host to device from `fill`, through the staging ring: each chunk is filled straight
+    /// into pinned staging (a file is read there by `pread`, with no pageable copy on the way)
+    /// while the DMA of the chunk before it runs. On any failure the stream is drained before
+    /// returning, so no DMA still reads a staging slot the next call refills.
+    fn write_with(&mut self, offset: u64, len: usize, fill: Fill<'_>) -> Result<(), BackendError> {
+        let mut done = 0usize;
+        let mut i = 0usize;
+        let mut result = Ok(());
+        while done < len && result.is_ok() {
+            let n = STAGING_BYTES.min(len - done);
+            let slot = i % STAGING_SLOTS;
+            if i >= STAGING_SLOTS {
+                // SAFETY: waits for the DMA that last read this slot.
+                result = unsafe {
+                    check(
+                        sys::cuEventSynchronize(self.events[slot]),
+                        "cuEventSynchronize",
+                        &self.id,
+                    )
+                };
+                if result.is_err() {
+                    break;
+                }
+            }
+            // SAFETY: the slot is STAGING_BYTES (>= n) of pinned memory owned by this thread,
+            // and no DMA reads it any more (its last one was waited for above, or it has not
+            // been used by this call and every call drains the stream before returning).
+            let staging = unsafe { std::slice::from_raw_parts_mut(self.staging[slot], n) };
+            if let Err(e) = super::fill_parallel(staging, done as u64, fill) {
+                result = Err(BackendError::Source(e));
+                break;
+            }
+            // SAFETY: copies the filled slot into our own mapped range; the event marks when
+            // the slot may be refilled.
+            result = unsafe {
+                check(
+                    sys::cuMemcpyHtoDAsync_v2(
+                        self.base + offset + done as u64,
+                        self.staging[slot] as *const _,
+                        n,
+                        self.stream,
+                    ),
+                    "cuMemcpyHtoDAsync",
+                    &self.id,
+                )
+                .and_then(|()| {
+                    check(
+                        sys::cuEventRecord(self.events[slot], self.stream),
+                        "cuEventRecord",
+                        &self.id,
+                    )
+                })
+            };
+            done += n;
+            i += 1;
+        }
+        // SAFETY: waits for the copies queued above.
+        let drained = unsafe {
+            check(
+                sys::cuStreamSynchronize(self.stream),
+                "cuStreamSynchronize",
+                &self.id,
+            )
+        };
+        result.and(drained)
+    }
+
     fn copy_within(&mut self, src: u64, dst: u64, len: u64) -> Result<(), BackendError> {
         let (s, d) = (self.base + src, self.base + dst);
         // SAFETY: copies inside our own mapped range (the arena only moves live, backed bytes).
@@ -846,6 +913,12 @@ impl Backend for CudaBackend {
         let (ptr, len) = (data.as_ptr() as usize, data.len());
         // As in `read`: `data` outlives the job.
         self.call(move |g| g.write(offset, ptr as *const u8, len))?
+    }
+    fn write_with(&mut self, offset: u64, len: u64, fill: Fill<'_>) -> Result<(), BackendError> {
+        // SAFETY: only the lifetime is widened. `call` returns once the job has run (or was
+        // dropped unrun), so the GPU thread never uses `fill` after this function returns.
+        let fill: Fill<'static> = unsafe { std::mem::transmute::<Fill<'_>, Fill<'static>>(fill) };
+        self.call(move |g| g.write_with(offset, len as usize, fill))?
     }
     fn copy_within(&mut self, src: u64, dst: u64, len: u64) -> Result<(), BackendError> {
         // Queued without waiting: the GPU thread carries jobs out in order, and `sync` waits.

@@ -37,6 +37,35 @@ pub enum BackendError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The source of a [`Backend::write_with`] could not give its bytes (a file that shrank
+    /// while it was read, say); nothing is wrong with the device.
+    #[error("reading the source failed: {0}")]
+    Source(std::io::Error),
+}
+
+/// The source of the bytes of a [`Backend::write_with`]: `fill(at, buf)` fills `buf` with the
+/// source's bytes `[at, at + buf.len())`, `at` counted from the start of the write. It may be
+/// called from several threads at once, for disjoint parts.
+pub type Fill<'a> = &'a (dyn Fn(u64, &mut [u8]) -> std::io::Result<()> + Sync);
+
+/// The part of a [`Backend::write_with`] one thread fills: one thread's `pread` out of the page
+/// cache is slower than the memory (or the DMA) it feeds.
+const FILL_PART: usize = 4 << 20;
+
+/// Bytes of the bounce buffer of the default [`Backend::write_with`], for memory the CPU cannot
+/// address.
+const BOUNCE_BYTES: u64 = 64 << 20;
+
+/// Fills `dst` with the source's bytes from `at`, in parts of [`FILL_PART`] over rayon's
+/// threads.
+pub(crate) fn fill_parallel(dst: &mut [u8], at: u64, fill: Fill<'_>) -> std::io::Result<()> {
+    use rayon::prelude::*;
+    if dst.len() <= FILL_PART {
+        return fill(at, dst);
+    }
+    dst.par_chunks_mut(FILL_PART)
+        .enumerate()
+        .try_for_each(|(k, part)| fill(at + (k * FILL_PART) as u64, part))
 }
 
 pub(crate) fn not_addressable(device: &str, what: &'static str) -> BackendError {
@@ -174,6 +203,24 @@ pub trait Backend: Send {
             .host_slice_mut(offset, data.len() as u64)
             .ok_or_else(|| not_addressable(&id, "write"))?;
         dst.copy_from_slice(data);
+        Ok(())
+    }
+    /// Writes `len` bytes at `offset`, taken from `fill` ([`Fill`]) straight into the device's
+    /// memory where the CPU addresses it (a file is read into the mapping with no copy in
+    /// between), else through a bounce buffer. A failure of `fill` is
+    /// [`BackendError::Source`]; the range then holds some of the bytes.
+    fn write_with(&mut self, offset: u64, len: u64, fill: Fill<'_>) -> Result<(), BackendError> {
+        if let Some(dst) = self.host_slice_mut(offset, len) {
+            return fill_parallel(dst, 0, fill).map_err(BackendError::Source);
+        }
+        let mut buf = vec![0u8; len.min(BOUNCE_BYTES) as usize];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(BOUNCE_BYTES) as usize;
+            fill_parallel(&mut buf[..n], done, fill).map_err(BackendError::Source)?;
+            self.write(offset + done, &buf[..n])?;
+            done += n as u64;
+        }
         Ok(())
     }
     /// Moves `len` bytes from `src` to `dst` inside the mapping (ranges may overlap). A

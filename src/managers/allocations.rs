@@ -1764,6 +1764,23 @@ impl AllocationEngine {
             .arena_mut(pool)
             .write(&p, offset, data)?)
     }
+
+    /// Writes `len` bytes into an allocation, from `offset` within it, taken from `fill`
+    /// ([`crate::backends::Backend::write_with`]: a file is read straight into the device's
+    /// memory or its pinned staging). A failure of `fill` is
+    /// `EngineError::Backend(BackendError::Source(_))`.
+    pub fn write_with(
+        &mut self,
+        allocation_id: &str,
+        offset: u64,
+        len: u64,
+        fill: crate::backends::Fill<'_>,
+    ) -> Result<(), EngineError> {
+        let (device, pool, p) = self.placement(allocation_id, offset, len as usize)?;
+        Ok(self.devices[device]
+            .arena_mut(pool)
+            .write_with(&p, offset, len, fill)?)
+    }
 }
 
 #[cfg(test)]

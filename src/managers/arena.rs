@@ -511,6 +511,18 @@ impl Arena {
         self.backend.write(p.offset() + offset, data)
     }
 
+    /// Writes `len` bytes into an allocation, from `offset` within it, taken from `fill`
+    /// ([`Backend::write_with`]).
+    pub fn write_with(
+        &mut self,
+        p: &Placement,
+        offset: u64,
+        len: u64,
+        fill: crate::backends::Fill<'_>,
+    ) -> Result<(), BackendError> {
+        self.backend.write_with(p.offset() + offset, len, fill)
+    }
+
     /// Takes over allocations an earlier process left in this (fresh) arena's memory: places
     /// them at their byte offsets, marks their pages backed, and gives back every other page
     /// (what the earlier process held for anything else). `ranges` are (offset, size,

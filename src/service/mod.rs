@@ -4,6 +4,7 @@
 //! see JSON. Some wait (an allocate, a model load or an acquire waiting for room; a transfer, a
 //! defragment or an optimize doing its work); the transports run those off the reading thread.
 
+mod model_files;
 mod models;
 mod state;
 mod telemetry;
@@ -11,8 +12,6 @@ mod telemetry;
 pub use state::{StateError, StateWrittenHook, create_private_dir};
 
 pub use telemetry::{ModelTelemetry, Telemetry};
-
-pub use models::resolve_model_path;
 
 use crate::managers::allocations::DeferredCommit;
 use crate::managers::allocations::{AllocationFilter, EngineError};
@@ -81,7 +80,9 @@ pub struct MemoryService {
     /// Held (shared) while pages are committed without the engine; `close` takes it alone.
     commit_gate: RwLock<()>,
     models: Mutex<ModelTable>,
-    model_root: PathBuf,
+    model_root: model_files::ModelRoot,
+    /// Called after each tensor of a model load is copied (tests: changes a file mid-load).
+    model_load_hook: Option<ModelLoadHook>,
     model_budgets: rustc_hash::FxHashMap<String, u64>,
     pressure_hold_ms: u64,
     rules: crate::managers::advisor::Rules,
@@ -91,6 +92,10 @@ pub struct MemoryService {
     room: Notify,
     shutting_down: AtomicBool,
 }
+
+/// See [`MemoryService::with_model_load_hook`].
+#[doc(hidden)]
+pub type ModelLoadHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// The result of trying to allocate without waiting.
 pub enum TryAllocate {
@@ -119,7 +124,8 @@ impl MemoryService {
             transfer_chunk_bytes: TRANSFER_CHUNK_BYTES,
             commit_gate: RwLock::new(()),
             models: Mutex::new(ModelTable::default()),
-            model_root: PathBuf::from("."),
+            model_root: model_files::ModelRoot::new(PathBuf::from(".")),
+            model_load_hook: None,
             model_budgets: Default::default(),
             pressure_hold_ms: crate::managers::pressure::DEFAULT_HOLD_MS,
             rules: Default::default(),
@@ -153,7 +159,15 @@ impl MemoryService {
 
     /// Sets the folder model files are loaded from (default: the current directory).
     pub fn with_model_root(mut self, root: impl Into<PathBuf>) -> Self {
-        self.model_root = root.into();
+        self.model_root = model_files::ModelRoot::new(root.into());
+        self
+    }
+
+    /// A test seam: `hook(tensor_name)` runs after each tensor of a `memory.model_load` is
+    /// copied, with no lock held (a test changes the file there, between two reads).
+    #[doc(hidden)]
+    pub fn with_model_load_hook(mut self, hook: ModelLoadHook) -> Self {
+        self.model_load_hook = Some(hook);
         self
     }
 

@@ -2,6 +2,9 @@
 //! leases, status. Reading the file happens here (the managers do no I/O).
 
 use super::MemoryService;
+use super::model_files::ModelFile;
+use crate::backends::BackendError;
+use crate::managers::allocations::EngineError;
 use crate::managers::models::Model;
 use crate::managers::{AllocationSpec, Owner};
 use crate::protocol::requests::{
@@ -13,52 +16,25 @@ use crate::protocol::{
     ModelReleaseResponse, ModelState, ModelStatusResponse, ModelUnloadResponse, ProtocolError,
 };
 use crate::units::format_bytes;
-use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 use uuid::Uuid;
-
-fn load_failed(message: impl Into<String>) -> ProtocolError {
-    ProtocolError::new(ErrorCode::ModelLoadFailed, message)
-}
 
 fn not_found(name: &str) -> ProtocolError {
     ProtocolError::new(ErrorCode::ModelNotFound, format!("Model {name} not found"))
 }
 
-/// `path` resolved inside `root`: no `..` escape, no symlink escape, an existing file.
-pub fn resolve_model_path(root: &Path, path: &str) -> Result<PathBuf, ProtocolError> {
-    let root = root.canonicalize().map_err(|e| {
-        load_failed(format!(
-            "the model root {} is not usable: {e}",
-            root.display()
-        ))
-    })?;
-    let joined = root.join(path);
-    let canonical = joined
-        .canonicalize()
-        .map_err(|e| load_failed(format!("cannot open {path} under the model root: {e}")))?;
-    if !canonical.starts_with(&root) {
-        return Err(load_failed(format!(
-            "{path} resolves outside the model root {}",
-            root.display()
-        )));
-    }
-    if !canonical.is_file() {
-        return Err(load_failed(format!("{path} is not a file")));
-    }
-    Ok(canonical)
-}
-
 impl MemoryService {
-    /// `memory.model_load`: maps the file, checks its safetensors header, and copies every
-    /// tensor into a `ModelWeights` allocation owned by `model:<name>` (one per tensor, purpose =
-    /// the tensor's name, in file order). Atomic: on any failure nothing stays allocated.
+    /// `memory.model_load`: opens the file beneath the model root, checks its safetensors
+    /// header, and reads every tensor (with `pread`, so a file shortened meanwhile is an error)
+    /// into a `ModelWeights` allocation owned by `model:<name>` (one per tensor, purpose = the
+    /// tensor's name, in file order). Atomic: on any failure nothing stays allocated.
     /// Loading a name already loaded from the same file returns it (and counts as a use).
     pub fn model_load(&self, req: &ModelLoadRequest) -> Result<ModelInfo, ProtocolError> {
         static LOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let load_token = LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = Instant::now();
-        let path = resolve_model_path(&self.model_root, &req.path)?;
+        let file = self.model_root.open(&req.path)?;
+        let path = file.path().to_path_buf();
         let device = {
             let e = self.engine.lock();
             e.device_index(&req.device_id)?
@@ -101,7 +77,7 @@ impl MemoryService {
             });
         }
         let mut made = Vec::new();
-        let result = self.copy_tensors(req, &path, device, &mut made);
+        let result = self.copy_tensors(req, &file, device, &mut made);
         let mut models = self.models.lock();
         match result {
             Ok((size, count)) => {
@@ -156,25 +132,13 @@ impl MemoryService {
     fn copy_tensors(
         &self,
         req: &ModelLoadRequest,
-        path: &Path,
+        file: &ModelFile,
         device: usize,
         made: &mut Vec<Uuid>,
     ) -> Result<(u64, u64), ProtocolError> {
-        let file = std::fs::File::open(path)
-            .map_err(|e| load_failed(format!("cannot open {}: {e}", path.display())))?;
-        // SAFETY: the file is mapped read-only for the length of the load; a host that
-        // rewrites a model file while it loads gets whatever bytes were there (never UB in
-        // this process: the bytes are only copied).
-        let map = unsafe { memmap2::Mmap::map(&file) }
-            .map_err(|e| load_failed(format!("cannot map {}: {e}", path.display())))?;
-        let tensors = safetensors::SafeTensors::deserialize(&map).map_err(|e| {
-            load_failed(format!(
-                "{} is not a valid safetensors file: {e}",
-                path.display()
-            ))
-        })?;
+        let tensors = file.header()?;
         let owner = Owner::Model(req.model_name.as_str().into());
-        let total: u64 = tensors.iter().map(|(_, v)| v.data().len() as u64).sum();
+        let total: u64 = tensors.iter().map(|t| t.len).sum();
         let budget = self.model_budget(&req.device_id);
         if total > budget {
             return Err(ProtocolError::new(
@@ -211,23 +175,19 @@ impl MemoryService {
                 ),
             ));
         }
+        let needs = tensors.last().map_or(0, |t| t.start + t.len);
         let mut size = 0u64;
         let mut count = 0u64;
-        // In file order (the crate's iteration order is a hash map's).
-        let mut ordered: Vec<(&str, safetensors::tensor::TensorView<'_>)> =
-            tensors.iter().collect();
-        ordered.sort_by_key(|(_, v)| v.data().as_ptr() as usize);
-        for (name, view) in ordered {
+        for tensor in &tensors {
             count += 1;
-            let data = view.data();
-            if data.is_empty() {
+            if tensor.len == 0 {
                 continue;
             }
             let spec = AllocationSpec {
-                size: data.len() as u64,
+                size: tensor.len,
                 alignment: 0,
                 kind: MemoryAllocationType::ModelWeights,
-                purpose: name.to_string(),
+                purpose: tensor.name.clone(),
                 persistent: false,
                 owner: owner.clone(),
             };
@@ -250,9 +210,35 @@ impl MemoryService {
                 }
             };
             made.push(id);
-            engine.write(&id.to_string(), 0, data)?;
-            size += data.len() as u64;
+            let reader = file.reader(tensor);
+            match engine.write_with(&id.to_string(), 0, tensor.len, &reader) {
+                Ok(()) => {}
+                Err(EngineError::Backend(BackendError::Source(e))) => {
+                    drop(engine);
+                    return Err(if e.raw_os_error() == Some(libc::EFAULT) {
+                        // pread could not write into the destination: its pages could not be
+                        // backed (a full tmpfs under shm), not a fault of the file.
+                        ProtocolError::new(
+                            ErrorCode::OutOfMemory,
+                            format!(
+                                "loading model {} on {}: the memory of tensor {} could not be \
+                                 backed ({e}); free memory on the device and load it again",
+                                req.model_name, req.device_id, tensor.name
+                            ),
+                        )
+                    } else {
+                        file.read_error(e, needs)
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
+            drop(engine);
+            size += tensor.len;
+            if let Some(hook) = &self.model_load_hook {
+                hook(&tensor.name);
+            }
         }
+        file.check_unchanged()?;
         Ok((size, count))
     }
 

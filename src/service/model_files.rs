@@ -1,0 +1,624 @@
+//! Model files: opened beneath the model root without following links out of it, checked as the
+//! file that was opened (not by its name), and read with `pread` so that a file shortened while
+//! it loads is an error, never a signal.
+//!
+//! Why not a mapping: a file mapped while another process truncates it (`cp other victim`,
+//! `truncate`) raises SIGBUS on the first access past the new end, which kills the worker and
+//! everything it holds for every client. `pread` reports the same event as a short read.
+//!
+//! Why not canonicalize-then-open: a directory swapped for a symlink between the check and the
+//! open loads a file outside the root. The root is opened once, as a descriptor, and every file
+//! is opened relative to it by the kernel (`openat2` with `RESOLVE_BENEATH`), so the name that
+//! was checked is the file that is read.
+//!
+//! This module holds the only `unsafe` code of the service (the system calls `std` lacks).
+
+use crate::protocol::{ErrorCode, ProtocolError};
+use parking_lot::Mutex;
+use safetensors::tensor::TensorInfo;
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+fn load_failed(message: impl Into<String>) -> ProtocolError {
+    ProtocolError::new(ErrorCode::ModelLoadFailed, message)
+}
+
+/// The folder model files are loaded from, opened once (on the first load that finds it).
+pub(crate) struct ModelRoot {
+    /// As configured (`--model-root`), for messages and for absolute paths inside it.
+    configured: PathBuf,
+    open: Mutex<Option<Arc<OpenRoot>>>,
+}
+
+struct OpenRoot {
+    dir: File,
+    /// Its canonical path when it was opened.
+    canonical: PathBuf,
+}
+
+impl ModelRoot {
+    pub(crate) fn new(configured: PathBuf) -> Self {
+        ModelRoot {
+            configured,
+            open: Mutex::new(None),
+        }
+    }
+
+    /// The root's descriptor, opened on first use and kept: a root that does not exist yet
+    /// (the worker was started first) is looked for again by the next load.
+    fn root(&self) -> Result<Arc<OpenRoot>, ProtocolError> {
+        let mut open = self.open.lock();
+        if let Some(r) = open.as_ref() {
+            return Ok(r.clone());
+        }
+        let unusable = |e: io::Error| {
+            load_failed(format!(
+                "the model root {} is not usable: {e}",
+                self.configured.display()
+            ))
+        };
+        let dir = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(&self.configured)
+            .map_err(unusable)?;
+        let canonical = fd_path(&dir).unwrap_or_else(|| {
+            self.configured
+                .canonicalize()
+                .unwrap_or_else(|_| self.configured.clone())
+        });
+        let r = Arc::new(OpenRoot { dir, canonical });
+        *open = Some(r.clone());
+        Ok(r)
+    }
+
+    /// Opens `path` (relative to the root; an absolute path only where it names something
+    /// inside the root) for reading, without leaving the root by `..` or by a symlink, and
+    /// checks that what was opened is a regular file.
+    pub(crate) fn open(&self, path: &str) -> Result<ModelFile, ProtocolError> {
+        let root = self.root()?;
+        let outside = || {
+            load_failed(format!(
+                "{path} resolves outside the model root {}",
+                root.canonical.display()
+            ))
+        };
+        let rel: PathBuf = {
+            let p = Path::new(path);
+            if p.is_absolute() {
+                // Only a name under the root's own path is taken, and then resolved beneath
+                // the root's descriptor like any other: the name is a convenience, not a check.
+                let under = p
+                    .strip_prefix(&root.canonical)
+                    .ok()
+                    .or_else(|| p.strip_prefix(&self.configured).ok())
+                    .ok_or_else(outside)?;
+                under.to_path_buf()
+            } else {
+                p.to_path_buf()
+            }
+        };
+        let rel = if rel.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            rel
+        };
+        let cannot =
+            |e: io::Error| load_failed(format!("cannot open {path} under the model root: {e}"));
+        let c_rel = CString::new(rel.as_os_str().as_bytes())
+            .map_err(|_| cannot(io::Error::other("the path contains a NUL byte")))?;
+        let file = match open_beneath(&root.dir, &c_rel) {
+            Err(Refused::Outside) => return Err(outside()),
+            Err(Refused::Io(e)) => return Err(cannot(e)),
+            Err(Refused::Symlink(name)) => {
+                return Err(load_failed(format!(
+                    "cannot open {path} under the model root: {name} is a symbolic link or not \
+                     a folder, and this kernel has no openat2 (Linux 5.6), without which \
+                     memcoord follows no links in the model root; name the file by its real \
+                     path"
+                )));
+            }
+            Ok(f) => f,
+        };
+        let meta = file.metadata().map_err(cannot)?;
+        if !meta.file_type().is_file() {
+            return Err(load_failed(format!(
+                "{path} is not a file (a regular file holding safetensors is expected)"
+            )));
+        }
+        // Opened with O_NONBLOCK so that a FIFO could not stall the open; a regular file reads
+        // the same either way, but clear it so that no filesystem sees it.
+        clear_nonblock(&file);
+        let real = fd_path(&file).unwrap_or_else(|| root.canonical.join(&rel));
+        Ok(ModelFile {
+            stamp: Stamp::of(&meta),
+            len: meta.len(),
+            file,
+            path: real,
+        })
+    }
+}
+
+/// Why a file could not be opened beneath the root.
+enum Refused {
+    /// The path leaves the root (`..`, an absolute symlink, a symlink out of it).
+    Outside,
+    /// Without openat2: a component is a symlink (or not a folder).
+    Symlink(String),
+    /// Anything else (no such file, permissions).
+    Io(io::Error),
+}
+
+/// Set once openat2 answered ENOSYS: the walk is used from then on.
+static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
+
+/// `open_how` of linux/openat2.h (libc's is non-exhaustive, so it cannot be built safely).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// Flags of every model file open: read-only, and a FIFO or a device must not block the open.
+const OPEN_FLAGS: libc::c_int =
+    libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK;
+
+fn open_beneath(root: &File, rel: &CString) -> Result<File, Refused> {
+    if !NO_OPENAT2.load(Ordering::Relaxed) {
+        // RESOLVE_BENEATH: the kernel refuses (EXDEV) any resolution that leaves the root, by
+        // `..`, by an absolute path or through a symlink, checked on each step of the walk,
+        // so no swap of a folder for a link between steps can take it outside.
+        // RESOLVE_NO_MAGICLINKS: no /proc/self/fd-style links. Symlinks that stay inside the
+        // root are followed (no RESOLVE_NO_SYMLINKS): a Hugging Face cache links
+        // snapshots/<rev>/model.safetensors to ../../blobs/<hash>, and that is worth loading.
+        let how = OpenHow {
+            flags: OPEN_FLAGS as u64,
+            mode: 0,
+            resolve: libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS,
+        };
+        // The kernel may answer EAGAIN when a rename raced a `..` step; it asks for a retry.
+        for _ in 0..64 {
+            // SAFETY: openat2 reads `rel` (NUL-terminated, alive for the call) and `how`
+            // (a repr(C) open_how of the size passed); it returns a new descriptor or -1.
+            let fd = unsafe {
+                libc::syscall(
+                    libc::SYS_openat2,
+                    root.as_raw_fd(),
+                    rel.as_ptr(),
+                    &how as *const OpenHow,
+                    std::mem::size_of::<OpenHow>(),
+                )
+            };
+            if fd >= 0 {
+                return Ok(owned(fd as RawFd));
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EINTR) => continue,
+                Some(libc::EXDEV) => return Err(Refused::Outside),
+                Some(libc::ENOSYS) => {
+                    NO_OPENAT2.store(true, Ordering::Relaxed);
+                    break;
+                }
+                _ => return Err(Refused::Io(e)),
+            }
+        }
+        if !NO_OPENAT2.load(Ordering::Relaxed) {
+            return Err(Refused::Io(io::Error::other(
+                "the folders on the way kept changing while it was opened",
+            )));
+        }
+    }
+    open_walk(root, Path::new(std::ffi::OsStr::from_bytes(rel.as_bytes())))
+}
+
+/// The fallback for kernels without openat2 (before 5.6): one component at a time from the
+/// root's descriptor, each with O_NOFOLLOW, so a symlink is refused wherever it is (inside the
+/// root or not: without the kernel's check, telling the two apart by name would be raceable).
+/// `..` goes back to the folder this walk came from, and never above the root.
+fn open_walk(root: &File, rel: &Path) -> Result<File, Refused> {
+    let parts: Vec<Component<'_>> = rel.components().collect();
+    // Folders this walk opened, below the root (the root itself stays borrowed).
+    let mut dirs: Vec<File> = Vec::new();
+    // The file's own name: the last component, when it is a name (after a trailing `..` the
+    // path names a folder, opened below as ".").
+    let last = match parts.last() {
+        Some(Component::Normal(_)) => parts.len() - 1,
+        _ => usize::MAX,
+    };
+    for (i, part) in parts.iter().enumerate() {
+        let name = match part {
+            Component::CurDir => continue,
+            Component::ParentDir => {
+                if dirs.pop().is_none() {
+                    return Err(Refused::Outside);
+                }
+                continue;
+            }
+            Component::RootDir | Component::Prefix(_) => return Err(Refused::Outside),
+            Component::Normal(n) => *n,
+        };
+        let c = CString::new(name.as_bytes())
+            .map_err(|_| Refused::Io(io::Error::other("the path contains a NUL byte")))?;
+        let at = dirs.last().unwrap_or(root).as_raw_fd();
+        let flags = if i == last {
+            OPEN_FLAGS | libc::O_NOFOLLOW
+        } else {
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC
+        };
+        // SAFETY: openat reads the NUL-terminated `c`, alive for the call, relative to a
+        // descriptor this function holds; it returns a new descriptor or -1.
+        let fd = unsafe { libc::openat(at, c.as_ptr(), flags) };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::ELOOP) | Some(libc::ENOTDIR) => {
+                    Refused::Symlink(name.to_string_lossy().into_owned())
+                }
+                _ => Refused::Io(e),
+            });
+        }
+        let f = owned(fd);
+        if i == last {
+            return Ok(f);
+        }
+        dirs.push(f);
+    }
+    // No file name at all (".", "a/.."): the folder itself, which the caller refuses as not a
+    // regular file.
+    let at = dirs.last().unwrap_or(root).as_raw_fd();
+    // SAFETY: as above, with a static NUL-terminated ".".
+    let fd = unsafe { libc::openat(at, c".".as_ptr(), OPEN_FLAGS) };
+    if fd < 0 {
+        return Err(Refused::Io(io::Error::last_os_error()));
+    }
+    Ok(owned(fd))
+}
+
+fn owned(fd: RawFd) -> File {
+    // SAFETY: `fd` was just returned by a successful open call and is owned by no one else.
+    unsafe { File::from_raw_fd(fd) }
+}
+
+fn clear_nonblock(file: &File) {
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor `file` owns; F_GETFL/F_SETFL touch only its flags.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+}
+
+/// The path the kernel has for an open descriptor (symlinks resolved), where /proc is mounted.
+fn fd_path(f: &File) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())).ok()
+}
+
+/// What tells a rewritten file from the one opened: a write or a truncate in place changes its
+/// size or its modification time. (Not the change time: `chmod` or a new hard link moves it
+/// and changes no byte.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    mtime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+        }
+    }
+}
+
+/// An opened model file.
+pub(crate) struct ModelFile {
+    file: File,
+    /// Its real path (symlinks resolved), for messages and the model's `path`.
+    path: PathBuf,
+    /// Its length when it was opened.
+    len: u64,
+    stamp: Stamp,
+}
+
+/// One tensor of a header: its name and where its bytes are in the file.
+pub(crate) struct Tensor {
+    pub(crate) name: String,
+    /// Offset of its first byte in the file.
+    pub(crate) start: u64,
+    /// Its length in bytes.
+    pub(crate) len: u64,
+}
+
+/// The largest header read (the safetensors crate's limit): a header length above it is taken
+/// for a file that is not safetensors, rather than read.
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+impl ModelFile {
+    /// The real path of the file.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn invalid(&self, why: impl std::fmt::Display) -> ProtocolError {
+        load_failed(format!(
+            "{} is not a valid safetensors file: {why}",
+            self.path.display()
+        ))
+    }
+
+    /// Reads and checks the header (8-byte little-endian length, then JSON): every tensor's
+    /// dtype × shape is its byte length, the tensors' data follow each other without gaps or
+    /// overlaps, the last ends at the end of the file, and no tensor name appears twice.
+    /// Returns the tensors in file order.
+    pub(crate) fn header(&self) -> Result<Vec<Tensor>, ProtocolError> {
+        if self.len < 8 {
+            return Err(self.invalid(format!(
+                "it is {} bytes, shorter than the 8-byte header length it must start with",
+                self.len
+            )));
+        }
+        let mut n = [0u8; 8];
+        self.read_at(0, &mut n, 8)?;
+        let n = u64::from_le_bytes(n);
+        if n > MAX_HEADER_BYTES {
+            return Err(self.invalid(format!(
+                "it starts with a header length of {n} bytes, more than the {MAX_HEADER_BYTES} \
+                 a safetensors header may have"
+            )));
+        }
+        if 8 + n > self.len {
+            return Err(self.invalid(format!(
+                "its header length is {n} bytes, but the file is only {} bytes",
+                self.len
+            )));
+        }
+        let mut header = vec![0u8; n as usize];
+        self.read_at(8, &mut header, 8 + n)?;
+        let text = std::str::from_utf8(&header)
+            .map_err(|e| self.invalid(format!("invalid UTF-8 in header: {e}")))?;
+        let HeaderEntries(mut entries) = serde_json::from_str(text).map_err(|e| {
+            use serde_json::error::Category;
+            match e.classify() {
+                Category::Data => self.invalid(format!("invalid header: {e}")),
+                _ => self.invalid(format!("invalid JSON in header: {e}")),
+            }
+        })?;
+        entries.sort_by_key(|(_, info)| info.data_offsets);
+        let data_start = 8 + n;
+        let mut end = 0u64;
+        let mut tensors = Vec::with_capacity(entries.len());
+        for (name, info) in entries {
+            let (s, e) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
+            if e < s {
+                return Err(self.invalid(format!(
+                    "tensor `{name}` has data_offsets [{s}, {e}], which end before they start"
+                )));
+            }
+            if s != end {
+                return Err(self.invalid(format!(
+                    "tensor `{name}` starts at byte {s} of the data, where {end} was expected: \
+                     the tensors' data_offsets must cover the data without gaps or overlaps"
+                )));
+            }
+            let bytes = info
+                .shape
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+                .and_then(|elements| elements.checked_mul(info.dtype.bitsize() as u64))
+                .filter(|bits| bits % 8 == 0)
+                .map(|bits| bits / 8)
+                .ok_or_else(|| {
+                    self.invalid(format!(
+                        "tensor `{name}` ({}, shape {:?}) does not have a whole number of bytes",
+                        info.dtype, info.shape
+                    ))
+                })?;
+            if bytes != e - s {
+                return Err(self.invalid(format!(
+                    "tensor `{name}` is {} with shape {:?}, which is {bytes} bytes, but its \
+                     data_offsets [{s}, {e}] hold {}",
+                    info.dtype,
+                    info.shape,
+                    e - s
+                )));
+            }
+            end = e;
+            tensors.push(Tensor {
+                name,
+                start: data_start + s,
+                len: e - s,
+            });
+        }
+        let needs = data_start + end;
+        if needs != self.len {
+            return Err(self.invalid(format!(
+                "its header describes {needs} bytes (8 + a {n}-byte header + {end} bytes of \
+                 tensors), but the file is {} bytes{}",
+                self.len,
+                if needs > self.len {
+                    " (cut short?)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        Ok(tensors)
+    }
+
+    /// Fills `buf` with the file's bytes from `at`. A short read (the file shrank since it was
+    /// opened) is an error saying so; `needs` is the length the file must have.
+    pub(crate) fn read_at(&self, at: u64, buf: &mut [u8], needs: u64) -> Result<(), ProtocolError> {
+        self.file
+            .read_exact_at(buf, at)
+            .map_err(|e| self.read_error(e, needs))
+    }
+
+    /// The source of a tensor's bytes, for [`crate::backends::Backend::write_with`].
+    pub(crate) fn reader<'a>(
+        &'a self,
+        tensor: &'a Tensor,
+    ) -> impl Fn(u64, &mut [u8]) -> io::Result<()> + Sync + 'a {
+        move |at, buf| self.file.read_exact_at(buf, tensor.start + at)
+    }
+
+    /// The error for a failed read of the file, which must be `needs` bytes long.
+    pub(crate) fn read_error(&self, e: io::Error, needs: u64) -> ProtocolError {
+        let now = self.file.metadata().map(|m| m.len()).ok();
+        match now {
+            Some(now) if e.kind() == io::ErrorKind::UnexpectedEof || now < needs => {
+                self.changed(format!("it is {now} bytes now, the header needs {needs}"))
+            }
+            _ => load_failed(format!("reading {} failed: {e}", self.path.display())),
+        }
+    }
+
+    fn changed(&self, how: String) -> ProtocolError {
+        load_failed(format!(
+            "{} changed while loading ({how}): load it again once it is written",
+            self.path.display()
+        ))
+    }
+
+    /// Fails when the file is not as it was opened (its size or modification time moved): it
+    /// was rewritten in place while it loaded, and the bytes read may mix two versions. A
+    /// rewrite of the same size within the filesystem's timestamp granularity of the open
+    /// could go unseen (kernels since 6.13 give a write after a `stat` a timestamp of its own
+    /// on the common filesystems); replacing a model file by renaming a new one over it is
+    /// always safe.
+    pub(crate) fn check_unchanged(&self) -> Result<(), ProtocolError> {
+        let now = self
+            .file
+            .metadata()
+            .map_err(|e| load_failed(format!("reading {} failed: {e}", self.path.display())))?;
+        let now = Stamp::of(&now);
+        if now == self.stamp {
+            return Ok(());
+        }
+        Err(self.changed(if now.len != self.stamp.len {
+            format!("it is {} bytes now, it was {}", now.len, self.stamp.len)
+        } else {
+            "it was written to while it was read".to_string()
+        }))
+    }
+}
+
+/// The header's top-level object as (name, tensor) pairs, `__metadata__` checked and dropped;
+/// a name that appears twice is an error (a map would keep the last silently).
+struct HeaderEntries(Vec<(String, TensorInfo)>);
+
+impl<'de> serde::Deserialize<'de> for HeaderEntries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = HeaderEntries;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of tensors by name")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<HeaderEntries, A::Error> {
+                let mut seen = std::collections::HashSet::new();
+                let mut out = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if !seen.insert(key.clone()) {
+                        return Err(serde::de::Error::custom(format!(
+                            "the name `{key}` appears twice (each tensor needs a name of its \
+                             own)"
+                        )));
+                    }
+                    if key == "__metadata__" {
+                        map.next_value::<Option<std::collections::HashMap<String, String>>>()?;
+                    } else {
+                        out.push((key, map.next_value::<TensorInfo>()?));
+                    }
+                }
+                Ok(HeaderEntries(out))
+            }
+        }
+        d.deserialize_map(Entries)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dir(PathBuf);
+    impl Dir {
+        fn new(tag: &str) -> Dir {
+            let d = std::env::temp_dir()
+                .join(format!("memcoord-model-files-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).unwrap();
+            Dir(d)
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn walk(root: &Path, rel: &str) -> Result<File, Refused> {
+        open_walk(&File::open(root).unwrap(), Path::new(rel))
+    }
+
+    /// The fallback walk (kernels without openat2): plain names and `..` inside the root open;
+    /// `..` above the root, absolute paths and every symlink (in or out) are refused.
+    #[test]
+    fn the_walk_without_openat2_refuses_links_and_leaving_the_root() {
+        let root = Dir::new("walk");
+        let outside = Dir::new("walk-outside");
+        std::fs::create_dir_all(root.0.join("a/b")).unwrap();
+        std::fs::write(root.0.join("a/b/m.safetensors"), b"inside").unwrap();
+        std::fs::write(outside.0.join("m.safetensors"), b"outside").unwrap();
+        std::os::unix::fs::symlink(&outside.0, root.0.join("out")).unwrap();
+        std::os::unix::fs::symlink("a/b", root.0.join("in")).unwrap();
+        std::os::unix::fs::symlink("a/b/m.safetensors", root.0.join("file-link")).unwrap();
+
+        let read = |f: File| std::io::read_to_string(f).unwrap();
+        assert_eq!(
+            read(walk(&root.0, "a/b/m.safetensors").ok().unwrap()),
+            "inside"
+        );
+        assert_eq!(
+            read(walk(&root.0, "./a/../a/b/./m.safetensors").ok().unwrap()),
+            "inside"
+        );
+        let name = outside.0.file_name().unwrap().to_str().unwrap();
+        for rel in [
+            "../x".to_string(),
+            format!("../{name}/m.safetensors"),
+            "a/../../x".to_string(),
+            "/etc/passwd".to_string(),
+        ] {
+            assert!(
+                matches!(walk(&root.0, &rel), Err(Refused::Outside)),
+                "{rel} is outside"
+            );
+        }
+        for rel in ["out/m.safetensors", "in/m.safetensors", "file-link"] {
+            assert!(
+                matches!(walk(&root.0, rel), Err(Refused::Symlink(_))),
+                "{rel} goes through a symlink"
+            );
+        }
+        assert!(matches!(
+            walk(&root.0, "a/missing"),
+            Err(Refused::Io(e)) if e.kind() == io::ErrorKind::NotFound
+        ));
+    }
+}
