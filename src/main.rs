@@ -180,6 +180,22 @@ impl TargetArgs {
         }
         Ok(())
     }
+
+    /// [`show`](Self::show), and for a table of this process's own devices, which default
+    /// budgets the cgroup's memory limit capped.
+    fn show_devices(
+        &self,
+        view: impl FnOnce(&cli::Source) -> Result<(serde_json::Value, String), String>,
+    ) -> Result<(), String> {
+        self.show(view)?;
+        if self.url.is_none()
+            && !self.json
+            && let Some(note) = self.devices.settings().ok().and_then(|s| s.limit_note())
+        {
+            println!("\nnote: {note}");
+        }
+        Ok(())
+    }
 }
 
 /// What the service is made of and how it behaves (worker and serve alike).
@@ -491,8 +507,8 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }
-        Command::Status { target } => target.show(cli::status),
-        Command::Devices { target } => target.show(cli::devices),
+        Command::Status { target } => target.show_devices(cli::status),
+        Command::Devices { target } => target.show_devices(cli::devices),
         Command::Allocs {
             target,
             device,

@@ -9,7 +9,9 @@ mod host;
 mod sysinfo;
 
 pub use host::{CpuBackend, ShmBackend, remove_stale_shm_files};
-pub use sysinfo::{meminfo, tmpfs_capacity};
+pub use sysinfo::{
+    MemoryLimit, cgroup_memory_limit, cgroup_memory_limit_in, meminfo, tmpfs_capacity,
+};
 
 use crate::protocol::{MemoryHandle, MemoryType};
 
