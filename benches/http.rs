@@ -1,6 +1,6 @@
 //! HTTP benchmarks of `memcoord serve`'s router (axum, HTTP/1.1 keep-alive, loopback), served
-//! inside this process exactly as `memcoord serve` serves it (`axum::serve` on a
-//! `tokio::net::TcpListener`):
+//! inside this process exactly as `memcoord serve` serves it (`http::serve_on`, hyper's HTTP/1.1
+//! connections with the default timeouts, on a `tokio::net::TcpListener`):
 //!
 //! 1. `POST /v1/command` with `memory.get_usage` from 32 concurrent connections: requests per
 //!    second and latency p50 / p99 / max (target: at least 50,000 requests/s with p99 at most
@@ -29,7 +29,7 @@ use memcoord::backends::CpuBackend;
 use memcoord::dispatch::Dispatcher;
 use memcoord::managers::DeviceSetup;
 use memcoord::service::MemoryService;
-use memcoord::transport::http::{HttpState, serve_router};
+use memcoord::transport::http::{HttpState, Timeouts, serve_on, serve_router};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -317,9 +317,13 @@ fn main() {
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().unwrap();
         server.spawn(async move {
-            axum::serve(listener, serve_router(state))
-                .await
-                .expect("serve")
+            serve_on(
+                listener,
+                serve_router(state),
+                Timeouts::default(),
+                std::future::pending::<()>(),
+            )
+            .await
         });
         addr
     };

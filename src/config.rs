@@ -1,8 +1,8 @@
 //! Settings: device budgets and worker limits, from `--budget`/`--config` and defaults.
 
 use crate::backends::{
-    Backend, CpuBackend, DEFAULT_SHM_MODE, ShmBackend, cuda, meminfo, remove_stale_shm_files,
-    tmpfs_capacity,
+    Backend, CpuBackend, DEFAULT_SHM_MODE, MemoryLimit, ShmBackend, cgroup_memory_limit, cuda,
+    meminfo, remove_stale_shm_files, tmpfs_capacity,
 };
 use crate::managers::DeviceSetup;
 use crate::units::{format_bytes, parse_size};
@@ -76,6 +76,10 @@ pub struct Settings {
     pub pinned_pool: Option<u64>,
     /// Permissions of the `shm` file (default [`DEFAULT_SHM_MODE`], the owner's only).
     pub shm_mode: u32,
+    /// The memory limit of this process's cgroup (read when the settings are made), which
+    /// host memory (`cpu` and `shm` pages alike) is charged to: it caps the default `cpu` and
+    /// `shm` budgets, and a budget above it is refused. `None`: no limit.
+    pub memory_limit: Option<MemoryLimit>,
 }
 
 /// The default pinned pool beside a GPU.
@@ -91,6 +95,7 @@ impl Default for Settings {
             no_gpu: false,
             pinned_pool: None,
             shm_mode: DEFAULT_SHM_MODE,
+            memory_limit: cgroup_memory_limit(),
         }
     }
 }
@@ -138,10 +143,13 @@ impl Settings {
         let mut s = Settings::default();
         for (device, size) in &file.budgets {
             check_device(device)?;
-            s.budgets.insert(
-                device.clone(),
-                size_value(size, &format!("budget of {device}"))?,
-            );
+            let bytes = size_value(size, &format!("budget of {device}"))?;
+            s.check_limit(device, bytes)
+                .map_err(|e| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })?;
+            s.budgets.insert(device.clone(), bytes);
         }
         if let Some(m) = &file.max_line_bytes {
             s.max_line_bytes = size_value(m, "max_line_bytes")? as usize;
@@ -179,21 +187,76 @@ impl Settings {
         check_device(device)?;
         let bytes = parse_size(size)
             .map_err(|e| ConfigError::Budget(format!("budget of {device}: {e}")))?;
+        self.check_limit(device, bytes)?;
         self.budgets.insert(device.to_string(), bytes);
         Ok(())
     }
 
+    /// Refuses a host device's budget above the cgroup's memory limit: the kernel would kill
+    /// the worker (every client's memory with it) before the budget was reached.
+    pub fn check_limit(&self, device: &str, bytes: u64) -> Result<(), ConfigError> {
+        match &self.memory_limit {
+            Some(limit) if HOST_DEVICES.contains(&device) && bytes > limit.bytes => {
+                Err(ConfigError::Budget(format!(
+                    "the budget of {device}, {}, is above this process's memory limit of {limit}: \
+                     the kernel would kill the worker before the budget is reached; give at most \
+                     {} (or no budget: the default is half the limit)",
+                    format_bytes(bytes),
+                    format_bytes(limit.bytes)
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The capacity a host device's default budget is taken from: the device's, capped by the
+    /// cgroup's memory limit.
+    fn host_capacity(&self, device: &str) -> u64 {
+        let total = match device {
+            "cpu" => meminfo().total,
+            "shm" => tmpfs_capacity(&self.shm_dir).total,
+            _ => return 0,
+        };
+        self.memory_limit
+            .as_ref()
+            .map_or(total, |l| total.min(l.bytes))
+    }
+
     /// The budget of a host device: as set, else half of the device's capacity (a worker
-    /// shares its machine).
+    /// shares its machine), the capacity being at most the cgroup's memory limit (so the two
+    /// default budgets together fit in it).
     pub fn budget(&self, device: &str) -> u64 {
         if let Some(b) = self.budgets.get(device) {
             return *b;
         }
-        match device {
-            "cpu" => meminfo().total / 2,
-            "shm" => tmpfs_capacity(&self.shm_dir).total / 2,
-            _ => 0,
-        }
+        self.host_capacity(device) / 2
+    }
+
+    /// Which default budgets the cgroup's memory limit capped, for people (`memcoord devices`);
+    /// `None` when it capped none.
+    pub fn limit_note(&self) -> Option<String> {
+        let limit = self.memory_limit.as_ref()?;
+        let capped: Vec<&str> = HOST_DEVICES
+            .into_iter()
+            .filter(|d| !self.budgets.contains_key(*d))
+            .filter(|d| {
+                let total = match *d {
+                    "cpu" => meminfo().total,
+                    _ => tmpfs_capacity(&self.shm_dir).total,
+                };
+                total > limit.bytes
+            })
+            .collect();
+        (!capped.is_empty()).then(|| {
+            let (what, verb) = match capped.as_slice() {
+                [one] => (format!("the default budget of {one}"), "is"),
+                _ => (
+                    format!("the default budgets of {}", capped.join(" and ")),
+                    "are",
+                ),
+            };
+            format!("{what} {verb} capped by this process's memory limit of {limit} (half of it)")
+        })
     }
 
     /// Creates every device: the host devices, then each GPU the CUDA driver reports (none,
@@ -275,6 +338,19 @@ impl Settings {
 
     /// Creates the host devices with their budgets.
     pub fn host_devices(&self) -> Result<Vec<DeviceSetup>, ConfigError> {
+        for (device, bytes) in &self.budgets {
+            self.check_limit(device, *bytes)?;
+        }
+        if let Some(limit) = &self.memory_limit {
+            let together = self.budget("cpu").saturating_add(self.budget("shm"));
+            if together > limit.bytes {
+                tracing::warn!(
+                    "the cpu and shm budgets together ({}) are above this process's memory limit of \
+                     {limit}: filling both would get the worker killed",
+                    format_bytes(together)
+                );
+            }
+        }
         remove_stale_shm_files(&self.shm_dir);
         let mut devices = Vec::new();
         for device in HOST_DEVICES {
@@ -330,16 +406,62 @@ mod tests {
         let path = dir.join("c.toml");
         std::fs::write(
             &path,
-            "max_line_bytes = \"2MiB\"\n[budgets]\ncpu = \"8GiB\"\nshm = 1048576\n",
+            "max_line_bytes = \"2MiB\"\n[budgets]\ncpu = \"8MiB\"\nshm = 1048576\n",
         )
         .unwrap();
         let s = Settings::from_file(&path).unwrap();
-        assert_eq!(s.budget("cpu"), 8 << 30);
+        assert_eq!(s.budget("cpu"), 8 << 20);
         assert_eq!(s.budget("shm"), 1 << 20);
         assert_eq!(s.max_line_bytes, 2 << 20);
         std::fs::write(&path, "[budgets]\nnope = 1\n").unwrap();
         assert!(Settings::from_file(&path).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn limit(bytes: u64) -> Option<MemoryLimit> {
+        Some(MemoryLimit {
+            bytes,
+            source: PathBuf::from("/sys/fs/cgroup/test/memory.max"),
+        })
+    }
+
+    #[test]
+    fn a_cgroup_limit_caps_defaults_and_refuses_budgets_above_it() {
+        let mut s = Settings {
+            memory_limit: limit(512 << 20),
+            ..Settings::default()
+        };
+        // Defaults: half the capacity, the capacity being at most the limit.
+        assert_eq!(s.budget("cpu"), (meminfo().total.min(512 << 20)) / 2);
+        assert!(s.budget("shm") <= 256 << 20);
+        if meminfo().total > 512 << 20 {
+            assert!(s.limit_note().unwrap().contains("cpu"));
+        }
+        // Explicit budgets up to the limit are taken; above it refused, naming the limit and
+        // the file it came from.
+        s.set_budget("cpu=512MiB").unwrap();
+        let e = s.set_budget("cpu=800MiB").unwrap_err().to_string();
+        assert!(e.contains("512.00 MiB"), "{e}");
+        assert!(e.contains("/sys/fs/cgroup/test/memory.max"), "{e}");
+        assert!(e.contains("cgroup v2"), "{e}");
+        assert_eq!(
+            s.budget("cpu"),
+            512 << 20,
+            "a refused budget changes nothing"
+        );
+        assert!(s.set_budget("shm=1GiB").is_err());
+        // GPUs are not charged to the cgroup.
+        s.set_budget("cuda:0=40GiB").unwrap();
+        // A budget put in the map directly is refused when the devices are made.
+        s.budgets.insert("shm".into(), 1 << 30);
+        assert!(s.host_devices().is_err());
+        // No limit: anything goes.
+        let mut s = Settings {
+            memory_limit: None,
+            ..Settings::default()
+        };
+        s.set_budget("cpu=1TiB").unwrap();
+        assert_eq!(s.limit_note(), None);
     }
 
     #[test]

@@ -35,9 +35,12 @@ enum Command {
         #[arg(long, value_name = "BYTES")]
         max_line_bytes: Option<usize>,
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464; port 0 picks
-        /// one, printed on stderr).
+        /// one, printed on stderr). Any address but loopback needs --token-file.
         #[arg(long, value_name = "ADDR:PORT")]
         metrics_addr: Option<String>,
+        /// A file holding the bearer token /metrics then requires (/healthz does not).
+        #[arg(long, value_name = "FILE", requires = "metrics_addr")]
+        token_file: Option<PathBuf>,
     },
     /// Serve the protocol over HTTP: POST /v1/command, REST routes, the dashboard at /,
     /// /metrics, /healthz and /v1/openapi.json.
@@ -53,6 +56,14 @@ enum Command {
         /// Request bodies longer than this many bytes are answered REQUEST_TOO_LARGE.
         #[arg(long, value_name = "BYTES")]
         max_body_bytes: Option<usize>,
+        /// Seconds a client may take to send a request's header; also how long an idle
+        /// keep-alive connection stays open. Past it the connection is closed.
+        #[arg(long, value_name = "SECONDS", default_value_t = memcoord::transport::http::DEFAULT_HEADER_TIMEOUT.as_secs_f64())]
+        header_timeout_seconds: f64,
+        /// Seconds a client may take to send a request's body, after its header. Past it the
+        /// request is answered INVALID_REQUEST and the connection closed.
+        #[arg(long, value_name = "SECONDS", default_value_t = memcoord::transport::http::DEFAULT_BODY_TIMEOUT.as_secs_f64())]
+        body_timeout_seconds: f64,
     },
     /// Replay an allocation trace (one JSON op a line) through the engine and report speed,
     /// peak allocated and reserved bytes, and fragmentation at the peak.
@@ -180,6 +191,22 @@ impl TargetArgs {
         }
         Ok(())
     }
+
+    /// [`show`](Self::show), and for a table of this process's own devices, which default
+    /// budgets the cgroup's memory limit capped.
+    fn show_devices(
+        &self,
+        view: impl FnOnce(&cli::Source) -> Result<(serde_json::Value, String), String>,
+    ) -> Result<(), String> {
+        self.show(view)?;
+        if self.url.is_none()
+            && !self.json
+            && let Some(note) = self.devices.settings().ok().and_then(|s| s.limit_note())
+        {
+            println!("\nnote: {note}");
+        }
+        Ok(())
+    }
 }
 
 /// What the service is made of and how it behaves (worker and serve alike).
@@ -278,6 +305,16 @@ impl ServiceArgs {
         }
         Ok((settings, service))
     }
+}
+
+/// A timeout option: seconds, more than 0 and at most an hour.
+fn timeout_option(name: &str, seconds: f64) -> Result<std::time::Duration, String> {
+    if !(seconds.is_finite() && seconds > 0.0 && seconds <= 3600.0) {
+        return Err(format!(
+            "{name} must be a number of seconds above 0 and at most 3600, got {seconds}"
+        ));
+    }
+    Ok(std::time::Duration::from_secs_f64(seconds))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -392,7 +429,18 @@ fn run(cli: Cli) -> Result<(), String> {
             service,
             max_line_bytes,
             metrics_addr,
+            token_file,
         } => {
+            let token = token_file
+                .as_deref()
+                .map(memcoord::transport::http::read_token_file)
+                .transpose()?;
+            // Refused before anything starts, as serve refuses it: off loopback, a token is
+            // required.
+            if let Some(addr) = &metrics_addr {
+                memcoord::transport::http::check_listen_text(addr, token.is_some())
+                    .map_err(|m| format!("--metrics-addr: {m}"))?;
+            }
             let max_in_flight = service.max_in_flight;
             let (settings, service) = service.start()?;
             let options = WorkerOptions {
@@ -404,6 +452,8 @@ fn run(cli: Cli) -> Result<(), String> {
                 let bound = memcoord::transport::http::start_metrics_server(
                     addr,
                     Arc::clone(&service),
+                    token,
+                    memcoord::transport::http::Timeouts::default(),
                     &runtime,
                 )
                 .map_err(|e| format!("--metrics-addr {addr}: {e}"))?;
@@ -419,31 +469,20 @@ fn run(cli: Cli) -> Result<(), String> {
             listen,
             token_file,
             max_body_bytes,
+            header_timeout_seconds,
+            body_timeout_seconds,
         } => {
-            let token = match &token_file {
-                Some(path) => {
-                    let text = std::fs::read_to_string(path)
-                        .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
-                    let token = text.trim().to_string();
-                    if token.is_empty() {
-                        return Err(format!(
-                            "--token-file {}: the file is empty",
-                            path.display()
-                        ));
-                    }
-                    Some(token)
-                }
-                None => None,
-            };
+            let token = token_file
+                .as_deref()
+                .map(memcoord::transport::http::read_token_file)
+                .transpose()?;
             // Refused before anything starts: off loopback, a token is required.
-            if let Ok(addr) = listen.parse::<std::net::SocketAddr>()
-                && memcoord::transport::http::needs_token(&addr)
-                && token.is_none()
-            {
-                return Err(format!(
-                    "serve: {addr} is not a loopback address: a bearer token is required to listen there (--token-file FILE)"
-                ));
-            }
+            memcoord::transport::http::check_listen_text(&listen, token.is_some())
+                .map_err(|m| format!("serve: {m}"))?;
+            let timeouts = memcoord::transport::http::Timeouts {
+                header: timeout_option("--header-timeout-seconds", header_timeout_seconds)?,
+                body: timeout_option("--body-timeout-seconds", body_timeout_seconds)?,
+            };
             let max_in_flight = service.max_in_flight;
             let (settings, service) = service.start()?;
             let runtime = runtime()?;
@@ -452,6 +491,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 token,
                 body_limit: max_body_bytes.unwrap_or(settings.max_line_bytes),
                 max_in_flight,
+                timeouts,
             };
             let result = runtime.block_on(memcoord::transport::http::serve(service, options));
             runtime.shutdown_background();
@@ -514,8 +554,8 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }
-        Command::Status { target } => target.show(cli::status),
-        Command::Devices { target } => target.show(cli::devices),
+        Command::Status { target } => target.show_devices(cli::status),
+        Command::Devices { target } => target.show_devices(cli::devices),
         Command::Allocs {
             target,
             device,

@@ -10,7 +10,9 @@ mod sigbus;
 mod sysinfo;
 
 pub use host::{CpuBackend, DEFAULT_SHM_MODE, ShmBackend, has_hole, remove_stale_shm_files};
-pub use sysinfo::{meminfo, tmpfs_capacity};
+pub use sysinfo::{
+    MemoryLimit, cgroup_memory_limit, cgroup_memory_limit_in, meminfo, tmpfs_capacity,
+};
 
 use crate::protocol::{MemoryHandle, MemoryType};
 

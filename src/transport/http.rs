@@ -24,6 +24,7 @@ use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// The address `memcoord serve` listens on by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7077";
@@ -31,6 +32,34 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7077";
 pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
 /// The header a REST request's `request_id` comes from (and is echoed in).
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// How long the server waits for a client's bytes. A client that is slower, or sends nothing,
+/// loses its connection instead of holding it (and a task) forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Reading a request's header, counted from when the server starts waiting for it: from
+    /// the connection's start, or from the end of the previous answer on a keep-alive
+    /// connection. So it is also how long an idle keep-alive connection stays open. Past it the
+    /// connection is closed without an answer.
+    pub header: Duration,
+    /// Reading a request's body, from the end of its header. Past it the request is answered
+    /// INVALID_REQUEST (400) and the connection closed.
+    pub body: Duration,
+}
+
+/// The header read (and keep-alive idle) timeout by default.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The body read timeout by default.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            header: DEFAULT_HEADER_TIMEOUT,
+            body: DEFAULT_BODY_TIMEOUT,
+        }
+    }
+}
 
 /// One REST route: method, path (axum syntax), the action it carries out, and where its
 /// path parameters go in `data` (they are named as the fields they fill).
@@ -243,6 +272,7 @@ pub struct HttpState {
     dispatcher: Dispatcher,
     token: Option<String>,
     body_limit: usize,
+    body_timeout: Duration,
     clients: ClientLimits,
 }
 
@@ -255,6 +285,7 @@ impl HttpState {
             dispatcher: Dispatcher::new(service),
             token,
             body_limit,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
             clients: ClientLimits {
                 max: crate::transport::stdio::DEFAULT_MAX_IN_FLIGHT,
                 by_address: Mutex::new(HashMap::new()),
@@ -265,6 +296,12 @@ impl HttpState {
     /// Sets the bound on requests in flight per client address.
     pub fn with_max_in_flight(mut self, max: usize) -> Self {
         self.clients.max = max;
+        self
+    }
+
+    /// Sets how long a request's body may take to arrive.
+    pub fn with_body_timeout(mut self, timeout: Duration) -> Self {
+        self.body_timeout = timeout;
         self
     }
 }
@@ -443,21 +480,52 @@ async fn dispatch(state: &HttpState, line: &[u8], address: Option<IpAddr>) -> Ve
     }
 }
 
-/// Reads a body up to the limit: `Err` is the REQUEST_TOO_LARGE answer.
+/// An error answer after which the connection is closed (the rest of the body is not read).
+fn closing_error_response(request_id: Option<&str>, code: ErrorCode, message: String) -> Response {
+    let mut r = error_response(request_id, code, message);
+    r.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        HeaderValue::from_static("close"),
+    );
+    r
+}
+
+/// Reads a body up to the limit, within the body timeout. `Err` is the answer: REQUEST_TOO_LARGE
+/// for a body over the limit (at once when its Content-Length says so, before any of it is
+/// read), INVALID_REQUEST for one that did not arrive in time.
 async fn read_body(
     state: &HttpState,
     body: Body,
     request_id: Option<&str>,
 ) -> Result<Bytes, Response> {
-    axum::body::to_bytes(body, state.body_limit)
-        .await
-        .map_err(|_| {
-            error_response(
-                request_id,
-                ErrorCode::RequestTooLarge,
-                format!("request body over the limit of {} bytes", state.body_limit),
-            )
-        })
+    use hyper::body::Body as _;
+    let too_large = || {
+        closing_error_response(
+            request_id,
+            ErrorCode::RequestTooLarge,
+            format!("request body over the limit of {} bytes", state.body_limit),
+        )
+    };
+    if body.size_hint().lower() > state.body_limit as u64 {
+        return Err(too_large());
+    }
+    match tokio::time::timeout(
+        state.body_timeout,
+        axum::body::to_bytes(body, state.body_limit),
+    )
+    .await
+    {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err(too_large()),
+        Err(_) => Err(closing_error_response(
+            request_id,
+            ErrorCode::InvalidRequest,
+            format!(
+                "the request body did not arrive within {} (the body read timeout)",
+                humantime::format_duration(state.body_timeout)
+            ),
+        )),
+    }
 }
 
 async fn command(State(state): State<Shared>, client: Client, body: Body) -> Response {
@@ -565,12 +633,19 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// The routes of the metrics endpoint (`memcoord worker --metrics-addr`).
-pub fn metrics_router(service: Arc<MemoryService>) -> Router {
-    Router::new()
+/// The routes of the metrics endpoint (`memcoord worker --metrics-addr`); with a token,
+/// `/metrics` requires it.
+pub fn metrics_router(service: Arc<MemoryService>, token: Option<String>) -> Router {
+    let mut router = Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .with_state(service)
+        .route("/healthz", get(healthz));
+    if let Some(token) = token {
+        router = router.layer(axum::middleware::from_fn_with_state(
+            Arc::<str>::from(token),
+            require_token,
+        ));
+    }
+    router.with_state(service)
 }
 
 async fn dashboard_page() -> Response {
@@ -670,10 +745,7 @@ fn percent_decode(raw: &str) -> String {
 }
 
 /// Bearer-token check, compared in constant time. The token is never logged.
-async fn require_token(State(state): State<Shared>, request: Request, next: Next) -> Response {
-    let Some(token) = &state.token else {
-        return next.run(request).await;
-    };
+async fn require_token(State(token): State<Arc<str>>, request: Request, next: Next) -> Response {
     if request.uri().path() == "/healthz" {
         return next.run(request).await;
     }
@@ -756,9 +828,9 @@ pub fn serve_router(state: Shared) -> Router {
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method);
     // Without a token there is nothing to check: no layer on the request path.
-    if state.token.is_some() {
+    if let Some(token) = &state.token {
         api = api.layer(axum::middleware::from_fn_with_state(
-            Arc::clone(&state),
+            Arc::<str>::from(token.as_str()),
             require_token,
         ));
     }
@@ -771,23 +843,146 @@ pub fn needs_token(addr: &SocketAddr) -> bool {
     !addr.ip().is_loopback()
 }
 
+/// The one rule for every HTTP listener (`serve --listen`, `worker --metrics-addr`): off
+/// loopback, a bearer token is required. `Err` says so, for people.
+pub fn check_listen_address(addr: &SocketAddr, has_token: bool) -> Result<(), String> {
+    if needs_token(addr) && !has_token {
+        return Err(format!(
+            "{addr} is not a loopback address: a bearer token is required to listen there \
+             (--token-file FILE)"
+        ));
+    }
+    Ok(())
+}
+
+/// [`check_listen_address`] of an `ADDR:PORT` as given, before anything is bound or created.
+/// A host name (not an IP address) passes here and is checked once bound.
+pub fn check_listen_text(addr: &str, has_token: bool) -> Result<(), String> {
+    match addr.parse::<SocketAddr>() {
+        Ok(a) => check_listen_address(&a, has_token),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Reads a bearer token from `path` (surrounding whitespace trimmed); an empty one is refused.
+pub fn read_token_file(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+    let token = text.trim().to_string();
+    if token.is_empty() {
+        return Err(format!(
+            "--token-file {}: the file is empty",
+            path.display()
+        ));
+    }
+    Ok(token)
+}
+
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
+}
+
+/// Serves `router` on `listener` until `shutdown` completes; then stops accepting, lets every
+/// connection finish the request it is on, and returns when all are closed.
+///
+/// Why not `axum::serve`: it cannot bound how long a client takes over a request's header, so an
+/// idle or half-sent connection held a task and a descriptor forever. This is its loop (HTTP/1.1,
+/// the client's address as `ConnectInfo`) with hyper's header read timeout.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    timeouts: Timeouts,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tokio::sync::watch;
+    let (signal_tx, signal_rx) = watch::channel(());
+    tokio::spawn(async move {
+        shutdown.await;
+        drop(signal_rx);
+    });
+    let (close_tx, close_rx) = watch::channel(());
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeouts.header);
+    loop {
+        let (stream, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) if is_connection_error(&e) => continue,
+                Err(e) => {
+                    // Out of descriptors, say: wait for some to be closed.
+                    tracing::error!("accepting a connection failed: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+            _ = signal_tx.closed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let service =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(remote));
+                let mut router = router.clone();
+                async move {
+                    let request = req.map(Body::new);
+                    tower_service::Service::call(&mut router, request).await
+                }
+            });
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        let (signal_tx, close_rx) = (signal_tx.clone(), close_rx.clone());
+        tokio::spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!("connection from {remote} ended: {e}");
+                    }
+                }
+                _ = signal_tx.closed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.as_mut().await;
+                }
+            }
+            drop(close_rx);
+        });
+    }
+    drop(close_rx);
+    drop(listener);
+    close_tx.closed().await;
+}
+
 /// Binds `addr` now (so a bad address is reported at start) and serves the metrics endpoint on
-/// `runtime` until the process ends. Returns the bound address (useful with port 0).
+/// `runtime` until the process ends. Returns the bound address (useful with port 0). Off
+/// loopback a token is required ([`check_listen_address`]), and then `/metrics` requires it.
 pub fn start_metrics_server(
     addr: &str,
     service: Arc<MemoryService>,
+    token: Option<String>,
+    timeouts: Timeouts,
     runtime: &tokio::runtime::Runtime,
-) -> std::io::Result<std::net::SocketAddr> {
-    let listener = std::net::TcpListener::bind(addr)?;
-    listener.set_nonblocking(true)?;
-    let local = listener.local_addr()?;
+) -> Result<std::net::SocketAddr, String> {
+    check_listen_text(addr, token.is_some())?;
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| e.to_string())?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    check_listen_address(&local, token.is_some())?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     let _guard = runtime.enter();
-    let listener = tokio::net::TcpListener::from_std(listener)?;
-    runtime.spawn(async move {
-        if let Err(e) = axum::serve(listener, metrics_router(service)).await {
-            tracing::error!("metrics server stopped: {e}");
-        }
-    });
+    let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+    let router = metrics_router(service, token);
+    runtime.spawn(serve_on(
+        listener,
+        router,
+        timeouts,
+        std::future::pending::<()>(),
+    ));
     Ok(local)
 }
 
@@ -802,6 +997,8 @@ pub struct ServeOptions {
     pub body_limit: usize,
     /// The most requests one client address may have in flight.
     pub max_in_flight: usize,
+    /// How long a client may take over a request's header and body.
+    pub timeouts: Timeouts,
 }
 
 /// Serves until SIGTERM or SIGINT: then new requests get SHUTTING_DOWN, requests waiting for
@@ -809,15 +1006,8 @@ pub struct ServeOptions {
 pub async fn serve(service: Arc<MemoryService>, options: ServeOptions) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(&options.listen).await?;
     let local = listener.local_addr()?;
-    if needs_token(&local) && options.token.is_none() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            format!(
-                "{local} is not a loopback address: a bearer token is required to listen there \
-                 (--token-file FILE)"
-            ),
-        ));
-    }
+    check_listen_address(&local, options.token.is_some())
+        .map_err(|m| std::io::Error::new(std::io::ErrorKind::PermissionDenied, m))?;
     eprintln!(
         "memcoord: serving on http://{local}/ (dashboard at /, API under /v1, /metrics){}",
         if options.token.is_some() {
@@ -828,7 +1018,8 @@ pub async fn serve(service: Arc<MemoryService>, options: ServeOptions) -> std::i
     );
     let state = Arc::new(
         HttpState::new(Arc::clone(&service), options.token, options.body_limit)
-            .with_max_in_flight(options.max_in_flight),
+            .with_max_in_flight(options.max_in_flight)
+            .with_body_timeout(options.timeouts.body),
     );
     let stopping = Arc::clone(&service);
     let signal = async move {
@@ -846,12 +1037,7 @@ pub async fn serve(service: Arc<MemoryService>, options: ServeOptions) -> std::i
         eprintln!("memcoord: stopping");
         stopping.begin_shutdown();
     };
-    axum::serve(
-        listener,
-        serve_router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(signal)
-    .await?;
+    serve_on(listener, serve_router(state), options.timeouts, signal).await;
     let released = service.release_all();
     service.close();
     tracing::info!("released {released} allocations");

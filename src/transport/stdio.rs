@@ -7,6 +7,13 @@
 //! arrival order, collecting the responses to everything one read brought in and writing them
 //! with one flush. Requests that wait for memory run on the async runtime and write their
 //! response when done.
+//!
+//! Backpressure: answers handed to the writer thread and not yet written are counted in bytes.
+//! Past [`MAX_BACKLOG_BYTES`] the reader stops (it reads no more of stdin and handles no more
+//! lines) until the writer has caught up, so a host that stops reading stdout while it keeps
+//! writing requests meets a full pipe instead of a worker that buffers every answer. Answers of
+//! requests that finish on the runtime are never held back (they are bounded by
+//! `--max-in-flight`), so each is still written exactly once, at shutdown too.
 
 use super::framing::{Frame, LineReader};
 use crate::dispatch::{Dispatcher, InFlightLimit, Pending, internal_error};
@@ -67,6 +74,51 @@ impl InFlight {
 /// Batches at least this large go through the writer thread.
 const DIRECT_WRITE_LIMIT: usize = 16 * 1024;
 
+/// The most bytes of answers waiting for the writer thread before the reader stops reading
+/// requests (a few thousand small answers).
+pub const MAX_BACKLOG_BYTES: usize = 4 << 20;
+
+/// A batch of answers this large is handed to the writer in the middle of a read (and the
+/// reader waits for room), so that one read of many small requests cannot make an unbounded
+/// batch.
+const BATCH_LIMIT: usize = 1 << 20;
+
+/// Bytes handed to the writer thread and not yet written, and a way to wait until they are
+/// few enough.
+#[derive(Default)]
+struct Backlog {
+    bytes: AtomicUsize,
+    lock: Mutex<()>,
+    drained: Condvar,
+}
+
+impl Backlog {
+    fn add(&self, n: usize) {
+        self.bytes.fetch_add(n, Ordering::AcqRel);
+    }
+
+    fn written(&self, n: usize) {
+        let before = self.bytes.fetch_sub(n, Ordering::AcqRel);
+        if before > MAX_BACKLOG_BYTES && before - n <= MAX_BACKLOG_BYTES {
+            // Under the lock, so a reader between its check and its wait cannot miss it.
+            let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.drained.notify_all();
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.bytes.load(Ordering::Acquire) == 0
+    }
+
+    /// Waits until at most [`MAX_BACKLOG_BYTES`] are waiting to be written.
+    fn wait_for_room(&self) {
+        let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        while self.bytes.load(Ordering::Acquire) > MAX_BACKLOG_BYTES {
+            g = self.drained.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
 fn write_batch(output: &Mutex<Option<Box<dyn Write + Send>>>, bytes: &[u8]) {
     let mut out = output.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(w) = out.as_mut()
@@ -87,8 +139,8 @@ pub struct Worker {
     /// Large batches go to the writer thread, so reading and writing overlap.
     to_writer: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// Batches handed to the writer thread and not yet written.
-    queued: Arc<AtomicUsize>,
+    /// Bytes handed to the writer thread and not yet written.
+    backlog: Arc<Backlog>,
     in_flight: InFlight,
     stopping: AtomicBool,
     /// Held by the reader while it handles a batch, so a signal never cuts one in half.
@@ -105,15 +157,15 @@ impl Worker {
     ) -> Arc<Worker> {
         let output: Arc<Mutex<Option<Box<dyn Write + Send>>>> =
             Arc::new(Mutex::new(Some(Box::new(output))));
-        let queued = Arc::new(AtomicUsize::new(0));
+        let backlog = Arc::new(Backlog::default());
         let (tx, rx) = mpsc::channel::<Vec<u8>>();
-        let (out, q) = (Arc::clone(&output), Arc::clone(&queued));
+        let (out, b) = (Arc::clone(&output), Arc::clone(&backlog));
         let writer = std::thread::Builder::new()
             .name("memcoord-writer".into())
             .spawn(move || {
                 while let Ok(batch) = rx.recv() {
                     write_batch(&out, &batch);
-                    q.fetch_sub(1, Ordering::AcqRel);
+                    b.written(batch.len());
                 }
             })
             .ok();
@@ -123,7 +175,7 @@ impl Worker {
             output,
             to_writer: Mutex::new(writer.as_ref().map(|_| tx)),
             writer: Mutex::new(writer),
-            queued,
+            backlog,
             in_flight: InFlight::default(),
             stopping: AtomicBool::new(false),
             batch: Mutex::new(()),
@@ -135,15 +187,19 @@ impl Worker {
     /// written in the caller's thread (a thread wake-up costs more latency than the write);
     /// a large one goes to the writer thread so that reading the next requests overlaps with
     /// writing these responses.
+    ///
+    /// Never waits for room in the backlog (the reader does, in [`Self::emit_and_wait`]): the
+    /// runtime's tasks must not block on a host that does not read.
     fn emit(&self, bytes: Vec<u8>) {
-        if bytes.len() >= DIRECT_WRITE_LIMIT || self.queued.load(Ordering::Acquire) > 0 {
+        if bytes.len() >= DIRECT_WRITE_LIMIT || !self.backlog.is_empty() {
             let tx = self.to_writer.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(tx) = tx.as_ref() {
-                self.queued.fetch_add(1, Ordering::AcqRel);
+                let len = bytes.len();
+                self.backlog.add(len);
                 match tx.send(bytes) {
                     Ok(()) => return,
                     Err(mpsc::SendError(bytes)) => {
-                        self.queued.fetch_sub(1, Ordering::AcqRel);
+                        self.backlog.written(len);
                         write_batch(&self.output, &bytes);
                         return;
                     }
@@ -151,6 +207,13 @@ impl Worker {
             }
         }
         write_batch(&self.output, &bytes);
+    }
+
+    /// The reader's [`emit`](Self::emit): then, while too many answers are waiting to be
+    /// written, it waits (reading no more requests) for the writer to catch up.
+    fn emit_and_wait(&self, bytes: Vec<u8>) {
+        self.emit(bytes);
+        self.backlog.wait_for_room();
     }
 
     fn spawn_pending(self: &Arc<Self>, pending: Pending) {
@@ -201,11 +264,19 @@ impl Worker {
                         }
                         Frame::TooLarge => write_error(&mut out, None, &too_large),
                     }
+                    if out.len() >= BATCH_LIMIT {
+                        self.emit_and_wait(std::mem::replace(
+                            &mut out,
+                            Vec::with_capacity(64 * 1024),
+                        ));
+                    }
                 }
                 if !out.is_empty() {
                     self.emit(std::mem::replace(&mut out, Vec::with_capacity(64 * 1024)));
                 }
             }
+            // No more requests are read while the host leaves too many answers unread.
+            self.backlog.wait_for_room();
             match reader.fill() {
                 Ok(true) => {}
                 Ok(false) => {

@@ -70,15 +70,22 @@ pub fn check_envelope(v: &Value) {
 
 impl Worker {
     pub fn spawn(args: &[&str]) -> Worker {
-        Worker::spawn_with_env(args, &[])
+        let mut cmd = Command::new(BIN);
+        cmd.arg("worker").args(args);
+        Worker::spawn_command(cmd)
     }
 
     /// A worker with extra environment variables.
     pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Worker {
-        let mut child = Command::new(BIN)
-            .arg("worker")
-            .args(args)
-            .envs(env.iter().copied())
+        let mut cmd = Command::new(BIN);
+        cmd.arg("worker").args(args).envs(env.iter().copied());
+        Worker::spawn_command(cmd)
+    }
+
+    /// A worker started by `cmd` (e.g. a shell that moves itself into a cgroup and then
+    /// execs `memcoord worker`), talked to over its stdin and stdout.
+    pub fn spawn_command(mut cmd: Command) -> Worker {
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
