@@ -299,14 +299,11 @@ fn file_bytes(path: &str) -> u64 {
 fn a_failed_model_load_keeps_no_cache() {
     let root = state_dir("durable-model");
     std::fs::create_dir_all(&root).unwrap();
-    // Three tensors; the last cannot be placed in the holes left below.
+    // Three F32 tensors of 3, 3 and 5 MiB; the last cannot be placed in the holes left below.
+    let elements = |mib: u64| (mib * MIB / 4) as usize;
     common::write_model(
         &root.join("m.safetensors"),
-        &[
-            ("a", 3 * MIB as usize),
-            ("b", 3 * MIB as usize),
-            ("c", 5 * MIB as usize),
-        ],
+        &[("a", elements(3)), ("b", elements(3)), ("c", elements(5))],
     );
     let mut w = Worker::spawn(&[
         "--no-gpu",
@@ -338,6 +335,10 @@ fn a_failed_model_load_keeps_no_cache() {
                "timeout_seconds": 0}),
     );
     assert_eq!(code, "OUT_OF_MEMORY", "{message}");
+    assert!(
+        message.contains("so far"),
+        "the load failed after copying some tensors: {message}"
+    );
     let after = w.usage("shm");
     assert_eq!(after["allocated_bytes"], before["allocated_bytes"]);
     assert!(

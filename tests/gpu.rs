@@ -224,3 +224,71 @@ fn vram_allocations_defragment_transfers_and_page_release() {
     );
     svc.close();
 }
+
+/// Issue 19, item 2: model files are read with pread into the pinned staging buffer and copied
+/// to the GPU chunk by chunk (no mmap). Every tensor of a model loaded onto cuda:0 equals the
+/// file's bytes; a file cut short is MODEL_LOAD_FAILED and leaves nothing on the GPU.
+#[test]
+fn a_model_loaded_onto_the_gpu_equals_its_file() {
+    let Some(svc) = service() else {
+        println!("SKIPPED: a_model_loaded_onto_the_gpu_equals_its_file: no GPU");
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("memcoord-gpu-model-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Odd sizes (element counts of F32), one larger than a staging chunk, many small ones.
+    let mut tensors: Vec<(String, usize)> = vec![("big".into(), 100 << 20), ("odd".into(), 12_345)];
+    for i in 0..300 {
+        tensors.push((format!("small.{i}"), 1000 + i * 37));
+    }
+    let named: Vec<(&str, usize)> = tensors.iter().map(|(n, c)| (n.as_str(), *c)).collect();
+    let bytes = common::write_model(&dir.join("m.safetensors"), &named);
+    let svc = svc.with_model_root(&dir);
+    let load = |name: &str, path: &str| memcoord::protocol::requests::ModelLoadRequest {
+        model_name: name.into(),
+        path: path.into(),
+        device_id: "cuda:0".into(),
+        keep_alive_seconds: None,
+        timeout_seconds: 0.0,
+    };
+    let info = svc.model_load(&load("m", "m.safetensors")).unwrap();
+    assert_eq!(info.tensor_count, tensors.len() as u64);
+    let listed = svc
+        .get_allocations(&memcoord::protocol::requests::GetAllocationsRequest {
+            device_id: "cuda:0".into(),
+            allocation_type: None,
+            purpose: None,
+            owner: Some("model:m".into()),
+            offset: 0,
+            limit: 100_000,
+        })
+        .unwrap();
+    assert_eq!(listed.allocations.len(), tensors.len());
+    for a in &listed.allocations {
+        check(&svc, &a.allocation_id, &bytes[&a.purpose], &a.purpose);
+    }
+    // Cut short: refused, nothing left.
+    let full = std::fs::read(dir.join("m.safetensors")).unwrap();
+    std::fs::write(dir.join("cut.safetensors"), &full[..full.len() - 4096]).unwrap();
+    let usage = || {
+        svc.get_usage(&DeviceRequest {
+            device_id: "cuda:0".into(),
+        })
+        .unwrap()
+        .allocated_bytes
+    };
+    let before = usage();
+    let err = svc.model_load(&load("cut", "cut.safetensors")).unwrap_err();
+    assert_eq!(
+        err.code,
+        memcoord::protocol::ErrorCode::ModelLoadFailed,
+        "{}",
+        err.message
+    );
+    assert_eq!(before, usage());
+    println!(
+        "model {} ({} tensors) on cuda:0 equals its file; a cut file: {}",
+        info.size_bytes, info.tensor_count, err.message
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
