@@ -8,6 +8,8 @@
 //!
 //! Run: `cargo bench --bench engine` (add `-- --quick` for a short run, `-- --pairs-only` for
 //! the first part only).
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+#![allow(unsafe_code)] // test code: libc calls and memory maps of its own
 
 use memcoord::backends::CpuBackend;
 use memcoord::managers::replay::{parse_trace, replay};

@@ -7,6 +7,8 @@
 //! 2. defragment moves on cuda:0 vs cuMemcpyDtoD of the same bytes;
 //! 3. VRAM allocate + free pair in process, pages already backed (p50);
 //! 4. the SDXL trace at full scale on cuda:0: peak reserved / peak allocated.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+#![allow(unsafe_code)] // test code: libc calls and memory maps of its own
 
 use cudarc::driver::sys;
 use memcoord::config::Settings;

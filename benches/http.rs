@@ -23,6 +23,7 @@
 //!
 //! Run: `cargo bench --bench http` (add `-- --quick` for a short run: 1 s measured instead of
 //! 5 s, 10 dashboard requests instead of 50).
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use memchr::memmem;
 use memcoord::backends::CpuBackend;

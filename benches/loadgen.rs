@@ -47,6 +47,8 @@
 //! common, and then a `model_acquire` answered `MODEL_NOT_FOUND` is accepted too, since the
 //! idle model may be unloaded to make room). The bench panics (non-zero exit) when a check
 //! fails. Results: docs/benchmarks.md, "Load and soak (issue 8)".
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+#![allow(unsafe_code)] // test code: libc calls and memory maps of its own
 
 use hdrhistogram::Histogram;
 use serde_json::Value;

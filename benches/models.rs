@@ -2,6 +2,8 @@
 //! side by side with a plain memcpy of the same bytes out of the same mapping.
 //!
 //! Run: `cargo bench --bench models` (`-- --gib N` for the file size, default 1).
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+#![allow(unsafe_code)] // test code: libc calls and memory maps of its own
 
 use memcoord::config::Settings;
 use memcoord::protocol::requests::{ModelLoadRequest, ModelRequest};

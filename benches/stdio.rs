@@ -6,6 +6,7 @@
 //!    echoed by `cat` over the same kind of pipes (the floor: two pipe round trips).
 //!
 //! Run: `cargo bench --bench stdio` (options: `-- --requests N --pairs N --json`).
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};

@@ -7,6 +7,7 @@
 //! scrape (snapshot + OpenMetrics text), p50 / p99 / max over the runs.
 //!
 //! Run: `cargo bench --bench telemetry` (add `-- --quick` for a short run).
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use memcoord::backends::CpuBackend;
 use memcoord::dispatch::Dispatcher;

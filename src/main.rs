@@ -285,8 +285,7 @@ impl ServiceArgs {
                 let writes = std::sync::atomic::AtomicU64::new(0);
                 service = service.on_state_written(Box::new(move || {
                     if writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == n {
-                        // SAFETY: raising a signal in our own process has no preconditions.
-                        unsafe { libc::raise(libc::SIGKILL) };
+                        memcoord::backends::kill_this_process();
                     }
                 }));
             }

@@ -1,5 +1,6 @@
 //! memory.analytics through the real binary: every field checked against the operations
 //! performed, the window's bounds, and the per-second samples.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 

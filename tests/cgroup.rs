@@ -6,6 +6,7 @@
 //! the v2 hierarchy, else cgroup v1 (`memory.limit_in_bytes`, below this process's own memory
 //! cgroup). Where neither can be made (not root, no writable cgroup file system) the test
 //! prints `SKIPPED: <reason>` and returns.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 

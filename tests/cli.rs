@@ -1,5 +1,6 @@
 //! The CLI views against a running server (`--url`) and in process: tables for people, JSON
 //! for scripts, `top` frames, shell completions.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 

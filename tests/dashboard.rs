@@ -5,6 +5,8 @@
 //!
 //! The browser is `$CHROMIUM`, else the first of `chromium`, `chromium-browser`, `google-chrome`
 //! that runs; without one the browser part is skipped (install Debian's `chromium`).
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+#![allow(unsafe_code)] // test code: libc calls and memory maps of its own
 
 use serde_json::Value;
 use std::io::{Read, Write};

@@ -1,5 +1,6 @@
 //! memory.defragment and memory.optimize through the real binary; an `shm` defragment is
 //! verified byte for byte by this (other) process through the allocations' handles.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 

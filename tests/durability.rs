@@ -10,6 +10,7 @@
 //!   directory's file goes once the directory is gone; a failed model load keeps no cache.
 //!
 //! They spawn the worker: SIGKILL and restarts are what only a process shows.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 

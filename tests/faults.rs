@@ -1,5 +1,6 @@
 //! Injected backend failures: a device whose page commits or copies fail on demand. Each
 //! failure gives the contract's error and changes nothing; no byte is lost.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use memcoord::backends::{Backend, BackendError, Capacity, CpuBackend};
 use memcoord::managers::DeviceSetup;

@@ -9,6 +9,7 @@
 //! bounded time (`MEMCOORD_FUZZ_SECS` scales it) and prints its seed and how many inputs ran;
 //! `MEMCOORD_FUZZ_SEED=N` replays another seed. A failing input is printed as a Rust byte
 //! string before the test fails.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 #[path = "../fuzz/src/harness.rs"]
 #[allow(dead_code)] // `global` serves the cargo-fuzz targets only.

@@ -1,6 +1,7 @@
 //! GPU tests: VRAM allocations, defragment and transfers in every direction, each verified byte
 //! for byte, and page release seen in cuMemGetInfo. They skip cleanly, saying so, where there
 //! is no GPU. `scripts/gpu-check.sh` runs them on the GPU machine.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 

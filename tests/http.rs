@@ -1,6 +1,7 @@
 //! `memcoord serve`: every REST route exercised and its answers checked against the OpenAPI
 //! document the server publishes; auth rules, body limit, unknown routes and methods, request
 //! ids, waiting requests and leases over HTTP.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 

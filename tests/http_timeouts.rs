@@ -2,6 +2,7 @@
 //! at all, or a body slower than the body timeout loses its connection (or gets an answer)
 //! instead of holding it forever; a Content-Length over the body limit is refused at once,
 //! before a byte of the body is read.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 

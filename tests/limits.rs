@@ -1,6 +1,7 @@
 //! Bounds that refuse with a clear error instead of queueing without end: live allocations
 //! per device, requests waiting for memory per device, requests in flight per stdio session and
 //! per HTTP client.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 

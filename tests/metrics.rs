@@ -1,6 +1,7 @@
 //! `--metrics-addr`: the worker's /metrics parsed as OpenMetrics, its figures checked against
 //! the operations performed, and the Prometheus text checked by `promtool check metrics` where
 //! promtool is installed.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! `memcoord worker --metrics-addr` off loopback (issue 19, item 9): refused without a token,
 //! exactly as `serve --listen` is; with `--token-file`, `/metrics` requires the token.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 

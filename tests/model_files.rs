@@ -6,6 +6,7 @@
 //! a device takes a file's bytes are covered: `cpu` (read straight into the mapping) and a
 //! device whose memory the CPU cannot address (read into a bounce buffer, then written, as a
 //! GPU without its pinned staging would).
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 

@@ -1,6 +1,8 @@
 //! Models through the real binary: safetensors files made here, loaded onto `shm` and verified
 //! byte for byte by this (other) process through the handles; leases, unload, status, and every
 //! way a load can fail without leaving anything allocated.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+#![allow(unsafe_code)] // test code: libc calls and memory maps of its own
 
 mod common;
 

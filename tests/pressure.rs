@@ -1,5 +1,6 @@
 //! memory.get_pressure through the real binary: levels from usage, waiting and failures; a
 //! lower level shows only after the hold period.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 

@@ -1,5 +1,7 @@
 //! Protocol tests against the real binary: every action of this version, every applicable error
 //! row, waiting, clear, shutdown.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+#![allow(unsafe_code)] // test code: libc calls and memory maps of its own
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! memory.optimization_recs through the real binary, one test per rule: produce the situation,
 //! take the recommendation, send its `request` as is, and check that the promised saving
 //! happened.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! docs/protocol.schema.json is the JSON Schema of the stdio messages, generated from the Rust
 //! types (`memcoord::transport::openapi::stdio_schema`): it must be current, and real request
 //! and response lines must match it. `MEMCOORD_BLESS=1 cargo test --test schema` rewrites it.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 

@@ -5,6 +5,7 @@
 //! These tests spawn the worker (a SIGBUS kills a process, and only a process shows it). The
 //! full-tmpfs one mounts a small tmpfs of its own (root only); where it cannot, it prints a
 //! `SKIPPED:` line.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Another process sees the bytes of an `shm` allocation through its handle, in both
 //! directions, using the library's in-process byte API on this side.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use memcoord::config::Settings;
 use memcoord::protocol::requests::AllocateRequest;

@@ -4,6 +4,7 @@
 //! allocation is ALLOCATION_IN_USE for deallocate and for another transfer, and clear skips it.
 //! And a destination that fails mid-copy: TRANSFER_FAILED, the source intact, the partial
 //! destination freed.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use memcoord::backends::{Backend, BackendError, Capacity, CpuBackend};
 use memcoord::managers::DeviceSetup;

@@ -1,5 +1,6 @@
 //! memory.transfer and memory.get_transfer between host devices through the real binary, with
 //! byte-for-byte verification through `shm` handles by this (other) process.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 

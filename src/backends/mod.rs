@@ -5,6 +5,7 @@
 //! This is the only layer that calls the operating system's memory APIs.
 
 pub mod cuda;
+pub(crate) mod files;
 mod host;
 mod sigbus;
 mod sysinfo;
@@ -15,6 +16,13 @@ pub use sysinfo::{
 };
 
 use crate::protocol::{MemoryHandle, MemoryType};
+
+/// Ends this process at once with SIGKILL, as a crash would: no destructor, no clean-up, no
+/// answer. For crash tests only (`MEMCOORD_TEST_FAILPOINT`).
+pub fn kill_this_process() {
+    // SAFETY: raising a signal in our own process has no preconditions.
+    unsafe { libc::raise(libc::SIGKILL) };
+}
 
 /// What went wrong in a backend.
 #[derive(Debug, thiserror::Error)]

@@ -1,5 +1,7 @@
 //! A test harness that spawns the real `memcoord worker` and talks NDJSON to it.
 #![allow(dead_code)]
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+#![allow(unsafe_code)] // test code: libc calls and memory maps of its own
 
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{Value, json};
