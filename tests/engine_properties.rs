@@ -187,6 +187,6 @@ proptest! {
             }
         }
         let pinned = ids.iter().enumerate().filter(|(k, (_, p))| *p && k % 2 == 0).count() as u64;
-        prop_assert_eq!(pass.pinned_count, pinned);
+        prop_assert_eq!(pass.fixed_count, pinned);
     }
 }

@@ -186,8 +186,8 @@ pub fn advise(s: &Situation, rules: &Rules) -> Vec<Recommendation> {
         }
     }
 
-    let unpinned = |k: MemoryAllocationType| t.unpinned_client_bytes[k.value() as usize];
-    let cache = unpinned(MemoryAllocationType::Cache);
+    let reclaimable_of = |k: MemoryAllocationType| t.reclaimable_client_bytes[k.value() as usize];
+    let cache = reclaimable_of(MemoryAllocationType::Cache);
     if at_least(level, PressureLevel::Moderate) && cache >= rules.min_savings_bytes {
         out.push(rec(
             RecommendationKind::ClearCache,
@@ -205,7 +205,7 @@ pub fn advise(s: &Situation, rules: &Rules) -> Vec<Recommendation> {
         ));
     }
 
-    let reclaimable = cache + unpinned(MemoryAllocationType::Temporary);
+    let reclaimable = cache + reclaimable_of(MemoryAllocationType::Temporary);
     let charged = t.allocated_bytes + t.reservation_bytes;
     let target_bytes = (t.budget_bytes as f64 * rules.reduce_target_percentage / 100.0) as u64;
     let needed = charged.saturating_sub(target_bytes);

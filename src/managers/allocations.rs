@@ -415,7 +415,7 @@ pub struct DefragmentPass {
     /// The arena's report.
     pub compaction: Compaction,
     /// Allocations that may not move (persistent, in use).
-    pub pinned_count: u64,
+    pub fixed_count: u64,
 }
 
 /// A device's figures for metrics and advice: plain data, gathered from running totals.
@@ -464,7 +464,7 @@ pub struct DeviceTelemetry {
     /// Allocations since the start, by type.
     pub total_by_type: [u64; TYPE_COUNT],
     /// Live bytes of non-persistent client allocations, by type.
-    pub unpinned_client_bytes: [u64; TYPE_COUNT],
+    pub reclaimable_client_bytes: [u64; TYPE_COUNT],
     /// Live persistent client allocations.
     pub persistent_client_count: u64,
     /// Bytes transferred onto the device since the start.
@@ -849,7 +849,7 @@ impl AllocationEngine {
             bytes_by_type: d.tally.bytes_by_type,
             live_by_type: d.tally.live_by_type,
             total_by_type: d.tally.total_by_type,
-            unpinned_client_bytes: d.tally.unpinned_client_bytes,
+            reclaimable_client_bytes: d.tally.reclaimable_client_bytes,
             persistent_client_count: d.tally.persistent_client_count,
             transferred_in_bytes: d.tally.transferred_in_bytes,
             transferred_out_bytes: d.tally.transferred_out_bytes,
@@ -1012,24 +1012,24 @@ impl AllocationEngine {
     }
 
     /// One bounded defragmentation pass over a device: moves at most `max_bytes` (at least one
-    /// allocation). Persistent allocations and those in `pinned` stay where they are.
+    /// allocation). Persistent allocations and those in `fixed` stay where they are.
     pub fn defragment_pass(
         &mut self,
         device: usize,
         max_bytes: u64,
-        pinned: &[Uuid],
+        fixed: &[Uuid],
     ) -> DefragmentPass {
-        let mut pinned_count = 0;
+        let mut fixed_count = 0;
         let mut placements: Vec<(&mut Placement, bool)> = Vec::new();
         for r in self.records.iter_mut() {
             if r.device as usize != device || r.pool {
                 continue;
             }
-            let pinned_here = r.persistent || r.busy || pinned.contains(&r.id);
+            let fixed_here = r.persistent || r.busy || fixed.contains(&r.id);
             if let Some(p) = r.placement.as_mut() {
-                let movable = !pinned_here;
+                let movable = !fixed_here;
                 if !movable {
-                    pinned_count += 1;
+                    fixed_count += 1;
                 }
                 placements.push((p, movable));
             }
@@ -1044,20 +1044,20 @@ impl AllocationEngine {
         dev.held = held;
         DefragmentPass {
             compaction,
-            pinned_count,
+            fixed_count,
         }
     }
 
     /// The largest single allocation a full `memory.defragment` would make possible on the
     /// device (capped, like `largest_free_block_bytes`, by what the budget allows now).
     /// Walks the device's allocations; moves nothing.
-    pub fn defragment_preview(&mut self, device: usize, pinned: &[Uuid]) -> u64 {
+    pub fn defragment_preview(&mut self, device: usize, fixed: &[Uuid]) -> u64 {
         let mut placements: Vec<(Placement, bool)> = self
             .records
             .iter()
             .filter(|r| r.device as usize == device && !r.pool)
             .filter_map(|r| {
-                let movable = !(r.persistent || r.busy || pinned.contains(&r.id));
+                let movable = !(r.persistent || r.busy || fixed.contains(&r.id));
                 r.placement.map(|p| (p, movable))
             })
             .chain(self.devices[device].held.iter().map(|(_, p)| (*p, false)))

@@ -607,7 +607,7 @@ impl Arena {
     }
 
     /// Slides movable allocations toward the start of the arena, in address order, moving at
-    /// most `max_bytes` (at least one allocation); pinned ones stay. Contents are preserved byte
+    /// most `max_bytes` (at least one allocation); fixed ones stay. Contents are preserved byte
     /// for byte (overlapping moves are memmoves toward lower addresses); every placement is
     /// updated in place. The pages the moves vacate follow the cache rule of `free`: kept up to
     /// the working set's high-water mark, given back beyond it ([`Arena::trim`] gives back all).
@@ -880,7 +880,7 @@ mod tests {
             .collect();
         let mut kept = kept;
         let frag_before = a.largest_free_block();
-        let pinned_offset = kept[5].offset();
+        let fixed_offset = kept[5].offset();
         let originals: Vec<u64> = kept.iter().map(|p| p.offset()).collect();
         let mut refs: Vec<(&mut Placement, bool)> = kept
             .iter_mut()
@@ -890,7 +890,7 @@ mod tests {
         let r = a.compact(&mut refs, u64::MAX);
         assert!(r.moved_count > 0);
         assert!(a.largest_free_block() > frag_before);
-        assert_eq!(kept[5].offset(), pinned_offset, "pinned stays");
+        assert_eq!(kept[5].offset(), fixed_offset, "fixed stays");
         for (k, p) in kept.iter().enumerate() {
             let i = 2 * k + 1;
             let n = size(i as u64);

@@ -57,7 +57,7 @@ pub struct Tally {
     pub total_by_type: [u64; TYPE_COUNT],
     /// Live bytes of client allocations that `memory.optimize` may free without force, by
     /// type (not persistent).
-    pub unpinned_client_bytes: [u64; TYPE_COUNT],
+    pub reclaimable_client_bytes: [u64; TYPE_COUNT],
     /// Live persistent client allocations.
     pub persistent_client_count: u64,
     /// Bytes transferred onto this device since the start.
@@ -134,7 +134,7 @@ impl Tally {
             if e.persistent {
                 self.persistent_client_count += 1;
             } else {
-                self.unpinned_client_bytes[t] += e.size;
+                self.reclaimable_client_bytes[t] += e.size;
             }
         }
         let index = self.purpose_slot(e.purpose);
@@ -157,8 +157,8 @@ impl Tally {
             if e.persistent {
                 self.persistent_client_count = self.persistent_client_count.saturating_sub(1);
             } else {
-                self.unpinned_client_bytes[t] =
-                    self.unpinned_client_bytes[t].saturating_sub(e.size);
+                self.reclaimable_client_bytes[t] =
+                    self.reclaimable_client_bytes[t].saturating_sub(e.size);
             }
         }
         let emptied = match self.slots.get_mut(slot as usize) {
@@ -258,7 +258,7 @@ mod tests {
         assert_eq!(a1, a2, "one slot per purpose");
         assert_ne!(a1, b);
         assert_eq!(t.bytes(T::Cache), 30);
-        assert_eq!(t.unpinned_client_bytes[T::Cache.value() as usize], 10);
+        assert_eq!(t.reclaimable_client_bytes[T::Cache.value() as usize], 10);
         assert_eq!(t.persistent_client_count, 1);
         assert_eq!(
             t.bytes_by_purpose(10, "…"),

@@ -665,11 +665,11 @@ impl MemoryService {
     /// `memory.defragment`: compacts the device in bounded passes (64 MiB on host devices, as
     /// the backend chooses on others),
     /// releasing the engine between passes so other requests keep being served. Persistent
-    /// allocations and those in `pinned` stay put.
+    /// allocations and those in `fixed` stay put.
     pub fn defragment(
         &self,
         device_id: &str,
-        pinned: &[Uuid],
+        fixed: &[Uuid],
     ) -> Result<DefragmentResponse, ProtocolError> {
         let started = Instant::now();
         let before = {
@@ -693,9 +693,9 @@ impl MemoryService {
                 // Looked up each pass: the device may be gone if the worker is closing.
                 let d = e.device_index(device_id)?;
                 let bytes = e.defragment_pass_bytes(d);
-                let mut pinned = pinned.to_vec();
-                pinned.extend(self.models.lock().leased_allocations());
-                let pass = e.defragment_pass(d, bytes, &pinned);
+                let mut fixed = fixed.to_vec();
+                fixed.extend(self.models.lock().leased_allocations());
+                let pass = e.defragment_pass(d, bytes, &fixed);
                 // Waiting requests go first between passes.
                 MutexGuard::unlock_fair(e);
                 pass
@@ -703,7 +703,7 @@ impl MemoryService {
             total.moved_count += pass.compaction.moved_count;
             total.moved_bytes += pass.compaction.moved_bytes;
             total.released_bytes += pass.compaction.released_bytes;
-            total.skipped_count = pass.pinned_count;
+            total.skipped_count = pass.fixed_count;
             if pass.compaction.deferred_count == 0 || pass.compaction.moved_count == 0 {
                 break;
             }
@@ -802,7 +802,7 @@ impl MemoryService {
             let (cleared, released) = {
                 let mut e = self.engine.lock();
                 let d = e.device_index(&req.device_id)?;
-                // Every (unpinned) Cache allocation: a target no usage can reach.
+                // Every Cache allocation that may go (not persistent, not preserved): a target no usage can reach.
                 let cleared = e.reclaim(
                     d,
                     &[MemoryAllocationType::Cache],
