@@ -7,6 +7,7 @@
 //! JSON body; `request_id` from `X-Request-Id` or a new UUID) and sends the answer's envelope
 //! back with HTTP status = `status_code`.
 
+pub use super::routes::{REST_ROUTES, RestRoute};
 use crate::dispatch::{Dispatcher, InFlightLimit, internal_error};
 use crate::protocol::envelope::write_error;
 use crate::protocol::{ErrorCode, ProtocolError};
@@ -60,144 +61,6 @@ impl Default for Timeouts {
         }
     }
 }
-
-/// One REST route: method, path (axum syntax), the action it carries out, and where its
-/// path parameters go in `data` (they are named as the fields they fill).
-#[derive(Debug, Clone, Copy)]
-pub struct RestRoute {
-    /// GET, POST or DELETE.
-    pub method: &'static str,
-    /// The path, `{name}` for a parameter (the field it fills).
-    pub path: &'static str,
-    /// The protocol action.
-    pub action: &'static str,
-    /// What it does, for people (docs, OpenAPI).
-    pub summary: &'static str,
-}
-
-/// Every REST route, one per action of the contract.
-pub const REST_ROUTES: &[RestRoute] = &[
-    RestRoute {
-        method: "GET",
-        path: "/v1/devices",
-        action: "memory.list_devices",
-        summary: "Every device",
-    },
-    RestRoute {
-        method: "GET",
-        path: "/v1/devices/{device_id}/status",
-        action: "memory.get_status",
-        summary: "A device's figures, usage, allocations and fragmentation",
-    },
-    RestRoute {
-        method: "GET",
-        path: "/v1/devices/{device_id}/usage",
-        action: "memory.get_usage",
-        summary: "A device's counters",
-    },
-    RestRoute {
-        method: "GET",
-        path: "/v1/devices/{device_id}/allocations",
-        action: "memory.get_allocations",
-        summary: "A device's allocations, oldest first",
-    },
-    RestRoute {
-        method: "POST",
-        path: "/v1/allocations",
-        action: "memory.allocate",
-        summary: "Allocate memory (may wait for room)",
-    },
-    RestRoute {
-        method: "DELETE",
-        path: "/v1/allocations/{allocation_id}",
-        action: "memory.deallocate",
-        summary: "Free an allocation",
-    },
-    RestRoute {
-        method: "POST",
-        path: "/v1/devices/{device_id}/clear",
-        action: "memory.clear",
-        summary: "Free every client allocation of a device",
-    },
-    RestRoute {
-        method: "POST",
-        path: "/v1/devices/{device_id}/defragment",
-        action: "memory.defragment",
-        summary: "Compact a device's allocations",
-    },
-    RestRoute {
-        method: "POST",
-        path: "/v1/transfers",
-        action: "memory.transfer",
-        summary: "Move or copy an allocation to another device",
-    },
-    RestRoute {
-        method: "GET",
-        path: "/v1/transfers/{transfer_id}",
-        action: "memory.get_transfer",
-        summary: "A transfer's progress",
-    },
-    RestRoute {
-        method: "POST",
-        path: "/v1/devices/{device_id}/optimize",
-        action: "memory.optimize",
-        summary: "Free memory: ClearCache, Defragment, EvictIdleModels, ReduceToTarget, Full",
-    },
-    RestRoute {
-        method: "POST",
-        path: "/v1/models",
-        action: "memory.model_load",
-        summary: "Load a safetensors model onto a device",
-    },
-    RestRoute {
-        method: "DELETE",
-        path: "/v1/models/{model_name}",
-        action: "memory.model_unload",
-        summary: "Unload a model",
-    },
-    RestRoute {
-        method: "POST",
-        path: "/v1/models/{model_name}/acquire",
-        action: "memory.model_acquire",
-        summary: "Lease a model (brings an offloaded one back)",
-    },
-    RestRoute {
-        method: "DELETE",
-        path: "/v1/leases/{lease_id}",
-        action: "memory.model_release",
-        summary: "End a lease",
-    },
-    RestRoute {
-        method: "GET",
-        path: "/v1/models",
-        action: "memory.model_status",
-        summary: "Models, their state and bytes",
-    },
-    RestRoute {
-        method: "POST",
-        path: "/v1/models/optimize",
-        action: "memory.model_optimize",
-        summary: "Offload or unload idle models, or fit a budget",
-    },
-    RestRoute {
-        method: "GET",
-        path: "/v1/pressure",
-        action: "memory.get_pressure",
-        summary: "Memory pressure per device",
-    },
-    RestRoute {
-        method: "GET",
-        path: "/v1/analytics",
-        action: "memory.analytics",
-        summary: "History, size histogram, latency, purposes",
-    },
-    RestRoute {
-        method: "GET",
-        path: "/v1/recommendations",
-        action: "memory.optimization_recs",
-        summary: "Advice with the request that applies it",
-    },
-];
 
 /// Query-string fields read as booleans (`true`/`false`, `1`/`0`).
 const BOOL_FIELDS: &[&str] = &[
@@ -712,36 +575,11 @@ async fn wrong_method(headers: HeaderMap, request: Request) -> Response {
     )
 }
 
-/// `%XX` and `+` of a query-string value decoded (a page URL's `token`). Why not a crate:
-/// ten lines, for one parameter.
-fn percent_decode(raw: &str) -> String {
-    fn hex(c: u8) -> Option<u8> {
-        (c as char).to_digit(16).map(|d| d as u8)
-    }
-    let b = raw.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match (
-            b[i],
-            b.get(i + 1).copied().and_then(hex),
-            b.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(hi), Some(lo)) => {
-                out.push(hi << 4 | lo);
-                i += 3;
-            }
-            (b'+', _, _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (c, _, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// The `token` of a query string (a page URL's), `%XX` and `+` decoded.
+fn query_token(query: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v.into_owned())
 }
 
 /// Bearer-token check, compared in constant time. The token is never logged.
@@ -754,11 +592,7 @@ async fn require_token(State(token): State<Arc<str>>, request: Request, next: Ne
     let from_query = (request.uri().path() == "/")
         .then(|| request.uri().query())
         .flatten()
-        .and_then(|q| {
-            q.split('&')
-                .find_map(|kv| kv.strip_prefix("token="))
-                .map(percent_decode)
-        });
+        .and_then(query_token);
     let given = request
         .headers()
         .get(AUTHORIZATION)
@@ -1069,8 +903,15 @@ mod tests {
 
     #[test]
     fn query_tokens_are_percent_decoded() {
-        assert_eq!(percent_decode("a%2Bb+c%25%zz%"), "a+b c%%zz%");
-        assert_eq!(percent_decode("ümlaut%C3%BC"), "ümlautü");
+        assert_eq!(
+            query_token("x=1&token=a%2Bb+c%25%zz%").as_deref(),
+            Some("a+b c%%zz%")
+        );
+        assert_eq!(
+            query_token("token=%C3%BCmlaut%C3%BC").as_deref(),
+            Some("ümlautü")
+        );
+        assert_eq!(query_token("tokens=1"), None);
     }
 
     #[test]

@@ -4,4 +4,5 @@
 pub mod framing;
 pub mod http;
 pub mod openapi;
+pub mod routes;
 pub mod stdio;

@@ -2,7 +2,7 @@
 //! generated (schemars) from the Rust types the protocol parses requests into and serialises
 //! answers from, so neither can drift from the code.
 
-use super::http::REST_ROUTES;
+use super::routes::REST_ROUTES;
 use crate::protocol::requests as rq;
 use crate::protocol::{self as p, ErrorCode};
 use schemars::generate::SchemaSettings;
