@@ -1,0 +1,220 @@
+//! Views: allocations, usage, fragmentation and device figures as the protocol reports them.
+
+use super::*;
+
+impl AllocationEngine {
+    pub(super) fn wire(&self, r: &Record) -> MemoryAllocation {
+        let dev = &self.devices[r.device as usize];
+        MemoryAllocation {
+            allocation_id: r.id.hyphenated().to_string(),
+            device_id: dev.arena.backend().device_id().to_string(),
+            size_bytes: r.size,
+            alignment: r.alignment(),
+            allocation_type: r.kind,
+            purpose: r.purpose.to_string(),
+            persistent: r.persistent,
+            owner: r.owner.wire(),
+            created_at: Timestamp(UNIX_EPOCH + Duration::from_micros(r.created_us)),
+            handle: r
+                .placement
+                .as_ref()
+                .and_then(|p| dev.arena(r.pool).backend().handle(p.offset())),
+        }
+    }
+
+    /// One allocation as the protocol shows it.
+    pub fn allocation(&self, allocation_id: &str) -> Result<MemoryAllocation, EngineError> {
+        let id = self
+            .find(allocation_id)
+            .ok_or_else(|| EngineError::AllocationNotFound(allocation_id.to_string()))?;
+        let r = self
+            .records
+            .get(&id)
+            .ok_or_else(|| EngineError::AllocationNotFound(allocation_id.to_string()))?;
+        Ok(self.wire(r))
+    }
+
+    /// One allocation by id as the protocol shows it.
+    pub fn allocation_by_id(&self, id: &Uuid) -> Option<MemoryAllocation> {
+        self.records.get(id).map(|r| self.wire(r))
+    }
+
+    /// A device's allocations matching `filter`, oldest first: the total count and one page.
+    pub fn allocations(
+        &self,
+        device: usize,
+        filter: &AllocationFilter,
+        offset: u64,
+        limit: u64,
+    ) -> (u64, Vec<MemoryAllocation>) {
+        let mut matching: Vec<&Record> = self
+            .records
+            .iter()
+            .filter(|r| {
+                r.device as usize == device
+                    && !r.hidden
+                    && filter.kind.is_none_or(|k| k == r.kind)
+                    && filter.purpose.as_deref().is_none_or(|p| p == &*r.purpose)
+                    && filter.owner.as_deref().is_none_or(|o| r.owner.matches(o))
+            })
+            .collect();
+        matching.sort_unstable_by_key(|r| r.seq);
+        let total = matching.len() as u64;
+        let page = matching
+            .into_iter()
+            .skip(offset.min(total) as usize)
+            .take(limit as usize)
+            .map(|r| self.wire(r))
+            .collect();
+        (total, page)
+    }
+
+    /// A picture of the device's arena for the dashboard: its address range cut into `buckets`
+    /// equal pieces (1 to 4,096), each with the bytes of live allocations by type and the rest
+    /// free. One pass over the allocations; pinned-pool allocations are not in the arena.
+    pub fn memory_map(&self, device: usize, buckets: usize) -> MemoryMap {
+        let arena_bytes = self.devices[device].arena.backend().len().max(1);
+        let n = buckets.clamp(1, 4096) as u64;
+        let bucket_bytes = arena_bytes.div_ceil(n);
+        let mut by_type = vec![[0u64; TYPE_COUNT]; n as usize];
+        for r in self.records.iter() {
+            let Some(p) = r
+                .placement
+                .as_ref()
+                .filter(|_| r.device as usize == device && !r.pool)
+            else {
+                continue;
+            };
+            let (mut start, end) = (p.offset(), (p.offset() + r.size).min(arena_bytes));
+            let t = r.kind.value() as usize % TYPE_COUNT;
+            while start < end {
+                let b = start / bucket_bytes;
+                let bucket_end = ((b + 1) * bucket_bytes).min(end);
+                by_type[b as usize][t] += bucket_end - start;
+                start = bucket_end;
+            }
+        }
+        MemoryMap {
+            arena_bytes,
+            bucket_bytes,
+            buckets: by_type,
+        }
+    }
+
+    /// A device's `limit` largest live allocations, largest first. One pass over them.
+    pub fn largest_allocations(&self, device: usize, limit: usize) -> Vec<MemoryAllocation> {
+        let mut v: Vec<&Record> = self
+            .records
+            .iter()
+            .filter(|r| r.device as usize == device && !r.hidden)
+            .collect();
+        if v.len() > limit {
+            v.select_nth_unstable_by(limit, |a, b| b.size.cmp(&a.size));
+            v.truncate(limit);
+        }
+        v.sort_unstable_by(|a, b| b.size.cmp(&a.size).then(a.seq.cmp(&b.seq)));
+        v.into_iter().map(|r| self.wire(r)).collect()
+    }
+
+    /// A device's counters.
+    pub fn usage(&self, device: usize) -> MemoryUsageStats {
+        let d = &self.devices[device];
+        MemoryUsageStats {
+            device_id: self.device_id(device).to_string(),
+            allocated_bytes: d.allocated,
+            reserved_bytes: d.reserved(),
+            peak_allocated_bytes: d.peak_allocated,
+            peak_reserved_bytes: d.peak_reserved,
+            reservation_bytes: d.reservation,
+            model_bytes: d.model_bytes,
+            budget_bytes: d.budget,
+            allocation_count: d.live,
+            total_allocations: d.total_allocations,
+            total_deallocations: d.total_deallocations,
+            failed_allocations: d.failed_allocations,
+            average_allocation_time_ms: if d.total_allocations == 0 {
+                0.0
+            } else {
+                d.allocation_time_ms_sum / d.total_allocations as f64
+            },
+        }
+    }
+
+    /// Where an allocation's bytes are in its device's arena: `(offset, size)`; `None` for a
+    /// Reservation or an unknown id. For diagnostics and tests.
+    pub fn placement_of(&self, id: &Uuid) -> Option<(u64, u64)> {
+        let r = self.records.get(id)?;
+        r.placement.map(|p| (p.offset(), r.size))
+    }
+
+    /// `(allocated_bytes, reserved_bytes)` of a device, without building a report.
+    pub fn usage_counters(&self, device: usize) -> (u64, u64) {
+        let d = &self.devices[device];
+        (d.allocated, d.reserved())
+    }
+
+    /// (allocated + reservations) / budget × 100.
+    pub fn utilization(&self, device: usize) -> f64 {
+        self.devices[device].utilization()
+    }
+
+    /// What an allocate on the device could obtain now.
+    pub fn available(&mut self, device: usize) -> u64 {
+        self.devices[device].available()
+    }
+
+    /// How the device's free memory is split up.
+    pub fn fragmentation(&mut self, device: usize) -> MemoryFragmentation {
+        let free = self.available(device);
+        let d = &self.devices[device];
+        let largest = d.arena.largest_free_block().min(free);
+        MemoryFragmentation {
+            device_id: self.device_id(device).to_string(),
+            fragmentation_percentage: health::fragmentation_percentage(free, largest),
+            free_bytes: free,
+            largest_free_block_bytes: largest,
+            free_block_count: d.arena.free_regions(),
+        }
+    }
+
+    /// A device's figures.
+    pub fn info(&mut self, device: usize) -> MemoryInfo {
+        let frag = self.fragmentation(device);
+        let usage = self.utilization(device);
+        let d = &mut self.devices[device];
+        let cap = d.arena.backend_mut().capacity();
+        let backend = d.arena.backend();
+        MemoryInfo {
+            device_id: backend.device_id().to_string(),
+            name: backend.name().to_string(),
+            memory_type: backend.memory_type(),
+            total_memory: cap.total,
+            available_memory: frag.free_bytes,
+            used_memory: cap.used(),
+            usage_percentage: if cap.total == 0 {
+                0.0
+            } else {
+                cap.used() as f64 / cap.total as f64 * 100.0
+            },
+            health: health::health(usage, frag.fragmentation_percentage),
+            fragmentation_percentage: frag.fragmentation_percentage,
+            last_updated: Timestamp::now(),
+        }
+    }
+
+    /// `health_score` of a device.
+    pub fn health_score(&mut self, device: usize) -> f64 {
+        let frag = self.fragmentation(device);
+        health::health_score(self.utilization(device), frag.fragmentation_percentage)
+    }
+
+    /// Bytes of engine bookkeeping: the allocation table and every arena's metadata.
+    pub fn metadata_bytes(&self) -> usize {
+        self.records.heap_bytes()
+            + self
+                .devices
+                .iter()
+                .map(|d| d.arena.metadata_bytes())
+                .sum::<usize>()
+    }
+}
