@@ -1,0 +1,160 @@
+//! `memory.transfer` and `memory.get_transfer`: a transfer is accepted (rules checked, the
+//! destination placed) in arrival order, then copied chunk by chunk off the reading thread.
+
+use super::*;
+
+/// A transfer accepted and ready to copy.
+pub struct StartedTransfer {
+    id: Uuid,
+    source: Uuid,
+    destination: Uuid,
+    size: u64,
+    copy: bool,
+    /// The destination's pages, still to be faulted in (by `run_transfer`, without the engine).
+    pending: Option<DeferredCommit>,
+    /// What to answer now.
+    pub wire: MemoryTransfer,
+}
+
+impl MemoryService {
+    /// `memory.transfer`, first half: checks the rules, allocates the destination (no waiting:
+    /// no room is OUT_OF_MEMORY) and records the transfer as Running. Nothing is copied yet.
+    pub fn start_transfer(&self, req: &TransferRequest) -> Result<StartedTransfer, ProtocolError> {
+        let (source, destination, size, pending) = {
+            let mut e = self.engine.lock();
+            let src = e.device_index(&req.source_device_id)?;
+            let dst = e.device_index(&req.destination_device_id)?;
+            e.begin_transfer(&req.allocation_id, src, dst, SystemTime::now())?
+        };
+        let copy = req.mode == TransferMode::Copy;
+        let id = Uuid::new_v4();
+        let wire = MemoryTransfer {
+            transfer_id: id.hyphenated().to_string(),
+            allocation_id: source.hyphenated().to_string(),
+            destination_allocation_id: Some(
+                if copy { destination } else { source }
+                    .hyphenated()
+                    .to_string(),
+            ),
+            source_device_id: req.source_device_id.clone(),
+            destination_device_id: req.destination_device_id.clone(),
+            mode: req.mode.name().to_string(),
+            status: TransferStatus::Running,
+            total_bytes: size,
+            bytes_transferred: 0,
+            progress_percentage: 0.0,
+            bandwidth_bytes_per_second: 0.0,
+            started_at: Timestamp::now(),
+            completed_at: None,
+            error_message: None,
+        };
+        self.transfers.lock().start(wire.clone());
+        Ok(StartedTransfer {
+            id,
+            source,
+            destination,
+            size,
+            copy,
+            pending,
+            wire,
+        })
+    }
+
+    /// `memory.transfer`, second half: copies chunk by chunk (releasing the engine between
+    /// chunks), then completes the move or copy. On failure the destination is freed, the
+    /// source is left as it was, and the transfer is Failed (TRANSFER_FAILED).
+    pub fn run_transfer(&self, t: &StartedTransfer) -> Result<MemoryTransfer, ProtocolError> {
+        let mut done = 0u64;
+        let mut failure = None;
+        if let Some(pending) = &t.pending {
+            let _open = self.commit_gate.read();
+            if let Err(err) = pending.commit() {
+                self.engine
+                    .lock()
+                    .abandon_transfer(&t.source, &t.destination, pending);
+                let message = format!(
+                    "transfer of allocation {} to {} failed: the system refused the destination's pages ({err}); the source is intact",
+                    t.wire.allocation_id, t.wire.destination_device_id
+                );
+                self.transfers
+                    .lock()
+                    .finish(&t.id, TransferStatus::Failed, Some(message.clone()));
+                return Err(ProtocolError::new(ErrorCode::TransferFailed, message));
+            }
+        }
+        while done < t.size {
+            let len = self.transfer_chunk_bytes.min(t.size - done);
+            let mut engine = self.engine.lock();
+            let r = engine.transfer_chunk(&t.source, &t.destination, done, len);
+            // Hand the engine to whoever waited during the chunk, so other requests are
+            // answered between chunks instead of after the whole transfer.
+            MutexGuard::unlock_fair(engine);
+            if let Err(e) = r {
+                failure = Some(e.to_string());
+                break;
+            }
+            done += len;
+            self.transfers.lock().progress(&t.id, done);
+        }
+        if failure.is_none()
+            && let Err(e) = self
+                .engine
+                .lock()
+                .finish_transfer(&t.source, &t.destination, t.copy)
+        {
+            failure = Some(e.to_string());
+        }
+        // With a state directory, the outcome (a persistent allocation now on shm, or gone from
+        // it) is on disk before the transfer reads Completed, whether or not anyone waits for it.
+        self.record_state();
+        match failure {
+            None => {
+                if !t.copy {
+                    self.room.notify_waiters();
+                }
+                let wire = self
+                    .transfers
+                    .lock()
+                    .finish(&t.id, TransferStatus::Completed, None);
+                Ok(wire.unwrap_or_else(|| t.wire.clone()))
+            }
+            Some(message) => {
+                self.engine.lock().abort_transfer(&t.source, &t.destination);
+                self.room.notify_waiters();
+                let message = format!(
+                    "transfer of allocation {} from {} to {} failed after {} of {}: {message}; the source is intact",
+                    t.wire.allocation_id,
+                    t.wire.source_device_id,
+                    t.wire.destination_device_id,
+                    format_bytes(done),
+                    format_bytes(t.size)
+                );
+                self.transfers
+                    .lock()
+                    .finish(&t.id, TransferStatus::Failed, Some(message.clone()));
+                Err(ProtocolError::new(ErrorCode::TransferFailed, message))
+            }
+        }
+    }
+
+    /// `memory.transfer` run to completion.
+    pub fn transfer(&self, req: &TransferRequest) -> Result<MemoryTransfer, ProtocolError> {
+        let t = self.start_transfer(req)?;
+        self.run_transfer(&t)
+    }
+
+    /// Transfers still running (for progress displays).
+    pub fn running_transfers(&self) -> Vec<MemoryTransfer> {
+        self.transfers.lock().running()
+    }
+
+    /// `memory.get_transfer`.
+    pub fn get_transfer(&self, transfer_id: &str) -> Result<MemoryTransfer, ProtocolError> {
+        self.transfers.lock().get(transfer_id).ok_or_else(|| {
+            ProtocolError::new(
+                ErrorCode::TransferNotFound,
+                format!("Transfer {transfer_id} not found"),
+            )
+        })
+    }
+}
