@@ -10,6 +10,7 @@ pub mod models;
 pub mod pressure;
 pub mod records;
 pub mod replay;
+pub mod room;
 pub mod tally;
 pub mod tlsf;
 pub mod transfers;

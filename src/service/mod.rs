@@ -38,11 +38,11 @@ use uuid::Uuid;
 /// The most bytes a transfer copies while holding the engine.
 pub const TRANSFER_CHUNK_BYTES: u64 = 256 << 20;
 
+use crate::managers::room::RoomSignal;
 use crate::units::format_bytes;
 use parking_lot::{Mutex, MutexGuard, RwLock};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::Notify;
 
 impl From<EngineError> for ProtocolError {
     fn from(e: EngineError) -> Self {
@@ -77,8 +77,9 @@ pub struct MemoryService {
     rules: crate::managers::advisor::Rules,
     state: Option<state::StateDir>,
     max_waiting: u64,
-    /// Woken whenever memory is freed (and at shutdown).
-    room: Notify,
+    /// The engine's signal that memory came back (raised here too at shutdown and when a model
+    /// load ends).
+    room: Arc<RoomSignal>,
     shutting_down: AtomicBool,
 }
 
@@ -107,8 +108,10 @@ pub const LARGE_ALLOCATION_BYTES: u64 = 16 << 20;
 impl MemoryService {
     /// A service over the given devices.
     pub fn new(devices: Vec<DeviceSetup>) -> Self {
+        let engine = AllocationEngine::new(devices);
+        let room = engine.room();
         MemoryService {
-            engine: Mutex::new(AllocationEngine::new(devices)),
+            engine: Mutex::new(engine),
             transfers: Mutex::new(TransferTable::default()),
             transfer_chunk_bytes: TRANSFER_CHUNK_BYTES,
             commit_gate: RwLock::new(()),
@@ -120,7 +123,7 @@ impl MemoryService {
             rules: Default::default(),
             state: None,
             max_waiting: DEFAULT_MAX_WAITING,
-            room: Notify::new(),
+            room,
             shutting_down: AtomicBool::new(false),
         }
     }
@@ -218,7 +221,7 @@ impl MemoryService {
     /// Begins shutdown: requests waiting for memory give up with SHUTTING_DOWN.
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
-        self.room.notify_waiters();
+        self.room.raise();
     }
 
     /// Frees every allocation (at exit); returns how many there were.
@@ -625,7 +628,6 @@ impl MemoryService {
             };
             e.deallocate(&req.allocation_id, device)?
         };
-        self.room.notify_waiters();
         Ok(DeallocateResponse {
             allocation_id: req.allocation_id.clone(),
             device_id: freed.device_id,
@@ -640,9 +642,6 @@ impl MemoryService {
             let d = e.device_index(&req.device_id)?;
             e.clear(d, req.force)
         };
-        if cleared.count > 0 {
-            self.room.notify_waiters();
-        }
         Ok(ClearResponse {
             device_id: req.device_id.clone(),
             cleared_count: cleared.count,
@@ -703,9 +702,6 @@ impl MemoryService {
             let d = e.device_index(device_id)?;
             total.fragmentation_after = e.fragmentation(d).fragmentation_percentage;
         }
-        if total.moved_count > 0 {
-            self.room.notify_waiters();
-        }
         total.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
         Ok(total)
     }
@@ -761,9 +757,6 @@ impl MemoryService {
                 let d = e.device_index(&req.device_id)?;
                 e.reclaim(d, &kinds, target, req.force, &preserve)
             };
-            if cleared.count > 0 {
-                self.room.notify_waiters();
-            }
             let usage_now = self.check_device(&req.device_id)?;
             actions.push(format!(
                 "ReduceToTarget: freed {} allocations ({}) of types {}; usage {:.1}% (target {:.1}%){}",
@@ -801,9 +794,6 @@ impl MemoryService {
                 );
                 (cleared, e.trim(d))
             };
-            if cleared.count > 0 {
-                self.room.notify_waiters();
-            }
             actions.push(format!(
                 "ClearCache: freed {} Cache allocations ({}){}; released {} of cached pages",
                 cleared.count,

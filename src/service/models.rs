@@ -78,6 +78,15 @@ impl MemoryService {
         }
         let mut made = Vec::new();
         let result = self.copy_tensors(req, &file, device, &mut made);
+        // However the load ends, an acquire waiting for it wakes (after the table's lock, below,
+        // is let go: locals drop in reverse order).
+        struct Ended<'a>(&'a crate::managers::room::RoomSignal);
+        impl Drop for Ended<'_> {
+            fn drop(&mut self) {
+                self.0.raise();
+            }
+        }
+        let _ended = Ended(&self.room);
         let mut models = self.models.lock();
         match result {
             Ok((size, count)) => {
@@ -93,7 +102,6 @@ impl MemoryService {
                         engine.free_id(id);
                     }
                     drop(engine);
-                    self.room.notify_waiters();
                     return Err(not_found(&req.model_name));
                 };
                 m.state = ModelState::Loaded;
@@ -123,7 +131,6 @@ impl MemoryService {
                     engine.trim(device);
                 }
                 drop(engine);
-                self.room.notify_waiters();
                 Err(e)
             }
         }
@@ -340,6 +347,8 @@ impl MemoryService {
         };
         let deadline = Instant::now() + std::time::Duration::from_secs_f64(timeout_seconds);
         loop {
+            // Read before looking at the books: a raise after this is not missed.
+            let seen = self.room.generation();
             if self.eviction_would_fit(device_id, d, size, model_budget) {
                 self.make_room(device_id, fits);
             }
@@ -355,7 +364,10 @@ impl MemoryService {
             if Instant::now() >= deadline {
                 return Ok(false);
             }
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            // Until memory comes back (the engine raises it), shutdown, or the deadline; a
+            // model's keep-alive running out frees nothing until the sweeper unloads it, and
+            // that unload raises it too.
+            self.room.wait_until(seen, deadline);
         }
     }
 
@@ -407,7 +419,6 @@ impl MemoryService {
             m.resident_device_id = to.to_string();
             m.state = state;
         }
-        self.room.notify_waiters();
         Ok(moved)
     }
 
@@ -421,7 +432,6 @@ impl MemoryService {
                 freed += engine.free_id(id).map_or(0, |f| f.bytes);
             }
         }
-        self.room.notify_waiters();
         Some(freed)
     }
 
@@ -612,7 +622,6 @@ impl MemoryService {
                 freed += engine.free_id(id).map_or(0, |f| f.bytes);
             }
         }
-        self.room.notify_waiters();
         Ok(ModelUnloadResponse {
             model_name: req.model_name.clone(),
             freed_bytes: freed,
@@ -654,13 +663,15 @@ impl MemoryService {
         // A model still loading is waited for, up to the timeout.
         let deadline = Instant::now() + std::time::Duration::from_secs_f64(req.timeout_seconds);
         while state == ModelState::Loading {
+            let seen = self.room.generation();
             if Instant::now() >= deadline || self.is_shutting_down() {
                 return Err(ProtocolError::new(
                     ErrorCode::ModelInUse,
                     format!("model {} is still loading", req.model_name),
                 ));
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            // A load that ends, either way, raises the room signal.
+            self.room.wait_until(seen, deadline);
             state = self
                 .models
                 .lock()

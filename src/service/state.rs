@@ -315,10 +315,7 @@ impl MemoryService {
             hook();
         }
         // Only now may the memory of what the file no longer lists go back, or be reused.
-        let released = self.engine.lock().release_held(state.device, generation);
-        if released > 0 {
-            self.room.notify_waiters();
-        }
+        self.engine.lock().release_held(state.device, generation);
         Ok(())
     }
 }

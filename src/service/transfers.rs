@@ -109,9 +109,6 @@ impl MemoryService {
         self.record_state();
         match failure {
             None => {
-                if !t.copy {
-                    self.room.notify_waiters();
-                }
                 let wire = self
                     .transfers
                     .lock()
@@ -120,7 +117,6 @@ impl MemoryService {
             }
             Some(message) => {
                 self.engine.lock().abort_transfer(&t.source, &t.destination);
-                self.room.notify_waiters();
                 let message = format!(
                     "transfer of allocation {} from {} to {} failed after {} of {}: {message}; the source is intact",
                     t.wire.allocation_id,

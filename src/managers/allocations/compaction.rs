@@ -39,6 +39,10 @@ impl AllocationEngine {
         let dev = &mut self.devices[device];
         let compaction = dev.arena.compact(&mut placements, max_bytes);
         dev.held = held;
+        if compaction.moved_count > 0 {
+            // Free space came together: a request that did not fit may now.
+            self.room.raise();
+        }
         DefragmentPass {
             compaction,
             fixed_count,

@@ -6,6 +6,7 @@ use super::arena::{Arena, ArenaError, Compaction, Placement};
 use super::health;
 use super::pressure::PressureTracker;
 use super::records::{HasId, RecordTable};
+use super::room::RoomSignal;
 use super::tally::{Entry, TYPE_COUNT, Tally};
 use crate::backends::coarse_millis;
 use crate::backends::{Backend, BackendError};
@@ -247,6 +248,8 @@ pub struct AllocationEngine {
     records: RecordTable<Record>,
     next_seq: u64,
     max_allocations: u64,
+    /// Raised whenever bytes go back (see [`RoomSignal`]).
+    room: Arc<RoomSignal>,
 }
 
 /// The most live allocations a device may hold, by default (each costs about 160 bytes of
@@ -291,7 +294,13 @@ impl AllocationEngine {
             records: RecordTable::new(),
             next_seq: 0,
             max_allocations: DEFAULT_MAX_ALLOCATIONS,
+            room: Arc::default(),
         }
+    }
+
+    /// The signal the engine raises whenever bytes go back: wait on it for room.
+    pub fn room(&self) -> Arc<RoomSignal> {
+        Arc::clone(&self.room)
     }
 
     /// Sets the most live allocations a device may hold.
@@ -545,6 +554,7 @@ impl AllocationEngine {
         if let Some(p) = &record.placement {
             dev.free_placement(p, record.pool, recorded);
         }
+        self.room.raise();
         dev.total_deallocations += 1;
         Freed {
             device_id: dev.arena.backend().device_id().to_string(),

@@ -52,6 +52,9 @@ impl AllocationEngine {
             }
         }
         dev.held = kept;
+        if released > 0 {
+            self.room.raise();
+        }
         released
     }
 

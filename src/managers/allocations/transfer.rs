@@ -157,6 +157,7 @@ impl AllocationEngine {
         if let Some(p) = old_placement {
             dev.free_placement(&p, old_pool, recorded);
         }
+        self.room.raise();
         dev.total_deallocations += 1;
         dev.tally.transferred_out_bytes += src.size;
         self.devices[dst.device as usize].tally.transferred_in_bytes += src.size;
