@@ -10,13 +10,14 @@
 
 mod common;
 
+use common::faulty::FaultyBackend;
 use common::write_model;
-use memcoord::backends::{Backend, BackendError, Capacity, CpuBackend};
+use memcoord::backends::CpuBackend;
 use memcoord::managers::DeviceSetup;
+use memcoord::protocol::ErrorCode;
 use memcoord::protocol::requests::{
     DeviceRequest, GetAllocationsRequest, ModelLoadRequest, ModelRequest, ModelStatusRequest,
 };
-use memcoord::protocol::{ErrorCode, MemoryHandle, MemoryType};
 use memcoord::service::MemoryService;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,48 +25,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 const MIB: u64 = 1 << 20;
-
-/// Host memory that does not say so: no host slices, so writes go through `write`.
-struct Opaque(CpuBackend);
-
-impl Backend for Opaque {
-    fn device_id(&self) -> &str {
-        "opaque"
-    }
-    fn name(&self) -> &str {
-        "memory the CPU does not address"
-    }
-    fn memory_type(&self) -> MemoryType {
-        MemoryType::VRAM
-    }
-    fn capacity(&mut self) -> Capacity {
-        self.0.capacity()
-    }
-    fn len(&self) -> u64 {
-        self.0.len()
-    }
-    fn page_size(&self) -> u64 {
-        self.0.page_size()
-    }
-    fn commit(&mut self, offset: u64, len: u64) -> Result<(), BackendError> {
-        self.0.commit(offset, len)
-    }
-    fn release(&mut self, offset: u64, len: u64) {
-        self.0.release(offset, len)
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
-        self.0.read(offset, buf)
-    }
-    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
-        self.0.write(offset, data)
-    }
-    fn copy_within(&mut self, src: u64, dst: u64, len: u64) -> Result<(), BackendError> {
-        self.0.copy_within(src, dst, len)
-    }
-    fn handle(&self, _offset: u64) -> Option<MemoryHandle> {
-        None
-    }
-}
 
 struct Root(PathBuf);
 
@@ -111,7 +70,7 @@ fn service(
             pinned: None,
         },
         DeviceSetup {
-            backend: Box::new(Opaque(CpuBackend::new(80 * MIB).unwrap())),
+            backend: Box::new(FaultyBackend::opaque("opaque", 80 * MIB).0),
             budget: 64 * MIB,
             pinned: None,
         },

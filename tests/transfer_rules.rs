@@ -6,79 +6,23 @@
 //! destination freed.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use memcoord::backends::{Backend, BackendError, Capacity, CpuBackend};
+mod common;
+
+use common::faulty::FaultyBackend;
+use memcoord::backends::CpuBackend;
 use memcoord::managers::DeviceSetup;
 use memcoord::protocol::requests::{
     AllocateRequest, ClearRequest, DeallocateRequest, DeviceRequest, TransferMode, TransferRequest,
 };
-use memcoord::protocol::{ErrorCode, MemoryHandle, MemoryType, TransferStatus};
+use memcoord::protocol::{ErrorCode, TransferStatus};
 use memcoord::service::MemoryService;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
-use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
-/// Host memory whose writes take `write_delay` each, or fail once `fail_after` bytes were
-/// written.
-struct TestDevice {
-    inner: CpuBackend,
-    written: u64,
-    fail_after: u64,
-    write_delay: Duration,
-    /// Told when a write starts.
-    started: Option<mpsc::Sender<()>>,
-}
-
-impl Backend for TestDevice {
-    fn device_id(&self) -> &str {
-        "test"
-    }
-    fn name(&self) -> &str {
-        "a test device"
-    }
-    fn memory_type(&self) -> MemoryType {
-        MemoryType::RAM
-    }
-    fn capacity(&mut self) -> Capacity {
-        self.inner.capacity()
-    }
-    fn len(&self) -> u64 {
-        self.inner.len()
-    }
-    fn page_size(&self) -> u64 {
-        self.inner.page_size()
-    }
-    fn commit(&mut self, offset: u64, len: u64) -> Result<(), BackendError> {
-        self.inner.commit(offset, len)
-    }
-    fn release(&mut self, offset: u64, len: u64) {
-        self.inner.release(offset, len)
-    }
-    fn host_slice(&self, offset: u64, len: u64) -> Option<&[u8]> {
-        self.inner.host_slice(offset, len)
-    }
-    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
-        if let Some(started) = &self.started {
-            let _ = started.send(());
-        }
-        std::thread::sleep(self.write_delay);
-        if self.written + data.len() as u64 > self.fail_after {
-            return Err(BackendError::Device {
-                device: "test".into(),
-                what: "write",
-                message: "injected failure".into(),
-            });
-        }
-        self.written += data.len() as u64;
-        self.inner.write(offset, data)
-    }
-    fn handle(&self, _offset: u64) -> Option<MemoryHandle> {
-        None
-    }
-}
-
-fn service(device: TestDevice) -> MemoryService {
+fn service(device: FaultyBackend) -> MemoryService {
     MemoryService::with_transfer_chunk_bytes(
         MemoryService::new(vec![
             DeviceSetup {
@@ -120,13 +64,10 @@ fn data(size: u64) -> Vec<u8> {
 #[test]
 fn an_allocation_in_transfer_is_in_use_until_the_transfer_ends() {
     let (started_tx, write_started) = mpsc::channel();
-    let svc = Arc::new(service(TestDevice {
-        inner: CpuBackend::new(1024 * MIB).unwrap(),
-        written: 0,
-        fail_after: u64::MAX,
-        write_delay: Duration::from_millis(50),
-        started: Some(started_tx),
-    }));
+    let (device, faults) = FaultyBackend::new("test", 1024 * MIB);
+    faults.write_delay_ms.store(50, Ordering::Relaxed);
+    *faults.write_started.lock() = Some(started_tx);
+    let svc = Arc::new(service(device));
     let _before = allocate(&svc, 4 * MIB);
     let id = allocate(&svc, 8 * MIB);
     let bytes = data(8 * MIB);
@@ -174,13 +115,9 @@ fn an_allocation_in_transfer_is_in_use_until_the_transfer_ends() {
 
 #[test]
 fn a_failed_transfer_leaves_the_source_intact_and_frees_the_destination() {
-    let svc = service(TestDevice {
-        inner: CpuBackend::new(1024 * MIB).unwrap(),
-        written: 0,
-        fail_after: 3 * MIB,
-        write_delay: Duration::ZERO,
-        started: None,
-    });
+    let (device, faults) = FaultyBackend::new("test", 1024 * MIB);
+    faults.fail_after_bytes.store(3 * MIB, Ordering::Relaxed);
+    let svc = service(device);
     let size = 6 * MIB;
     let id = allocate(&svc, size);
     let bytes = data(size);
