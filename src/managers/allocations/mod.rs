@@ -628,19 +628,21 @@ impl AllocationEngine {
         cleared
     }
 
+    /// A live allocation by its wire id, or ALLOCATION_NOT_FOUND.
+    fn record(&self, allocation_id: &str) -> Result<(Uuid, &Record), EngineError> {
+        let not_found = || EngineError::AllocationNotFound(allocation_id.to_string());
+        let id = self.find(allocation_id).ok_or_else(not_found)?;
+        let r = self.records.get(&id).ok_or_else(not_found)?;
+        Ok((id, r))
+    }
+
     fn placement(
         &self,
         allocation_id: &str,
         offset: u64,
         len: usize,
     ) -> Result<(usize, bool, Placement), EngineError> {
-        let id = self
-            .find(allocation_id)
-            .ok_or_else(|| EngineError::AllocationNotFound(allocation_id.to_string()))?;
-        let r = self
-            .records
-            .get(&id)
-            .ok_or_else(|| EngineError::AllocationNotFound(allocation_id.to_string()))?;
+        let (_, r) = self.record(allocation_id)?;
         let p = r.placement.ok_or_else(|| {
             EngineError::OutOfRange(format!(
                 "Allocation {allocation_id} is a Reservation and holds no bytes"

@@ -19,13 +19,7 @@ impl AllocationEngine {
                 "Source and destination cannot be the same".into(),
             ));
         }
-        let id = self
-            .find(allocation_id)
-            .ok_or_else(|| EngineError::AllocationNotFound(allocation_id.to_string()))?;
-        let r = self
-            .records
-            .get(&id)
-            .ok_or_else(|| EngineError::AllocationNotFound(allocation_id.to_string()))?;
+        let (id, r) = self.record(allocation_id)?;
         if r.hidden {
             return Err(EngineError::AllocationNotFound(allocation_id.to_string()));
         }

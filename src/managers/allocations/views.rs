@@ -24,13 +24,7 @@ impl AllocationEngine {
 
     /// One allocation as the protocol shows it.
     pub fn allocation(&self, allocation_id: &str) -> Result<MemoryAllocation, EngineError> {
-        let id = self
-            .find(allocation_id)
-            .ok_or_else(|| EngineError::AllocationNotFound(allocation_id.to_string()))?;
-        let r = self
-            .records
-            .get(&id)
-            .ok_or_else(|| EngineError::AllocationNotFound(allocation_id.to_string()))?;
+        let (_, r) = self.record(allocation_id)?;
         Ok(self.wire(r))
     }
 
