@@ -1,11 +1,17 @@
-//! memory.get_pressure through the real binary: levels from usage, waiting and failures; a
-//! lower level shows only after the hold period.
+//! memory.get_pressure: levels from usage (in process, on a clock the test moves), waiting and
+//! failures (through the real binary); a lower level shows only after the hold period.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 
 use common::Worker;
+use memcoord::config::Settings;
+use memcoord::managers::clock::ManualClock;
+use memcoord::protocol::requests::{AllocateRequest, DeallocateRequest, OptionalDeviceRequest};
+use memcoord::protocol::{ErrorCode, PressureLevel};
+use memcoord::service::MemoryService;
 use serde_json::{Value, json};
+use std::sync::Arc;
 use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
@@ -27,55 +33,74 @@ fn worker() -> Worker {
     ])
 }
 
+/// In process, on a clock the test moves: no sleeping for the hold.
 #[test]
 fn levels_follow_usage_and_fall_only_after_the_hold() {
-    let mut w = worker();
-    let p = pressure(&mut w, "cpu");
-    assert_eq!(p["level"], "None");
-    for field in [
-        "usage_percentage",
-        "available_memory",
-        "waiting_requests",
-        "stall_ms_10s",
-        "stall_ms_60s",
-        "failed_allocations_60s",
-        "trend_bytes_per_second",
-    ] {
-        assert!(p.get(field).is_some(), "{field}");
-    }
-    let all = w.ok("memory.get_pressure", json!({}));
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let mut settings = Settings {
+        no_gpu: true,
+        ..Default::default()
+    };
+    settings.set_budget("cpu=64MiB").unwrap();
+    settings.set_budget("shm=64MiB").unwrap();
+    let svc = MemoryService::with_clock(settings.devices().unwrap(), clock.clone())
+        .with_pressure_hold(Duration::from_secs(1));
+    let cpu = || OptionalDeviceRequest {
+        device_id: Some("cpu".into()),
+    };
+    let level = |svc: &MemoryService| svc.get_pressure(&cpu()).unwrap().devices[0].clone();
+    assert_eq!(level(&svc).level, PressureLevel::None);
     assert_eq!(
-        all["devices"].as_array().unwrap().len(),
+        svc.get_pressure(&OptionalDeviceRequest { device_id: None })
+            .unwrap()
+            .devices
+            .len(),
         2,
         "every device without device_id"
     );
-
     let mut ids = Vec::new();
-    for (mib, level) in [(40, "Low"), (10, "Moderate"), (8, "High"), (4, "Critical")] {
-        ids.push(w.allocate("cpu", mib * MIB));
-        let p = pressure(&mut w, "cpu");
-        assert_eq!(p["level"], level, "{p}");
+    for (mib, want) in [
+        (40, PressureLevel::Low),
+        (10, PressureLevel::Moderate),
+        (8, PressureLevel::High),
+        (4, PressureLevel::Critical),
+    ] {
+        clock.advance(Duration::from_millis(100));
+        let a = svc
+            .allocate_now(AllocateRequest::new("cpu", mib * MIB))
+            .unwrap();
+        ids.push(a.allocation.allocation_id);
+        assert_eq!(level(&svc).level, want);
     }
-    let p = pressure(&mut w, "cpu");
-    assert_eq!(p["usage_percentage"], 62.0 / 64.0 * 100.0, "{p}");
-    assert!(
-        p["trend_bytes_per_second"].as_f64().unwrap() > 0.0,
-        "memory is growing: {p}"
-    );
+    let p = level(&svc);
+    assert_eq!(p.usage_percentage, 62.0 / 64.0 * 100.0);
+    assert!(p.trend_bytes_per_second > 0.0, "memory is growing: {p:?}");
     for id in ids {
-        w.ok("memory.deallocate", json!({"allocation_id": id}));
+        svc.deallocate(&DeallocateRequest {
+            allocation_id: id,
+            device_id: None,
+        })
+        .unwrap();
     }
-    assert_eq!(pressure(&mut w, "cpu")["level"], "Critical", "held");
-    std::thread::sleep(Duration::from_millis(1300));
+    assert_eq!(level(&svc).level, PressureLevel::Critical, "held");
+    clock.advance(Duration::from_millis(900));
     assert_eq!(
-        pressure(&mut w, "cpu")["level"],
-        "None",
+        level(&svc).level,
+        PressureLevel::Critical,
+        "still held at 0.9 s"
+    );
+    clock.advance(Duration::from_millis(200));
+    assert_eq!(
+        level(&svc).level,
+        PressureLevel::None,
         "fallen after the hold"
     );
-    assert_eq!(
-        w.err("memory.get_pressure", json!({"device_id": "nope"})).0,
-        "INVALID_DEVICE"
-    );
+    let err = svc
+        .get_pressure(&OptionalDeviceRequest {
+            device_id: Some("nope".into()),
+        })
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidDevice);
 }
 
 #[test]

@@ -5,6 +5,7 @@ pub mod advisor;
 pub mod allocations;
 pub mod analytics;
 pub mod arena;
+pub mod clock;
 pub mod health;
 pub mod models;
 pub mod pressure;

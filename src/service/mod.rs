@@ -108,7 +108,16 @@ pub const LARGE_ALLOCATION_BYTES: u64 = 16 << 20;
 impl MemoryService {
     /// A service over the given devices.
     pub fn new(devices: Vec<DeviceSetup>) -> Self {
-        let engine = AllocationEngine::new(devices);
+        Self::with_clock(devices, Arc::new(crate::managers::clock::MonotonicClock))
+    }
+
+    /// A service whose engine reads time from `clock` (tests pass a
+    /// [`ManualClock`](crate::managers::clock::ManualClock) and advance it instead of sleeping).
+    pub fn with_clock(
+        devices: Vec<DeviceSetup>,
+        clock: Arc<dyn crate::managers::clock::Clock>,
+    ) -> Self {
+        let engine = AllocationEngine::with_clock(devices, clock);
         let room = engine.room();
         MemoryService {
             engine: Mutex::new(engine),

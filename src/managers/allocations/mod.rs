@@ -3,12 +3,12 @@
 
 use super::analytics::{DurationHistogram, History, HistoryReport, Sample};
 use super::arena::{Arena, ArenaError, Compaction, Placement};
+use super::clock::{Clock, MonotonicClock};
 use super::health;
 use super::pressure::PressureTracker;
 use super::records::{HasId, RecordTable};
 use super::room::RoomSignal;
 use super::tally::{Entry, TYPE_COUNT, Tally};
-use crate::backends::coarse_millis;
 use crate::backends::{Backend, BackendError};
 use crate::protocol::MemoryPressure;
 use crate::protocol::{
@@ -62,6 +62,8 @@ struct Device {
     persistent_changes: u64,
     /// Persistent allocations here are recorded in a state file (`--state-dir`).
     durable: bool,
+    /// The engine's clock.
+    clock: Arc<dyn Clock>,
     /// Placements of recorded persistent allocations that were freed or moved away, with the
     /// `persistent_changes` that dropped them: their memory is not given back or reused until
     /// a state file that no longer lists them is written ([`AllocationEngine::release_held`]),
@@ -122,7 +124,8 @@ impl Device {
 
     fn note_charged(&mut self) {
         let charged = self.charged();
-        self.pressure.on_charged_fast(charged, coarse_millis);
+        let clock = &self.clock;
+        self.pressure.on_charged_fast(charged, || clock.millis());
     }
 
     fn note_peaks(&mut self) {
@@ -132,7 +135,7 @@ impl Device {
 
     /// Takes an allocation's bytes off the device's books (freed, or moved elsewhere).
     fn unaccount(&mut self, r: &Record) {
-        let now = coarse_millis();
+        let now = self.clock.millis();
         if r.placement.is_some() {
             let before = self.allocated;
             self.allocated -= r.size;
@@ -250,6 +253,8 @@ pub struct AllocationEngine {
     max_allocations: u64,
     /// Raised whenever bytes go back (see [`RoomSignal`]).
     room: Arc<RoomSignal>,
+    /// Where time comes from (see [`Clock`]).
+    clock: Arc<dyn Clock>,
 }
 
 /// The most live allocations a device may hold, by default (each costs about 160 bytes of
@@ -265,6 +270,12 @@ fn micros(t: SystemTime) -> u64 {
 impl AllocationEngine {
     /// An engine over the given devices, in the order `list_devices` reports them.
     pub fn new(devices: Vec<DeviceSetup>) -> Self {
+        Self::with_clock(devices, Arc::new(MonotonicClock))
+    }
+
+    /// An engine over the given devices that reads time from `clock` (tests pass a
+    /// [`ManualClock`](super::clock::ManualClock) and advance it instead of sleeping).
+    pub fn with_clock(devices: Vec<DeviceSetup>, clock: Arc<dyn Clock>) -> Self {
         AllocationEngine {
             devices: devices
                 .into_iter()
@@ -285,7 +296,8 @@ impl AllocationEngine {
                     waiting: 0,
                     model_bytes: 0,
                     tally: Tally::default(),
-                    history: History::new(coarse_millis()),
+                    history: History::new(clock.millis()),
+                    clock: Arc::clone(&clock),
                     persistent_changes: 0,
                     durable: false,
                     held: Vec::new(),
@@ -295,6 +307,7 @@ impl AllocationEngine {
             next_seq: 0,
             max_allocations: DEFAULT_MAX_ALLOCATIONS,
             room: Arc::default(),
+            clock,
         }
     }
 
@@ -372,7 +385,8 @@ impl AllocationEngine {
             dev.unaccount(&record);
             dev.total_allocations -= 1;
             dev.tally.uncount(record.kind);
-            dev.history.undo_allocation(record.size, coarse_millis());
+            let now = dev.clock.millis();
+            dev.history.undo_allocation(record.size, now);
             if let Some(p) = placement {
                 dev.arena.abandon(&p, &pending.runs);
             }
@@ -458,7 +472,7 @@ impl AllocationEngine {
                 Err(ArenaError::Backend(e)) => return Err(e.into()),
             }
         };
-        let now_ms = coarse_millis();
+        let now_ms = dev.clock.millis();
         if placement.is_some() {
             let before = dev.allocated;
             dev.allocated += spec.size;

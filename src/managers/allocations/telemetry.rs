@@ -9,7 +9,7 @@ impl AllocationEngine {
     pub fn record_allocation_time(&mut self, device: usize, ms: f64) {
         let d = &mut self.devices[device];
         d.allocation_time_ms_sum += ms;
-        d.history.on_latency(ms, coarse_millis());
+        d.history.on_latency(ms, self.clock.millis());
     }
 
     /// Counts an allocation of `requested` bytes that ended in OUT_OF_MEMORY.
@@ -17,12 +17,12 @@ impl AllocationEngine {
         let d = &mut self.devices[device];
         d.failed_allocations += 1;
         let demand = d.charged().saturating_add(requested);
-        d.pressure.on_failure(demand, coarse_millis());
+        d.pressure.on_failure(demand, self.clock.millis());
     }
 
     /// Takes each device's usage sample for this second (`memory.analytics`' time series).
     pub fn sample_history(&mut self) {
-        let now = coarse_millis();
+        let now = self.clock.millis();
         for d in &mut self.devices {
             let used = d.arena.backend_mut().capacity().used();
             let sample = Sample {
@@ -37,7 +37,7 @@ impl AllocationEngine {
     /// A device's history over the last `window_seconds` (this second sampled first), and the
     /// monotonic millisecond it was read at. Never walks the allocations.
     pub fn history(&mut self, device: usize, window_seconds: u64) -> (HistoryReport, u64) {
-        let now = coarse_millis();
+        let now = self.clock.millis();
         let d = &mut self.devices[device];
         let used = d.arena.backend_mut().capacity().used();
         let sample = Sample {
@@ -67,7 +67,7 @@ impl AllocationEngine {
     pub fn telemetry(&mut self, device: usize, hold_ms: u64) -> DeviceTelemetry {
         let pressure = self.pressure(device, hold_ms);
         let fragmentation = self.fragmentation(device);
-        let now = coarse_millis();
+        let now = self.clock.millis();
         let d = &mut self.devices[device];
         let capacity = d.arena.backend_mut().capacity();
         let backend = d.arena.backend();
@@ -105,7 +105,7 @@ impl AllocationEngine {
     pub fn record_waiting(&mut self, device: usize, delta: i64) {
         let d = &mut self.devices[device];
         d.waiting = d.waiting.saturating_add_signed(delta);
-        d.pressure.on_waiting(d.waiting, coarse_millis());
+        d.pressure.on_waiting(d.waiting, self.clock.millis());
     }
 
     /// A device's memory pressure now; a lower level shows only after `hold_ms`.
@@ -115,7 +115,7 @@ impl AllocationEngine {
         let usage = d.utilization();
         let reading = d
             .pressure
-            .read(usage, d.waiting, d.charged(), coarse_millis(), hold_ms);
+            .read(usage, d.waiting, d.charged(), self.clock.millis(), hold_ms);
         MemoryPressure {
             device_id: d.arena.backend().device_id().to_string(),
             level: reading.level,
