@@ -736,6 +736,9 @@ impl MemoryService {
         if let Some(m) = models.get_mut(&name) {
             m.last_used_at = SystemTime::now();
         }
+        drop(models);
+        // An unleased model may be evicted: a load or an acquire waiting for room may now fit.
+        self.room.raise();
         Ok(ModelReleaseResponse {
             lease_id: req.lease_id.clone(),
             model_name: name,
