@@ -164,7 +164,7 @@ fn main() {
 
     let trace = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/traces/sdxl-inference.jsonl"
+        "/assets/traces/sdxl-inference.jsonl"
     );
     match std::fs::File::open(trace) {
         Ok(f) => {

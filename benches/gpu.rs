@@ -387,7 +387,7 @@ fn main() {
     let trace = std::env::var("MEMCOORD_TRACE").unwrap_or_else(|_| {
         concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/traces/sdxl-inference.jsonl"
+            "/assets/traces/sdxl-inference.jsonl"
         )
         .to_string()
     });

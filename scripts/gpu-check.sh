@@ -23,7 +23,7 @@ build)
   cp target/release/memcoord gpu-bundle/
   cp "$(cargo test --release --no-run --test gpu --message-format=json 2>/dev/null | exe_of gpu)" gpu-bundle/gpu-tests
   cp "$(cargo bench --no-run --bench gpu --message-format=json 2>/dev/null | exe_of gpu)" gpu-bundle/gpu-bench
-  cp ../shared/traces/sdxl-inference.jsonl gpu-bundle/ 2>/dev/null || echo "no trace beside the repo: the replay will be skipped"
+  cp assets/traces/sdxl-inference.jsonl gpu-bundle/
   strip gpu-bundle/memcoord gpu-bundle/gpu-tests gpu-bundle/gpu-bench
   du -sh gpu-bundle
   ;;

@@ -1,4 +1,4 @@
-//! Allocation traces (../shared/traces format) replayed through the engine: how fast it serves
+//! Allocation traces (the format of assets/traces/README.md) replayed through the engine: how fast it serves
 //! them and how much it holds compared with what is live.
 //!
 //! Parsing takes any `BufRead`; the caller opens the file.
