@@ -532,49 +532,12 @@ impl Gpu {
                 })
             };
         }
-        let mut done = 0usize;
-        let mut i = 0usize;
-        while done < len {
-            let n = STAGING_BYTES.min(len - done);
-            let slot = i % STAGING_SLOTS;
-            // SAFETY: before refilling a staging slot, wait for the DMA that last read it; the
-            // caller's bytes outlive this call.
-            unsafe {
-                if i >= STAGING_SLOTS {
-                    check(
-                        sys::cuEventSynchronize(self.events[slot]),
-                        "cuEventSynchronize",
-                        &self.id,
-                    )?;
-                }
-                parallel_copy(src.add(done), self.staging[slot], n);
-                check(
-                    sys::cuMemcpyHtoDAsync_v2(
-                        self.base + offset + done as u64,
-                        self.staging[slot] as *const _,
-                        n,
-                        self.stream,
-                    ),
-                    "cuMemcpyHtoDAsync",
-                    &self.id,
-                )?;
-                check(
-                    sys::cuEventRecord(self.events[slot], self.stream),
-                    "cuEventRecord",
-                    &self.id,
-                )?;
-            }
-            done += n;
-            i += 1;
-        }
-        // SAFETY: waits for the last copies.
-        unsafe {
-            check(
-                sys::cuStreamSynchronize(self.stream),
-                "cuStreamSynchronize",
-                &self.id,
-            )
-        }
+        self.staged_htod(offset, len, |done, slot| {
+            // SAFETY: the caller's `src` is valid for `len` bytes and outlives this call;
+            // `[done, done + slot.len())` lies inside it, and the slot is ours to write.
+            unsafe { parallel_copy(src.add(done), slot.as_mut_ptr(), slot.len()) };
+            Ok(())
+        })
     }
 
     /// Host to device from `fill`, through the staging ring: each chunk is filled straight
@@ -582,6 +545,21 @@ impl Gpu {
     /// while the DMA of the chunk before it runs. On any failure the stream is drained before
     /// returning, so no DMA still reads a staging slot the next call refills.
     fn write_with(&mut self, offset: u64, len: usize, fill: Fill<'_>) -> Result<(), BackendError> {
+        self.staged_htod(offset, len, |done, slot| {
+            super::fill_parallel(slot, done as u64, fill).map_err(BackendError::Source)
+        })
+    }
+
+    /// Host to device through the staging ring, one slot of at most [`STAGING_BYTES`] at a
+    /// time: `fill_slot(done, slot)` puts the bytes from `done` into the pinned slot while the
+    /// DMA of the slot before runs. On any failure the stream is drained before returning, so
+    /// no DMA still reads a slot the next call refills.
+    fn staged_htod(
+        &mut self,
+        offset: u64,
+        len: usize,
+        mut fill_slot: impl FnMut(usize, &mut [u8]) -> Result<(), BackendError>,
+    ) -> Result<(), BackendError> {
         let mut done = 0usize;
         let mut i = 0usize;
         let mut result = Ok(());
@@ -605,8 +583,8 @@ impl Gpu {
             // and no DMA reads it any more (its last one was waited for above, or it has not
             // been used by this call and every call drains the stream before returning).
             let staging = unsafe { std::slice::from_raw_parts_mut(self.staging[slot], n) };
-            if let Err(e) = super::fill_parallel(staging, done as u64, fill) {
-                result = Err(BackendError::Source(e));
+            if let Err(e) = fill_slot(done, staging) {
+                result = Err(e);
                 break;
             }
             // SAFETY: copies the filled slot into our own mapped range; the event marks when

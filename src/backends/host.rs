@@ -503,35 +503,6 @@ impl Backend for ShmBackend {
             Some(self.file.clone()),
         ))
     }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
-        let src = self
-            .map
-            .get(offset as usize..offset as usize + buf.len())
-            .ok_or_else(|| super::not_addressable("shm", "read"))?;
-        let token = self.begin_access();
-        buf.copy_from_slice(src);
-        self.end_access(token)
-    }
-    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
-        let token = self.begin_access();
-        let dst = self
-            .map
-            .get_mut(offset as usize..offset as usize + data.len())
-            .ok_or_else(|| super::not_addressable("shm", "write"))?;
-        dst.copy_from_slice(data);
-        self.end_access(token)
-    }
-    fn copy_within(&mut self, src: u64, dst: u64, len: u64) -> Result<(), BackendError> {
-        let lo = src.min(dst);
-        let token = self.begin_access();
-        let span = self
-            .map
-            .get_mut(lo as usize..(src.max(dst) + len) as usize)
-            .ok_or_else(|| super::not_addressable("shm", "copy"))?;
-        let s = (src - lo) as usize;
-        span.copy_within(s..s + len as usize, (dst - lo) as usize);
-        self.end_access(token)
-    }
     fn begin_access(&self) -> u64 {
         self.guard.begin()
     }

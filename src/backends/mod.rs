@@ -203,25 +203,29 @@ pub trait Backend: Send {
         let src = self
             .host_slice(offset, buf.len() as u64)
             .ok_or_else(|| not_addressable(self.device_id(), "read"))?;
+        let token = self.begin_access();
         buf.copy_from_slice(src);
-        Ok(())
+        self.end_access(token)
     }
     /// Copies bytes into the mapping.
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
         let id = self.device_id().to_string();
+        let token = self.begin_access();
         let dst = self
             .host_slice_mut(offset, data.len() as u64)
             .ok_or_else(|| not_addressable(&id, "write"))?;
         dst.copy_from_slice(data);
-        Ok(())
+        self.end_access(token)
     }
     /// Writes `len` bytes at `offset`, taken from `fill` ([`Fill`]) straight into the device's
     /// memory where the CPU addresses it (a file is read into the mapping with no copy in
     /// between), else through a bounce buffer. A failure of `fill` is
     /// [`BackendError::Source`]; the range then holds some of the bytes.
     fn write_with(&mut self, offset: u64, len: u64, fill: Fill<'_>) -> Result<(), BackendError> {
+        let token = self.begin_access();
         if let Some(dst) = self.host_slice_mut(offset, len) {
-            return fill_parallel(dst, 0, fill).map_err(BackendError::Source);
+            let filled = fill_parallel(dst, 0, fill).map_err(BackendError::Source);
+            return filled.and(self.end_access(token));
         }
         let mut buf = vec![0u8; len.min(BOUNCE_BYTES) as usize];
         let mut done = 0u64;
@@ -239,12 +243,13 @@ pub trait Backend: Send {
     fn copy_within(&mut self, src: u64, dst: u64, len: u64) -> Result<(), BackendError> {
         let lo = src.min(dst);
         let id = self.device_id().to_string();
+        let token = self.begin_access();
         let span = self
             .host_slice_mut(lo, src.max(dst) + len - lo)
             .ok_or_else(|| not_addressable(&id, "copy"))?;
         let s = (src - lo) as usize;
         span.copy_within(s..s + len as usize, (dst - lo) as usize);
-        Ok(())
+        self.end_access(token)
     }
     /// How many bytes one defragmentation pass may move here: a pass holds the engine, so it
     /// should last a few milliseconds at the device's copy speed.
