@@ -431,15 +431,14 @@ fn owner_note(shm_file: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Whether `[offset, offset + len)` of the file at `path` has a hole: pages the file no longer
-/// holds (removed and made again, or given back), which read as zeros. tmpfs reports pages
-/// that were written (or faulted in writable) as data.
-pub fn has_hole(path: &Path, offset: u64, len: u64) -> std::io::Result<bool> {
-    let file = File::open(path)?;
-    if offset.saturating_add(len) > file.metadata()?.len() {
+/// Whether `[offset, offset + len)` of `file` (of `file_len` bytes) has a hole: pages the
+/// file no longer holds (removed and made again, or given back), which read as zeros. tmpfs
+/// reports pages that were written (or faulted in writable) as data.
+pub fn has_hole(file: &File, file_len: u64, offset: u64, len: u64) -> std::io::Result<bool> {
+    if offset.saturating_add(len) > file_len {
         return Ok(true);
     }
-    // SAFETY: lseek on a descriptor we own.
+    // SAFETY: lseek on a descriptor the caller owns.
     let hole = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, libc::SEEK_HOLE) };
     if hole < 0 {
         return Err(std::io::Error::last_os_error());

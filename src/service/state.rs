@@ -196,10 +196,17 @@ impl MemoryService {
                     .lock()
                     .handle_path(device)
                     .ok_or_else(|| StateError::Adopt("shm has no file".into()))?;
+                // Opened once for every listed allocation; one that cannot be checked counts as
+                // lost (never served unchecked).
+                let file = std::fs::File::open(&shm_file).and_then(|f| {
+                    let len = f.metadata()?.len();
+                    Ok((f, len))
+                });
                 let (kept, lost): (Vec<SavedAllocation>, Vec<SavedAllocation>) =
-                    saved.allocations.into_iter().partition(|a| {
-                        !crate::backends::has_hole(&shm_file, a.offset, a.size_bytes)
-                            .unwrap_or(true)
+                    saved.allocations.into_iter().partition(|a| match &file {
+                        Ok((f, len)) => !crate::backends::has_hole(f, *len, a.offset, a.size_bytes)
+                            .unwrap_or(true),
+                        Err(_) => false,
                     });
                 if !lost.is_empty() {
                     let bytes: u64 = lost.iter().map(|a| a.size_bytes).sum();
