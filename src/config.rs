@@ -212,14 +212,19 @@ impl Settings {
     /// The capacity a host device's default budget is taken from: the device's, capped by the
     /// cgroup's memory limit.
     fn host_capacity(&self, device: &str) -> u64 {
-        let total = match device {
-            "cpu" => meminfo().total,
-            "shm" => tmpfs_capacity(&self.shm_dir).total,
-            _ => return 0,
-        };
+        let total = self.host_total(device);
         self.memory_limit
             .as_ref()
             .map_or(total, |l| total.min(l.bytes))
+    }
+
+    /// A host device's own capacity: MemTotal for `cpu`, the tmpfs's size for `shm`.
+    fn host_total(&self, device: &str) -> u64 {
+        match device {
+            "cpu" => meminfo().total,
+            "shm" => tmpfs_capacity(&self.shm_dir).total,
+            _ => 0,
+        }
     }
 
     /// The budget of a host device: as set, else half of the device's capacity (a worker
@@ -239,13 +244,7 @@ impl Settings {
         let capped: Vec<&str> = HOST_DEVICES
             .into_iter()
             .filter(|d| !self.budgets.contains_key(*d))
-            .filter(|d| {
-                let total = match *d {
-                    "cpu" => meminfo().total,
-                    _ => tmpfs_capacity(&self.shm_dir).total,
-                };
-                total > limit.bytes
-            })
+            .filter(|d| self.host_total(d) > limit.bytes)
             .collect();
         (!capped.is_empty()).then(|| {
             let (what, verb) = match capped.as_slice() {
