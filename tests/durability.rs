@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::{BIN, Worker, map, pattern};
+use common::{BIN, Worker, filled_shm, map, pattern};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -29,49 +29,15 @@ fn state_dir(name: &str) -> PathBuf {
 }
 
 fn worker(dir: &Path) -> Worker {
-    Worker::spawn(&[
-        "--no-gpu",
-        "--budget",
-        "cpu=64MiB",
-        "--budget",
-        "shm=64MiB",
-        "--state-dir",
-        dir.to_str().unwrap(),
-    ])
+    common::state_dir_worker(dir, &[])
 }
 
-/// A worker that kills itself (SIGKILL) right after its `n`th state file write.
+/// A worker that kills itself (SIGKILL) right after its `n`th state file write (the child's
+/// own environment: tests run in threads, and set_var would race them).
 fn worker_crashing_after_state_write(dir: &Path, n: u64) -> Worker {
-    // The child's own environment: tests run in threads, and set_var would race them.
-    Worker::spawn_with_env(
-        &[
-            "--no-gpu",
-            "--budget",
-            "cpu=64MiB",
-            "--budget",
-            "shm=64MiB",
-            "--state-dir",
-            dir.to_str().unwrap(),
-        ],
+    common::state_dir_worker(
+        dir,
         &[("MEMCOORD_TEST_FAILPOINT", &format!("state-written:{n}"))],
-    )
-}
-
-/// Allocates on shm (persistent or not) and fills it through its handle.
-fn filled(w: &mut Worker, size: u64, persistent: bool, seed: u64) -> (String, String, u64) {
-    let d = w.ok(
-        "memory.allocate",
-        json!({"device_id": "shm", "size_bytes": size, "persistent": persistent}),
-    );
-    let a = &d["allocation"];
-    let path = a["handle"]["path"].as_str().unwrap().to_string();
-    let offset = a["handle"]["offset"].as_u64().unwrap();
-    map(&path)[offset as usize..(offset + size) as usize]
-        .copy_from_slice(&pattern(seed, size as usize));
-    (
-        a["allocation_id"].as_str().unwrap().to_string(),
-        path,
-        offset,
     )
 }
 
@@ -112,7 +78,7 @@ fn transfers_onto_shm_without_waiting_are_durable_once_completed() {
     let dir = state_dir("durable-transfer");
     let mut w = worker(&dir);
     let size = 3 * MIB + 123;
-    let (x, path, _) = filled(&mut w, size, true, 31);
+    let (x, path, _) = filled_shm(&mut w, size, true, 31);
     for (from, to) in [("shm", "cpu"), ("cpu", "shm")] {
         let t = w.ok(
             "memory.transfer",
@@ -166,9 +132,9 @@ fn transfers_onto_shm_without_waiting_are_durable_once_completed() {
 fn a_crash_between_the_state_write_and_the_page_release_serves_no_zeros() {
     let dir = state_dir("durable-torn");
     let mut w = worker(&dir);
-    let (x, path, x_off) = filled(&mut w, 2 * MIB + 77, true, 41);
-    let (y, _, y_off) = filled(&mut w, MIB, true, 42);
-    let (z, _, z_off) = filled(&mut w, 5 * MIB, true, 43);
+    let (x, path, x_off) = filled_shm(&mut w, 2 * MIB + 77, true, 41);
+    let (y, _, y_off) = filled_shm(&mut w, MIB, true, 42);
+    let (z, _, z_off) = filled_shm(&mut w, 5 * MIB, true, 43);
     w.kill();
 
     for (victim, off, size, seed, request) in [
@@ -227,7 +193,7 @@ fn a_crash_between_the_state_write_and_the_page_release_serves_no_zeros() {
 fn a_state_whose_shm_file_is_gone_drops_its_allocations() {
     let dir = state_dir("durable-gone");
     let mut w = worker(&dir);
-    let (x, path, _) = filled(&mut w, MIB, true, 51);
+    let (x, path, _) = filled_shm(&mut w, MIB, true, 51);
     w.kill();
     std::fs::remove_file(&path).unwrap();
     let mut w = worker(&dir);
@@ -249,9 +215,9 @@ fn a_state_whose_shm_file_is_gone_drops_its_allocations() {
 fn state_files_hold_only_what_persists() {
     let dir = state_dir("durable-files");
     let mut w = worker(&dir);
-    let (p, path, _) = filled(&mut w, MIB, true, 61);
+    let (p, path, _) = filled_shm(&mut w, MIB, true, 61);
     for seed in 0..4 {
-        filled(&mut w, 8 * MIB, false, 70 + seed);
+        filled_shm(&mut w, 8 * MIB, false, 70 + seed);
     }
     assert!(w.close(Duration::from_secs(10)).success());
     let held = file_bytes(&path);
@@ -271,7 +237,7 @@ fn state_files_hold_only_what_persists() {
 
     // A state directory removed by hand: the next worker on the machine removes its file.
     let mut w = worker(&dir);
-    let (_, path, _) = filled(&mut w, MIB, true, 62);
+    let (_, path, _) = filled_shm(&mut w, MIB, true, 62);
     w.kill();
     assert!(Path::new(&path).exists());
     std::fs::remove_dir_all(&dir).unwrap();
@@ -364,7 +330,7 @@ fn mode(path: &Path) -> u32 {
 fn state_and_shm_files_are_private() {
     let dir = state_dir("durable-modes");
     let mut w = worker(&dir);
-    let (_, state_shm, _) = filled(&mut w, MIB, true, 81);
+    let (_, state_shm, _) = filled_shm(&mut w, MIB, true, 81);
     assert_eq!(mode(Path::new(&state_shm)), 0o600, "{state_shm}");
     assert_eq!(mode(&dir.join("state.json")), 0o600);
     assert_eq!(mode(&dir.join("lock")), 0o600);
@@ -374,11 +340,11 @@ fn state_and_shm_files_are_private() {
     let _ = std::fs::remove_dir_all(&dir);
 
     let mut w = Worker::small();
-    let (_, path, _) = filled(&mut w, MIB, false, 82);
+    let (_, path, _) = filled_shm(&mut w, MIB, false, 82);
     assert_eq!(mode(Path::new(&path)), 0o600, "{path}");
     drop(w);
     let mut w = Worker::spawn(&["--no-gpu", "--budget", "shm=8MiB", "--shm-mode", "0660"]);
-    let (_, path, _) = filled(&mut w, MIB, false, 83);
+    let (_, path, _) = filled_shm(&mut w, MIB, false, 83);
     assert_eq!(mode(Path::new(&path)), 0o660, "{path}");
     drop(w);
     let out = Command::new(BIN)

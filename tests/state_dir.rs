@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Worker, map, pattern};
+use common::{Worker, filled_shm, map, pattern};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -13,35 +13,7 @@ use std::time::Duration;
 const MIB: u64 = 1 << 20;
 
 fn worker(dir: &std::path::Path) -> Worker {
-    Worker::spawn(&[
-        "--no-gpu",
-        "--budget",
-        "cpu=64MiB",
-        "--budget",
-        "shm=64MiB",
-        "--state-dir",
-        dir.to_str().unwrap(),
-    ])
-}
-
-/// Allocates on shm, fills it with a pattern through its handle; returns (id, path, offset).
-fn filled(w: &mut Worker, size: u64, persistent: bool, seed: u64) -> (String, String, u64) {
-    let d = w.ok(
-        "memory.allocate",
-        json!({"device_id": "shm", "size_bytes": size, "persistent": persistent, "purpose": format!("p{seed}")}),
-    );
-    let a = &d["allocation"];
-    let (path, offset) = (
-        a["handle"]["path"].as_str().unwrap().to_string(),
-        a["handle"]["offset"].as_u64().unwrap(),
-    );
-    let mut m = map(&path);
-    m[offset as usize..(offset + size) as usize].copy_from_slice(&pattern(seed, size as usize));
-    (
-        a["allocation_id"].as_str().unwrap().to_string(),
-        path,
-        offset,
-    )
+    common::state_dir_worker(dir, &[])
 }
 
 fn shm_allocations(w: &mut Worker) -> BTreeMap<String, Value> {
@@ -79,9 +51,9 @@ fn persistent_shm_allocations_survive_sigkill_and_restart() {
     let dir = std::env::temp_dir().join(format!("memcoord-state-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let mut w = worker(&dir);
-    let (a, path, a_off) = filled(&mut w, MIB, true, 1);
-    let (_b, _, _) = filled(&mut w, 2 * MIB, false, 2);
-    let (d, _, d_off) = filled(&mut w, 3 * MIB + 100, true, 3);
+    let (a, path, a_off) = filled_shm(&mut w, MIB, true, 1);
+    let (_b, _, _) = filled_shm(&mut w, 2 * MIB, false, 2);
+    let (d, _, d_off) = filled_shm(&mut w, 3 * MIB + 100, true, 3);
     w.ok(
         "memory.allocate",
         json!({"device_id": "cpu", "size_bytes": MIB, "persistent": true}),
@@ -121,7 +93,7 @@ fn persistent_shm_allocations_survive_sigkill_and_restart() {
         stale_files(&[first_pid])
     );
     // New allocations get new ids beside the adopted ones, and work.
-    let (e, _, e_off) = filled(&mut w, MIB, false, 5);
+    let (e, _, e_off) = filled_shm(&mut w, MIB, false, 5);
     assert!(e != a && e != d);
     verify(&path, e_off, MIB, 5);
     verify(&path, a_off, MIB, 1);
@@ -166,7 +138,7 @@ fn one_worker_per_state_dir() {
     let dir = std::env::temp_dir().join(format!("memcoord-state-lock-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let mut first = worker(&dir);
-    let (id, path, off) = filled(&mut first, MIB, true, 9);
+    let (id, path, off) = filled_shm(&mut first, MIB, true, 9);
     let out = std::process::Command::new(common::BIN)
         .args([
             "worker",

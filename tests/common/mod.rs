@@ -504,3 +504,39 @@ impl ServerClient {
         http_request(self.port, "POST", path, &[], Some(&body.to_string()))
     }
 }
+
+/// A worker (cpu and shm 64 MiB each, no GPU) keeping persistent shm allocations in `dir`,
+/// with extra environment variables.
+pub fn state_dir_worker(dir: &Path, env: &[(&str, &str)]) -> Worker {
+    Worker::spawn_with_env(
+        &[
+            "--no-gpu",
+            "--budget",
+            "cpu=64MiB",
+            "--budget",
+            "shm=64MiB",
+            "--state-dir",
+            dir.to_str().unwrap(),
+        ],
+        env,
+    )
+}
+
+/// Allocates `size` bytes on shm (purpose `p<seed>`) and fills them with `pattern(seed)`
+/// through the handle, as a client would; returns (id, path, offset).
+pub fn filled_shm(w: &mut Worker, size: u64, persistent: bool, seed: u64) -> (String, String, u64) {
+    let d = w.ok(
+        "memory.allocate",
+        json!({"device_id": "shm", "size_bytes": size, "persistent": persistent, "purpose": format!("p{seed}")}),
+    );
+    let a = &d["allocation"];
+    let path = a["handle"]["path"].as_str().unwrap().to_string();
+    let offset = a["handle"]["offset"].as_u64().unwrap();
+    map(&path)[offset as usize..(offset + size) as usize]
+        .copy_from_slice(&pattern(seed, size as usize));
+    (
+        a["allocation_id"].as_str().unwrap().to_string(),
+        path,
+        offset,
+    )
+}
