@@ -128,6 +128,16 @@ impl Device {
         self.pressure.on_charged_fast(charged, || clock.millis());
     }
 
+    /// Records this second's usage sample in the history (`memory.analytics`).
+    fn sample_history(&mut self, now: u64) {
+        let sample = Sample {
+            used_memory: self.arena.backend_mut().capacity().used(),
+            allocated_bytes: self.allocated,
+            reserved_bytes: self.reserved(),
+        };
+        self.history.sample(sample, now);
+    }
+
     fn note_peaks(&mut self) {
         self.peak_allocated = self.peak_allocated.max(self.allocated);
         self.peak_reserved = self.peak_reserved.max(self.reserved());

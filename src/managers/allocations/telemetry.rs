@@ -24,13 +24,7 @@ impl AllocationEngine {
     pub fn sample_history(&mut self) {
         let now = self.clock.millis();
         for d in &mut self.devices {
-            let used = d.arena.backend_mut().capacity().used();
-            let sample = Sample {
-                used_memory: used,
-                allocated_bytes: d.allocated,
-                reserved_bytes: d.reserved(),
-            };
-            d.history.sample(sample, now);
+            d.sample_history(now);
         }
     }
 
@@ -39,13 +33,7 @@ impl AllocationEngine {
     pub fn history(&mut self, device: usize, window_seconds: u64) -> (HistoryReport, u64) {
         let now = self.clock.millis();
         let d = &mut self.devices[device];
-        let used = d.arena.backend_mut().capacity().used();
-        let sample = Sample {
-            used_memory: used,
-            allocated_bytes: d.allocated,
-            reserved_bytes: d.reserved(),
-        };
-        d.history.sample(sample, now);
+        d.sample_history(now);
         (d.history.report(window_seconds, d.allocated, now), now)
     }
 
