@@ -232,7 +232,9 @@ pub fn remove_stale_shm_files(dir: &Path) -> usize {
         if name.starts_with("memcoord-state-") && name.ends_with("-shm") {
             // A state directory's file: it outlives workers, but not its directory.
             let note = owner_note(&entry.path());
-            if let Ok(owner) = std::fs::read(&note) {
+            if let Ok(owner) = std::fs::read(&note)
+                && !owner.is_empty()
+            {
                 let owner = PathBuf::from(std::ffi::OsString::from(
                     String::from_utf8_lossy(&owner).into_owned(),
                 ));
@@ -365,6 +367,13 @@ impl ShmBackend {
             }
         };
         let page = host_page_size();
+        // The note first, and whole (written aside, then renamed): a worker starting meanwhile
+        // that finds the file always reads a complete note, never an empty one it would take
+        // for a directory that is gone.
+        let owner = std::fs::canonicalize(owner).unwrap_or_else(|_| owner.to_path_buf());
+        write_owner_note(path, &owner).map_err(os(
+            "noting the state directory beside the shared-memory file",
+        ))?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -385,10 +394,6 @@ impl ShmBackend {
             file.set_len(len)
                 .map_err(os("sizing the shared-memory file"))?;
         }
-        let owner = std::fs::canonicalize(owner).unwrap_or_else(|_| owner.to_path_buf());
-        std::fs::write(owner_note(path), owner.as_os_str().as_encoded_bytes()).map_err(os(
-            "noting the state directory beside the shared-memory file",
-        ))?;
         // SAFETY: as in `new`; the file is this state directory's, other processes map it by
         // the handle protocol.
         let map = unsafe { MmapOptions::new().len(len as usize).map_mut(&file) }
@@ -429,6 +434,17 @@ fn owner_note(shm_file: &Path) -> PathBuf {
     let mut name = shm_file.as_os_str().to_owned();
     name.push(".dir");
     PathBuf::from(name)
+}
+
+/// Writes the note naming `owner` atomically: a temporary file of this process, renamed over.
+fn write_owner_note(shm_file: &Path, owner: &Path) -> std::io::Result<()> {
+    let note = owner_note(shm_file);
+    let mut tmp = note.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    std::fs::write(&tmp, owner.as_os_str().as_encoded_bytes())?;
+    std::fs::rename(&tmp, &note).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 /// Whether `[offset, offset + len)` of `file` (of `file_len` bytes) has a hole: pages the
@@ -547,6 +563,41 @@ mod tests {
         b.write(10, b"again").unwrap();
         b.read(10, &mut buf).unwrap();
         assert_eq!(&buf, b"again");
+    }
+
+    /// A worker starting while another opens its state directory's file never takes that file
+    /// for one whose directory is gone (it read the note empty, half written, or missing after
+    /// the file was made: CI saw a state file vanish under a running worker).
+    #[test]
+    fn a_state_file_being_opened_is_never_taken_for_a_stale_one() {
+        let base = std::env::temp_dir().join(format!("memcoord-note-race-{}", std::process::id()));
+        let (shm_dir, state_dir) = (base.join("shm"), base.join("state"));
+        std::fs::create_dir_all(&shm_dir).unwrap();
+        std::fs::create_dir_all(&state_dir).unwrap();
+        let file = shm_dir.join("memcoord-state-0123456789abcdef-shm");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let scanner = {
+            let (stop, shm_dir) = (stop.clone(), shm_dir.clone());
+            std::thread::spawn(move || {
+                let mut removed = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    removed += remove_stale_shm_files(&shm_dir);
+                }
+                removed
+            })
+        };
+        for _ in 0..300 {
+            let b =
+                ShmBackend::open_persistent(&file, 1 << 16, DEFAULT_SHM_MODE, &state_dir).unwrap();
+            assert!(
+                file.exists(),
+                "the file of a live state directory was removed"
+            );
+            drop(b);
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert_eq!(scanner.join().unwrap(), 0);
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]
