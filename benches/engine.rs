@@ -12,8 +12,9 @@
 #![allow(unsafe_code)] // test code: libc calls and memory maps of its own
 
 use memcoord::backends::CpuBackend;
-use memcoord::managers::replay::{parse_trace, replay};
+use memcoord::managers::replay::replay;
 use memcoord::managers::{AllocationEngine, AllocationSpec, DeviceSetup};
+use memcoord::protocol::trace::parse_trace;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Instant, SystemTime};

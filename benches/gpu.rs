@@ -12,10 +12,11 @@
 
 use cudarc::driver::sys;
 use memcoord::config::Settings;
-use memcoord::managers::replay::{parse_trace, replay};
+use memcoord::managers::replay::replay;
 use memcoord::managers::{AllocationEngine, AllocationSpec};
 use memcoord::protocol::MemoryAllocationType;
 use memcoord::protocol::requests::{AllocateRequest, TransferMode, TransferRequest};
+use memcoord::protocol::trace::parse_trace;
 use memcoord::service::MemoryService;
 use std::time::{Instant, SystemTime};
 

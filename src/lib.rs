@@ -3,7 +3,9 @@
 //! Data flows one way:
 //! [`transport`] (stdio) → [`dispatch`] (action → typed request → call → response) →
 //! [`service`] (one method per action) → [`managers`] (allocation engine, arenas) →
-//! [`backends`] (host memory). [`protocol`] holds the wire contract's types.
+//! [`backends`] (host memory). [`domain`] holds what the engine, managers and backends speak
+//! (ids, kinds, plain-data views); [`protocol`] holds the wire contract's types and every
+//! conversion between the two.
 //!
 //! As a library: build devices with [`config::Settings::host_devices`], wrap them in a
 //! [`service::MemoryService`], and call its methods; allocations' bytes are read and written
@@ -15,6 +17,7 @@
 pub mod backends;
 pub mod config;
 pub mod dispatch;
+pub mod domain;
 pub mod managers;
 pub mod metrics;
 pub mod protocol;

@@ -509,7 +509,7 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             let file = std::fs::File::open(&trace)
                 .map_err(|e| format!("cannot open {}: {e}", trace.display()))?;
-            let ops = replay::parse_trace(std::io::BufReader::new(file))
+            let ops = memcoord::protocol::trace::parse_trace(std::io::BufReader::new(file))
                 .map_err(|e| format!("{}: {e}", trace.display()))?;
             let settings = devices.settings().map_err(|e| e.to_string())?;
             let mut engine = AllocationEngine::new(settings.devices().map_err(|e| e.to_string())?);

@@ -13,7 +13,7 @@
 //! pinned staging buffers, so the host-side copy of one chunk overlaps the DMA of the other.
 
 use super::{Backend, BackendError, CachedCapacity, Capacity, Fill};
-use crate::protocol::{MemoryHandle, MemoryType};
+use crate::domain::{Handle, MemoryType};
 use cudarc::driver::sys;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc;
@@ -204,7 +204,7 @@ impl Backend for PinnedPool {
             std::slice::from_raw_parts_mut((self.ptr + offset as usize) as *mut u8, len as usize)
         })
     }
-    fn handle(&self, _offset: u64) -> Option<MemoryHandle> {
+    fn handle(&self, _offset: u64) -> Option<Handle> {
         None
     }
 }
@@ -923,7 +923,7 @@ impl Backend for CudaBackend {
         // Device-to-device copies run at about 4 TB/s (read + write) on an H200: 8 GiB is ~4 ms.
         8 << 30
     }
-    fn handle(&self, _offset: u64) -> Option<MemoryHandle> {
+    fn handle(&self, _offset: u64) -> Option<Handle> {
         None
     }
 }

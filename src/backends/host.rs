@@ -4,7 +4,7 @@
 //! anonymous memory, hole punching for the file).
 
 use super::{Backend, BackendError, CachedCapacity, Capacity, meminfo, tmpfs_capacity};
-use crate::protocol::{MemoryHandle, MemoryType};
+use crate::domain::{Handle, MemoryType};
 use memmap2::{Advice, MmapMut, MmapOptions, UncheckedAdvice};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -208,7 +208,7 @@ impl Backend for CpuBackend {
     fn committer(&self) -> Option<std::sync::Arc<dyn super::Committer>> {
         Some(MappingCommitter::of(&self.map, self.page, "cpu", None))
     }
-    fn handle(&self, _offset: u64) -> Option<MemoryHandle> {
+    fn handle(&self, _offset: u64) -> Option<Handle> {
         None
     }
 }
@@ -536,8 +536,8 @@ impl Backend for ShmBackend {
     fn keep_file(&mut self, keep: bool) {
         self.keep = keep;
     }
-    fn handle(&self, offset: u64) -> Option<MemoryHandle> {
-        Some(MemoryHandle {
+    fn handle(&self, offset: u64) -> Option<Handle> {
+        Some(Handle {
             path: self.path.to_string_lossy().into_owned(),
             offset,
         })

@@ -15,7 +15,7 @@ pub use sysinfo::{
     MemoryLimit, cgroup_memory_limit, cgroup_memory_limit_in, meminfo, tmpfs_capacity,
 };
 
-use crate::protocol::{MemoryHandle, MemoryType};
+use crate::domain::{Handle, MemoryType};
 
 /// Ends this process at once with SIGKILL, as a crash would: no destructor, no clean-up, no
 /// answer. For crash tests only (`MEMCOORD_TEST_FAILPOINT`).
@@ -265,7 +265,7 @@ pub trait Backend: Send {
         None
     }
     /// Where another process maps the bytes at `offset`, for shareable memory.
-    fn handle(&self, offset: u64) -> Option<MemoryHandle>;
+    fn handle(&self, offset: u64) -> Option<Handle>;
     /// For memory kept in a file that outlives the worker (a state directory's `shm`
     /// file): whether the file stays when the backend goes. Nothing for other backends.
     fn keep_file(&mut self, _keep: bool) {}

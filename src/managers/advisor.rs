@@ -23,11 +23,10 @@
 //!   person to review.
 
 use super::allocations::DeviceTelemetry;
-use crate::protocol::{
-    MemoryAllocationType, PressureLevel, Recommendation, RecommendationKind, RecommendedRequest,
+use crate::domain::{
+    Advice, MemoryAllocationType, PressureLevel, RecommendationKind, SuggestedRequest,
 };
 use crate::units::format_bytes;
-use serde_json::json;
 use std::time::SystemTime;
 
 /// Thresholds of the rules.
@@ -103,19 +102,12 @@ fn urgency(level: PressureLevel) -> u32 {
     }
 }
 
-fn request(action: &str, data: serde_json::Value) -> Option<RecommendedRequest> {
-    Some(RecommendedRequest {
-        action: action.to_string(),
-        data,
-    })
-}
-
 fn at_least(level: PressureLevel, floor: PressureLevel) -> bool {
     level.value() >= floor.value()
 }
 
 /// The recommendations for one device, most urgent first.
-pub fn advise(s: &Situation, rules: &Rules) -> Vec<Recommendation> {
+pub fn advise(s: &Situation, rules: &Rules) -> Vec<Advice> {
     let t = &s.telemetry;
     let dev = t.device_id.as_str();
     let level = t.pressure.level;
@@ -124,7 +116,7 @@ pub fn advise(s: &Situation, rules: &Rules) -> Vec<Recommendation> {
                priority: u32,
                description: String,
                savings: u64,
-               request: Option<RecommendedRequest>| Recommendation {
+               request: Option<SuggestedRequest>| Advice {
         id: format!("{dev}/{}", kind.name()),
         device_id: dev.to_string(),
         kind,
@@ -181,7 +173,9 @@ pub fn advise(s: &Situation, rules: &Rules) -> Vec<Recommendation> {
                     format_bytes(after)
                 ),
                 gain,
-                request("memory.defragment", json!({ "device_id": dev })),
+                Some(SuggestedRequest::Defragment {
+                    device_id: dev.to_string(),
+                }),
             ));
         }
     }
@@ -198,10 +192,9 @@ pub fn advise(s: &Situation, rules: &Rules) -> Vec<Recommendation> {
                 format_bytes(cache)
             ),
             cache,
-            request(
-                "memory.optimize",
-                json!({ "device_id": dev, "optimization_type": "ClearCache" }),
-            ),
+            Some(SuggestedRequest::ClearCache {
+                device_id: dev.to_string(),
+            }),
         ));
     }
 
@@ -226,14 +219,10 @@ pub fn advise(s: &Situation, rules: &Rules) -> Vec<Recommendation> {
                 format_bytes(reduce)
             ),
             reduce,
-            request(
-                "memory.optimize",
-                json!({
-                    "device_id": dev,
-                    "optimization_type": "ReduceToTarget",
-                    "target_usage_percentage": rules.reduce_target_percentage,
-                }),
-            ),
+            Some(SuggestedRequest::ReduceToTarget {
+                device_id: dev.to_string(),
+                target_usage_percentage: rules.reduce_target_percentage,
+            }),
         ));
     }
 
@@ -244,16 +233,23 @@ pub fn advise(s: &Situation, rules: &Rules) -> Vec<Recommendation> {
     {
         let names: Vec<&str> = s.idle_models.iter().map(|m| m.name.as_str()).collect();
         let offload = s.cpu_available.is_some_and(|room| room >= idle_bytes);
-        let (kind, strategy, verb) = if offload {
+        let (device_id, idle_seconds) = (dev.to_string(), rules.idle_model_seconds);
+        let (kind, request, verb) = if offload {
             (
                 RecommendationKind::OffloadIdleModels,
-                "OffloadIdle",
+                SuggestedRequest::OffloadIdleModels {
+                    device_id,
+                    idle_seconds,
+                },
                 "offloading them to cpu",
             )
         } else {
             (
                 RecommendationKind::UnloadIdleModels,
-                "UnloadIdle",
+                SuggestedRequest::UnloadIdleModels {
+                    device_id,
+                    idle_seconds,
+                },
                 "unloading them",
             )
         };
@@ -270,14 +266,7 @@ pub fn advise(s: &Situation, rules: &Rules) -> Vec<Recommendation> {
                 rules.idle_model_seconds
             ),
             idle_bytes,
-            request(
-                "memory.model_optimize",
-                json!({
-                    "device_id": dev,
-                    "strategy": strategy,
-                    "idle_seconds": rules.idle_model_seconds,
-                }),
-            ),
+            Some(request),
         ));
     }
 
@@ -298,10 +287,10 @@ pub fn advise(s: &Situation, rules: &Rules) -> Vec<Recommendation> {
                 age
             ),
             p.bytes,
-            request(
-                "memory.deallocate",
-                json!({ "allocation_id": p.allocation_id, "device_id": dev }),
-            ),
+            Some(SuggestedRequest::Deallocate {
+                allocation_id: p.allocation_id.clone(),
+                device_id: dev.to_string(),
+            }),
         );
         r.id = format!("{dev}/ReviewPersistent/{}", p.allocation_id);
         out.push(r);
@@ -310,7 +299,7 @@ pub fn advise(s: &Situation, rules: &Rules) -> Vec<Recommendation> {
 }
 
 /// Orders recommendations: most urgent first, then the largest saving.
-pub fn rank(recs: &mut [Recommendation]) {
+pub fn rank(recs: &mut [Advice]) {
     recs.sort_by(|a, b| {
         a.priority
             .cmp(&b.priority)

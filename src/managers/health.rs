@@ -1,6 +1,6 @@
 //! Health from usage and fragmentation, by one documented formula (docs/protocol.md).
 
-use crate::protocol::MemoryHealthStatus;
+use crate::domain::MemoryHealthStatus;
 
 /// `(1 − largest_free / free) × 100`, 0 when nothing is free.
 pub fn fragmentation_percentage(free_bytes: u64, largest_free_block: u64) -> f64 {

@@ -1,7 +1,7 @@
 //! Models: which named weights are loaded where, as which allocations, and who leases them.
 //! Plain data; the service reads the files and the engine holds the bytes.
 
-use crate::protocol::{ModelInfo, ModelState, Timestamp};
+use crate::domain::{ModelState, ModelView};
 use rustc_hash::FxHashMap;
 use std::path::PathBuf;
 use std::time::SystemTime;
@@ -40,9 +40,9 @@ pub struct Model {
 }
 
 impl Model {
-    /// The protocol's ModelInfo.
-    pub fn info(&self) -> ModelInfo {
-        ModelInfo {
+    /// What `memory.model_*` report of it.
+    pub fn info(&self) -> ModelView {
+        ModelView {
             model_name: self.name.clone(),
             device_id: self.device_id.clone(),
             resident_device_id: self.resident_device_id.clone(),
@@ -50,8 +50,8 @@ impl Model {
             size_bytes: self.size_bytes,
             tensor_count: self.tensor_count,
             path: self.path.to_string_lossy().into_owned(),
-            loaded_at: Timestamp(self.loaded_at),
-            last_used_at: Timestamp(self.last_used_at),
+            loaded_at: self.loaded_at,
+            last_used_at: self.last_used_at,
             keep_alive_seconds: self.keep_alive_seconds,
             load_time_ms: self.load_time_ms,
         }

@@ -3,7 +3,7 @@
 //! once and falls only after a hold period (so it does not flap). Plain data; time comes in as
 //! milliseconds of a monotonic clock.
 
-use crate::protocol::PressureLevel;
+use crate::domain::PressureLevel;
 use std::collections::VecDeque;
 
 /// Budget usage (allocated + reservations, % of budget) at which each level starts.

@@ -1,47 +1,14 @@
 //! Allocation traces (the format of assets/traces/README.md) replayed through the engine: how fast it serves
 //! them and how much it holds compared with what is live.
 //!
-//! Parsing takes any `BufRead`; the caller opens the file.
+//! It takes parsed operations ([`TraceOp`]); `protocol::trace` reads them from a file's lines.
 
 use super::allocations::{AllocationEngine, AllocationSpec};
+pub use crate::domain::TraceOp;
 use rustc_hash::FxHashMap;
-use serde::{Deserialize, Serialize};
-use std::io::BufRead;
+use serde::Serialize;
 use std::time::{Instant, SystemTime};
 use uuid::Uuid;
-
-/// One trace operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase")]
-pub enum TraceOp {
-    /// A live allocation `id` of `size` bytes begins.
-    Alloc {
-        /// Trace-local id.
-        id: u64,
-        /// Bytes.
-        size: u64,
-    },
-    /// It ends.
-    Free {
-        /// Trace-local id.
-        id: u64,
-    },
-}
-
-/// Reads a trace: one JSON op a line (blank lines ignored).
-pub fn parse_trace(reader: impl BufRead) -> Result<Vec<TraceOp>, String> {
-    let mut ops = Vec::new();
-    for (n, line) in reader.lines().enumerate() {
-        let line = line.map_err(|e| format!("line {}: {e}", n + 1))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let op: TraceOp =
-            serde_json::from_str(&line).map_err(|e| format!("line {}: {e}", n + 1))?;
-        ops.push(op);
-    }
-    Ok(ops)
-}
 
 /// What a replay measured.
 #[derive(Debug, Clone, Serialize)]
@@ -137,26 +104,4 @@ pub fn replay(
         report.peak_reserved_bytes as f64 / report.peak_allocated_bytes as f64
     };
     report
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_the_trace_format() {
-        let text = "{\"op\": \"alloc\", \"id\": 17, \"size\": 1248512}\n\n{\"op\": \"free\", \"id\": 17}\n";
-        let ops = parse_trace(text.as_bytes()).unwrap();
-        assert_eq!(
-            ops,
-            vec![
-                TraceOp::Alloc {
-                    id: 17,
-                    size: 1248512
-                },
-                TraceOp::Free { id: 17 }
-            ]
-        );
-        assert!(parse_trace("{\"op\": \"grow\"}\n".as_bytes()).is_err());
-    }
 }

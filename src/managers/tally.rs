@@ -2,7 +2,7 @@
 //! metrics never walk the allocations: bytes and counts by type, by purpose, of persistent and
 //! reclaimable ones, and counters since the start.
 
-use crate::protocol::MemoryAllocationType;
+use crate::domain::MemoryAllocationType;
 use rustc_hash::FxHashMap;
 
 /// The number of allocation types.

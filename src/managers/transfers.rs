@@ -1,7 +1,7 @@
 //! The state of transfers between devices, kept for `memory.get_transfer`. The copying itself
 //! is driven by the service, chunk by chunk through the allocation engine.
 
-use crate::protocol::{MemoryTransfer, Timestamp, TransferStatus};
+use crate::domain::{TransferRecord, TransferStatus};
 use rustc_hash::FxHashMap;
 use std::time::{Instant, SystemTime};
 use uuid::Uuid;
@@ -13,7 +13,7 @@ pub const KEPT_FINISHED_TRANSFERS: usize = 10_000;
 #[derive(Debug, Clone)]
 pub struct Transfer {
     /// What `memory.transfer` and `memory.get_transfer` report.
-    pub wire: MemoryTransfer,
+    pub record: TransferRecord,
     started: Instant,
     finished_seq: Option<u64>,
 }
@@ -30,13 +30,13 @@ pub struct TransferTable {
 
 impl TransferTable {
     /// Records a transfer that starts now.
-    pub fn start(&mut self, wire: MemoryTransfer) -> Uuid {
-        let id = Uuid::parse_str(&wire.transfer_id).unwrap_or_else(|_| Uuid::new_v4());
+    pub fn start(&mut self, record: TransferRecord) -> Uuid {
+        let id = record.transfer_id;
         self.started_total += 1;
         self.transfers.insert(
             id,
             Transfer {
-                wire,
+                record,
                 started: Instant::now(),
                 finished_seq: None,
             },
@@ -45,17 +45,16 @@ impl TransferTable {
     }
 
     /// A transfer as reported now.
-    pub fn get(&self, id: &str) -> Option<MemoryTransfer> {
-        let id = Uuid::parse_str(id).ok()?;
-        self.transfers.get(&id).map(|t| t.wire.clone())
+    pub fn get(&self, id: &Uuid) -> Option<TransferRecord> {
+        self.transfers.get(id).map(|t| t.record.clone())
     }
 
     /// Transfers still running.
-    pub fn running(&self) -> Vec<MemoryTransfer> {
+    pub fn running(&self) -> Vec<TransferRecord> {
         self.transfers
             .values()
             .filter(|t| t.finished_seq.is_none())
-            .map(|t| t.wire.clone())
+            .map(|t| t.record.clone())
             .collect()
     }
 
@@ -73,16 +72,19 @@ impl TransferTable {
     }
 
     /// Running transfers and the most recent finished ones, `limit` in all, newest first.
-    pub fn recent(&self, limit: usize) -> Vec<MemoryTransfer> {
+    pub fn recent(&self, limit: usize) -> Vec<TransferRecord> {
         let mut v: Vec<&Transfer> = self.transfers.values().collect();
         v.sort_by_key(|t| std::cmp::Reverse(t.finished_seq.map_or(u64::MAX, |s| s)));
-        v.into_iter().take(limit).map(|t| t.wire.clone()).collect()
+        v.into_iter()
+            .take(limit)
+            .map(|t| t.record.clone())
+            .collect()
     }
 
     /// Counts copied bytes.
     pub fn progress(&mut self, id: &Uuid, bytes_transferred: u64) {
         if let Some(t) = self.transfers.get_mut(id) {
-            let w = &mut t.wire;
+            let w = &mut t.record;
             w.bytes_transferred = bytes_transferred;
             w.progress_percentage = if w.total_bytes == 0 {
                 100.0
@@ -104,7 +106,7 @@ impl TransferTable {
         id: &Uuid,
         status: TransferStatus,
         error: Option<String>,
-    ) -> Option<MemoryTransfer> {
+    ) -> Option<TransferRecord> {
         let seq = self.finished;
         self.finished += 1;
         let t = self.transfers.get_mut(id)?;
@@ -113,16 +115,16 @@ impl TransferTable {
             TransferStatus::Failed | TransferStatus::Cancelled => self.failed_total += 1,
             _ => {}
         }
-        t.wire.status = status;
-        t.wire.completed_at = Some(Timestamp(SystemTime::now()));
-        t.wire.error_message = error;
+        t.record.status = status;
+        t.record.completed_at = Some(SystemTime::now());
+        t.record.error_message = error;
         t.finished_seq = Some(seq);
-        let wire = t.wire.clone();
+        let record = t.record.clone();
         if self.transfers.len() > KEPT_FINISHED_TRANSFERS {
             let cutoff = self.finished.saturating_sub(KEPT_FINISHED_TRANSFERS as u64);
             self.transfers
                 .retain(|_, t| t.finished_seq.is_none_or(|s| s >= cutoff));
         }
-        Some(wire)
+        Some(record)
     }
 }

@@ -1,49 +1,18 @@
 //! The contract's enums: written as PascalCase names, read as names in any case or as the
-//! integer values C#'s default enum serialisation produces.
+//! integer values C#'s default enum serialisation produces. The enums themselves are the
+//! engine's ([`crate::domain`]); this file gives them their wire form (serde and the JSON
+//! schema) and re-exports them, so `protocol::MemoryType` names the same type.
 
+pub use crate::domain::{
+    MemoryAllocationType, MemoryHealthStatus, MemoryOptimizationType, MemoryType, ModelState,
+    PressureLevel, RecommendationKind, TransferStatus,
+};
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 use std::fmt;
 
 macro_rules! wire_enum {
-    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $value:literal),+ $(,)? }) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub enum $name {
-            $($(#[$vmeta])* $variant = $value),+
-        }
-
-        impl $name {
-            /// Every value, in integer order.
-            pub const ALL: &'static [$name] = &[$($name::$variant),+];
-
-            /// The PascalCase name written on the wire.
-            pub fn name(self) -> &'static str {
-                match self { $($name::$variant => stringify!($variant)),+ }
-            }
-
-            /// The integer value (C#'s enum value).
-            pub fn value(self) -> i64 {
-                self as i64
-            }
-
-            /// Looks a value up by name, ignoring case.
-            pub fn from_name(name: &str) -> Option<Self> {
-                Self::ALL.iter().copied().find(|v| v.name().eq_ignore_ascii_case(name))
-            }
-
-            /// Looks a value up by its integer.
-            pub fn from_value(value: i64) -> Option<Self> {
-                Self::ALL.iter().copied().find(|v| v.value() == value)
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.name())
-            }
-        }
-
+    ($($name:ident),+ $(,)?) => {$(
         impl schemars::JsonSchema for $name {
             fn schema_name() -> std::borrow::Cow<'static, str> {
                 stringify!($name).into()
@@ -93,151 +62,19 @@ macro_rules! wire_enum {
                 deserializer.deserialize_any(EnumVisitor)
             }
         }
-
-        impl $name {
-            fn choices() -> String {
-                Self::ALL
-                    .iter()
-                    .map(|v| format!("{} ({})", v.name(), v.value()))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            }
-        }
-    };
+    )+};
 }
 
-wire_enum! {
-    /// The kind of memory a device holds.
-    MemoryType {
-        /// Not known.
-        Unknown = 0,
-        /// Host RAM.
-        RAM = 1,
-        /// GPU memory.
-        VRAM = 2,
-        /// Host shared memory, mappable by other processes.
-        SharedMemory = 3,
-        /// Memory shared by host and device.
-        UnifiedMemory = 4,
-    }
-}
-
-wire_enum! {
-    /// A device's health, from usage and fragmentation.
-    MemoryHealthStatus {
-        /// Not known.
-        Unknown = 0,
-        /// Nothing to do.
-        Healthy = 1,
-        /// Worth a look: high usage or fragmentation.
-        Warning = 2,
-        /// Act now.
-        Critical = 3,
-    }
-}
-
-wire_enum! {
-    /// What an allocation is for.
-    MemoryAllocationType {
-        /// Anything.
-        General = 0,
-        /// Model weights.
-        ModelWeights = 1,
-        /// Activations.
-        Activations = 2,
-        /// A cache that `memory.optimize` may reclaim.
-        Cache = 3,
-        /// Staging buffers for transfers.
-        Staging = 4,
-        /// Short-lived data that `memory.optimize` may reclaim.
-        Temporary = 5,
-        /// Budget accounting only, no backing memory.
-        Reservation = 6,
-    }
-}
-
-wire_enum! {
-    /// What `memory.optimize` does.
-    MemoryOptimizationType {
-        /// Release cached pages.
-        ClearCache = 0,
-        /// Compact allocations.
-        Defragment = 1,
-        /// Evict idle models.
-        EvictIdleModels = 2,
-        /// Reclaim until under a target usage.
-        ReduceToTarget = 3,
-        /// All of the above.
-        Full = 4,
-    }
-}
-
-wire_enum! {
-    /// Where a transfer stands.
-    TransferStatus {
-        /// Waiting to start.
-        Queued = 0,
-        /// Copying.
-        Running = 1,
-        /// Done.
-        Completed = 2,
-        /// Failed; the source is intact.
-        Failed = 3,
-        /// Cancelled.
-        Cancelled = 4,
-    }
-}
-
-wire_enum! {
-    /// How hard a device is pressed for memory.
-    PressureLevel {
-        /// No pressure.
-        None = 0,
-        /// Some.
-        Low = 1,
-        /// Noticeable.
-        Moderate = 2,
-        /// Requests are likely to wait.
-        High = 3,
-        /// Requests are failing.
-        Critical = 4,
-    }
-}
-
-wire_enum! {
-    /// Where a model stands.
-    ModelState {
-        /// Being read onto its device.
-        Loading = 0,
-        /// On its home device.
-        Loaded = 1,
-        /// Its bytes are on `cpu`.
-        Offloaded = 2,
-        /// Being removed.
-        Unloading = 3,
-    }
-}
-
-wire_enum! {
-    /// What a recommendation of `memory.optimization_recs` advises. The contract names these
-    /// as strings only; the integers are this enum's order.
-    RecommendationKind {
-        /// Defragment the device: free memory is in pieces.
-        Defragment = 0,
-        /// Free Cache allocations and give back cached pages.
-        ClearCache = 1,
-        /// Free Cache and Temporary allocations down to a usage target.
-        ReduceToTarget = 2,
-        /// Move idle models' weights to `cpu`.
-        OffloadIdleModels = 3,
-        /// Unload idle models.
-        UnloadIdleModels = 4,
-        /// The budget is below what the device was asked for.
-        RaiseBudget = 5,
-        /// A persistent allocation has not been touched for a long time.
-        ReviewPersistent = 6,
-    }
-}
+wire_enum!(
+    MemoryType,
+    MemoryHealthStatus,
+    MemoryAllocationType,
+    MemoryOptimizationType,
+    TransferStatus,
+    PressureLevel,
+    ModelState,
+    RecommendationKind,
+);
 
 #[cfg(test)]
 mod tests {

@@ -1,12 +1,15 @@
 //! The wire contract (PROTOCOL.md): envelope, enums, request and response shapes, error codes.
 //!
-//! Plain data and parsing only; no I/O.
+//! Plain data and parsing only; no I/O. The engine's types live in [`crate::domain`];
+//! `convert.rs` turns them into the wire shapes, `trace.rs` reads allocation traces.
 
+pub mod convert;
 pub mod enums;
 pub mod envelope;
 pub mod error;
 pub mod requests;
 pub mod shapes;
+pub mod trace;
 
 pub use enums::*;
 pub use error::{ErrorCode, ProtocolError};

@@ -191,7 +191,7 @@ impl MemoryService {
         Ok(crate::protocol::GetPressureResponse {
             devices: devices
                 .into_iter()
-                .map(|d| e.pressure(d, self.pressure_hold_ms))
+                .map(|d| e.pressure(d, self.pressure_hold_ms).into())
                 .collect(),
         })
     }
@@ -265,7 +265,7 @@ impl MemoryService {
     /// `memory.list_devices`.
     pub fn list_devices(&self) -> ListDevicesResponse {
         let mut e = self.engine.lock();
-        let devices = (0..e.device_count()).map(|d| e.info(d)).collect();
+        let devices = (0..e.device_count()).map(|d| e.info(d).into()).collect();
         ListDevicesResponse { devices }
     }
 
@@ -278,19 +278,22 @@ impl MemoryService {
         let d = e.device_index(&req.device_id)?;
         let memory_info = e.info(d);
         let allocations = if req.include_allocations {
-            e.allocations(d, &AllocationFilter::default(), 0, u64::MAX)
-                .1
+            (e.allocations(d, &AllocationFilter::default(), 0, u64::MAX)
+                .1)
+                .into_iter()
+                .map(Into::into)
+                .collect()
         } else {
             Vec::new()
         };
         Ok(GetMemoryStatusResponse {
             device_id: req.device_id.clone(),
-            usage_stats: req.include_usage_stats.then(|| e.usage(d)),
+            usage_stats: req.include_usage_stats.then(|| e.usage(d).into()),
             allocations,
-            fragmentation: req.include_fragmentation.then(|| e.fragmentation(d)),
+            fragmentation: req.include_fragmentation.then(|| e.fragmentation(d).into()),
             health_score: e.health_score(d),
-            last_updated: memory_info.last_updated,
-            memory_info,
+            last_updated: Timestamp(memory_info.last_updated),
+            memory_info: memory_info.into(),
         })
     }
 
@@ -298,7 +301,7 @@ impl MemoryService {
     pub fn get_usage(&self, req: &DeviceRequest) -> Result<MemoryUsageStats, ProtocolError> {
         let e = self.engine.lock();
         let d = e.device_index(&req.device_id)?;
-        Ok(e.usage(d))
+        Ok(e.usage(d).into())
     }
 
     /// `memory.get_allocations`.
@@ -317,7 +320,7 @@ impl MemoryService {
         Ok(GetAllocationsResponse {
             device_id: req.device_id.clone(),
             total_count,
-            allocations,
+            allocations: allocations.into_iter().map(Into::into).collect(),
         })
     }
 
@@ -472,7 +475,7 @@ impl MemoryService {
                 format_bytes(req.size_bytes),
                 req.device_id
             ),
-            allocation,
+            allocation: allocation.into(),
             success: true,
             allocation_time_ms: ms,
             available_memory_bytes: available,
@@ -858,6 +861,6 @@ impl MemoryService {
         &self,
         allocation_id: &str,
     ) -> Result<crate::protocol::MemoryAllocation, ProtocolError> {
-        Ok(self.engine.lock().allocation(allocation_id)?)
+        Ok(self.engine.lock().allocation(allocation_id)?.into())
     }
 }

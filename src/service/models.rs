@@ -57,7 +57,7 @@ impl MemoryService {
                     ));
                 }
                 m.last_used_at = SystemTime::now();
-                return Ok(m.info());
+                return Ok(m.info().into());
             }
             let now = SystemTime::now();
             models.insert(Model {
@@ -111,7 +111,7 @@ impl MemoryService {
                 m.loaded_at = SystemTime::now();
                 m.last_used_at = m.loaded_at;
                 m.load_time_ms = started.elapsed().as_secs_f64() * 1000.0;
-                Ok(m.info())
+                Ok(m.info().into())
             }
             Err(e) => {
                 if models
@@ -646,7 +646,7 @@ impl MemoryService {
         m.last_used_at = SystemTime::now();
         Some(Ok(ModelAcquireResponse {
             lease_id: lease.hyphenated().to_string(),
-            model: m.info(),
+            model: m.info().into(),
         }))
     }
 
@@ -718,7 +718,7 @@ impl MemoryService {
         m.last_used_at = SystemTime::now();
         Ok(ModelAcquireResponse {
             lease_id: lease.hyphenated().to_string(),
-            model: m.info(),
+            model: m.info().into(),
         })
     }
 
@@ -771,7 +771,7 @@ impl MemoryService {
             .into_iter()
             .filter(|m| req.device_id.as_deref().is_none_or(|d| d == m.device_id))
             .filter(|m| req.model_name.as_deref().is_none_or(|n| n == m.name))
-            .map(Model::info)
+            .map(|m| m.info().into())
             .collect();
         Ok(ModelStatusResponse {
             model_bytes: infos.iter().map(|m| m.size_bytes).sum(),

@@ -209,7 +209,7 @@ impl MemoryService {
         }
         advisor::rank(&mut recs);
         Ok(OptimizationRecsResponse {
-            recommendations: recs,
+            recommendations: recs.into_iter().map(Into::into).collect(),
         })
     }
 
@@ -227,9 +227,9 @@ impl MemoryService {
                     let map = e.memory_map(d, buckets);
                     let (report, mono_now) = e.history(d, 300);
                     DashboardDevice {
-                        info: e.info(d),
-                        usage: e.usage(d),
-                        pressure: e.pressure(d, self.pressure_hold_ms),
+                        info: e.info(d).into(),
+                        usage: e.usage(d).into(),
+                        pressure: e.pressure(d, self.pressure_hold_ms).into(),
                         map: MemoryMapView {
                             arena_bytes: map.arena_bytes,
                             bucket_bytes: map.bucket_bytes,
@@ -247,7 +247,9 @@ impl MemoryService {
                                 })
                                 .collect(),
                         },
-                        largest_allocations: e.largest_allocations(d, 20),
+                        largest_allocations: (e.largest_allocations(d, 20).into_iter())
+                            .map(Into::into)
+                            .collect(),
                         samples: wire_samples(&report.samples, mono_now, wall_now),
                     }
                 })
@@ -259,7 +261,7 @@ impl MemoryService {
                 .all()
                 .into_iter()
                 .map(|m| DashboardModel {
-                    info: m.info(),
+                    info: m.info().into(),
                     leases: models.lease_count(&m.name) as u64,
                 })
                 .collect()
@@ -268,7 +270,9 @@ impl MemoryService {
             generated_at: Timestamp(wall_now),
             devices,
             models,
-            transfers: self.transfers.lock().recent(20),
+            transfers: (self.transfers.lock().recent(20).into_iter())
+                .map(Into::into)
+                .collect(),
         }
     }
 

@@ -2,6 +2,7 @@
 //! destination placed) in arrival order, then copied chunk by chunk off the reading thread.
 
 use super::*;
+use crate::domain::TransferRecord;
 
 /// A transfer accepted and ready to copy.
 pub struct StartedTransfer {
@@ -28,27 +29,24 @@ impl MemoryService {
         };
         let copy = req.mode == TransferMode::Copy;
         let id = Uuid::new_v4();
-        let wire = MemoryTransfer {
-            transfer_id: id.hyphenated().to_string(),
-            allocation_id: source.hyphenated().to_string(),
-            destination_allocation_id: Some(
-                if copy { destination } else { source }
-                    .hyphenated()
-                    .to_string(),
-            ),
+        let record = TransferRecord {
+            transfer_id: id,
+            allocation_id: source,
+            destination_allocation_id: Some(if copy { destination } else { source }),
             source_device_id: req.source_device_id.clone(),
             destination_device_id: req.destination_device_id.clone(),
-            mode: req.mode.name().to_string(),
+            mode: req.mode.into(),
             status: TransferStatus::Running,
             total_bytes: size,
             bytes_transferred: 0,
             progress_percentage: 0.0,
             bandwidth_bytes_per_second: 0.0,
-            started_at: Timestamp::now(),
+            started_at: SystemTime::now(),
             completed_at: None,
             error_message: None,
         };
-        self.transfers.lock().start(wire.clone());
+        self.transfers.lock().start(record.clone());
+        let wire = record.into();
         Ok(StartedTransfer {
             id,
             source,
@@ -113,7 +111,7 @@ impl MemoryService {
                     .transfers
                     .lock()
                     .finish(&t.id, TransferStatus::Completed, None);
-                Ok(wire.unwrap_or_else(|| t.wire.clone()))
+                Ok(wire.map_or_else(|| t.wire.clone(), MemoryTransfer::from))
             }
             Some(message) => {
                 self.engine.lock().abort_transfer(&t.source, &t.destination);
@@ -141,12 +139,16 @@ impl MemoryService {
 
     /// Transfers still running (for progress displays).
     pub fn running_transfers(&self) -> Vec<MemoryTransfer> {
-        self.transfers.lock().running()
+        let running = self.transfers.lock().running();
+        running.into_iter().map(MemoryTransfer::from).collect()
     }
 
     /// `memory.get_transfer`.
     pub fn get_transfer(&self, transfer_id: &str) -> Result<MemoryTransfer, ProtocolError> {
-        self.transfers.lock().get(transfer_id).ok_or_else(|| {
+        let found = Uuid::parse_str(transfer_id)
+            .ok()
+            .and_then(|id| self.transfers.lock().get(&id));
+        found.map(MemoryTransfer::from).ok_or_else(|| {
             ProtocolError::new(
                 ErrorCode::TransferNotFound,
                 format!("Transfer {transfer_id} not found"),

@@ -3,7 +3,7 @@
 //! does not address (no host slices, as a GPU). Host memory underneath, so bytes are real.
 
 use memcoord::backends::{Backend, BackendError, Capacity, CpuBackend};
-use memcoord::protocol::{MemoryHandle, MemoryType};
+use memcoord::domain::{Handle, MemoryType};
 use parking_lot::Mutex;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -152,7 +152,7 @@ impl Backend for FaultyBackend {
         }
         self.inner.copy_within(src, dst, len)
     }
-    fn handle(&self, _offset: u64) -> Option<MemoryHandle> {
+    fn handle(&self, _offset: u64) -> Option<Handle> {
         None
     }
 }

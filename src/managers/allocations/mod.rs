@@ -1,5 +1,5 @@
 //! The allocation engine: every device's arena and budget, every live allocation, and the
-//! counters the protocol reports. Callers serialise access (the service holds it in a mutex).
+//! counters the service reports. Callers serialise access (the service holds it in a mutex).
 
 use super::analytics::{DurationHistogram, History, HistoryReport, Sample};
 use super::arena::{Arena, ArenaError, Compaction, Placement};
@@ -10,10 +10,8 @@ use super::records::{HasId, RecordTable};
 use super::room::RoomSignal;
 use super::tally::{Entry, TYPE_COUNT, Tally};
 use crate::backends::{Backend, BackendError};
-use crate::protocol::MemoryPressure;
-use crate::protocol::{
-    MemoryAllocation, MemoryAllocationType, MemoryFragmentation, MemoryInfo, MemoryUsageStats,
-    Timestamp,
+use crate::domain::{
+    AllocationView, DeviceInfo, Fragmentation, MemoryAllocationType, PressureView, UsageStats,
 };
 use crate::units::format_bytes;
 use std::sync::Arc;

@@ -97,14 +97,14 @@ impl AllocationEngine {
     }
 
     /// A device's memory pressure now; a lower level shows only after `hold_ms`.
-    pub fn pressure(&mut self, device: usize, hold_ms: u64) -> MemoryPressure {
+    pub fn pressure(&mut self, device: usize, hold_ms: u64) -> PressureView {
         let available = self.available(device);
         let d = &mut self.devices[device];
         let usage = d.utilization();
         let reading = d
             .pressure
             .read(usage, d.waiting, d.charged(), self.clock.millis(), hold_ms);
-        MemoryPressure {
+        PressureView {
             device_id: d.arena.backend().device_id().to_string(),
             level: reading.level,
             usage_percentage: usage,

@@ -2,7 +2,7 @@
 
 use super::*;
 
-/// What the engine refuses, in terms the service turns into protocol errors.
+/// What the engine refuses, in terms the service turns into the contract's errors.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     /// No device with this id.
@@ -194,7 +194,7 @@ pub struct DeviceTelemetry {
     /// The device.
     pub device_id: String,
     /// RAM, SharedMemory or VRAM.
-    pub memory_type: crate::protocol::MemoryType,
+    pub memory_type: crate::domain::MemoryType,
     /// The device's capacity.
     pub capacity_bytes: u64,
     /// In use on the device, by every process.
@@ -212,9 +212,9 @@ pub struct DeviceTelemetry {
     /// The most bytes allocated at once since the start.
     pub peak_allocated_bytes: u64,
     /// How the free memory is split up.
-    pub fragmentation: MemoryFragmentation,
+    pub fragmentation: Fragmentation,
     /// The pressure reading.
-    pub pressure: MemoryPressure,
+    pub pressure: PressureView,
     /// Seconds during which a request waited for memory, since the start.
     pub stall_seconds_total: f64,
     /// The most budget a request refused in the last 60 s would have needed.

@@ -1,12 +1,12 @@
-//! Views: allocations, usage, fragmentation and device figures as the protocol reports them.
+//! Views: allocations, usage, fragmentation and device figures as plain-data views (`domain`).
 
 use super::*;
 
 impl AllocationEngine {
-    pub(super) fn wire(&self, r: &Record) -> MemoryAllocation {
+    pub(super) fn view(&self, r: &Record) -> AllocationView {
         let dev = &self.devices[r.device as usize];
-        MemoryAllocation {
-            allocation_id: r.id.hyphenated().to_string(),
+        AllocationView {
+            allocation_id: r.id,
             device_id: dev.arena.backend().device_id().to_string(),
             size_bytes: r.size,
             alignment: r.alignment(),
@@ -14,7 +14,7 @@ impl AllocationEngine {
             purpose: r.purpose.to_string(),
             persistent: r.persistent,
             owner: r.owner.wire(),
-            created_at: Timestamp(UNIX_EPOCH + Duration::from_micros(r.created_us)),
+            created_at: UNIX_EPOCH + Duration::from_micros(r.created_us),
             handle: r
                 .placement
                 .as_ref()
@@ -22,15 +22,15 @@ impl AllocationEngine {
         }
     }
 
-    /// One allocation as the protocol shows it.
-    pub fn allocation(&self, allocation_id: &str) -> Result<MemoryAllocation, EngineError> {
+    /// One allocation as a view.
+    pub fn allocation(&self, allocation_id: &str) -> Result<AllocationView, EngineError> {
         let (_, r) = self.record(allocation_id)?;
-        Ok(self.wire(r))
+        Ok(self.view(r))
     }
 
-    /// One allocation by id as the protocol shows it.
-    pub fn allocation_by_id(&self, id: &Uuid) -> Option<MemoryAllocation> {
-        self.records.get(id).map(|r| self.wire(r))
+    /// One allocation by id as a view.
+    pub fn allocation_by_id(&self, id: &Uuid) -> Option<AllocationView> {
+        self.records.get(id).map(|r| self.view(r))
     }
 
     /// A device's allocations matching `filter`, oldest first: the total count and one page.
@@ -40,7 +40,7 @@ impl AllocationEngine {
         filter: &AllocationFilter,
         offset: u64,
         limit: u64,
-    ) -> (u64, Vec<MemoryAllocation>) {
+    ) -> (u64, Vec<AllocationView>) {
         let mut matching: Vec<&Record> = self
             .records
             .iter()
@@ -58,7 +58,7 @@ impl AllocationEngine {
             .into_iter()
             .skip(offset.min(total) as usize)
             .take(limit as usize)
-            .map(|r| self.wire(r))
+            .map(|r| self.view(r))
             .collect();
         (total, page)
     }
@@ -96,7 +96,7 @@ impl AllocationEngine {
     }
 
     /// A device's `limit` largest live allocations, largest first. One pass over them.
-    pub fn largest_allocations(&self, device: usize, limit: usize) -> Vec<MemoryAllocation> {
+    pub fn largest_allocations(&self, device: usize, limit: usize) -> Vec<AllocationView> {
         let mut v: Vec<&Record> = self
             .records
             .iter()
@@ -107,13 +107,13 @@ impl AllocationEngine {
             v.truncate(limit);
         }
         v.sort_unstable_by(|a, b| b.size.cmp(&a.size).then(a.seq.cmp(&b.seq)));
-        v.into_iter().map(|r| self.wire(r)).collect()
+        v.into_iter().map(|r| self.view(r)).collect()
     }
 
     /// A device's counters.
-    pub fn usage(&self, device: usize) -> MemoryUsageStats {
+    pub fn usage(&self, device: usize) -> UsageStats {
         let d = &self.devices[device];
-        MemoryUsageStats {
+        UsageStats {
             device_id: self.device_id(device).to_string(),
             allocated_bytes: d.allocated,
             reserved_bytes: d.reserved(),
@@ -158,11 +158,11 @@ impl AllocationEngine {
     }
 
     /// How the device's free memory is split up.
-    pub fn fragmentation(&mut self, device: usize) -> MemoryFragmentation {
+    pub fn fragmentation(&mut self, device: usize) -> Fragmentation {
         let free = self.available(device);
         let d = &self.devices[device];
         let largest = d.arena.largest_free_block().min(free);
-        MemoryFragmentation {
+        Fragmentation {
             device_id: self.device_id(device).to_string(),
             fragmentation_percentage: health::fragmentation_percentage(free, largest),
             free_bytes: free,
@@ -172,13 +172,13 @@ impl AllocationEngine {
     }
 
     /// A device's figures.
-    pub fn info(&mut self, device: usize) -> MemoryInfo {
+    pub fn info(&mut self, device: usize) -> DeviceInfo {
         let frag = self.fragmentation(device);
         let usage = self.utilization(device);
         let d = &mut self.devices[device];
         let cap = d.arena.backend_mut().capacity();
         let backend = d.arena.backend();
-        MemoryInfo {
+        DeviceInfo {
             device_id: backend.device_id().to_string(),
             name: backend.name().to_string(),
             memory_type: backend.memory_type(),
@@ -192,7 +192,7 @@ impl AllocationEngine {
             },
             health: health::health(usage, frag.fragmentation_percentage),
             fragmentation_percentage: frag.fragmentation_percentage,
-            last_updated: Timestamp::now(),
+            last_updated: SystemTime::now(),
         }
     }
 

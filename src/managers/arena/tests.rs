@@ -30,8 +30,8 @@ impl Backend for Recording {
     fn name(&self) -> &str {
         "recording"
     }
-    fn memory_type(&self) -> crate::protocol::MemoryType {
-        crate::protocol::MemoryType::RAM
+    fn memory_type(&self) -> crate::domain::MemoryType {
+        crate::domain::MemoryType::RAM
     }
     fn capacity(&mut self) -> crate::backends::Capacity {
         self.inner.capacity()
@@ -59,7 +59,7 @@ impl Backend for Recording {
             self.committed.clone(),
         )))
     }
-    fn handle(&self, _offset: u64) -> Option<crate::protocol::MemoryHandle> {
+    fn handle(&self, _offset: u64) -> Option<crate::domain::Handle> {
         None
     }
 }

@@ -1,0 +1,20 @@
+//! The engine's own vocabulary: ids, kinds, plain-data views and reports, advice and trace
+//! operations. The managers and the backends speak only these; `protocol` sits above
+//! and owns every conversion to and from the wire (`protocol/convert.rs`). Nothing here
+//! imports `protocol` or a JSON library.
+
+mod advice;
+mod kinds;
+mod trace;
+mod views;
+
+pub use advice::{Advice, SuggestedRequest};
+pub use kinds::{
+    AllocationId, DeviceId, MemoryAllocationType, MemoryHealthStatus, MemoryOptimizationType,
+    MemoryType, ModelState, PressureLevel, RecommendationKind, TransferMode, TransferStatus,
+};
+pub use trace::TraceOp;
+pub use views::{
+    AllocationView, DeviceInfo, Fragmentation, Handle, ModelView, PressureView, TransferRecord,
+    UsageStats,
+};
