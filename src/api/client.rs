@@ -272,4 +272,51 @@ mod tests {
             s.close();
         }
     }
+
+    #[test]
+    fn a_stdio_client_talks_to_a_worker_over_its_pipes() {
+        use crate::transport::stdio::{self, WorkerOptions};
+        let service = service();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (request_reader, request_writer) = std::io::pipe().unwrap();
+        let (answer_reader, answer_writer) = std::io::pipe().unwrap();
+        let dispatcher = Dispatcher::new(Arc::clone(&service));
+        let handle = runtime.handle().clone();
+        let served = std::thread::spawn(move || {
+            stdio::serve(
+                dispatcher,
+                handle,
+                request_reader,
+                answer_writer,
+                &WorkerOptions::default(),
+            );
+        });
+        let client = Client::stdio(request_writer, answer_reader);
+        let Response::Allocate(a) = client
+            .call(&Request::Allocate(AllocateRequest::new("shm", 8192)))
+            .unwrap()
+        else {
+            panic!("not an allocate answer");
+        };
+        assert_eq!(a.device_id, "shm");
+        let usage = client
+            .ask::<GetUsage>(&DeviceRequest {
+                device_id: "shm".into(),
+            })
+            .unwrap();
+        assert_eq!(usage.allocation_count, 1);
+        let e = client
+            .call(&Request::Deallocate(crate::api::DeallocateRequest {
+                allocation_id: "nope".into(),
+                device_id: None,
+            }))
+            .unwrap_err();
+        assert!(matches!(e, ClientError::Refused(_)), "{e}");
+        drop(client); // EOF: the worker answers everything, releases and returns.
+        served.join().unwrap();
+    }
 }

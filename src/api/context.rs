@@ -270,3 +270,44 @@ impl<'a> Context<'a> {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    #[test]
+    fn a_task_set_waits_for_its_work_a_panicking_one_too() {
+        let tasks = TaskSet::new();
+        let done = Arc::new(AtomicBool::new(false));
+        let d = Arc::clone(&done);
+        tasks.spawn("slow", move || {
+            std::thread::sleep(Duration::from_millis(50));
+            d.store(true, Ordering::Release);
+        });
+        tasks.spawn("panicking", || panic!("on purpose"));
+        tasks.wait();
+        assert!(done.load(Ordering::Acquire));
+        assert_eq!(tasks.running(), 0);
+    }
+
+    #[test]
+    fn a_panicking_answer_is_an_internal_error() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let answer: Answer<u32> = Box::pin(async { panic!("on purpose") });
+        let e = runtime.block_on(catching_panics(answer)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InternalError);
+    }
+
+    #[test]
+    fn the_bound_refuses_past_its_places_and_gives_them_back() {
+        let limit = InFlightLimit::new(1);
+        let ticket = limit.admit().unwrap();
+        assert_eq!(limit.admit().unwrap_err().code, ErrorCode::TooManyRequests);
+        drop(ticket);
+        assert!(limit.admit().is_ok());
+    }
+}
