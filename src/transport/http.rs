@@ -13,7 +13,7 @@ mod rest;
 
 use crate::api::{Action, Response as Answer, internal_error};
 pub use crate::api::{REST_ROUTES, RestRoute};
-use crate::dispatch::{Dispatcher, InFlightLimit};
+use crate::dispatch::{Dispatcher, InFlightLimit, TaskSet};
 use crate::protocol::envelope::write_error;
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::service::MemoryService;
@@ -129,6 +129,13 @@ impl HttpState {
     pub fn with_body_timeout(mut self, timeout: Duration) -> Self {
         self.body_timeout = timeout;
         self
+    }
+
+    /// The background work this server's requests left running (transfers and optimizes
+    /// without `wait_for_completion`): shutdown waits for it ([`TaskSet::wait`]) before
+    /// releasing memory.
+    pub fn tasks(&self) -> &Arc<TaskSet> {
+        self.dispatcher.tasks()
     }
 }
 
