@@ -11,11 +11,11 @@
 #![allow(unsafe_code)] // test code: libc calls and memory maps of its own
 
 use cudarc::driver::sys;
+use memcoord::api::{AllocateRequest, TransferMode, TransferRequest};
 use memcoord::config::Settings;
 use memcoord::managers::replay::replay;
 use memcoord::managers::{AllocationEngine, AllocationSpec};
 use memcoord::protocol::MemoryAllocationType;
-use memcoord::protocol::requests::{AllocateRequest, TransferMode, TransferRequest};
 use memcoord::protocol::trace::parse_trace;
 use memcoord::service::MemoryService;
 use std::time::{Instant, SystemTime};
@@ -189,7 +189,7 @@ fn main() {
                 d2h.push(b);
             }
         }
-        svc.deallocate(&memcoord::protocol::requests::DeallocateRequest {
+        svc.deallocate(&memcoord::api::DeallocateRequest {
             allocation_id: id,
             device_id: None,
         })
@@ -234,7 +234,7 @@ fn main() {
         ids.push(allocate(&svc, "cuda:0", 512 << 20));
     }
     for id in ids.iter().step_by(2) {
-        svc.deallocate(&memcoord::protocol::requests::DeallocateRequest {
+        svc.deallocate(&memcoord::api::DeallocateRequest {
             allocation_id: id.clone(),
             device_id: None,
         })
@@ -271,14 +271,14 @@ fn main() {
         // Offloaded model weights live in the pinned pool when it has room.
         s.pinned_pool = Some(8 << 30);
         let svc = MemoryService::new(s.devices().unwrap()).with_model_root(&dir);
-        let load = |name: &str, file: &str| memcoord::protocol::requests::ModelLoadRequest {
+        let load = |name: &str, file: &str| memcoord::api::ModelLoadRequest {
             model_name: name.into(),
             path: file.into(),
             device_id: "cuda:0".into(),
             keep_alive_seconds: None,
             timeout_seconds: 0.0,
         };
-        let unload = |name: &str| memcoord::protocol::requests::ModelRequest {
+        let unload = |name: &str| memcoord::api::ModelRequest {
             model_name: name.into(),
             force: true,
             timeout_seconds: 0.0,
@@ -314,7 +314,7 @@ fn main() {
             ),
         }
         let info = svc.model_load(&load("big", "m50.safetensors")).unwrap();
-        let opt = |strategy| memcoord::protocol::requests::ModelOptimizeRequest {
+        let opt = |strategy| memcoord::api::ModelOptimizeRequest {
             device_id: Some("cuda:0".into()),
             strategy,
             idle_seconds: 0.0,
@@ -324,16 +324,14 @@ fn main() {
         for _ in 0..3 {
             let t = Instant::now();
             let r = svc
-                .model_optimize(&opt(
-                    memcoord::protocol::requests::ModelStrategy::OffloadIdle,
-                ))
+                .model_optimize(&opt(memcoord::api::ModelStrategy::OffloadIdle))
                 .unwrap();
             offs.push(info.size_bytes as f64 / t.elapsed().as_secs_f64() / 1e9);
             assert_eq!(r.offloaded, vec!["big".to_string()]);
             let t = Instant::now();
             let lease = svc.model_acquire(&unload("big")).unwrap();
             backs.push(info.size_bytes as f64 / t.elapsed().as_secs_f64() / 1e9);
-            svc.model_release(&memcoord::protocol::requests::LeaseRequest {
+            svc.model_release(&memcoord::api::LeaseRequest {
                 lease_id: lease.lease_id,
             })
             .unwrap();

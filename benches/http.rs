@@ -5,7 +5,7 @@
 //! 1. `POST /v1/command` with `memory.get_usage` from 32 concurrent connections: requests per
 //!    second and latency p50 / p99 / max (target: at least 50,000 requests/s with p99 at most
 //!    5 ms); the same from 1 connection; and, as the baseline in the same run, the in-process
-//!    dispatcher (`Dispatcher::handle_line` of the same request line, one thread), so that the
+//!    dispatcher (`transport::lines::handle_line` of the same request line, one thread), so that the
 //!    HTTP overhead shows as a ratio;
 //! 2. `GET /v1/dashboard/state?buckets=256` with 100,000 live allocations (one connection):
 //!    p50 / p99 / max and the response size (target: at most 50 ms), next to
@@ -31,6 +31,7 @@ use memcoord::dispatch::Dispatcher;
 use memcoord::managers::DeviceSetup;
 use memcoord::service::MemoryService;
 use memcoord::transport::http::{HttpState, Timeouts, serve_on, serve_router};
+use memcoord::transport::lines::handle_line;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -274,7 +275,7 @@ fn in_process(d: &Dispatcher, line: &[u8], duration: Duration) -> f64 {
     let mut out = Vec::with_capacity(4096);
     let check = |out: &mut Vec<u8>| {
         out.clear();
-        assert!(d.handle_line(line, out).is_none(), "answered inline");
+        assert!(handle_line(d, line, out, None).is_none(), "answered inline");
     };
     check(&mut out);
     assert!(
@@ -380,7 +381,7 @@ fn main() {
         );
         out.clear();
         assert!(
-            d.handle_line(line.as_bytes(), &mut out).is_none(),
+            handle_line(&d, line.as_bytes(), &mut out, None).is_none(),
             "answered inline"
         );
         assert!(

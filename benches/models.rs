@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 #![allow(unsafe_code)] // test code: libc calls and memory maps of its own
 
+use memcoord::api::{ModelLoadRequest, ModelRequest};
 use memcoord::config::Settings;
-use memcoord::protocol::requests::{ModelLoadRequest, ModelRequest};
 use memcoord::service::MemoryService;
 use safetensors::tensor::{Dtype, TensorView};
 use std::time::Instant;

@@ -15,6 +15,7 @@ use memcoord::managers::DeviceSetup;
 use memcoord::managers::analytics::{History, Sample};
 use memcoord::protocol::{AnalyticsSample, Timestamp};
 use memcoord::service::MemoryService;
+use memcoord::transport::lines::handle_line;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -40,7 +41,7 @@ fn time(runs: usize, mut f: impl FnMut()) -> (f64, f64, f64) {
 
 fn line(d: &Dispatcher, text: &str) -> usize {
     let mut out = Vec::with_capacity(1 << 16);
-    let pending = d.handle_line(text.as_bytes(), &mut out);
+    let pending = handle_line(d, text.as_bytes(), &mut out, None);
     assert!(pending.is_none(), "answered inline");
     assert!(
         out.windows(14).any(|w| w == b"\"success\":true"),

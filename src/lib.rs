@@ -1,7 +1,8 @@
 //! memcoord: the memory coordinator for machine-learning inference hosts.
 //!
 //! Data flows one way:
-//! [`transport`] (stdio) → [`dispatch`] (action → typed request → call → response) →
+//! [`transport`] (stdio, HTTP: the envelope) → [`dispatch`] (typed request → call → typed
+//! answer) → [`api`] (one file per action: request, response, route, scheduling, handler) →
 //! [`service`] (one method per action) → [`managers`] (allocation engine, arenas) →
 //! [`backends`] (host memory). [`domain`] holds what the engine, managers and backends speak
 //! (ids, kinds, plain-data views); [`protocol`] holds the wire contract's types and every
@@ -13,6 +14,7 @@
 
 // The only module that may use `unsafe` (the lint is denied elsewhere, Cargo.toml): the
 // operating system's and the driver's memory calls, signals, and file calls `std` lacks.
+pub mod api;
 #[allow(unsafe_code)]
 pub mod backends;
 pub mod config;

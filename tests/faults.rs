@@ -5,10 +5,10 @@
 mod common;
 
 use common::faulty::{Faults, FaultyBackend};
+use memcoord::api::{AllocateRequest, DeviceRequest, TransferMode, TransferRequest};
 use memcoord::backends::CpuBackend;
 use memcoord::managers::DeviceSetup;
 use memcoord::protocol::ErrorCode;
-use memcoord::protocol::requests::{AllocateRequest, DeviceRequest, TransferMode, TransferRequest};
 use memcoord::service::MemoryService;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -127,7 +127,7 @@ fn a_failing_move_stops_a_defragment_without_losing_a_byte() {
     }
     for id in ids.iter().step_by(2) {
         s.service
-            .deallocate(&memcoord::protocol::requests::DeallocateRequest {
+            .deallocate(&memcoord::api::DeallocateRequest {
                 allocation_id: id.clone(),
                 device_id: None,
             })

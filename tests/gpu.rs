@@ -6,12 +6,12 @@
 mod common;
 
 use common::pattern;
-use memcoord::config::Settings;
-use memcoord::protocol::MemoryAllocationType;
-use memcoord::protocol::requests::{
+use memcoord::api::{
     AllocateRequest, DeallocateRequest, DeviceRequest, OptimizeRequest, TransferMode,
     TransferRequest,
 };
+use memcoord::config::Settings;
+use memcoord::protocol::MemoryAllocationType;
 use memcoord::protocol::{MemoryOptimizationType, TransferStatus};
 use memcoord::service::MemoryService;
 use std::time::Duration;
@@ -245,7 +245,7 @@ fn a_model_loaded_onto_the_gpu_equals_its_file() {
     let named: Vec<(&str, usize)> = tensors.iter().map(|(n, c)| (n.as_str(), *c)).collect();
     let bytes = common::write_model(&dir.join("m.safetensors"), &named);
     let svc = svc.with_model_root(&dir);
-    let load = |name: &str, path: &str| memcoord::protocol::requests::ModelLoadRequest {
+    let load = |name: &str, path: &str| memcoord::api::ModelLoadRequest {
         model_name: name.into(),
         path: path.into(),
         device_id: "cuda:0".into(),
@@ -255,7 +255,7 @@ fn a_model_loaded_onto_the_gpu_equals_its_file() {
     let info = svc.model_load(&load("m", "m.safetensors")).unwrap();
     assert_eq!(info.tensor_count, tensors.len() as u64);
     let listed = svc
-        .get_allocations(&memcoord::protocol::requests::GetAllocationsRequest {
+        .get_allocations(&memcoord::api::GetAllocationsRequest {
             device_id: "cuda:0".into(),
             allocation_type: None,
             purpose: None,

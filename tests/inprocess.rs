@@ -6,7 +6,7 @@
 mod common;
 
 use common::inproc::InProcessWorker;
-use memcoord::protocol::requests::DeviceRequest;
+use memcoord::api::DeviceRequest;
 use serde_json::json;
 use std::collections::HashMap;
 

@@ -12,12 +12,12 @@ mod common;
 
 use common::faulty::FaultyBackend;
 use common::write_model;
+use memcoord::api::{
+    DeviceRequest, GetAllocationsRequest, ModelLoadRequest, ModelRequest, ModelStatusRequest,
+};
 use memcoord::backends::CpuBackend;
 use memcoord::managers::DeviceSetup;
 use memcoord::protocol::ErrorCode;
-use memcoord::protocol::requests::{
-    DeviceRequest, GetAllocationsRequest, ModelLoadRequest, ModelRequest, ModelStatusRequest,
-};
 use memcoord::service::MemoryService;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -5,9 +5,9 @@
 mod common;
 
 use common::Worker;
+use memcoord::api::{AllocateRequest, DeallocateRequest, OptionalDeviceRequest};
 use memcoord::config::Settings;
 use memcoord::managers::clock::ManualClock;
-use memcoord::protocol::requests::{AllocateRequest, DeallocateRequest, OptionalDeviceRequest};
 use memcoord::protocol::{ErrorCode, PressureLevel};
 use memcoord::service::MemoryService;
 use serde_json::{Value, json};

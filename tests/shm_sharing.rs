@@ -2,8 +2,8 @@
 //! directions, using the library's in-process byte API on this side.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
+use memcoord::api::AllocateRequest;
 use memcoord::config::Settings;
-use memcoord::protocol::requests::AllocateRequest;
 use memcoord::service::MemoryService;
 use std::process::Command;
 

@@ -9,11 +9,11 @@
 mod common;
 
 use common::faulty::FaultyBackend;
-use memcoord::backends::CpuBackend;
-use memcoord::managers::DeviceSetup;
-use memcoord::protocol::requests::{
+use memcoord::api::{
     AllocateRequest, ClearRequest, DeallocateRequest, DeviceRequest, TransferMode, TransferRequest,
 };
+use memcoord::backends::CpuBackend;
+use memcoord::managers::DeviceSetup;
 use memcoord::protocol::{ErrorCode, TransferStatus};
 use memcoord::service::MemoryService;
 use std::sync::Arc;

@@ -9,7 +9,7 @@
 //!   what serde_json reads from the same line.
 //! - [`Harness::run_input`]: an input is one or more request lines (split on `\n`, a CR before
 //!   it dropped, as the stdio transport frames them). Each line goes through
-//!   `Dispatcher::handle_line`; a `Pending` answer is run to completion on a tokio runtime. Every
+//!   `transport::lines::handle_line`; a `Pending` answer is run to completion on a tokio runtime. Every
 //!   answer must be exactly one line holding a valid response envelope (six fields, the right
 //!   types, `success` ⇔ no error code, `status_code` matching the code, the request's id echoed,
 //!   no `INTERNAL_ERROR`, success data matching the action's schema in docs/protocol.schema.json).
@@ -34,11 +34,13 @@
 //! [`HANG_LIMIT`] although room was made is reported as a hang (a panic).
 
 use jsonschema::Validator;
+use memcoord::api::Action;
 use memcoord::config::Settings;
-use memcoord::dispatch::{Action, Dispatcher, InFlightLimit};
+use memcoord::dispatch::{Dispatcher, InFlightLimit};
 use memcoord::protocol::ErrorCode;
 use memcoord::protocol::envelope::{MAX_REQUEST_ID_BYTES, parse_request};
 use memcoord::service::MemoryService;
+use memcoord::transport::lines::handle_line;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};
@@ -487,10 +489,14 @@ impl Harness {
     fn start(&self, line: &[u8], bounded: bool) -> Answer {
         let mut out = Vec::new();
         let pending = if bounded {
-            self.dispatcher
-                .handle_line_limited(line, &mut out, &self.limit)
+            handle_line(
+                &self.dispatcher,
+                line,
+                &mut out,
+                Some(&|| self.limit.admit()),
+            )
         } else {
-            self.dispatcher.handle_line(line, &mut out)
+            handle_line(&self.dispatcher, line, &mut out, None)
         };
         match pending {
             None => Answer::Now(out),

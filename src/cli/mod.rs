@@ -3,104 +3,67 @@
 //! people or the answer's JSON for scripts. All figures come from protocol answers, so what the
 //! CLI shows is what a host sees.
 
-use memcoord::dispatch::Dispatcher;
+use memcoord::api::actions::{
+    get_allocations::GetAllocations, get_pressure::GetPressure, get_usage::GetUsage,
+    list_devices::ListDevices, model_status::ModelStatus,
+};
+use memcoord::api::client::Client;
+use memcoord::api::{
+    ActionSpec, DeviceRequest, GetAllocationsRequest, ModelStatusRequest, OptionalDeviceRequest,
+};
+use memcoord::protocol::Timestamp;
 use memcoord::service::MemoryService;
 use memcoord::units::format_bytes;
+use serde::Serialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Where the answers come from.
-pub enum Source {
-    /// A service in this process (its own devices; no allocations but the ones it makes).
-    Local(Arc<MemoryService>, Dispatcher),
-    /// A running `memcoord serve`.
-    Remote {
-        /// `http://host:port`.
-        url: String,
-        /// Bearer token, if the server wants one.
-        token: Option<String>,
-        agent: ureq::Agent,
-    },
+/// Where the answers come from: a typed client of a service in this process (its own
+/// devices; no allocations but the ones it makes) or of a running `memcoord serve`.
+pub struct Source {
+    client: Client,
 }
 
 impl Source {
     /// A source over a running server.
     pub fn remote(url: &str, token: Option<String>) -> Source {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build()
-            .into();
-        Source::Remote {
-            url: url.trim_end_matches('/').to_string(),
-            token,
-            agent,
+        Source {
+            client: Client::http(url, token),
         }
     }
 
     /// A source over an in-process service.
     pub fn local(service: Arc<MemoryService>) -> Source {
-        let d = Dispatcher::new(Arc::clone(&service));
-        Source::Local(service, d)
+        Source {
+            client: Client::local(service),
+        }
     }
 
-    /// Carries out one action; its `data`, or the error's message.
-    pub fn call(&self, action: &str, data: Value) -> Result<Value, String> {
-        let line = json!({"request_id": "cli", "action": action, "data": data}).to_string();
-        let answer: Value = match self {
-            Source::Local(_, d) => {
-                let mut out = Vec::new();
-                if d.handle_line(line.as_bytes(), &mut out).is_some() {
-                    return Err(format!("{action} would wait; ask a running server (--url)"));
-                }
-                serde_json::from_slice(&out).map_err(|e| format!("bad answer: {e}"))?
-            }
-            Source::Remote { url, token, agent } => {
-                let mut req = agent
-                    .post(format!("{url}/v1/command"))
-                    .header("content-type", "application/json");
-                if let Some(t) = token {
-                    req = req.header("authorization", format!("Bearer {t}"));
-                }
-                let mut resp = req.send(line.as_str()).map_err(|e| format!("{url}: {e}"))?;
-                let text = resp
-                    .body_mut()
-                    .read_to_string()
-                    .map_err(|e| format!("{url}: {e}"))?;
-                serde_json::from_str(&text)
-                    .map_err(|e| format!("{url}: not a memcoord answer ({e}): {text}"))?
-            }
-        };
-        if answer["success"] == true {
-            Ok(answer["data"].clone())
-        } else {
-            Err(format!(
-                "{}: {}",
-                answer["error_code"].as_str().unwrap_or("ERROR"),
-                answer["error_message"].as_str().unwrap_or("")
-            ))
-        }
+    /// Carries out the action `A`; its typed answer, or the error for people.
+    pub fn ask<A: ActionSpec>(&self, request: &A::Request) -> Result<A::Response, String> {
+        self.client.ask::<A>(request).map_err(|e| e.to_string())
     }
 
     /// Releases an in-process service.
     pub fn close(&self) {
-        if let Source::Local(service, _) = self {
+        if let Some(service) = self.client.service() {
             service.close();
         }
     }
 }
 
-fn bytes(v: &Value) -> String {
-    v.as_u64().map_or_else(|| "-".to_string(), format_bytes)
+/// An answer as JSON, for `--json`.
+fn to_json<T: Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
 }
 
-fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".to_string(),
-        other => other.to_string(),
-    }
+fn bytes(v: u64) -> String {
+    format_bytes(v)
+}
+
+fn time(t: &Timestamp) -> String {
+    String::from_utf8_lossy(&t.rfc3339_millis()).into_owned()
 }
 
 fn bar(fraction: f64, width: usize) -> String {
@@ -137,24 +100,24 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 
 /// `memcoord devices`.
 pub fn devices(src: &Source) -> Result<(Value, String), String> {
-    let d = src.call("memory.list_devices", json!({}))?;
+    let d = src.ask::<ListDevices>(&())?;
     let mut rows = Vec::new();
     let mut listed = Vec::new();
-    for dev in d["devices"].as_array().into_iter().flatten() {
-        let id = dev["device_id"].as_str().unwrap_or("");
-        let usage = src.call("memory.get_usage", json!({"device_id": id}))?;
-        listed.push(json!({"memory_info": dev, "usage_stats": usage}));
-        let budget = usage["budget_bytes"].as_f64().unwrap_or(0.0);
-        let charged = usage["allocated_bytes"].as_f64().unwrap_or(0.0)
-            + usage["reservation_bytes"].as_f64().unwrap_or(0.0);
+    for dev in &d.devices {
+        let usage = src.ask::<GetUsage>(&DeviceRequest {
+            device_id: dev.device_id.clone(),
+        })?;
+        listed.push(json!({"memory_info": to_json(dev), "usage_stats": to_json(&usage)}));
+        let budget = usage.budget_bytes as f64;
+        let charged = usage.allocated_bytes as f64 + usage.reservation_bytes as f64;
         rows.push(vec![
-            id.to_string(),
-            text(&dev["type"]),
-            bytes(&dev["total_memory"]),
-            bytes(&dev["used_memory"]),
-            bytes(&usage["budget_bytes"]),
-            bytes(&usage["allocated_bytes"]),
-            bytes(&dev["available_memory"]),
+            dev.device_id.clone(),
+            dev.memory_type.to_string(),
+            bytes(dev.total_memory),
+            bytes(dev.used_memory),
+            bytes(usage.budget_bytes),
+            bytes(usage.allocated_bytes),
+            bytes(dev.available_memory),
             format!(
                 "{} {:>5.1}%",
                 bar(if budget > 0.0 { charged / budget } else { 0.0 }, 20),
@@ -164,11 +127,8 @@ pub fn devices(src: &Source) -> Result<(Value, String), String> {
                     0.0
                 }
             ),
-            format!(
-                "{:.1}%",
-                dev["fragmentation_percentage"].as_f64().unwrap_or(0.0)
-            ),
-            text(&dev["health"]),
+            format!("{:.1}%", dev.fragmentation_percentage),
+            dev.health.to_string(),
         ]);
     }
     let out = table(
@@ -193,34 +153,38 @@ pub fn devices(src: &Source) -> Result<(Value, String), String> {
 pub fn allocs(src: &Source, device: Option<&str>, limit: u64) -> Result<(Value, String), String> {
     let ids: Vec<String> = match device {
         Some(d) => vec![d.to_string()],
-        None => src.call("memory.list_devices", json!({}))?["devices"]
-            .as_array()
+        None => src
+            .ask::<ListDevices>(&())?
+            .devices
             .into_iter()
-            .flatten()
-            .filter_map(|d| d["device_id"].as_str().map(str::to_string))
+            .map(|d| d.device_id)
             .collect(),
     };
     let mut all = Vec::new();
     let mut rows = Vec::new();
     let mut total = 0;
     for id in ids {
-        let page = src.call(
-            "memory.get_allocations",
-            json!({"device_id": id, "limit": limit}),
-        )?;
-        total += page["total_count"].as_u64().unwrap_or(0);
-        for a in page["allocations"].as_array().into_iter().flatten() {
+        let page = src.ask::<GetAllocations>(&GetAllocationsRequest {
+            device_id: id,
+            allocation_type: None,
+            purpose: None,
+            owner: None,
+            offset: 0,
+            limit,
+        })?;
+        total += page.total_count;
+        for a in &page.allocations {
             rows.push(vec![
-                text(&a["allocation_id"]),
-                text(&a["device_id"]),
-                text(&a["allocation_type"]),
-                bytes(&a["size_bytes"]),
-                text(&a["purpose"]),
-                text(&a["owner"]),
-                if a["persistent"] == true { "yes" } else { "" }.to_string(),
-                text(&a["created_at"]),
+                a.allocation_id.clone(),
+                a.device_id.clone(),
+                a.allocation_type.to_string(),
+                bytes(a.size_bytes),
+                a.purpose.clone(),
+                a.owner.clone(),
+                if a.persistent { "yes" } else { "" }.to_string(),
+                time(&a.created_at),
             ]);
-            all.push(a.clone());
+            all.push(to_json(a));
         }
     }
     let mut out = table(
@@ -244,20 +208,22 @@ pub fn allocs(src: &Source, device: Option<&str>, limit: u64) -> Result<(Value, 
 
 /// `memcoord models`.
 pub fn models(src: &Source) -> Result<(Value, String), String> {
-    let m = src.call("memory.model_status", json!({}))?;
-    let rows: Vec<Vec<String>> = m["models"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let m = src.ask::<ModelStatus>(&ModelStatusRequest {
+        device_id: None,
+        model_name: None,
+    })?;
+    let rows: Vec<Vec<String>> = m
+        .models
+        .iter()
         .map(|m| {
             vec![
-                text(&m["model_name"]),
-                text(&m["state"]),
-                text(&m["device_id"]),
-                text(&m["resident_device_id"]),
-                bytes(&m["size_bytes"]),
-                text(&m["tensor_count"]),
-                text(&m["last_used_at"]),
+                m.model_name.clone(),
+                m.state.to_string(),
+                m.device_id.clone(),
+                m.resident_device_id.clone(),
+                bytes(m.size_bytes),
+                m.tensor_count.to_string(),
+                time(&m.last_used_at),
             ]
         })
         .collect();
@@ -275,36 +241,28 @@ pub fn models(src: &Source) -> Result<(Value, String), String> {
     );
     out.push_str(&format!(
         "model bytes {} (budget {})\n",
-        bytes(&m["model_bytes"]),
-        bytes(&m["model_budget_bytes"])
+        bytes(m.model_bytes),
+        bytes(m.model_budget_bytes)
     ));
-    Ok((m, out))
+    Ok((to_json(&m), out))
 }
 
 /// `memcoord pressure`.
 pub fn pressure(src: &Source) -> Result<(Value, String), String> {
-    let p = src.call("memory.get_pressure", json!({}))?;
-    let rows: Vec<Vec<String>> = p["devices"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let p = src.ask::<GetPressure>(&OptionalDeviceRequest { device_id: None })?;
+    let rows: Vec<Vec<String>> = p
+        .devices
+        .iter()
         .map(|d| {
             vec![
-                text(&d["device_id"]),
-                text(&d["level"]),
-                format!("{:.1}%", d["usage_percentage"].as_f64().unwrap_or(0.0)),
-                bytes(&d["available_memory"]),
-                text(&d["waiting_requests"]),
-                format!(
-                    "{:.0} / {:.0} ms",
-                    d["stall_ms_10s"].as_f64().unwrap_or(0.0),
-                    d["stall_ms_60s"].as_f64().unwrap_or(0.0)
-                ),
-                text(&d["failed_allocations_60s"]),
-                format!(
-                    "{}/s",
-                    format_signed(d["trend_bytes_per_second"].as_f64().unwrap_or(0.0))
-                ),
+                d.device_id.clone(),
+                d.level.to_string(),
+                format!("{:.1}%", d.usage_percentage),
+                bytes(d.available_memory),
+                d.waiting_requests.to_string(),
+                format!("{:.0} / {:.0} ms", d.stall_ms_10s, d.stall_ms_60s),
+                d.failed_allocations_60s.to_string(),
+                format!("{}/s", format_signed(d.trend_bytes_per_second)),
             ]
         })
         .collect();
@@ -321,7 +279,7 @@ pub fn pressure(src: &Source) -> Result<(Value, String), String> {
         ],
         &rows,
     );
-    Ok((p, out))
+    Ok((to_json(&p), out))
 }
 
 fn format_signed(v: f64) -> String {

@@ -1,14 +1,13 @@
 //! The engine's types ([`crate::domain`]) into the wire shapes: ids as lowercase hyphenated
 //! strings, times as [`Timestamp`], suggested requests as an action and its `data`.
 
-use super::requests;
 use super::shapes::{
     MemoryAllocation, MemoryFragmentation, MemoryHandle, MemoryInfo, MemoryPressure,
     MemoryTransfer, MemoryUsageStats, ModelInfo, Recommendation, RecommendedRequest, Timestamp,
 };
 use crate::domain::{
     Advice, AllocationView, DeviceInfo, Fragmentation, Handle, ModelView, PressureView,
-    SuggestedRequest, TransferMode, TransferRecord, UsageStats,
+    SuggestedRequest, TransferRecord, UsageStats,
 };
 use serde_json::json;
 
@@ -140,15 +139,6 @@ impl From<TransferRecord> for MemoryTransfer {
             started_at: Timestamp(t.started_at),
             completed_at: t.completed_at.map(Timestamp),
             error_message: t.error_message,
-        }
-    }
-}
-
-impl From<requests::TransferMode> for TransferMode {
-    fn from(m: requests::TransferMode) -> Self {
-        match m {
-            requests::TransferMode::Move => TransferMode::Move,
-            requests::TransferMode::Copy => TransferMode::Copy,
         }
     }
 }

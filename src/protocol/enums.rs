@@ -5,7 +5,7 @@
 
 pub use crate::domain::{
     MemoryAllocationType, MemoryHealthStatus, MemoryOptimizationType, MemoryType, ModelState,
-    PressureLevel, RecommendationKind, TransferStatus,
+    PressureLevel, RecommendationKind, TransferMode, TransferStatus,
 };
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
@@ -75,6 +75,13 @@ wire_enum!(
     ModelState,
     RecommendationKind,
 );
+
+/// A transfer's mode is written as `move` or `copy` (the request's `mode` field).
+impl Serialize for TransferMode {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -1,13 +1,14 @@
-//! The wire contract (PROTOCOL.md): envelope, enums, request and response shapes, error codes.
+//! The wire contract (PROTOCOL.md): envelope, enums, response shapes, error codes. Each
+//! action's request is parsed in its own file (`api/actions/`).
 //!
 //! Plain data and parsing only; no I/O. The engine's types live in [`crate::domain`];
 //! `convert.rs` turns them into the wire shapes, `trace.rs` reads allocation traces.
 
 pub mod convert;
+mod de;
 pub mod enums;
 pub mod envelope;
 pub mod error;
-pub mod requests;
 pub mod shapes;
 pub mod trace;
 

@@ -3,7 +3,7 @@
 //! Field names are the wire names; every field is always written (nullable ones as `null`).
 
 use super::enums::{MemoryAllocationType, MemoryHealthStatus, MemoryType};
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 use std::time::SystemTime;
 
 /// A point in time, written as an RFC 3339 UTC string with milliseconds
@@ -113,7 +113,7 @@ impl Serialize for TypeBytes {
 }
 
 /// One bucket of a dashboard memory map.
-#[derive(Debug, Clone, Serialize, PartialEq, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct MapBucket {
     /// Bytes of the bucket under no allocation.
     pub free: u64,
@@ -122,7 +122,7 @@ pub struct MapBucket {
 }
 
 /// A device's arena in equal buckets, in address order (dashboard; not part of the contract).
-#[derive(Debug, Clone, Serialize, PartialEq, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct MemoryMapView {
     /// Bytes of the arena's address range.
     pub arena_bytes: u64,
@@ -133,7 +133,7 @@ pub struct MemoryMapView {
 }
 
 /// One device on the dashboard.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DashboardDevice {
     /// As `memory.list_devices`.
     pub info: MemoryInfo,
@@ -150,7 +150,7 @@ pub struct DashboardDevice {
 }
 
 /// A model on the dashboard: ModelInfo and its lease count.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DashboardModel {
     /// As `memory.model_status`.
     #[serde(flatten)]
@@ -160,7 +160,7 @@ pub struct DashboardModel {
 }
 
 /// Everything the dashboard shows (`GET /v1/dashboard/state`; not part of the contract).
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DashboardState {
     /// When it was gathered.
     pub generated_at: Timestamp,
@@ -199,7 +199,7 @@ mod timestamp_tests {
 }
 
 /// A device as `memory.list_devices` and `memory.get_status` describe it.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MemoryInfo {
     /// `cpu`, `shm`, `cuda:N`.
     pub device_id: String,
@@ -225,7 +225,7 @@ pub struct MemoryInfo {
 }
 
 /// Counters of one device, as `memory.get_usage` reports them.
-#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MemoryUsageStats {
     /// The device.
     pub device_id: String,
@@ -256,7 +256,7 @@ pub struct MemoryUsageStats {
 }
 
 /// Where another process finds an `shm` allocation's bytes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MemoryHandle {
     /// The file to map.
     pub path: String,
@@ -265,7 +265,7 @@ pub struct MemoryHandle {
 }
 
 /// One live allocation.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MemoryAllocation {
     /// Lowercase hyphenated UUID v4.
     pub allocation_id: String,
@@ -290,7 +290,7 @@ pub struct MemoryAllocation {
 }
 
 /// How the free memory of a device is split up.
-#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MemoryFragmentation {
     /// The device.
     pub device_id: String,
@@ -305,7 +305,7 @@ pub struct MemoryFragmentation {
 }
 
 /// `memory.get_status`.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct GetMemoryStatusResponse {
     /// The device.
     pub device_id: String,
@@ -324,7 +324,7 @@ pub struct GetMemoryStatusResponse {
 }
 
 /// `memory.allocate`.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AllocateMemoryResponse {
     /// The device.
     pub device_id: String,
@@ -345,14 +345,14 @@ pub struct AllocateMemoryResponse {
 }
 
 /// `memory.list_devices`.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ListDevicesResponse {
     /// Every device, host devices first.
     pub devices: Vec<MemoryInfo>,
 }
 
 /// `memory.get_allocations`.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct GetAllocationsResponse {
     /// The device.
     pub device_id: String,
@@ -363,7 +363,7 @@ pub struct GetAllocationsResponse {
 }
 
 /// `memory.deallocate`.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DeallocateResponse {
     /// The allocation freed.
     pub allocation_id: String,
@@ -374,7 +374,7 @@ pub struct DeallocateResponse {
 }
 
 /// `memory.clear`.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ClearResponse {
     /// The device.
     pub device_id: String,
@@ -387,7 +387,7 @@ pub struct ClearResponse {
 }
 
 /// `memory.defragment`.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DefragmentResponse {
     /// The device.
     pub device_id: String,
@@ -408,7 +408,7 @@ pub struct DefragmentResponse {
 }
 
 /// `memory.optimize`.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct OptimizeResponse {
     /// The device.
     pub device_id: String,
@@ -427,7 +427,7 @@ pub struct OptimizeResponse {
 }
 
 /// A transfer of an allocation between devices (`memory.transfer`, `memory.get_transfer`).
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MemoryTransfer {
     /// Lowercase hyphenated UUID v4.
     pub transfer_id: String,
@@ -460,7 +460,7 @@ pub struct MemoryTransfer {
 }
 
 /// A model as `memory.model_*` report it.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ModelInfo {
     /// The host's name for it.
     pub model_name: String,
@@ -487,7 +487,7 @@ pub struct ModelInfo {
 }
 
 /// `memory.model_unload`.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ModelUnloadResponse {
     /// The model.
     pub model_name: String,
@@ -496,7 +496,7 @@ pub struct ModelUnloadResponse {
 }
 
 /// `memory.model_acquire`.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ModelAcquireResponse {
     /// The lease, to release later.
     pub lease_id: String,
@@ -505,7 +505,7 @@ pub struct ModelAcquireResponse {
 }
 
 /// `memory.model_release`.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ModelReleaseResponse {
     /// The lease ended.
     pub lease_id: String,
@@ -514,7 +514,7 @@ pub struct ModelReleaseResponse {
 }
 
 /// `memory.model_status`.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ModelStatusResponse {
     /// The models asked about.
     pub models: Vec<ModelInfo>,
@@ -525,7 +525,7 @@ pub struct ModelStatusResponse {
 }
 
 /// `memory.model_optimize`.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ModelOptimizeResponse {
     /// Models unloaded.
     pub unloaded: Vec<String>,
@@ -536,7 +536,7 @@ pub struct ModelOptimizeResponse {
 }
 
 /// How hard a device is pressed for memory (`memory.get_pressure`).
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MemoryPressure {
     /// The device.
     pub device_id: String,
@@ -559,14 +559,14 @@ pub struct MemoryPressure {
 }
 
 /// `memory.get_pressure`.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct GetPressureResponse {
     /// One reading per device asked about.
     pub devices: Vec<MemoryPressure>,
 }
 
 /// One second of a device's history (`memory.analytics`).
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AnalyticsSample {
     /// The second.
     pub at: Timestamp,
@@ -579,7 +579,7 @@ pub struct AnalyticsSample {
 }
 
 /// One cumulative bucket of the allocation size histogram.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct SizeBucket {
     /// Upper bound in bytes (9223372036854775807 = +Inf).
     pub le_bytes: u64,
@@ -588,7 +588,7 @@ pub struct SizeBucket {
 }
 
 /// Allocation latency percentiles, in milliseconds.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, schemars::JsonSchema)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct LatencySummary {
     /// Median.
     pub p50: f64,
@@ -629,7 +629,7 @@ impl Serialize for PurposeBytes {
 }
 
 /// A device's analytics over a window (`memory.analytics`).
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MemoryAnalytics {
     /// The device.
     pub device_id: String,
@@ -652,14 +652,14 @@ pub struct MemoryAnalytics {
 }
 
 /// `memory.analytics`.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct GetAnalyticsResponse {
     /// One per device asked about.
     pub devices: Vec<MemoryAnalytics>,
 }
 
 /// The request that applies a recommendation.
-#[derive(Debug, Clone, Serialize, PartialEq, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct RecommendedRequest {
     /// The action.
     pub action: String,
@@ -668,7 +668,7 @@ pub struct RecommendedRequest {
 }
 
 /// One piece of advice (`memory.optimization_recs`).
-#[derive(Debug, Clone, Serialize, PartialEq, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Recommendation {
     /// Stable for the same advice: `<device>/<kind>` (`/<allocation id>` for ReviewPersistent).
     pub id: String,
@@ -687,7 +687,7 @@ pub struct Recommendation {
 }
 
 /// `memory.optimization_recs`.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct OptimizationRecsResponse {
     /// Most urgent first.
     pub recommendations: Vec<Recommendation>,

@@ -15,16 +15,16 @@ pub use state::{StateError, StateWrittenHook, create_private_dir};
 pub use telemetry::{ModelTelemetry, Telemetry};
 pub use transfers::StartedTransfer;
 
+use crate::api::{
+    AllocateRequest, ClearRequest, DeallocateRequest, DeviceRequest, GetAllocationsRequest,
+    GetStatusRequest, OptimizeRequest,
+};
+use crate::api::{TransferMode, TransferRequest};
 use crate::managers::allocations::DeferredCommit;
 use crate::managers::allocations::{AllocationFilter, EngineError};
 use crate::managers::models::ModelTable;
 use crate::managers::transfers::TransferTable;
 use crate::managers::{AllocationEngine, AllocationSpec, DeviceSetup, Owner};
-use crate::protocol::requests::{
-    AllocateRequest, ClearRequest, DeallocateRequest, DeviceRequest, GetAllocationsRequest,
-    GetStatusRequest, OptimizeRequest,
-};
-use crate::protocol::requests::{TransferMode, TransferRequest};
 use crate::protocol::{
     AllocateMemoryResponse, ClearResponse, DeallocateResponse, DefragmentResponse, ErrorCode,
     GetAllocationsResponse, GetMemoryStatusResponse, ListDevicesResponse, MemoryAllocationType,
@@ -181,7 +181,7 @@ impl MemoryService {
     /// `memory.get_pressure`.
     pub fn get_pressure(
         &self,
-        req: &crate::protocol::requests::OptionalDeviceRequest,
+        req: &crate::api::OptionalDeviceRequest,
     ) -> Result<crate::protocol::GetPressureResponse, ProtocolError> {
         let mut e = self.engine.lock();
         let devices: Vec<usize> = match &req.device_id {

@@ -3,14 +3,14 @@
 
 use super::MemoryService;
 use super::model_files::ModelFile;
+use crate::api::{
+    LeaseRequest, ModelLoadRequest, ModelOptimizeRequest, ModelRequest, ModelStatusRequest,
+    ModelStrategy,
+};
 use crate::backends::BackendError;
 use crate::managers::allocations::EngineError;
 use crate::managers::models::Model;
 use crate::managers::{AllocationSpec, Owner};
-use crate::protocol::requests::{
-    LeaseRequest, ModelLoadRequest, ModelOptimizeRequest, ModelRequest, ModelStatusRequest,
-    ModelStrategy,
-};
 use crate::protocol::{
     ErrorCode, MemoryAllocationType, ModelAcquireResponse, ModelInfo, ModelOptimizeResponse,
     ModelReleaseResponse, ModelState, ModelStatusResponse, ModelUnloadResponse, ProtocolError,

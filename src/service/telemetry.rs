@@ -3,9 +3,9 @@
 //! to (a defragment's outcome, old persistent allocations), and then one device at a time.
 
 use super::MemoryService;
+use crate::api::{AnalyticsRequest, OptionalDeviceRequest};
 use crate::managers::advisor::{self, IdleModel, OldPersistent, Rules, Situation};
 use crate::managers::allocations::DeviceTelemetry;
-use crate::protocol::requests::{AnalyticsRequest, OptionalDeviceRequest};
 use crate::protocol::{
     AnalyticsSample, GetAnalyticsResponse, LatencySummary, MemoryAnalytics, ModelState,
     OptimizationRecsResponse, ProtocolError, PurposeBytes, SizeBucket, Timestamp,

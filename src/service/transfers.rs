@@ -35,7 +35,7 @@ impl MemoryService {
             destination_allocation_id: Some(if copy { destination } else { source }),
             source_device_id: req.source_device_id.clone(),
             destination_device_id: req.destination_device_id.clone(),
-            mode: req.mode.into(),
+            mode: req.mode,
             status: TransferStatus::Running,
             total_bytes: size,
             bytes_transferred: 0,

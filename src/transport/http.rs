@@ -2,26 +2,32 @@
 //! action, the dashboard, `/metrics`, `/healthz`, `/v1/openapi.json`) and the metrics endpoint
 //! that `memcoord worker --metrics-addr` serves beside stdio.
 //!
-//! Every protocol answer goes through the same dispatcher as stdio: a REST route only builds
-//! the request envelope (action from the route, `data` from the path, the query string and the
-//! JSON body; `request_id` from `X-Request-Id` or a new UUID) and sends the answer's envelope
-//! back with HTTP status = `status_code`.
+//! A REST route builds its action's typed request directly: `data` from the JSON body, the
+//! query string (each field read as the type the request gives it, `api::query`) and the path;
+//! `request_id` from `X-Request-Id` or a new UUID. The typed answer goes back in the
+//! protocol's response envelope with HTTP status = the error's status (200 on success).
+//! Those routes are in [`rest`]; this file holds the server's state, the other routes and the
+//! listener.
 
-pub use super::routes::{REST_ROUTES, RestRoute};
-use crate::dispatch::{Dispatcher, InFlightLimit, internal_error};
+mod rest;
+
+use crate::api::{Action, Response as Answer, internal_error};
+pub use crate::api::{REST_ROUTES, RestRoute};
+use crate::dispatch::{Dispatcher, InFlightLimit, TaskSet};
 use crate::protocol::envelope::write_error;
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::service::MemoryService;
+use crate::transport::lines::write_answer;
 use axum::Extension;
 use axum::Router;
-use axum::body::{Body, Bytes};
-use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Query, Request as HttpRequest, State};
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, get, on};
-use serde_json::{Map, Value};
+use axum::routing::get;
+use rest::{command, rest, rest_route};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -60,49 +66,6 @@ impl Default for Timeouts {
             body: DEFAULT_BODY_TIMEOUT,
         }
     }
-}
-
-/// Query-string fields read as booleans (`true`/`false`, `1`/`0`).
-const BOOL_FIELDS: &[&str] = &[
-    "include_allocations",
-    "include_usage_stats",
-    "include_fragmentation",
-    "force",
-    "persistent",
-    "wait_for_completion",
-];
-/// Query-string fields read as numbers.
-const NUMBER_FIELDS: &[&str] = &[
-    "offset",
-    "limit",
-    "size_bytes",
-    "alignment",
-    "timeout_seconds",
-    "window_seconds",
-    "idle_seconds",
-    "target_bytes",
-    "target_usage_percentage",
-    "keep_alive_seconds",
-];
-
-/// Query-string enum fields: a name stays a string, an integer is read as the enum's value.
-const ENUM_FIELDS: &[&str] = &["allocation_type", "optimization_type"];
-
-/// A query-string value as the JSON type of the field it fills. A value that is not of that
-/// type stays a string, so the request is refused with INVALID_PARAMETER naming the field.
-fn query_value(field: &str, raw: &str) -> Value {
-    if BOOL_FIELDS.contains(&field) {
-        match raw {
-            "true" | "1" => return Value::Bool(true),
-            "false" | "0" => return Value::Bool(false),
-            _ => {}
-        }
-    } else if (NUMBER_FIELDS.contains(&field) || ENUM_FIELDS.contains(&field))
-        && let Ok(n) = serde_json::from_str::<serde_json::Number>(raw)
-    {
-        return Value::Number(n);
-    }
-    Value::String(raw.to_string())
 }
 
 /// The bound on requests in flight of each HTTP client, a client being a remote address
@@ -167,7 +130,16 @@ impl HttpState {
         self.body_timeout = timeout;
         self
     }
+
+    /// The background work this server's requests left running (transfers and optimizes
+    /// without `wait_for_completion`): shutdown waits for it ([`TaskSet::wait`]) before
+    /// releasing memory.
+    pub fn tasks(&self) -> &Arc<TaskSet> {
+        self.dispatcher.tasks()
+    }
 }
+
+type Shared = Arc<HttpState>;
 
 /// The remote address of a request, when the server was started with connect info.
 type Client = Option<Extension<ConnectInfo<SocketAddr>>>;
@@ -176,32 +148,30 @@ fn client_address(client: Client) -> Option<IpAddr> {
     client.map(|Extension(ConnectInfo(a))| a.ip())
 }
 
-type Shared = Arc<HttpState>;
-
-/// The `status_code` of an envelope line: the envelope writer puts it last, so it is read from
-/// the end instead of parsing the whole answer again (which cost 4% of a small request).
-fn status_code_of(line: &[u8]) -> Option<u16> {
-    const KEY: &[u8] = b"\"status_code\":";
-    let tail = &line[line.len().saturating_sub(32)..];
-    let at = tail.windows(KEY.len()).rposition(|w| w == KEY)?;
-    let digits: Vec<u8> = tail[at + KEY.len()..]
-        .iter()
-        .copied()
-        .take_while(u8::is_ascii_digit)
-        .collect();
-    std::str::from_utf8(&digits).ok()?.parse().ok()
-}
-
-/// An envelope answer, with HTTP status = its `status_code`.
-fn envelope_response(line: Vec<u8>, request_id: Option<&str>) -> Response {
-    let status = status_code_of(&line)
-        .and_then(|c| StatusCode::from_u16(c).ok())
-        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut response = (status, [(CONTENT_TYPE, "application/json")], line).into_response();
+/// A JSON answer with HTTP status `status`, echoing `request_id` in `X-Request-Id`.
+fn json_response(status: u16, body: Vec<u8>, request_id: Option<&str>) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, [(CONTENT_TYPE, "application/json")], body).into_response();
     if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
         response.headers_mut().insert(REQUEST_ID_HEADER, id);
     }
     response
+}
+
+/// The envelope of a typed answer (`request_id` in it), with HTTP status = its status;
+/// `header_id` is echoed in `X-Request-Id`.
+fn answer_response(
+    request_id: Option<&str>,
+    header_id: Option<&str>,
+    answer: &Result<Answer, ProtocolError>,
+) -> Response {
+    let mut out = Vec::with_capacity(512);
+    write_answer(&mut out, request_id, answer);
+    let status = match answer {
+        Ok(_) => 200,
+        Err(e) => e.code.status(),
+    };
+    json_response(status, out, header_id)
 }
 
 fn error_response(
@@ -209,9 +179,10 @@ fn error_response(
     code: ErrorCode,
     message: impl Into<String>,
 ) -> Response {
+    let error = ProtocolError::new(code, message);
     let mut out = Vec::with_capacity(256);
-    write_error(&mut out, request_id, &ProtocolError::new(code, message));
-    envelope_response(out, request_id)
+    write_error(&mut out, request_id, &error);
+    json_response(error.code.status(), out, request_id)
 }
 
 /// The request's id: its `X-Request-Id` (a non-empty string of at most 256 bytes) or a new
@@ -223,245 +194,6 @@ fn request_id(headers: &HeaderMap) -> String {
         .filter(|v| !v.is_empty() && v.len() <= 256)
         .map(str::to_string)
         .unwrap_or_else(|| uuid::Uuid::new_v4().hyphenated().to_string())
-}
-
-/// A request still running for a client that may go away. The work runs on its own task, so
-/// it is never cut in half; if the client disconnects first (the handler is dropped), what it
-/// made for that client is undone when it finishes: an allocation is freed, a loaded model
-/// unloaded, a lease released. A transfer simply completes.
-struct UndoIfGone {
-    dispatcher: Dispatcher,
-    line: Vec<u8>,
-    started: std::time::SystemTime,
-    task: Option<tokio::task::JoinHandle<Vec<u8>>>,
-}
-
-impl Drop for UndoIfGone {
-    fn drop(&mut self) {
-        let (Some(task), Ok(rt)) = (self.task.take(), tokio::runtime::Handle::try_current()) else {
-            return;
-        };
-        let dispatcher = self.dispatcher.clone();
-        let line = std::mem::take(&mut self.line);
-        let started = self.started;
-        rt.spawn(async move {
-            if let Ok(answer) = task.await {
-                undo(&dispatcher, &line, &answer, started).await;
-            }
-        });
-    }
-}
-
-/// The request that takes back what `answer` (to `line`) made, run for a client that left.
-async fn undo(dispatcher: &Dispatcher, line: &[u8], answer: &[u8], started: std::time::SystemTime) {
-    #[derive(serde::Deserialize)]
-    struct Req {
-        action: String,
-    }
-    let (Ok(req), Ok(ans)) = (
-        serde_json::from_slice::<Req>(line),
-        serde_json::from_slice::<Value>(answer),
-    ) else {
-        return;
-    };
-    if ans["success"] != true {
-        return;
-    }
-    let data = &ans["data"];
-    let (action, undo_data) = match req.action.as_str() {
-        "memory.allocate" => (
-            "memory.deallocate",
-            serde_json::json!({"allocation_id": data["allocation"]["allocation_id"]}),
-        ),
-        // Only a load this request made (a model already loaded is answered as it is), and
-        // never one somebody leased in the meantime (no force).
-        "memory.model_load" => {
-            let loaded_now = data["loaded_at"]
-                .as_str()
-                .and_then(|t| humantime::parse_rfc3339(t).ok())
-                .is_some_and(|t| t + std::time::Duration::from_millis(1) >= started);
-            if !loaded_now {
-                return;
-            }
-            (
-                "memory.model_unload",
-                serde_json::json!({"model_name": data["model_name"], "force": false}),
-            )
-        }
-        "memory.model_acquire" => (
-            "memory.model_release",
-            serde_json::json!({"lease_id": data["lease_id"]}),
-        ),
-        _ => return,
-    };
-    let line =
-        serde_json::json!({"request_id": "undo", "action": action, "data": undo_data}).to_string();
-    let mut out = Vec::new();
-    if let Some(p) = dispatcher.handle_line(line.as_bytes(), &mut out) {
-        out = p.response.await;
-    }
-    tracing::info!(
-        "client went away before the answer to {}: undone with {action}: {}",
-        req.action,
-        String::from_utf8_lossy(&out).trim()
-    );
-}
-
-/// Handles one envelope line of the client at `address`; waits for it if it has to (see
-/// [`UndoIfGone`]).
-async fn dispatch(state: &HttpState, line: &[u8], address: Option<IpAddr>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(512);
-    // The client's bound is looked up only for a request that takes a place.
-    let admit = || state.clients.of(address).admit();
-    match state
-        .dispatcher
-        .handle_line_admitting(line, &mut out, &admit)
-    {
-        None => out,
-        Some(pending) => {
-            let id = pending.request_id.clone();
-            let mut guard = UndoIfGone {
-                dispatcher: state.dispatcher.clone(),
-                line: line.to_vec(),
-                started: std::time::SystemTime::now(),
-                task: Some(tokio::spawn(pending.response)),
-            };
-            let result = match guard.task.as_mut() {
-                Some(task) => task.await,
-                None => return out,
-            };
-            guard.task = None;
-            match result {
-                Ok(line) => line,
-                Err(_) => {
-                    let mut out = Vec::with_capacity(256);
-                    internal_error(&mut out, Some(&id));
-                    out
-                }
-            }
-        }
-    }
-}
-
-/// An error answer after which the connection is closed (the rest of the body is not read).
-fn closing_error_response(request_id: Option<&str>, code: ErrorCode, message: String) -> Response {
-    let mut r = error_response(request_id, code, message);
-    r.headers_mut().insert(
-        axum::http::header::CONNECTION,
-        HeaderValue::from_static("close"),
-    );
-    r
-}
-
-/// Reads a body up to the limit, within the body timeout. `Err` is the answer: REQUEST_TOO_LARGE
-/// for a body over the limit (at once when its Content-Length says so, before any of it is
-/// read), INVALID_REQUEST for one that did not arrive in time.
-async fn read_body(
-    state: &HttpState,
-    body: Body,
-    request_id: Option<&str>,
-) -> Result<Bytes, Response> {
-    use hyper::body::Body as _;
-    let too_large = || {
-        closing_error_response(
-            request_id,
-            ErrorCode::RequestTooLarge,
-            format!("request body over the limit of {} bytes", state.body_limit),
-        )
-    };
-    if body.size_hint().lower() > state.body_limit as u64 {
-        return Err(too_large());
-    }
-    match tokio::time::timeout(
-        state.body_timeout,
-        axum::body::to_bytes(body, state.body_limit),
-    )
-    .await
-    {
-        Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(_)) => Err(too_large()),
-        Err(_) => Err(closing_error_response(
-            request_id,
-            ErrorCode::InvalidRequest,
-            format!(
-                "the request body did not arrive within {} (the body read timeout)",
-                humantime::format_duration(state.body_timeout)
-            ),
-        )),
-    }
-}
-
-async fn command(State(state): State<Shared>, client: Client, body: Body) -> Response {
-    let body = match read_body(&state, body, None).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let line = dispatch(&state, &body, client_address(client)).await;
-    envelope_response(line, None)
-}
-
-async fn rest(
-    state: Shared,
-    address: Option<IpAddr>,
-    action: &'static str,
-    path: HashMap<String, String>,
-    query: Vec<(String, String)>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let rid = request_id(&headers);
-    let body = match read_body(&state, body, Some(&rid)).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let mut data = Map::new();
-    if !body.iter().all(u8::is_ascii_whitespace) {
-        match serde_json::from_slice::<Value>(&body) {
-            Ok(Value::Object(m)) => data = m,
-            Ok(_) => {
-                return error_response(
-                    Some(&rid),
-                    ErrorCode::InvalidRequest,
-                    "the body must be a JSON object (the request's `data`)",
-                );
-            }
-            Err(e) => {
-                return error_response(
-                    Some(&rid),
-                    ErrorCode::InvalidRequest,
-                    format!("the body is not JSON: {e}"),
-                );
-            }
-        }
-    }
-    for (k, v) in query {
-        let value = query_value(&k, &v);
-        data.insert(k, value);
-    }
-    for (k, v) in path {
-        data.insert(k, Value::String(v));
-    }
-    let line = serde_json::json!({"request_id": rid, "action": action, "data": data}).to_string();
-    let answer = dispatch(&state, line.as_bytes(), address).await;
-    envelope_response(answer, Some(&rid))
-}
-
-fn rest_route(route: &'static RestRoute) -> MethodRouter<Shared> {
-    let method = Method::from_bytes(route.method.as_bytes()).unwrap_or(Method::GET);
-    let handler = move |State(state): State<Shared>,
-                        client: Client,
-                        path: Option<Path<HashMap<String, String>>>,
-                        Query(query): Query<Vec<(String, String)>>,
-                        headers: HeaderMap,
-                        body: Body| async move {
-        let path = path.map(|Path(p)| p).unwrap_or_default();
-        let address = client_address(client);
-        rest(state, address, route.action, path, query, headers, body).await
-    };
-    on(
-        axum::routing::MethodFilter::try_from(method).unwrap_or(axum::routing::MethodFilter::GET),
-        handler,
-    )
 }
 
 /// `/metrics`: OpenMetrics when the scraper asks for it (Prometheus does), else Prometheus'
@@ -535,12 +267,13 @@ async fn dashboard_state(
         Ok(data) => {
             let mut out = Vec::with_capacity(64 << 10);
             crate::protocol::envelope::write_success(&mut out, Some(&rid), &data);
-            envelope_response(out, Some(&rid))
+            json_response(200, out, Some(&rid))
         }
         Err(_) => {
+            let error = internal_error();
             let mut out = Vec::new();
-            internal_error(&mut out, Some(&rid));
-            envelope_response(out, Some(&rid))
+            write_error(&mut out, Some(&rid), &error);
+            json_response(error.code.status(), out, Some(&rid))
         }
     }
 }
@@ -553,7 +286,7 @@ async fn openapi() -> Response {
         .into_response()
 }
 
-async fn unknown_route(headers: HeaderMap, request: Request) -> Response {
+async fn unknown_route(headers: HeaderMap, request: HttpRequest) -> Response {
     let rid = request_id(&headers);
     error_response(
         Some(&rid),
@@ -562,7 +295,7 @@ async fn unknown_route(headers: HeaderMap, request: Request) -> Response {
     )
 }
 
-async fn wrong_method(headers: HeaderMap, request: Request) -> Response {
+async fn wrong_method(headers: HeaderMap, request: HttpRequest) -> Response {
     let rid = request_id(&headers);
     error_response(
         Some(&rid),
@@ -583,7 +316,11 @@ fn query_token(query: &str) -> Option<String> {
 }
 
 /// Bearer-token check, compared in constant time. The token is never logged.
-async fn require_token(State(token): State<Arc<str>>, request: Request, next: Next) -> Response {
+async fn require_token(
+    State(token): State<Arc<str>>,
+    request: HttpRequest,
+    next: Next,
+) -> Response {
     if request.uri().path() == "/healthz" {
         return next.run(request).await;
     }
@@ -629,8 +366,8 @@ pub fn serve_router(state: Shared) -> Router {
         .route("/v1/dashboard/state", get(dashboard_state))
         .route("/v1/openapi.json", get(openapi))
         .route("/", get(dashboard_page));
-    for route in REST_ROUTES {
-        api = api.route(route.path, rest_route(route));
+    for action in Action::ALL {
+        api = api.route(action.route().path, rest_route(*action));
     }
     // The static `/v1/models/optimize` (POST) shadows `/v1/models/{model_name}` for a model
     // named "optimize": its unload is added to the static route.
@@ -647,7 +384,7 @@ pub fn serve_router(state: Shared) -> Router {
                 rest(
                     state,
                     address,
-                    "memory.model_unload",
+                    Action::ModelUnload,
                     path,
                     query,
                     headers,
@@ -883,25 +620,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn status_code_is_read_from_the_end() {
-        let mut ok = Vec::new();
-        crate::protocol::envelope::write_success(
-            &mut ok,
-            Some("x"),
-            &serde_json::json!({"status_code": 999}),
-        );
-        assert_eq!(status_code_of(&ok), Some(200));
-        let mut err = Vec::new();
-        write_error(
-            &mut err,
-            None,
-            &ProtocolError::new(ErrorCode::Unauthorized, "no"),
-        );
-        assert_eq!(status_code_of(&err), Some(401));
-        assert_eq!(status_code_of(b"garbage"), None);
-    }
-
-    #[test]
     fn query_tokens_are_percent_decoded() {
         assert_eq!(
             query_token("x=1&token=a%2Bb+c%25%zz%").as_deref(),
@@ -912,17 +630,5 @@ mod tests {
             Some("ümlautü")
         );
         assert_eq!(query_token("tokens=1"), None);
-    }
-
-    #[test]
-    fn query_values_take_their_fields_types() {
-        assert_eq!(query_value("force", "true"), Value::Bool(true));
-        assert_eq!(query_value("limit", "5"), serde_json::json!(5));
-        assert_eq!(query_value("allocation_type", "2"), serde_json::json!(2));
-        assert_eq!(
-            query_value("allocation_type", "Cache"),
-            serde_json::json!("Cache")
-        );
-        assert_eq!(query_value("purpose", "123"), serde_json::json!("123"));
     }
 }

@@ -1,8 +1,9 @@
-//! Transports: bytes in, bytes out. They frame requests, hand them to dispatch and write the
-//! responses; they know nothing of actions.
+//! Transports: bytes in, bytes out. They frame requests, read the envelope (`request_id`,
+//! action, `data`) or a REST route into a typed request, hand it to dispatch and write the
+//! answers; what each action does is `api`'s.
 
 pub mod framing;
 pub mod http;
+pub mod lines;
 pub mod openapi;
-pub mod routes;
 pub mod stdio;

@@ -1,75 +1,17 @@
 //! The OpenAPI 3.1 document of `memcoord serve` and the JSON Schema of the stdio messages, both
 //! generated (schemars) from the Rust types the protocol parses requests into and serialises
-//! answers from, so neither can drift from the code.
+//! answers from, and from the one list of actions (`api`), so neither can drift from the code.
 
-use super::routes::REST_ROUTES;
-use crate::protocol::requests as rq;
+use crate::api::{Action, REST_ROUTES};
 use crate::protocol::{self as p, ErrorCode};
 use schemars::generate::SchemaSettings;
-use schemars::{JsonSchema, Schema, SchemaGenerator};
+use schemars::{Schema, SchemaGenerator};
 use serde_json::{Map, Value, json};
 
-/// Every action with the schema of its `data` (None: takes none) and of its answer's `data`.
+/// Every action with the schema of its `data` (None: takes none) and of its answer's `data`
+/// (each action's file says both: `api/actions/`).
 pub fn action_schemas(action: &str, g: &mut SchemaGenerator) -> Option<(Option<Schema>, Schema)> {
-    fn s<T: JsonSchema>(g: &mut SchemaGenerator) -> Schema {
-        g.subschema_for::<T>()
-    }
-    Some(match action {
-        "memory.list_devices" => (None, s::<p::ListDevicesResponse>(g)),
-        "memory.get_status" => (
-            Some(s::<rq::GetStatusWire>(g)),
-            s::<p::GetMemoryStatusResponse>(g),
-        ),
-        "memory.get_usage" => (Some(s::<rq::DeviceWire>(g)), s::<p::MemoryUsageStats>(g)),
-        "memory.get_allocations" => (
-            Some(s::<rq::GetAllocationsWire>(g)),
-            s::<p::GetAllocationsResponse>(g),
-        ),
-        "memory.allocate" => (
-            Some(s::<rq::AllocateWire>(g)),
-            s::<p::AllocateMemoryResponse>(g),
-        ),
-        "memory.deallocate" => (
-            Some(s::<rq::DeallocateWire>(g)),
-            s::<p::DeallocateResponse>(g),
-        ),
-        "memory.clear" => (Some(s::<rq::ClearWire>(g)), s::<p::ClearResponse>(g)),
-        "memory.defragment" => (Some(s::<rq::DeviceWire>(g)), s::<p::DefragmentResponse>(g)),
-        "memory.transfer" => (Some(s::<rq::TransferWire>(g)), s::<p::MemoryTransfer>(g)),
-        "memory.get_transfer" => (Some(s::<rq::TransferIdWire>(g)), s::<p::MemoryTransfer>(g)),
-        "memory.optimize" => (Some(s::<rq::OptimizeWire>(g)), s::<p::OptimizeResponse>(g)),
-        "memory.model_load" => (Some(s::<rq::ModelLoadWire>(g)), s::<p::ModelInfo>(g)),
-        "memory.model_unload" => (
-            Some(s::<rq::ModelNameWire>(g)),
-            s::<p::ModelUnloadResponse>(g),
-        ),
-        "memory.model_acquire" => (
-            Some(s::<rq::ModelNameWire>(g)),
-            s::<p::ModelAcquireResponse>(g),
-        ),
-        "memory.model_release" => (Some(s::<rq::LeaseWire>(g)), s::<p::ModelReleaseResponse>(g)),
-        "memory.model_status" => (
-            Some(s::<rq::ModelStatusWire>(g)),
-            s::<p::ModelStatusResponse>(g),
-        ),
-        "memory.model_optimize" => (
-            Some(s::<rq::ModelOptimizeWire>(g)),
-            s::<p::ModelOptimizeResponse>(g),
-        ),
-        "memory.get_pressure" => (
-            Some(s::<rq::OptionalDeviceWire>(g)),
-            s::<p::GetPressureResponse>(g),
-        ),
-        "memory.analytics" => (
-            Some(s::<rq::AnalyticsWire>(g)),
-            s::<p::GetAnalyticsResponse>(g),
-        ),
-        "memory.optimization_recs" => (
-            Some(s::<rq::OptionalDeviceWire>(g)),
-            s::<p::OptimizationRecsResponse>(g),
-        ),
-        _ => return None,
-    })
+    Action::from_name(action).map(|a| a.schemas(g))
 }
 
 /// Every action of the contract, in the order of its table.

@@ -16,7 +16,8 @@
 //! `--max-in-flight`), so each is still written exactly once, at shutdown too.
 
 use super::framing::{Frame, LineReader};
-use crate::dispatch::{Dispatcher, InFlightLimit, Pending, internal_error};
+use super::lines::{PendingLine, handle_line, internal_error_line};
+use crate::dispatch::{Dispatcher, InFlightLimit};
 use crate::protocol::envelope::write_error;
 use crate::protocol::{ErrorCode, ProtocolError};
 use std::io::{self, Read, Write};
@@ -216,7 +217,7 @@ impl Worker {
         self.backlog.wait_for_room();
     }
 
-    fn spawn_pending(self: &Arc<Self>, pending: Pending) {
+    fn spawn_pending(self: &Arc<Self>, pending: PendingLine) {
         self.in_flight.add();
         let worker = Arc::clone(self);
         let task = self.runtime.spawn(pending.response);
@@ -226,7 +227,7 @@ impl Worker {
                 Ok(bytes) => bytes,
                 Err(_) => {
                     let mut out = Vec::new();
-                    internal_error(&mut out, Some(&request_id));
+                    internal_error_line(&mut out, Some(&request_id));
                     out
                 }
             };
@@ -239,6 +240,7 @@ impl Worker {
     pub fn serve<R: Read>(self: &Arc<Self>, input: R, options: &WorkerOptions) {
         let mut reader = LineReader::new(input, options.max_line_bytes);
         let limit = InFlightLimit::new(options.max_in_flight);
+        let admit = Some(&(|| limit.admit()) as &dyn Fn() -> _);
         let mut out = Vec::with_capacity(64 * 1024);
         let too_large = ProtocolError::new(
             ErrorCode::RequestTooLarge,
@@ -256,9 +258,7 @@ impl Worker {
                 while let Some(frame) = reader.next_frame() {
                     match frame {
                         Frame::Line(line) => {
-                            if let Some(p) =
-                                self.dispatcher.handle_line_limited(line, &mut out, &limit)
-                            {
+                            if let Some(p) = handle_line(&self.dispatcher, line, &mut out, admit) {
                                 self.spawn_pending(p);
                             }
                         }
@@ -287,7 +287,7 @@ impl Worker {
                             Frame::Line(line) if line.iter().all(u8::is_ascii_whitespace) => {}
                             Frame::Line(line) => {
                                 if let Some(p) =
-                                    self.dispatcher.handle_line_limited(line, &mut out, &limit)
+                                    handle_line(&self.dispatcher, line, &mut out, admit)
                                 {
                                     self.spawn_pending(p);
                                 }
@@ -323,6 +323,9 @@ impl Worker {
             let service = self.dispatcher.service();
             service.begin_shutdown();
             self.in_flight.wait_idle();
+            // Work requests left running (transfers, optimizes) ends before memory is
+            // released under it.
+            self.dispatcher.tasks().wait();
             // Closing the channel lets the writer thread write what is queued and end.
             self.to_writer
                 .lock()

@@ -1,0 +1,313 @@
+//! What an action's handler is given and gives back: the [`Context`] (the service, the session's
+//! bound on requests in flight, the owned background work) and a [`Reply`] (answered at once,
+//! or a future for a request that waits).
+
+use crate::protocol::{ErrorCode, ProtocolError};
+use crate::service::MemoryService;
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::Poll;
+use std::time::Instant;
+
+/// A boxed future of an answer.
+pub type Answer<T> = Pin<Box<dyn Future<Output = Result<T, ProtocolError>> + Send>>;
+
+/// A handler's answer: at once, or later (a request that waits for memory or works off the
+/// reading thread). A `Later` future runs on the async runtime; a panic in it is answered
+/// INTERNAL_ERROR (see [`catching_panics`]).
+pub enum Reply<T> {
+    /// Answered at once, on the caller's thread.
+    Now(Result<T, ProtocolError>),
+    /// Answered when the future completes.
+    Later(Answer<T>),
+}
+
+impl<T: Send + 'static> Reply<T> {
+    /// An answer made by `future`.
+    pub fn later(future: impl Future<Output = Result<T, ProtocolError>> + Send + 'static) -> Self {
+        Reply::Later(Box::pin(future))
+    }
+
+    /// The same answer, its success turned by `f`.
+    pub fn map<U: Send + 'static>(self, f: fn(T) -> U) -> Reply<U> {
+        match self {
+            Reply::Now(r) => Reply::Now(r.map(f)),
+            Reply::Later(fut) => Reply::Later(Box::pin(async move { fut.await.map(f) })),
+        }
+    }
+}
+
+/// The INTERNAL_ERROR answer of a request whose handling panicked.
+pub fn internal_error() -> ProtocolError {
+    ProtocolError::new(
+        ErrorCode::InternalError,
+        "internal error while handling the request (this is a bug in memcoord; the worker keeps serving)",
+    )
+}
+
+/// `future`, answering [`internal_error`] if it panics.
+pub fn catching_panics<T: Send + 'static>(mut future: Answer<T>) -> Answer<T> {
+    Box::pin(std::future::poll_fn(move |cx| {
+        match catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+            Ok(poll) => poll,
+            Err(_) => Poll::Ready(Err(internal_error())),
+        }
+    }))
+}
+
+/// A bound on the requests one session (a stdio worker's host, one HTTP client) has in flight:
+/// those answered later (an allocate waiting for memory, a model load, a defragment) and the
+/// background work a request leaves running (a transfer without `wait_for_completion`, a
+/// scheduled optimize). Requests answered at once take no place. Past the bound, a request that
+/// would take a place is refused with `TOO_MANY_REQUESTS` before it changes anything, so a
+/// flooding host meets a clear error instead of an unbounded queue.
+#[derive(Debug)]
+pub struct InFlightLimit {
+    count: AtomicUsize,
+    max: usize,
+}
+
+impl InFlightLimit {
+    /// A limit of `max` requests in flight (0 refuses every request that would wait).
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(InFlightLimit {
+            count: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Takes a place, or `None` when all are taken.
+    pub fn try_enter(self: &Arc<Self>) -> Option<InFlightTicket> {
+        self.count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| InFlightTicket(Arc::clone(self)))
+    }
+
+    /// Takes a place, or the `TOO_MANY_REQUESTS` refusal when all are taken.
+    pub fn admit(self: &Arc<Self>) -> Result<InFlightTicket, ProtocolError> {
+        self.try_enter().ok_or_else(|| self.refusal())
+    }
+
+    fn refusal(&self) -> ProtocolError {
+        ProtocolError::new(
+            ErrorCode::TooManyRequests,
+            format!(
+                "this client already has {} request(s) in flight, the most allowed \
+                 (--max-in-flight); this one was not carried out: retry once some are answered",
+                self.in_flight()
+            ),
+        )
+    }
+}
+
+/// A place taken in an [`InFlightLimit`]; given back when dropped.
+#[derive(Debug)]
+pub struct InFlightTicket(Arc<InFlightLimit>);
+
+impl Drop for InFlightTicket {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Gives a request a place in its session's bound, or the refusal.
+pub type Admit<'a> = &'a dyn Fn() -> Result<InFlightTicket, ProtocolError>;
+
+/// The work requests leave running after their answer (an optimize or a transfer without
+/// `wait_for_completion`): each on a thread this set owns, so that shutdown can wait for them
+/// ([`TaskSet::wait`]) instead of leaving them detached.
+#[derive(Debug, Default)]
+pub struct TaskSet {
+    running: Mutex<usize>,
+    idle: Condvar,
+}
+
+impl TaskSet {
+    /// An empty set.
+    pub fn new() -> Arc<Self> {
+        Arc::new(TaskSet::default())
+    }
+
+    /// Background work running now.
+    pub fn running(&self) -> usize {
+        *self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `work` on a thread of its own, counted until it ends (a panic included).
+    pub fn spawn(self: &Arc<Self>, name: &str, work: impl FnOnce() + Send + 'static) {
+        /// Counts the work done when dropped, so a panicking one is counted too.
+        struct Done(Arc<TaskSet>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                let mut n = self.0.running.lock().unwrap_or_else(|p| p.into_inner());
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.0.idle.notify_all();
+                }
+            }
+        }
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        let done = Done(Arc::clone(self));
+        let spawned = std::thread::Builder::new()
+            .name(format!("memcoord-{name}"))
+            .spawn(move || {
+                let _done = done;
+                work();
+            });
+        if let Err(e) = spawned {
+            // The closure (and so `done`) was dropped with the error: the count is right.
+            tracing::error!("could not start the background {name}: {e}");
+        }
+    }
+
+    /// Waits until no background work is running.
+    pub fn wait(&self) {
+        let mut n = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        while *n > 0 {
+            n = self.idle.wait(n).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// What a handler is given: the service, when the request arrived, the session's bound on
+/// requests in flight, and the set that owns background work.
+pub struct Context<'a> {
+    service: &'a Arc<MemoryService>,
+    started: Instant,
+    admit: Option<Admit<'a>>,
+    tasks: &'a Arc<TaskSet>,
+    after: fn(&MemoryService),
+}
+
+impl<'a> Context<'a> {
+    /// A context for one request. `admit` is the session's bound (None: unbounded); `after`
+    /// runs after background work, as after every request.
+    pub fn new(
+        service: &'a Arc<MemoryService>,
+        started: Instant,
+        admit: Option<Admit<'a>>,
+        tasks: &'a Arc<TaskSet>,
+        after: fn(&MemoryService),
+    ) -> Self {
+        Context {
+            service,
+            started,
+            admit,
+            tasks,
+            after,
+        }
+    }
+
+    /// The service.
+    pub fn service(&self) -> &'a Arc<MemoryService> {
+        self.service
+    }
+
+    /// When the request arrived.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// A place in the session's bound for a request that is answered later or leaves work
+    /// running (None when the session sets no bound), or the TOO_MANY_REQUESTS refusal.
+    pub fn admit(&self) -> Result<Option<InFlightTicket>, ProtocolError> {
+        match self.admit {
+            None => Ok(None),
+            Some(admit) => admit().map(Some),
+        }
+    }
+
+    /// A request answered from a blocking thread (work that holds the engine in passes, or
+    /// reads files), so the reading thread keeps answering others: given a place first.
+    pub fn blocking<T, F>(&self, work: F) -> Reply<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&MemoryService) -> Result<T, ProtocolError> + Send + 'static,
+    {
+        match self.admit() {
+            Ok(ticket) => self.blocking_admitted(ticket, work),
+            Err(e) => Reply::Now(Err(e)),
+        }
+    }
+
+    /// [`Context::blocking`] for a request already given its place.
+    pub fn blocking_admitted<T, F>(&self, ticket: Option<InFlightTicket>, work: F) -> Reply<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&MemoryService) -> Result<T, ProtocolError> + Send + 'static,
+    {
+        let service = Arc::clone(self.service);
+        Reply::later(async move {
+            let answer = tokio::task::spawn_blocking(move || work(&service)).await;
+            drop(ticket);
+            answer.unwrap_or_else(|_| Err(internal_error()))
+        })
+    }
+
+    /// Leaves `work` running after the answer, on a thread the dispatcher's [`TaskSet`] owns;
+    /// `ticket` (its place in the bound) is held until it ends.
+    pub fn background<F>(&self, name: &str, ticket: Option<InFlightTicket>, work: F)
+    where
+        F: FnOnce(&MemoryService) + Send + 'static,
+    {
+        let service = Arc::clone(self.service);
+        let after = self.after;
+        self.tasks.spawn(name, move || {
+            work(&service);
+            after(&service);
+            drop(ticket);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    #[test]
+    fn a_task_set_waits_for_its_work_a_panicking_one_too() {
+        let tasks = TaskSet::new();
+        let done = Arc::new(AtomicBool::new(false));
+        let d = Arc::clone(&done);
+        tasks.spawn("slow", move || {
+            std::thread::sleep(Duration::from_millis(50));
+            d.store(true, Ordering::Release);
+        });
+        tasks.spawn("panicking", || panic!("on purpose"));
+        tasks.wait();
+        assert!(done.load(Ordering::Acquire));
+        assert_eq!(tasks.running(), 0);
+    }
+
+    #[test]
+    fn a_panicking_answer_is_an_internal_error() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let answer: Answer<u32> = Box::pin(async { panic!("on purpose") });
+        let e = runtime.block_on(catching_panics(answer)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InternalError);
+    }
+
+    #[test]
+    fn the_bound_refuses_past_its_places_and_gives_them_back() {
+        let limit = InFlightLimit::new(1);
+        let ticket = limit.admit().unwrap();
+        assert_eq!(limit.admit().unwrap_err().code, ErrorCode::TooManyRequests);
+        drop(ticket);
+        assert!(limit.admit().is_ok());
+    }
+}
