@@ -18,6 +18,7 @@ pub mod dispatch;
 pub mod managers;
 pub mod metrics;
 pub mod protocol;
+pub mod runtime;
 pub mod service;
 pub mod transport;
 pub mod units;

@@ -280,24 +280,6 @@ impl Dispatcher {
         match catch_unwind(AssertUnwindSafe(|| {
             self.handle_line_inner(line, out, limit)
         })) {
-            // With a state directory, a change to persistent shm allocations is on disk before
-            // the answer that reports it goes out.
-            Ok(None) if self.service.has_state() => {
-                self.service.record_state();
-                None
-            }
-            Ok(Some(p)) if self.service.has_state() => {
-                let service = Arc::clone(&self.service);
-                let response = p.response;
-                Some(Pending {
-                    request_id: p.request_id,
-                    response: Box::pin(async move {
-                        let out = response.await;
-                        service.record_state();
-                        out
-                    }),
-                })
-            }
             Ok(pending) => pending,
             Err(_) => {
                 out.truncate(start);
@@ -497,7 +479,6 @@ impl Dispatcher {
                     if let Err(e) = service.optimize(&req) {
                         tracing::warn!("background optimize of {} failed: {e}", req.device_id);
                     }
-                    service.record_state();
                     drop(ticket);
                 });
                 respond(out, id, Ok(scheduled));

@@ -14,6 +14,7 @@ pub const KEPT_FINISHED_TRANSFERS: usize = 10_000;
 pub struct Transfer {
     /// What `memory.transfer` and `memory.get_transfer` report.
     pub wire: MemoryTransfer,
+    /// When it started, for its bandwidth (a measurement, not behaviour: real time).
     started: Instant,
     finished_seq: Option<u64>,
 }
@@ -98,12 +99,14 @@ impl TransferTable {
         }
     }
 
-    /// Ends a transfer with a status (and an error message when it failed).
+    /// Ends a transfer with a status (and an error message when it failed), `at` the
+    /// service's clock's now.
     pub fn finish(
         &mut self,
         id: &Uuid,
         status: TransferStatus,
         error: Option<String>,
+        at: SystemTime,
     ) -> Option<MemoryTransfer> {
         let seq = self.finished;
         self.finished += 1;
@@ -114,7 +117,7 @@ impl TransferTable {
             _ => {}
         }
         t.wire.status = status;
-        t.wire.completed_at = Some(Timestamp(SystemTime::now()));
+        t.wire.completed_at = Some(Timestamp(at));
         t.wire.error_message = error;
         t.finished_seq = Some(seq);
         let wire = t.wire.clone();

@@ -5,4 +5,7 @@ pub mod framing;
 pub mod http;
 pub mod openapi;
 pub mod routes;
+pub mod server;
 pub mod stdio;
+
+pub use crate::runtime::Shutdown;
