@@ -1,12 +1,16 @@
 //! An in-process worker: the stdio transport (`transport::stdio::serve`) over a pipe pair, on a
 //! service this test holds, so a test can look at the service's books directly and needs no
-//! process. Spawn the binary only for what only a process shows (signals, exit codes, crashes).
+//! process. On a [`ManualClock`] the test moves time instead of sleeping. Spawn the binary only
+//! for what only a process shows (signals, exit codes, crashes).
 
+use super::{Requests, check_envelope};
 use memcoord::config::Settings;
 use memcoord::dispatch::Dispatcher;
+use memcoord::managers::clock::ManualClock;
 use memcoord::service::MemoryService;
 use memcoord::transport::stdio::{self, WorkerOptions};
 use serde_json::{Value, json};
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver};
@@ -16,21 +20,47 @@ pub struct InProcessWorker {
     pub service: Arc<MemoryService>,
     input: Option<std::io::PipeWriter>,
     answers: Receiver<Value>,
+    /// Answers received but not yet asked for, by request id.
+    stash: HashMap<String, Vec<Value>>,
     served: Option<std::thread::JoinHandle<()>>,
     _runtime: tokio::runtime::Runtime,
     next_id: u64,
 }
 
+/// Settings with `cpu` and `shm` budgets (no GPU).
+pub fn settings(cpu: &str, shm: &str) -> Settings {
+    let mut settings = Settings {
+        no_gpu: true,
+        ..Default::default()
+    };
+    settings.set_budget(&format!("cpu={cpu}")).unwrap();
+    settings.set_budget(&format!("shm={shm}")).unwrap();
+    settings
+}
+
 impl InProcessWorker {
     /// A worker over `cpu` and `shm` with the given budgets (no GPU).
     pub fn start(cpu: &str, shm: &str) -> InProcessWorker {
-        let mut settings = Settings {
-            no_gpu: true,
-            ..Default::default()
-        };
-        settings.set_budget(&format!("cpu={cpu}")).unwrap();
-        settings.set_budget(&format!("shm={shm}")).unwrap();
-        let service = Arc::new(MemoryService::new(settings.devices().unwrap()));
+        InProcessWorker::over(MemoryService::new(settings(cpu, shm).devices().unwrap()))
+    }
+
+    /// A worker over `cpu` and `shm` whose time is a [`ManualClock`] the test moves;
+    /// `configure` sets the service up (model root, advice rules, …). No sampler runs: call
+    /// `service.sample()` where the sampler's second would tick.
+    pub fn on_manual_clock(
+        cpu: &str,
+        shm: &str,
+        configure: impl FnOnce(MemoryService) -> MemoryService,
+    ) -> (InProcessWorker, Arc<ManualClock>) {
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let service =
+            MemoryService::with_clock(settings(cpu, shm).devices().unwrap(), clock.clone());
+        (InProcessWorker::over(configure(service)), clock)
+    }
+
+    /// A worker over `service`.
+    pub fn over(service: MemoryService) -> InProcessWorker {
+        let service = Arc::new(service);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -63,6 +93,7 @@ impl InProcessWorker {
             service,
             input: Some(request_writer),
             answers,
+            stash: HashMap::new(),
             served: Some(served),
             _runtime: runtime,
             next_id: 0,
@@ -80,11 +111,37 @@ impl InProcessWorker {
         id
     }
 
-    /// The next answer to arrive.
-    pub fn next_answer(&self) -> Value {
+    /// The next answer to arrive (one received and not yet asked for first).
+    pub fn next_answer(&mut self) -> Value {
+        if let Some(v) = self.stash.values_mut().find_map(|q| q.pop()) {
+            return v;
+        }
         self.answers
             .recv_timeout(Duration::from_secs(30))
             .expect("an answer within 30 s")
+    }
+
+    /// Waits for the answer to `id`.
+    pub fn wait_for(&mut self, id: &str) -> Value {
+        if let Some(v) = self
+            .stash
+            .get_mut(id)
+            .and_then(|q| (!q.is_empty()).then(|| q.remove(0)))
+        {
+            return v;
+        }
+        loop {
+            let v = self
+                .answers
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("no answer to {id} within 30 s"));
+            check_envelope(&v);
+            let rid = v["request_id"].as_str().unwrap_or("").to_string();
+            if rid == id {
+                return v;
+            }
+            self.stash.entry(rid).or_default().push(v);
+        }
     }
 
     /// Closes the input (EOF) and waits until the transport has answered everything and
@@ -94,6 +151,26 @@ impl InProcessWorker {
         if let Some(served) = self.served.take() {
             served.join().unwrap();
         }
-        self.answers.try_iter().collect()
+        let mut rest: Vec<Value> = self.stash.drain().flat_map(|(_, q)| q).collect();
+        rest.extend(self.answers.try_iter());
+        rest
+    }
+}
+
+impl Requests for InProcessWorker {
+    fn request(&mut self, action: &str, data: Value) -> Value {
+        let id = self.submit(action, data);
+        self.wait_for(&id)
+    }
+}
+
+impl Drop for InProcessWorker {
+    /// Ends as `memcoord worker` does at EOF: everything answered, the service shut down
+    /// (before the runtime it answers on goes away).
+    fn drop(&mut self) {
+        self.input.take();
+        if let Some(served) = self.served.take() {
+            let _ = served.join();
+        }
     }
 }
