@@ -6,7 +6,8 @@
 
 mod common;
 
-use common::{Worker, write_model};
+use common::inproc::InProcessWorker;
+use common::{Requests, Worker, write_model};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::fs::OpenOptions;
@@ -270,7 +271,7 @@ fn failed_loads_leave_nothing_allocated() {
     );
 }
 
-fn state_of(w: &mut Worker, name: &str) -> (String, String) {
+fn state_of(w: &mut impl Requests, name: &str) -> (String, String) {
     let st = w.ok("memory.model_status", json!({"model_name": name}));
     (
         st["models"][0]["state"].as_str().unwrap().to_string(),
@@ -390,16 +391,19 @@ fn idle_models_are_offloaded_lru_and_restored_byte_for_byte() {
 fn keep_alive_expiry_model_optimize_and_allocations_that_make_room() {
     let root = Root::new("keepalive");
     write_model(&root.path().join("m.safetensors"), &[("w", 1_048_576)]); // 4 MiB
-    let mut w = worker(&root, "12MiB");
+    // In process, on a clock the test moves: no waiting for the keep-alive.
+    let dir = root.path().to_path_buf();
+    let (mut w, clock) =
+        InProcessWorker::on_manual_clock("12MiB", "12MiB", |s| s.with_model_root(dir));
     w.ok("memory.model_load", json!({"model_name": "brief", "path": "m.safetensors", "device_id": "cpu", "keep_alive_seconds": 0.5}));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while w.request("memory.model_status", json!({"model_name": "brief"}))["success"] == true {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "keep-alive never expired"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    assert!(w.service.sweep_keep_alive().is_empty(), "not expired yet");
+    clock.advance(std::time::Duration::from_millis(600));
+    // What the sweeper does once a second.
+    assert_eq!(w.service.sweep_keep_alive(), vec!["brief".to_string()]);
+    assert_eq!(
+        w.request("memory.model_status", json!({"model_name": "brief"}))["success"],
+        false
+    );
     assert_eq!(w.usage("cpu")["allocated_bytes"], 0);
 
     // An allocation that does not fit makes room by evicting an idle model (cpu: unloaded).

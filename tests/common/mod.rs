@@ -68,6 +68,18 @@ pub trait Requests {
     fn usage(&mut self, device: &str) -> Value {
         self.ok("memory.get_usage", json!({"device_id": device}))
     }
+
+    /// Allocates `size` bytes of General memory on `device`; returns its id.
+    fn allocate(&mut self, device: &str, size: u64) -> String {
+        let d = self.ok(
+            "memory.allocate",
+            json!({"device_id": device, "size_bytes": size}),
+        );
+        d["allocation"]["allocation_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
 }
 
 impl Requests for Worker {
