@@ -1,11 +1,13 @@
-//! Protocol tests against the real binary: every action of this version, every applicable error
-//! row, waiting, clear, shutdown.
+//! Protocol tests: every action of this version, every applicable error row, waiting, clear
+//! through the stdio transport in process; shutdown (EOF, SIGTERM), the line limit and large
+//! allocations against the real binary.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 #![allow(unsafe_code)] // test code: libc calls and memory maps of its own
 
 mod common;
 
-use common::Worker;
+use common::inproc::InProcessWorker;
+use common::{Requests, Worker};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -26,7 +28,7 @@ fn usage_state(u: &Value) -> Value {
 
 #[test]
 fn list_devices_reports_host_devices() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let d = w.ok("memory.list_devices", Value::Null);
     let devices = d["devices"].as_array().unwrap();
     let by_id = |id: &str| {
@@ -71,7 +73,7 @@ fn list_devices_reports_host_devices() {
 
 #[test]
 fn get_status_honours_its_include_flags() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let id = w.allocate("cpu", 4096);
     let s = w.ok("memory.get_status", json!({"device_id": "cpu"}));
     assert_eq!(s["device_id"], "cpu");
@@ -106,7 +108,7 @@ fn get_status_honours_its_include_flags() {
 
 #[test]
 fn allocate_and_deallocate_keep_exact_accounting() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let before = w.usage("cpu");
     let d = w.ok(
         "memory.allocate",
@@ -166,7 +168,7 @@ fn uuid_version(id: &str) -> char {
 
 #[test]
 fn alignment_is_honoured_and_reported() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     w.allocate("shm", 100);
     let d = w.ok(
         "memory.allocate",
@@ -191,7 +193,7 @@ fn alignment_is_honoured_and_reported() {
 
 #[test]
 fn reservations_are_charged_but_hold_no_memory() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let d = w.ok(
         "memory.allocate",
         json!({"device_id": "cpu", "size_bytes": 40 * MIB, "allocation_type": "Reservation"}),
@@ -211,7 +213,7 @@ fn reservations_are_charged_but_hold_no_memory() {
 
 #[test]
 fn enums_by_name_in_any_case_and_by_integer() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     for (value, expected) in [
         (json!("cache"), "Cache"),
         (json!("TEMPORARY"), "Temporary"),
@@ -248,7 +250,7 @@ fn enums_by_name_in_any_case_and_by_integer() {
 
 #[test]
 fn get_allocations_filters_and_pages_oldest_first() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let mut ids = Vec::new();
     for i in 0..10u64 {
         let purpose = if i % 2 == 0 { "even" } else { "odd" };
@@ -327,7 +329,7 @@ fn get_allocations_filters_and_pages_oldest_first() {
 
 #[test]
 fn every_error_row_leaves_usage_unchanged() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let keep = w.allocate("cpu", 5000);
     let before = usage_state(&w.usage("cpu"));
 
@@ -582,7 +584,7 @@ fn oversize_lines_are_discarded_and_answered() {
 
 #[test]
 fn default_line_limit_is_one_mebibyte() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let pad = "x".repeat(900_000);
     let d = w.ok("memory.get_usage", json!({"device_id": "cpu", "pad": pad}));
     assert_eq!(d["device_id"], "cpu");
@@ -599,7 +601,7 @@ fn default_line_limit_is_one_mebibyte() {
 
 #[test]
 fn crlf_lines_are_accepted() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     w.send_raw(b"{\"request_id\":\"crlf\",\"action\":\"memory.get_usage\",\"data\":{\"device_id\":\"cpu\"}}\r\n");
     let v = w.wait_for("crlf", Duration::from_secs(10));
     assert_eq!(v["success"], true);
@@ -607,7 +609,7 @@ fn crlf_lines_are_accepted() {
 
 #[test]
 fn clear_keeps_persistent_unless_forced() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     w.allocate("cpu", 1000);
     w.ok(
         "memory.allocate",
@@ -646,7 +648,7 @@ fn clear_keeps_persistent_unless_forced() {
 
 #[test]
 fn a_waiting_allocate_succeeds_when_memory_is_freed_and_others_keep_being_answered() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let big = w.allocate("cpu", 40 * MIB);
     let waiting = w.submit(
         "memory.allocate",
@@ -671,7 +673,7 @@ fn a_waiting_allocate_succeeds_when_memory_is_freed_and_others_keep_being_answer
 
 #[test]
 fn a_waiting_allocate_times_out_with_out_of_memory() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     w.allocate("cpu", 40 * MIB);
     let before = usage_state(&w.usage("cpu"));
     let v = w.request(
@@ -689,7 +691,7 @@ fn a_waiting_allocate_times_out_with_out_of_memory() {
 
 #[test]
 fn a_size_over_the_budget_fails_at_once() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let started = std::time::Instant::now();
     let (code, _) = w.err(
         "memory.allocate",
@@ -704,7 +706,7 @@ fn a_size_over_the_budget_fails_at_once() {
 
 #[test]
 fn every_action_of_the_contract_is_known() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let actions = [
         "memory.list_devices",
         "memory.get_status",

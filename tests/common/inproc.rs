@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub struct InProcessWorker {
     pub service: Arc<MemoryService>,
@@ -42,6 +42,11 @@ impl InProcessWorker {
     /// A worker over `cpu` and `shm` with the given budgets (no GPU).
     pub fn start(cpu: &str, shm: &str) -> InProcessWorker {
         InProcessWorker::over(MemoryService::new(settings(cpu, shm).devices().unwrap()))
+    }
+
+    /// A worker with small budgets (cpu 64 MiB, shm 64 MiB), as `Worker::small` spawns.
+    pub fn small() -> InProcessWorker {
+        InProcessWorker::start("64MiB", "64MiB")
     }
 
     /// A worker over `cpu` and `shm` whose time is a [`ManualClock`] the test moves;
@@ -100,6 +105,13 @@ impl InProcessWorker {
         }
     }
 
+    /// Writes raw bytes to the worker's input.
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        let input = self.input.as_mut().expect("input open");
+        input.write_all(bytes).unwrap();
+        input.flush().unwrap();
+    }
+
     /// Sends a request without waiting; returns its id.
     pub fn submit(&mut self, action: &str, data: Value) -> String {
         self.next_id += 1;
@@ -121,8 +133,8 @@ impl InProcessWorker {
             .expect("an answer within 30 s")
     }
 
-    /// Waits for the answer to `id`.
-    pub fn wait_for(&mut self, id: &str) -> Value {
+    /// Waits for the answer to `id` (`""` = an answer with a null id).
+    pub fn wait_for(&mut self, id: &str, timeout: Duration) -> Value {
         if let Some(v) = self
             .stash
             .get_mut(id)
@@ -130,17 +142,38 @@ impl InProcessWorker {
         {
             return v;
         }
+        let deadline = Instant::now() + timeout;
         loop {
+            let left = deadline.saturating_duration_since(Instant::now());
             let v = self
                 .answers
-                .recv_timeout(Duration::from_secs(30))
-                .unwrap_or_else(|_| panic!("no answer to {id} within 30 s"));
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no answer to {id} within {timeout:?}"));
             check_envelope(&v);
             let rid = v["request_id"].as_str().unwrap_or("").to_string();
             if rid == id {
                 return v;
             }
             self.stash.entry(rid).or_default().push(v);
+        }
+    }
+
+    /// Whether an answer to `id` arrived within `timeout` (it stays to be asked for).
+    pub fn answered_within(&mut self, id: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.stash.get(id).is_some_and(|q| !q.is_empty()) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.answers.recv_timeout(left) {
+                Ok(v) => {
+                    check_envelope(&v);
+                    let rid = v["request_id"].as_str().unwrap_or("").to_string();
+                    self.stash.entry(rid).or_default().push(v);
+                }
+                Err(_) => return false,
+            }
         }
     }
 
@@ -160,7 +193,9 @@ impl InProcessWorker {
 impl Requests for InProcessWorker {
     fn request(&mut self, action: &str, data: Value) -> Value {
         let id = self.submit(action, data);
-        self.wait_for(&id)
+        let v = self.wait_for(&id, Duration::from_secs(20));
+        assert_eq!(v["request_id"], json!(id));
+        v
     }
 }
 
