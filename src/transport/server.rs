@@ -155,6 +155,18 @@ pub struct ServeOptions {
     pub timeouts: Timeouts,
 }
 
+impl Default for ServeOptions {
+    /// No token, a 1 MiB body limit, the default bound on requests in flight and timeouts.
+    fn default() -> Self {
+        ServeOptions {
+            token: None,
+            body_limit: super::http::DEFAULT_BODY_LIMIT,
+            max_in_flight: super::stdio::DEFAULT_MAX_IN_FLIGHT,
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
 /// The router of `memcoord serve` over `service`.
 pub fn router(service: Arc<MemoryService>, options: &ServeOptions) -> Router {
     let state = Arc::new(

@@ -2,12 +2,17 @@
 //! service this test holds, so a test can look at the service's books directly and needs no
 //! process. On a [`ManualClock`] the test moves time instead of sleeping. Spawn the binary only
 //! for what only a process shows (signals, exit codes, crashes).
+//!
+//! [`InProcessServer`] is the same for HTTP: the router served on a port-0 listener until its
+//! shutdown future completes.
 
-use super::{Requests, check_envelope};
+use super::{HttpAnswer, Requests, check_envelope, http_request};
 use memcoord::config::Settings;
 use memcoord::dispatch::Dispatcher;
 use memcoord::managers::clock::ManualClock;
+use memcoord::runtime::Shutdown;
 use memcoord::service::MemoryService;
+use memcoord::transport::server::{self, ServeOptions};
 use memcoord::transport::stdio::{self, WorkerOptions};
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -204,6 +209,94 @@ impl Drop for InProcessWorker {
     /// (before the runtime it answers on goes away).
     fn drop(&mut self) {
         self.input.take();
+        if let Some(served) = self.served.take() {
+            let _ = served.join();
+        }
+    }
+}
+
+/// An in-process HTTP server: `transport::server::serve` on a port-0 loopback listener, over a
+/// service this test holds, stopped through its [`Shutdown`] as `memcoord serve` is by a signal.
+pub struct InProcessServer {
+    pub service: Arc<MemoryService>,
+    pub port: u16,
+    shutdown: Shutdown,
+    served: Option<std::thread::JoinHandle<()>>,
+}
+
+impl InProcessServer {
+    /// A server over `cpu` and `shm` with the given budgets, the service set up by
+    /// `configure`, serving as `options` say.
+    pub fn start(
+        cpu: &str,
+        shm: &str,
+        configure: impl FnOnce(MemoryService) -> MemoryService,
+        options: ServeOptions,
+    ) -> InProcessServer {
+        let service = configure(MemoryService::new(settings(cpu, shm).devices().unwrap()));
+        InProcessServer::over(service, options)
+    }
+
+    /// A server over `service`.
+    pub fn over(service: MemoryService, options: ServeOptions) -> InProcessServer {
+        let service = Arc::new(service);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let shutdown = Shutdown::new();
+        let (served_service, stop) = (Arc::clone(&service), shutdown.wait());
+        let served = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                server::serve(listener, served_service, options, stop)
+                    .await
+                    .unwrap();
+            });
+        });
+        InProcessServer {
+            service,
+            port,
+            shutdown,
+            served: Some(served),
+        }
+    }
+
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> HttpAnswer {
+        http_request(self.port, method, path, headers, body)
+    }
+
+    pub fn get(&self, path: &str) -> HttpAnswer {
+        self.request("GET", path, &[], None)
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> HttpAnswer {
+        self.request("POST", path, &[], Some(&body.to_string()))
+    }
+
+    /// Stops it as a signal stops `memcoord serve`, and waits until it has shut the service
+    /// down.
+    pub fn stop(&mut self) {
+        self.shutdown.trigger();
+        if let Some(served) = self.served.take() {
+            served.join().unwrap();
+        }
+    }
+}
+
+impl Drop for InProcessServer {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
         if let Some(served) = self.served.take() {
             let _ = served.join();
         }
