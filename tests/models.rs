@@ -1,5 +1,6 @@
-//! Models through the real binary: safetensors files made here, loaded onto `shm` and verified
-//! byte for byte by this (other) process through the handles; leases, unload, status, and every
+//! Models through the stdio transport in process (and, for a file cut short mid-load, the real
+//! binary): safetensors files made here, loaded onto `shm` and verified byte for byte through
+//! the handles; leases, unload, status, and every
 //! way a load can fail without leaving anything allocated.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 #![allow(unsafe_code)] // test code: libc calls and memory maps of its own
@@ -36,7 +37,14 @@ impl Drop for Root {
     }
 }
 
-fn worker(root: &Root, budget: &str) -> Worker {
+/// A worker in process over `cpu` and `shm` of `budget` each, loading models from `root`.
+fn worker(root: &Root, budget: &str) -> InProcessWorker {
+    let dir = root.path().to_path_buf();
+    InProcessWorker::on_clock_of_the_machine(budget, budget, |s| s.with_model_root(dir))
+}
+
+/// [`worker`] as a process of its own (for what must never take the test down with it).
+fn spawned_worker(root: &Root, budget: &str) -> Worker {
     Worker::spawn(&[
         "--budget",
         &format!("cpu={budget}"),
@@ -47,7 +55,7 @@ fn worker(root: &Root, budget: &str) -> Worker {
     ])
 }
 
-fn model_allocations(w: &mut Worker, device: &str, model: &str) -> Vec<Value> {
+fn model_allocations(w: &mut impl Requests, device: &str, model: &str) -> Vec<Value> {
     let r = w.ok(
         "memory.get_allocations",
         json!({"device_id": device, "owner": format!("model:{model}")}),
@@ -282,7 +290,7 @@ fn state_of(w: &mut impl Requests, name: &str) -> (String, String) {
     )
 }
 
-fn verify_on_shm(w: &mut Worker, name: &str, bytes: &HashMap<String, Vec<u8>>) {
+fn verify_on_shm(w: &mut impl Requests, name: &str, bytes: &HashMap<String, Vec<u8>>) {
     for a in model_allocations(w, "shm", name) {
         let want = &bytes[a["purpose"].as_str().unwrap()];
         let path = a["handle"]["path"].as_str().unwrap();
@@ -307,17 +315,11 @@ fn idle_models_are_offloaded_lru_and_restored_byte_for_byte() {
         &[("b.w", 700_000), ("b.b", 86_432)],
     );
     write_model(&root.path().join("c.safetensors"), &[("c.w", 786_432)]);
-    let mut w = Worker::spawn(&[
-        "--budget",
-        "cpu=64MiB",
-        "--budget",
-        "shm=64MiB",
-        "--model-budget",
-        "shm=8MiB",
-        "--model-root",
-        root.path().to_str().unwrap(),
-    ]);
-    let load = |w: &mut Worker, name: &str| {
+    let dir = root.path().to_path_buf();
+    let mut w = InProcessWorker::on_clock_of_the_machine("64MiB", "64MiB", |s| {
+        s.with_model_root(dir).with_model_budget("shm", 8 * MIB)
+    });
+    let load = |w: &mut InProcessWorker, name: &str| {
         w.ok(
             "memory.model_load",
             json!({"model_name": name, "path": format!("{name}.safetensors"), "device_id": "shm"}),
@@ -596,7 +598,7 @@ fn a_model_file_cut_short_while_it_loads_never_kills_the_worker() {
     let tensors: Vec<(&str, usize)> = tensors.iter().map(|(n, s)| (n.as_str(), *s)).collect();
     let bytes = write_model(&pristine, &tensors);
     let len = std::fs::metadata(&pristine).unwrap().len();
-    let mut w = worker(&root, "128MiB");
+    let mut w = spawned_worker(&root, "128MiB");
     let mut outcomes: HashMap<String, u32> = HashMap::new();
     for how in ["truncate", "rewrite"] {
         for delay_ms in [0u64, 1, 3, 10, 30, 100] {

@@ -54,6 +54,17 @@ impl InProcessWorker {
         InProcessWorker::start("64MiB", "64MiB")
     }
 
+    /// A worker over `cpu` and `shm` on the machine's clock; `configure` sets the service up.
+    pub fn on_clock_of_the_machine(
+        cpu: &str,
+        shm: &str,
+        configure: impl FnOnce(MemoryService) -> MemoryService,
+    ) -> InProcessWorker {
+        InProcessWorker::over(configure(MemoryService::new(
+            settings(cpu, shm).devices().unwrap(),
+        )))
+    }
+
     /// A worker over `cpu` and `shm` whose time is a [`ManualClock`] the test moves;
     /// `configure` sets the service up (model root, advice rules, …). No sampler runs: call
     /// `service.sample()` where the sampler's second would tick.
