@@ -1,10 +1,12 @@
-//! memory.get_pressure: levels from usage (in process, on a clock the test moves), waiting and
-//! failures (through the real binary); a lower level shows only after the hold period.
+//! memory.get_pressure: levels from usage (on a clock the test moves), waiting and failures
+//! (through the stdio transport), all in process; a lower level shows only after the hold
+//! period.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 
-use common::Worker;
+use common::Requests;
+use common::inproc::InProcessWorker;
 use memcoord::config::Settings;
 use memcoord::managers::clock::ManualClock;
 use memcoord::protocol::requests::{AllocateRequest, DeallocateRequest, OptionalDeviceRequest};
@@ -16,21 +18,16 @@ use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
-fn pressure(w: &mut Worker, device: &str) -> Value {
+fn pressure(w: &mut impl Requests, device: &str) -> Value {
     let d = w.ok("memory.get_pressure", json!({"device_id": device}));
     assert_eq!(d["devices"].as_array().unwrap().len(), 1);
     d["devices"][0].clone()
 }
 
-fn worker() -> Worker {
-    Worker::spawn(&[
-        "--budget",
-        "cpu=64MiB",
-        "--budget",
-        "shm=64MiB",
-        "--pressure-hold-seconds",
-        "1",
-    ])
+fn worker() -> InProcessWorker {
+    InProcessWorker::on_clock_of_the_machine("64MiB", "64MiB", |s| {
+        s.with_pressure_hold(Duration::from_secs(1))
+    })
 }
 
 /// In process, on a clock the test moves: no sleeping for the hold.
