@@ -24,8 +24,8 @@ fn pressure(w: &mut impl Requests, device: &str) -> Value {
     d["devices"][0].clone()
 }
 
-fn worker() -> InProcessWorker {
-    InProcessWorker::on_clock_of_the_machine("64MiB", "64MiB", |s| {
+fn worker() -> (InProcessWorker, Arc<ManualClock>) {
+    InProcessWorker::on_manual_clock("64MiB", "64MiB", |s| {
         s.with_pressure_hold(Duration::from_secs(1))
     })
 }
@@ -102,13 +102,14 @@ fn levels_follow_usage_and_fall_only_after_the_hold() {
 
 #[test]
 fn waiting_requests_stall_time_and_failures_raise_the_level() {
-    let mut w = worker();
+    let (mut w, clock) = worker();
     let big = w.allocate("shm", 20 * MIB); // 31%: None by usage
     let waiting = w.submit(
         "memory.allocate",
         json!({"device_id": "shm", "size_bytes": 50 * MIB, "timeout_seconds": 10}),
     );
-    std::thread::sleep(Duration::from_millis(300));
+    w.until_waiting("shm", 1);
+    clock.advance(Duration::from_millis(300));
     let p = pressure(&mut w, "shm");
     assert_eq!(p["waiting_requests"], 1, "{p}");
     assert_eq!(p["level"], "High", "a request waits: {p}");

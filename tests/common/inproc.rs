@@ -81,6 +81,11 @@ impl InProcessWorker {
 
     /// A worker over `service`.
     pub fn over(service: MemoryService) -> InProcessWorker {
+        InProcessWorker::over_with(service, WorkerOptions::default())
+    }
+
+    /// A worker over `service` with `options` (`--max-line-bytes`, `--max-in-flight`).
+    pub fn over_with(service: MemoryService, options: WorkerOptions) -> InProcessWorker {
         let service = Arc::new(service);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -92,13 +97,7 @@ impl InProcessWorker {
         let dispatcher = Dispatcher::new(Arc::clone(&service));
         let handle = runtime.handle().clone();
         let served = std::thread::spawn(move || {
-            stdio::serve(
-                dispatcher,
-                handle,
-                request_reader,
-                answer_writer,
-                &WorkerOptions::default(),
-            );
+            stdio::serve(dispatcher, handle, request_reader, answer_writer, &options);
         });
         let (tx, answers) = mpsc::channel();
         std::thread::spawn(move || {
@@ -190,6 +189,21 @@ impl InProcessWorker {
                 }
                 Err(_) => return false,
             }
+        }
+    }
+
+    /// Waits until `n` requests wait for memory on `device` (read from the service's books).
+    pub fn until_waiting(&self, device: &str, n: u64) {
+        let req = memcoord::protocol::requests::OptionalDeviceRequest {
+            device_id: Some(device.to_string()),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.service.get_pressure(&req).unwrap().devices[0].waiting_requests != n {
+            assert!(
+                Instant::now() < deadline,
+                "{n} requests never waited on {device}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
