@@ -28,7 +28,9 @@ pub struct InProcessWorker {
     /// Answers received but not yet asked for, by request id.
     stash: HashMap<String, Vec<Value>>,
     served: Option<std::thread::JoinHandle<()>>,
-    _runtime: tokio::runtime::Runtime,
+    runtime: tokio::runtime::Runtime,
+    /// Stops what serves beside the transport (a metrics endpoint).
+    shutdown: Shutdown,
     next_id: u64,
 }
 
@@ -115,9 +117,25 @@ impl InProcessWorker {
             answers,
             stash: HashMap::new(),
             served: Some(served),
-            _runtime: runtime,
+            runtime,
+            shutdown: Shutdown::new(),
             next_id: 0,
         }
+    }
+
+    /// Serves the metrics endpoint beside it (as `--metrics-addr` does) on a port-0 loopback
+    /// listener, until the worker is closed; returns the port.
+    pub fn serve_metrics(&self) -> u16 {
+        server::start_metrics_server(
+            "127.0.0.1:0",
+            Arc::clone(&self.service),
+            None,
+            server::Timeouts::default(),
+            &self.runtime,
+            self.shutdown.wait(),
+        )
+        .unwrap()
+        .port()
     }
 
     /// Writes raw bytes to the worker's input.
@@ -214,6 +232,7 @@ impl InProcessWorker {
         if let Some(served) = self.served.take() {
             served.join().unwrap();
         }
+        self.shutdown.trigger();
         let mut rest: Vec<Value> = self.stash.drain().flat_map(|(_, q)| q).collect();
         rest.extend(self.answers.try_iter());
         rest
@@ -237,6 +256,7 @@ impl Drop for InProcessWorker {
         if let Some(served) = self.served.take() {
             let _ = served.join();
         }
+        self.shutdown.trigger();
     }
 }
 
