@@ -118,7 +118,13 @@ impl Threads {
             .name(name.into())
             .spawn(move || body(shutdown))
         {
-            Ok(h) => self.handles.lock().push(h),
+            Ok(h) => {
+                let mut handles = self.handles.lock();
+                // Threads that ended need no join: their handles go (many short ones, one per
+                // background request, must not pile up).
+                handles.retain(|h| !h.is_finished());
+                handles.push(h);
+            }
             Err(e) => tracing::warn!("could not start thread {name}: {e}"),
         }
     }
@@ -161,6 +167,24 @@ mod tests {
         threads.stop();
         assert!(started.elapsed() < Duration::from_secs(30));
         assert_eq!(ticks.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn ended_threads_do_not_pile_up_and_running_ones_are_joined() {
+        let threads = Threads::new();
+        for _ in 0..50 {
+            threads.spawn("test-short", |_| {});
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(threads.handles.lock().len() < 50);
+        let done = Arc::new(AtomicBool::new(false));
+        let d = Arc::clone(&done);
+        threads.spawn("test-work", move |_| {
+            std::thread::sleep(Duration::from_millis(50));
+            d.store(true, Ordering::SeqCst);
+        });
+        threads.stop();
+        assert!(done.load(Ordering::SeqCst), "stop waits for work under way");
     }
 
     #[test]

@@ -195,9 +195,17 @@ impl MemoryService {
         self
     }
 
-    /// Now, as wall time, from the service's clock.
-    pub(crate) fn now(&self) -> SystemTime {
+    /// Now, as wall time, from the service's clock: what every timestamp the service gives
+    /// out is read from (compare against these, not `SystemTime::now()`).
+    pub fn now(&self) -> SystemTime {
         self.clock.wall()
+    }
+
+    /// Runs `work` on a thread the service owns (a transfer nobody waits for, a scheduled
+    /// optimize): [`MemoryService::shut_down`] waits for it before it frees anything, so no
+    /// background work outlives the memory it works on.
+    pub fn spawn_background(&self, name: &str, work: impl FnOnce() + Send + 'static) {
+        self.threads.spawn(name, move |_| work());
     }
 
     /// Starts a thread that unloads models idle past their keep-alive, once a second, until
