@@ -1,13 +1,15 @@
-//! Protocol tests: every action of this version, every applicable error row, waiting, clear
-//! through the stdio transport in process; shutdown (EOF, SIGTERM), the line limit and large
-//! allocations against the real binary.
+//! Protocol tests: every action of this version, every applicable error row, waiting, clear,
+//! the line limit and large allocations through the stdio transport in process; shutdown (EOF,
+//! SIGTERM) against the real binary.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 #![allow(unsafe_code)] // test code: libc calls and memory maps of its own
 
 mod common;
 
-use common::inproc::InProcessWorker;
+use common::inproc::{InProcessWorker, settings};
 use common::{Requests, Worker};
+use memcoord::service::MemoryService;
+use memcoord::transport::stdio::WorkerOptions;
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -562,14 +564,13 @@ fn every_error_row_leaves_usage_unchanged() {
 
 #[test]
 fn oversize_lines_are_discarded_and_answered() {
-    let mut w = Worker::spawn(&[
-        "--budget",
-        "cpu=64MiB",
-        "--budget",
-        "shm=64MiB",
-        "--max-line-bytes",
-        "4096",
-    ]);
+    let mut w = InProcessWorker::over_with(
+        MemoryService::new(settings("64MiB", "64MiB").devices().unwrap()),
+        WorkerOptions {
+            max_line_bytes: 4096,
+            ..Default::default()
+        },
+    );
     let big = format!(
         "{{\"request_id\":\"big\",\"action\":\"memory.get_usage\",\"data\":{{\"device_id\":\"cpu\",\"pad\":\"{}\"}}}}\n",
         "x".repeat(100_000)
@@ -807,7 +808,7 @@ unsafe extern "C" {
 
 #[test]
 fn a_large_allocation_faulting_pages_in_does_not_hold_up_other_requests() {
-    let mut w = Worker::spawn(&["--budget", "cpu=3GiB", "--budget", "shm=64MiB"]);
+    let mut w = InProcessWorker::start("3GiB", "64MiB");
     // 2 GiB of pages take hundreds of milliseconds to fault in; a get_usage sent right after
     // is answered first.
     let lines = format!(
@@ -831,7 +832,7 @@ fn a_large_allocation_faulting_pages_in_does_not_hold_up_other_requests() {
 /// offset) says so, instead of blaming fragmentation.
 #[test]
 fn an_allocate_kept_out_by_its_alignment_says_so() {
-    let mut w = Worker::spawn(&["--no-gpu", "--budget", "cpu=64MiB", "--budget", "shm=64MiB"]);
+    let mut w = InProcessWorker::small();
     w.allocate("cpu", 10);
     let (code, msg) = w.err(
         "memory.allocate",
