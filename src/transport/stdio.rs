@@ -364,20 +364,28 @@ pub fn run(
     options: &WorkerOptions,
     shutdown: &crate::runtime::Shutdown,
 ) -> io::Result<()> {
+    /// Triggers the shutdown when the reader ends, however it ends (a panic included), so
+    /// `run` never waits for a reader that is gone.
+    struct Ended(crate::runtime::Shutdown);
+    impl Drop for Ended {
+        fn drop(&mut self) {
+            self.0.trigger();
+        }
+    }
     let worker = Worker::start(dispatcher, runtime.handle().clone(), io::stdout());
     let (reader, options, eof) = (Arc::clone(&worker), options.clone(), shutdown.clone());
     let reading = std::thread::Builder::new()
         .name("memcoord-stdin".into())
         .spawn(move || {
+            let _ended = Ended(eof);
             reader.serve(io::stdin().lock(), &options);
-            eof.trigger();
         })?;
     shutdown.wait_blocking();
     // After a signal: waits for the batch being handled, then finishes (after end of input,
     // finished already: nothing more to do).
     worker.stop();
-    if reading.is_finished() {
-        let _ = reading.join();
+    if reading.is_finished() && reading.join().is_err() {
+        return Err(io::Error::other("the request reader panicked"));
     }
     Ok(())
 }
