@@ -6,11 +6,14 @@
 //! [`service`] (one method per action) → [`managers`] (allocation engine, arenas) →
 //! [`backends`] (host memory). [`domain`] holds what the engine, managers and backends speak
 //! (ids, kinds, plain-data views); [`protocol`] holds the wire contract's types and every
-//! conversion between the two.
+//! conversion between the two; [`runtime`] the lifecycle (one shutdown signal every
+//! transport awaits, the threads it stops).
 //!
 //! As a library: build devices with [`config::Settings::host_devices`], wrap them in a
 //! [`service::MemoryService`], and call its methods; allocations' bytes are read and written
-//! with [`service::MemoryService::read`] and [`service::MemoryService::write`].
+//! with [`service::MemoryService::read`] and [`service::MemoryService::write`]. With a state
+//! directory ([`service::MemoryService::with_state_dir`]) every call records persistent `shm`
+//! allocations before it returns; [`service::MemoryService::shut_down`] ends it.
 
 // The only module that may use `unsafe` (the lint is denied elsewhere, Cargo.toml): the
 // operating system's and the driver's memory calls, signals, and file calls `std` lacks.
@@ -23,6 +26,7 @@ pub mod domain;
 pub mod managers;
 pub mod metrics;
 pub mod protocol;
+pub mod runtime;
 pub mod service;
 pub mod transport;
 pub mod units;

@@ -7,6 +7,7 @@ use memcoord::config::{ConfigError, Settings};
 use memcoord::dispatch::Dispatcher;
 use memcoord::managers::AllocationEngine;
 use memcoord::managers::replay;
+use memcoord::runtime::{Shutdown, Threads};
 use memcoord::service::MemoryService;
 use memcoord::transport::stdio::{self, WorkerOptions};
 use memcoord::units::format_bytes;
@@ -246,8 +247,9 @@ struct ServiceArgs {
 }
 
 impl ServiceArgs {
-    /// The settings and a running service (keep-alive sweeper and sampler started).
-    fn start(&self) -> Result<(Settings, Arc<MemoryService>), String> {
+    /// The settings, a running service (keep-alive sweeper and sampler started, owned by the
+    /// service) and the threads of this command (a progress display), stopped when dropped.
+    fn start(&self) -> Result<(Settings, Arc<MemoryService>, Threads), String> {
         let mut settings = self.devices.settings().map_err(|e| e.to_string())?;
         if let Some(dir) = &self.state_dir {
             memcoord::service::create_private_dir(dir)
@@ -299,10 +301,11 @@ impl ServiceArgs {
         let service = Arc::new(service);
         service.start_keep_alive_sweeper();
         service.start_sampler();
+        let threads = Threads::new();
         if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            show_transfer_progress(Arc::clone(&service));
+            show_transfer_progress(&threads, Arc::clone(&service));
         }
-        Ok((settings, service))
+        Ok((settings, service, threads))
     }
 }
 
@@ -314,6 +317,34 @@ fn timeout_option(name: &str, seconds: f64) -> Result<std::time::Duration, Strin
         ));
     }
     Ok(std::time::Duration::from_secs_f64(seconds))
+}
+
+/// Triggers `shutdown` on SIGTERM or SIGINT, after `on_signal` (for people). The handlers are
+/// installed now, before anything is served, so a signal is never met by the default action.
+fn watch_signals(
+    runtime: &tokio::runtime::Runtime,
+    shutdown: &Shutdown,
+    on_signal: fn(),
+) -> Result<(), String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = runtime
+        .block_on(async {
+            Ok::<_, std::io::Error>((
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+            ))
+        })
+        .map_err(|e| format!("cannot watch signals: {e}"))?;
+    let shutdown = shutdown.clone();
+    runtime.spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        on_signal();
+        shutdown.trigger();
+    });
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -441,24 +472,29 @@ fn run(cli: Cli) -> Result<(), String> {
                     .map_err(|m| format!("--metrics-addr: {m}"))?;
             }
             let max_in_flight = service.max_in_flight;
-            let (settings, service) = service.start()?;
+            let (settings, service, _threads) = service.start()?;
             let options = WorkerOptions {
                 max_line_bytes: max_line_bytes.unwrap_or(settings.max_line_bytes),
                 max_in_flight,
             };
             let runtime = runtime()?;
+            let shutdown = Shutdown::new();
+            watch_signals(&runtime, &shutdown, || {
+                tracing::info!("signal received: finishing in-flight requests");
+            })?;
             if let Some(addr) = &metrics_addr {
-                let bound = memcoord::transport::http::start_metrics_server(
+                let bound = memcoord::transport::server::start_metrics_server(
                     addr,
                     Arc::clone(&service),
                     token,
-                    memcoord::transport::http::Timeouts::default(),
+                    memcoord::transport::server::Timeouts::default(),
                     &runtime,
+                    shutdown.wait(),
                 )
                 .map_err(|e| format!("--metrics-addr {addr}: {e}"))?;
                 eprintln!("memcoord: metrics on http://{bound}/metrics");
             }
-            stdio::run(Dispatcher::new(service), &runtime, &options)
+            stdio::run(Dispatcher::new(service), &runtime, &options, &shutdown)
                 .map_err(|e| format!("worker failed: {e}"))?;
             runtime.shutdown_background();
             Ok(())
@@ -478,21 +514,37 @@ fn run(cli: Cli) -> Result<(), String> {
             // Refused before anything starts: off loopback, a token is required.
             memcoord::transport::http::check_listen_text(&listen, token.is_some())
                 .map_err(|m| format!("serve: {m}"))?;
-            let timeouts = memcoord::transport::http::Timeouts {
+            let timeouts = memcoord::transport::server::Timeouts {
                 header: timeout_option("--header-timeout-seconds", header_timeout_seconds)?,
                 body: timeout_option("--body-timeout-seconds", body_timeout_seconds)?,
             };
             let max_in_flight = service.max_in_flight;
-            let (settings, service) = service.start()?;
+            let (settings, service, _threads) = service.start()?;
             let runtime = runtime()?;
-            let options = memcoord::transport::http::ServeOptions {
-                listen,
+            let shutdown = Shutdown::new();
+            watch_signals(&runtime, &shutdown, || eprintln!("memcoord: stopping"))?;
+            let options = memcoord::transport::server::ServeOptions {
                 token,
                 body_limit: max_body_bytes.unwrap_or(settings.max_line_bytes),
                 max_in_flight,
                 timeouts,
             };
-            let result = runtime.block_on(memcoord::transport::http::serve(service, options));
+            let result = runtime.block_on(async {
+                let listener = tokio::net::TcpListener::bind(&listen).await?;
+                let local = listener.local_addr()?;
+                memcoord::transport::http::check_listen_address(&local, options.token.is_some())
+                    .map_err(|m| std::io::Error::new(std::io::ErrorKind::PermissionDenied, m))?;
+                eprintln!(
+                    "memcoord: serving on http://{local}/ (dashboard at /, API under /v1, /metrics){}",
+                    if options.token.is_some() {
+                        "; bearer token required"
+                    } else {
+                        ""
+                    }
+                );
+                memcoord::transport::server::serve(listener, service, options, shutdown.wait())
+                    .await
+            });
             runtime.shutdown_background();
             result.map_err(|e| format!("serve: {e}"))
         }
@@ -601,45 +653,42 @@ fn run(cli: Cli) -> Result<(), String> {
 const PROGRESS_BAR_BYTES: u64 = 256 << 20;
 
 /// Draws a progress bar on stderr for each long transfer while it runs.
-fn show_transfer_progress(service: Arc<MemoryService>) {
+fn show_transfer_progress(threads: &Threads, service: Arc<MemoryService>) {
     use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
     use std::collections::HashMap;
-    let _ = std::thread::Builder::new()
-        .name("memcoord-progress".into())
-        .spawn(move || {
-            let bars = MultiProgress::new();
-            let style = ProgressStyle::with_template(
-                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar());
-            let mut shown: HashMap<String, ProgressBar> = HashMap::new();
-            loop {
-                std::thread::sleep(std::time::Duration::from_millis(200));
-                let running = service.running_transfers();
-                for t in &running {
-                    if t.total_bytes < PROGRESS_BAR_BYTES {
-                        continue;
-                    }
-                    let bar = shown.entry(t.transfer_id.clone()).or_insert_with(|| {
-                        let b = bars.add(ProgressBar::new(t.total_bytes));
-                        b.set_style(style.clone());
-                        b.set_message(format!(
-                            "{} {} -> {}",
-                            t.mode, t.source_device_id, t.destination_device_id
-                        ));
-                        b
-                    });
-                    bar.set_position(t.bytes_transferred);
+    threads.spawn("memcoord-progress", move |stop| {
+        let bars = MultiProgress::new();
+        let style = ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+        let mut shown: HashMap<String, ProgressBar> = HashMap::new();
+        while !stop.sleep(std::time::Duration::from_millis(200)) {
+            let running = service.running_transfers();
+            for t in &running {
+                if t.total_bytes < PROGRESS_BAR_BYTES {
+                    continue;
                 }
-                shown.retain(|id, bar| {
-                    let still = running.iter().any(|t| &t.transfer_id == id);
-                    if !still {
-                        bar.finish_and_clear();
-                    }
-                    still
+                let bar = shown.entry(t.transfer_id.clone()).or_insert_with(|| {
+                    let b = bars.add(ProgressBar::new(t.total_bytes));
+                    b.set_style(style.clone());
+                    b.set_message(format!(
+                        "{} {} -> {}",
+                        t.mode, t.source_device_id, t.destination_device_id
+                    ));
+                    b
                 });
+                bar.set_position(t.bytes_transferred);
             }
-        });
+            shown.retain(|id, bar| {
+                let still = running.iter().any(|t| &t.transfer_id == id);
+                if !still {
+                    bar.finish_and_clear();
+                }
+                still
+            });
+        }
+    });
 }
 
 fn main() -> ExitCode {

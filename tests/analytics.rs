@@ -1,10 +1,12 @@
-//! memory.analytics through the real binary: every field checked against the operations
-//! performed, the window's bounds, and the per-second samples.
+//! memory.analytics through the stdio transport (in process): every field checked against the
+//! operations performed, the window's bounds, and the per-second samples (on a clock the test
+//! moves, not by sleeping).
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 
-use common::Worker;
+use common::Requests;
+use common::inproc::InProcessWorker;
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -12,7 +14,7 @@ const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 const INF: u64 = i64::MAX as u64;
 
-fn analytics(w: &mut Worker, device: &str, window: u64) -> Value {
+fn analytics(w: &mut impl Requests, device: &str, window: u64) -> Value {
     let d = w.ok(
         "memory.analytics",
         json!({"device_id": device, "window_seconds": window}),
@@ -21,7 +23,7 @@ fn analytics(w: &mut Worker, device: &str, window: u64) -> Value {
     d["devices"][0].clone()
 }
 
-fn allocate(w: &mut Worker, size: u64, purpose: &str) -> String {
+fn allocate(w: &mut impl Requests, size: u64, purpose: &str) -> String {
     let d = w.ok(
         "memory.allocate",
         json!({"device_id": "cpu", "size_bytes": size, "purpose": purpose}),
@@ -45,7 +47,7 @@ fn bucket(a: &Value, le: u64) -> u64 {
 
 #[test]
 fn every_field_follows_the_operations() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::start("64MiB", "64MiB");
     let fresh = analytics(&mut w, "cpu", 3600);
     assert_eq!(fresh["device_id"], "cpu");
     assert_eq!(fresh["window_seconds"], 3600);
@@ -130,14 +132,20 @@ fn every_field_follows_the_operations() {
     // Every device without device_id.
     let all = w.ok("memory.analytics", json!({}));
     assert_eq!(all["devices"].as_array().unwrap().len(), 2);
-    w.close(Duration::from_secs(10));
+    w.close();
 }
 
 #[test]
 fn samples_come_once_a_second_and_the_window_bounds_them() {
-    let mut w = Worker::small();
+    let (mut w, clock) = InProcessWorker::on_manual_clock("64MiB", "64MiB", |s| s);
+    // The sampler's ticks: one as the worker starts, then one a second for 3.3 s.
+    w.service.sample();
     let id = allocate(&mut w, MIB, "x");
-    std::thread::sleep(Duration::from_millis(3300));
+    for _ in 0..3 {
+        clock.advance(Duration::from_secs(1));
+        w.service.sample();
+    }
+    clock.advance(Duration::from_millis(300));
     let a = analytics(&mut w, "cpu", 3600);
     let samples = a["samples"].as_array().unwrap();
     assert!(
@@ -178,5 +186,5 @@ fn samples_come_once_a_second_and_the_window_bounds_them() {
     }
     let (code, _) = w.err("memory.analytics", json!({"device_id": "cuda:99"}));
     assert_eq!(code, "INVALID_DEVICE");
-    w.close(Duration::from_secs(10));
+    w.close();
 }

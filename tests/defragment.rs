@@ -1,10 +1,11 @@
-//! memory.defragment and memory.optimize through the real binary; an `shm` defragment is
-//! verified byte for byte by this (other) process through the allocations' handles.
+//! memory.defragment and memory.optimize through the stdio transport (in process); an `shm`
+//! defragment is verified byte for byte through the allocations' handles.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 
-use common::{Worker, map, pattern};
+use common::inproc::InProcessWorker;
+use common::{Requests, map, pattern};
 use serde_json::{Value, json};
 
 const MIB: u64 = 1 << 20;
@@ -19,7 +20,7 @@ fn handle(a: &Value) -> (String, usize, usize) {
 
 #[test]
 fn shm_defragment_keeps_every_byte_as_another_process_sees_it() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let mut live = Vec::new();
     for i in 0..60u64 {
         let size = 100_000 + i * 3_001;
@@ -102,7 +103,7 @@ fn shm_defragment_keeps_every_byte_as_another_process_sees_it() {
 
 #[test]
 fn optimize_clear_cache_reduce_to_target_and_background() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let mut ids = Vec::new();
     for kind in ["Cache", "Cache", "Temporary", "General", "Temporary"] {
         let d = w.ok(

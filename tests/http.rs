@@ -1,11 +1,14 @@
 //! `memcoord serve`: every REST route exercised and its answers checked against the OpenAPI
 //! document the server publishes; auth rules, body limit, unknown routes and methods, request
-//! ids, waiting requests and leases over HTTP.
+//! ids, waiting requests and leases over HTTP. In process (the router on a port-0 listener)
+//! except what only the process shows: signals, refusals at start, its log.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 
+use common::inproc::InProcessServer;
 use common::{HttpAnswer, Server, write_model};
+use memcoord::transport::server::ServeOptions;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
@@ -60,15 +63,13 @@ fn every_route_answers_as_its_openapi_document_says() {
     let root = std::env::temp_dir().join(format!("memcoord-http-{}", std::process::id()));
     std::fs::create_dir_all(&root).unwrap();
     write_model(&root.join("m.safetensors"), &[("w", MIB as usize / 4)]);
-    let s = Server::spawn(&[
-        "--no-gpu",
-        "--budget",
-        "cpu=64MiB",
-        "--budget",
-        "shm=64MiB",
-        "--model-root",
-        root.to_str().unwrap(),
-    ]);
+    let dir = root.clone();
+    let s = InProcessServer::start(
+        "64MiB",
+        "64MiB",
+        |svc| svc.with_model_root(dir),
+        ServeOptions::default(),
+    );
     let doc = s.get("/v1/openapi.json").json();
     assert_eq!(doc["openapi"], "3.1.0");
 
@@ -276,15 +277,15 @@ fn every_route_answers_as_its_openapi_document_says() {
 
 #[test]
 fn unknown_routes_wrong_methods_request_ids_and_the_body_limit() {
-    let s = Server::spawn(&[
-        "--no-gpu",
-        "--budget",
-        "cpu=64MiB",
-        "--budget",
-        "shm=64MiB",
-        "--max-body-bytes",
-        "1024",
-    ]);
+    let s = InProcessServer::start(
+        "64MiB",
+        "64MiB",
+        |svc| svc,
+        ServeOptions {
+            body_limit: 1024,
+            ..Default::default()
+        },
+    );
     let a = s.get("/v1/nothing/here");
     assert_eq!(a.status, 404);
     assert_eq!(a.json()["error_code"], "UNKNOWN_ACTION");
@@ -344,15 +345,15 @@ fn a_token_guards_every_route_but_healthz() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("token");
     std::fs::write(&file, "s3cret-token\n").unwrap();
-    let s = Server::spawn(&[
-        "--no-gpu",
-        "--budget",
-        "cpu=64MiB",
-        "--budget",
-        "shm=64MiB",
-        "--token-file",
-        file.to_str().unwrap(),
-    ]);
+    let s = InProcessServer::start(
+        "64MiB",
+        "64MiB",
+        |svc| svc,
+        ServeOptions {
+            token: Some(std::fs::read_to_string(&file).unwrap().trim().to_string()),
+            ..Default::default()
+        },
+    );
     assert_eq!(s.get("/healthz").status, 200);
     for (path, headers) in [
         ("/v1/devices", vec![]),
@@ -477,7 +478,7 @@ fn send_and_hang_up_after(port: u16, path: &str, body: &Value, after: Duration) 
 /// completes for nobody, and every byte arrives.
 #[test]
 fn a_transfer_whose_client_hangs_up_completes_with_every_byte() {
-    let s = Server::spawn(&["--no-gpu", "--budget", "cpu=1GiB", "--budget", "shm=1GiB"]);
+    let s = InProcessServer::start("1GiB", "1GiB", |svc| svc, ServeOptions::default());
     let size = 256 * MIB as usize;
     let a = ok(s.post(
         "/v1/allocations",
@@ -536,15 +537,13 @@ fn a_client_that_hangs_up_leaves_nothing_behind() {
     let root = std::env::temp_dir().join(format!("memcoord-hangup-{}", std::process::id()));
     std::fs::create_dir_all(&root).unwrap();
     write_model(&root.join("m.safetensors"), &[("w", MIB as usize)]);
-    let s = Server::spawn(&[
-        "--no-gpu",
-        "--budget",
-        "cpu=8MiB",
-        "--budget",
-        "shm=8MiB",
-        "--model-root",
-        root.to_str().unwrap(),
-    ]);
+    let dir = root.clone();
+    let s = InProcessServer::start(
+        "8MiB",
+        "8MiB",
+        |svc| svc.with_model_root(dir),
+        ServeOptions::default(),
+    );
     // Both devices full: the allocate and the load wait for room.
     let cpu = ok(s.post(
         "/v1/allocations",

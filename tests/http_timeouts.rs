@@ -1,28 +1,35 @@
 //! Slow and lying HTTP clients (issue 19, item 9): a client that sends part of a header, nothing
 //! at all, or a body slower than the body timeout loses its connection (or gets an answer)
 //! instead of holding it forever; a Content-Length over the body limit is refused at once,
-//! before a byte of the body is read.
+//! before a byte of the body is read. The server runs in process (on a port-0 listener); the
+//! flags' checks go through the binary.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 
-use common::{BIN, Server};
+use common::BIN;
+use common::inproc::InProcessServer;
+use memcoord::transport::server::{ServeOptions, Timeouts};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-const ARGS: [&str; 9] = [
-    "--no-gpu",
-    "--budget",
-    "cpu=64MiB",
-    "--budget",
-    "shm=64MiB",
-    "--header-timeout-seconds",
-    "1",
-    "--body-timeout-seconds",
-    "1",
-];
+/// A server whose clients have a second for a header and a second for a body.
+fn server() -> InProcessServer {
+    InProcessServer::start(
+        "64MiB",
+        "64MiB",
+        |s| s,
+        ServeOptions {
+            timeouts: Timeouts {
+                header: Duration::from_secs(1),
+                body: Duration::from_secs(1),
+            },
+            ..Default::default()
+        },
+    )
+}
 
 fn connect(port: u16) -> TcpStream {
     let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -56,7 +63,7 @@ fn answer(raw: &str) -> (u16, Value) {
 
 #[test]
 fn slow_headers_idle_connections_and_slow_bodies_are_cut_off() {
-    let s = Server::spawn(&ARGS);
+    let s = server();
 
     // Half a header: closed once the header timeout (1 s) has passed, with no answer.
     let mut half = connect(s.port);
@@ -120,7 +127,7 @@ fn slow_headers_idle_connections_and_slow_bodies_are_cut_off() {
 #[test]
 fn a_content_length_over_the_limit_is_refused_before_the_body() {
     // Default timeouts (10 s header, 30 s body): the answer must not wait for either.
-    let s = Server::spawn(&["--no-gpu", "--budget", "cpu=64MiB", "--budget", "shm=64MiB"]);
+    let s = InProcessServer::start("64MiB", "64MiB", |s| s, ServeOptions::default());
     for (path, id) in [
         ("/v1/command", Value::Null),
         ("/v1/allocations", Value::from("huge-1")),

@@ -1,12 +1,15 @@
-//! The stdio transport driven in process, over a pipe pair (issue 13's seam): concurrent
+//! The transports driven in process (issue 13's seams): stdio over a pipe pair (concurrent
 //! requests answered exactly once, out of order where one waits, and EOF answering what is in
-//! flight and releasing everything, checked on the service's own books.
+//! flight and releasing everything) and the HTTP server on a port-0 listener (its shutdown
+//! future answering what waits and shutting the service down), checked on the service's own
+//! books.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 
-use common::inproc::InProcessWorker;
+use common::inproc::{InProcessServer, InProcessWorker};
 use memcoord::api::DeviceRequest;
+use memcoord::transport::server::ServeOptions;
 use serde_json::json;
 use std::collections::HashMap;
 
@@ -73,4 +76,56 @@ fn requests_over_an_in_memory_pipe_are_answered_once_and_eof_releases_everything
     let rest = w.close();
     assert!(rest.is_empty(), "{rest:?}");
     assert!(w.service.list_devices().devices.is_empty());
+}
+
+#[test]
+fn the_http_server_stops_on_its_shutdown_future_answering_what_waits() {
+    let mut s = InProcessServer::start("8MiB", "64MiB", |s| s, ServeOptions::default());
+    let big = s.post(
+        "/v1/allocations",
+        &json!({"device_id": "cpu", "size_bytes": 6 * MIB}),
+    );
+    assert_eq!(big.status, 200, "{}", big.body);
+    let port = s.port;
+    let waiting = std::thread::spawn(move || {
+        common::http_request(
+            port,
+            "POST",
+            "/v1/allocations",
+            &[],
+            Some(
+                &json!({"device_id": "cpu", "size_bytes": 4 * MIB, "timeout_seconds": 30})
+                    .to_string(),
+            ),
+        )
+    });
+    let pressure = memcoord::api::OptionalDeviceRequest {
+        device_id: Some("cpu".into()),
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while s.service.get_pressure(&pressure).unwrap().devices[0].waiting_requests != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the allocate never waited"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // What a signal does to `memcoord serve`, without a process.
+    s.stop();
+    let answer = waiting.join().unwrap();
+    assert_eq!(
+        answer.json()["error_code"],
+        "SHUTTING_DOWN",
+        "{}",
+        answer.body
+    );
+    assert!(s.service.is_shutting_down());
+    assert!(
+        s.service.list_devices().devices.is_empty(),
+        "the service was shut down: every device unmapped"
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "no longer listening"
+    );
 }

@@ -1,25 +1,23 @@
 //! Bounds that refuse with a clear error instead of queueing without end: live allocations
 //! per device, requests waiting for memory per device, requests in flight per stdio session and
-//! per HTTP client.
+//! per HTTP client. In process (the stdio transport over a pipe pair, the HTTP server on a
+//! port-0 listener), but for a bound refused at start (a process's exit).
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 
-use common::{Server, Worker};
+use common::Requests;
+use common::inproc::{InProcessServer, InProcessWorker, settings};
+use memcoord::service::MemoryService;
+use memcoord::transport::server::ServeOptions;
+use memcoord::transport::stdio::WorkerOptions;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
 #[test]
 fn allocations_per_device_are_bounded() {
-    let mut w = Worker::spawn(&[
-        "--no-gpu",
-        "--budget",
-        "cpu=64MiB",
-        "--budget",
-        "shm=64MiB",
-        "--max-allocations",
-        "3",
-    ]);
+    let mut w =
+        InProcessWorker::on_clock_of_the_machine("64MiB", "64MiB", |s| s.with_max_allocations(3));
     for _ in 0..3 {
         w.allocate("cpu", 4096);
     }
@@ -43,21 +41,14 @@ fn allocations_per_device_are_bounded() {
 
 #[test]
 fn requests_waiting_for_memory_are_bounded() {
-    let mut w = Worker::spawn(&[
-        "--no-gpu",
-        "--budget",
-        "cpu=8MiB",
-        "--budget",
-        "shm=64MiB",
-        "--max-waiting",
-        "1",
-    ]);
+    let mut w =
+        InProcessWorker::on_clock_of_the_machine("8MiB", "64MiB", |s| s.with_max_waiting(1));
     let big = w.allocate("cpu", 6 << 20);
     let first = w.submit(
         "memory.allocate",
         json!({"device_id": "cpu", "size_bytes": 4 << 20, "timeout_seconds": 30}),
     );
-    std::thread::sleep(Duration::from_millis(300));
+    w.until_waiting("cpu", 1);
     let started = Instant::now();
     let (code, msg) = w.err(
         "memory.allocate",
@@ -88,20 +79,18 @@ fn max_allocations_zero_is_refused_at_start() {
 
 #[test]
 fn requests_in_flight_per_stdio_session_are_bounded() {
-    let mut w = Worker::spawn(&[
-        "--no-gpu",
-        "--budget",
-        "cpu=8MiB",
-        "--budget",
-        "shm=64MiB",
-        "--max-in-flight",
-        "2",
-    ]);
+    let mut w = InProcessWorker::over_with(
+        MemoryService::new(settings("8MiB", "64MiB").devices().unwrap()),
+        WorkerOptions {
+            max_in_flight: 2,
+            ..Default::default()
+        },
+    );
     let big = w.allocate("cpu", 6 << 20);
     let wait = json!({"device_id": "cpu", "size_bytes": 4 << 20, "timeout_seconds": 30});
     let first = w.submit("memory.allocate", wait.clone());
     let second = w.submit("memory.allocate", wait.clone());
-    std::thread::sleep(Duration::from_millis(300));
+    w.until_waiting("cpu", 2);
     let before = w.usage("cpu");
     // A third request that would wait, and a transfer (work that runs after its answer), are
     // refused at once; requests answered at once still are.
@@ -151,15 +140,15 @@ fn requests_in_flight_per_stdio_session_are_bounded() {
 
 #[test]
 fn requests_in_flight_per_http_client_are_bounded() {
-    let server = Server::spawn(&[
-        "--no-gpu",
-        "--budget",
-        "cpu=8MiB",
-        "--budget",
-        "shm=64MiB",
-        "--max-in-flight",
-        "1",
-    ]);
+    let server = InProcessServer::start(
+        "8MiB",
+        "64MiB",
+        |s| s,
+        ServeOptions {
+            max_in_flight: 1,
+            ..Default::default()
+        },
+    );
     let big = server.post(
         "/v1/allocations",
         &json!({"device_id": "cpu", "size_bytes": 6 << 20}),
@@ -169,11 +158,17 @@ fn requests_in_flight_per_http_client_are_bounded() {
         .as_str()
         .unwrap()
         .to_string();
-    let client = Server::client(server.port);
+    let port = server.port;
     let waiting = std::thread::spawn(move || {
-        client.post(
+        common::http_request(
+            port,
+            "POST",
             "/v1/allocations",
-            &json!({"device_id": "cpu", "size_bytes": 4 << 20, "timeout_seconds": 30}),
+            &[],
+            Some(
+                &json!({"device_id": "cpu", "size_bytes": 4 << 20, "timeout_seconds": 30})
+                    .to_string(),
+            ),
         )
     });
     let deadline = Instant::now() + Duration::from_secs(10);

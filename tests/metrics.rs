@@ -1,11 +1,13 @@
-//! `--metrics-addr`: the worker's /metrics parsed as OpenMetrics, its figures checked against
-//! the operations performed, and the Prometheus text checked by `promtool check metrics` where
-//! promtool is installed.
+//! `--metrics-addr`: the worker's /metrics (in process: the stdio transport and the metrics
+//! endpoint on a port-0 listener) parsed as OpenMetrics, its figures checked against the
+//! operations performed, and the Prometheus text checked by `promtool check metrics` where
+//! promtool is installed. (tests/metrics_addr.rs starts it through the binary's flags.)
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 
-use common::{Worker, write_model};
+use common::inproc::InProcessWorker;
+use common::{Requests, write_model};
 use openmetrics_parser::{MetricsExposition, OpenMetricsType, OpenMetricsValue};
 use serde_json::json;
 use std::io::{Read, Write};
@@ -13,14 +15,6 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// GET `path` with an Accept header; returns (content type, body).
 fn get(port: u16, path: &str, accept: &str) -> (String, String) {
@@ -92,17 +86,10 @@ fn metrics_parse_as_openmetrics_and_follow_the_operations() {
     let root = std::env::temp_dir().join(format!("memcoord-metrics-{}", std::process::id()));
     std::fs::create_dir_all(&root).unwrap();
     write_model(&root.join("m.safetensors"), &[("w", MIB as usize)]);
-    let port = free_port();
-    let mut w = Worker::spawn(&[
-        "--budget",
-        "cpu=64MiB",
-        "--budget",
-        "shm=64MiB",
-        "--model-root",
-        root.to_str().unwrap(),
-        "--metrics-addr",
-        &format!("127.0.0.1:{port}"),
-    ]);
+    let dir = root.clone();
+    let mut w =
+        InProcessWorker::on_clock_of_the_machine("64MiB", "64MiB", |s| s.with_model_root(dir));
+    let port = w.serve_metrics();
     // 3 MiB of Cache and 1 MiB General on cpu; one refusal; 2 MiB moved cpu -> shm; a 4 MiB
     // model on shm, leased once.
     for _ in 0..3 {
@@ -280,6 +267,6 @@ fn metrics_parse_as_openmetrics_and_follow_the_operations() {
     }
     let (_, health) = get(port, "/healthz", "*/*");
     assert_eq!(health, "ok\n");
-    w.close(Duration::from_secs(10));
+    w.close();
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -1,12 +1,14 @@
-//! Models through the real binary: safetensors files made here, loaded onto `shm` and verified
-//! byte for byte by this (other) process through the handles; leases, unload, status, and every
+//! Models through the stdio transport in process (and, for a file cut short mid-load, the real
+//! binary): safetensors files made here, loaded onto `shm` and verified byte for byte through
+//! the handles; leases, unload, status, and every
 //! way a load can fail without leaving anything allocated.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 #![allow(unsafe_code)] // test code: libc calls and memory maps of its own
 
 mod common;
 
-use common::{Worker, write_model};
+use common::inproc::InProcessWorker;
+use common::{Requests, Worker, write_model};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::fs::OpenOptions;
@@ -35,7 +37,14 @@ impl Drop for Root {
     }
 }
 
-fn worker(root: &Root, budget: &str) -> Worker {
+/// A worker in process over `cpu` and `shm` of `budget` each, loading models from `root`.
+fn worker(root: &Root, budget: &str) -> InProcessWorker {
+    let dir = root.path().to_path_buf();
+    InProcessWorker::on_clock_of_the_machine(budget, budget, |s| s.with_model_root(dir))
+}
+
+/// [`worker`] as a process of its own (for what must never take the test down with it).
+fn spawned_worker(root: &Root, budget: &str) -> Worker {
     Worker::spawn(&[
         "--budget",
         &format!("cpu={budget}"),
@@ -46,7 +55,7 @@ fn worker(root: &Root, budget: &str) -> Worker {
     ])
 }
 
-fn model_allocations(w: &mut Worker, device: &str, model: &str) -> Vec<Value> {
+fn model_allocations(w: &mut impl Requests, device: &str, model: &str) -> Vec<Value> {
     let r = w.ok(
         "memory.get_allocations",
         json!({"device_id": device, "owner": format!("model:{model}")}),
@@ -270,7 +279,7 @@ fn failed_loads_leave_nothing_allocated() {
     );
 }
 
-fn state_of(w: &mut Worker, name: &str) -> (String, String) {
+fn state_of(w: &mut impl Requests, name: &str) -> (String, String) {
     let st = w.ok("memory.model_status", json!({"model_name": name}));
     (
         st["models"][0]["state"].as_str().unwrap().to_string(),
@@ -281,7 +290,7 @@ fn state_of(w: &mut Worker, name: &str) -> (String, String) {
     )
 }
 
-fn verify_on_shm(w: &mut Worker, name: &str, bytes: &HashMap<String, Vec<u8>>) {
+fn verify_on_shm(w: &mut impl Requests, name: &str, bytes: &HashMap<String, Vec<u8>>) {
     for a in model_allocations(w, "shm", name) {
         let want = &bytes[a["purpose"].as_str().unwrap()];
         let path = a["handle"]["path"].as_str().unwrap();
@@ -306,17 +315,11 @@ fn idle_models_are_offloaded_lru_and_restored_byte_for_byte() {
         &[("b.w", 700_000), ("b.b", 86_432)],
     );
     write_model(&root.path().join("c.safetensors"), &[("c.w", 786_432)]);
-    let mut w = Worker::spawn(&[
-        "--budget",
-        "cpu=64MiB",
-        "--budget",
-        "shm=64MiB",
-        "--model-budget",
-        "shm=8MiB",
-        "--model-root",
-        root.path().to_str().unwrap(),
-    ]);
-    let load = |w: &mut Worker, name: &str| {
+    let dir = root.path().to_path_buf();
+    let mut w = InProcessWorker::on_clock_of_the_machine("64MiB", "64MiB", |s| {
+        s.with_model_root(dir).with_model_budget("shm", 8 * MIB)
+    });
+    let load = |w: &mut InProcessWorker, name: &str| {
         w.ok(
             "memory.model_load",
             json!({"model_name": name, "path": format!("{name}.safetensors"), "device_id": "shm"}),
@@ -390,16 +393,19 @@ fn idle_models_are_offloaded_lru_and_restored_byte_for_byte() {
 fn keep_alive_expiry_model_optimize_and_allocations_that_make_room() {
     let root = Root::new("keepalive");
     write_model(&root.path().join("m.safetensors"), &[("w", 1_048_576)]); // 4 MiB
-    let mut w = worker(&root, "12MiB");
+    // In process, on a clock the test moves: no waiting for the keep-alive.
+    let dir = root.path().to_path_buf();
+    let (mut w, clock) =
+        InProcessWorker::on_manual_clock("12MiB", "12MiB", |s| s.with_model_root(dir));
     w.ok("memory.model_load", json!({"model_name": "brief", "path": "m.safetensors", "device_id": "cpu", "keep_alive_seconds": 0.5}));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while w.request("memory.model_status", json!({"model_name": "brief"}))["success"] == true {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "keep-alive never expired"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    assert!(w.service.sweep_keep_alive().is_empty(), "not expired yet");
+    clock.advance(std::time::Duration::from_millis(600));
+    // What the sweeper does once a second.
+    assert_eq!(w.service.sweep_keep_alive(), vec!["brief".to_string()]);
+    assert_eq!(
+        w.request("memory.model_status", json!({"model_name": "brief"}))["success"],
+        false
+    );
     assert_eq!(w.usage("cpu")["allocated_bytes"], 0);
 
     // An allocation that does not fit makes room by evicting an idle model (cpu: unloaded).
@@ -592,7 +598,7 @@ fn a_model_file_cut_short_while_it_loads_never_kills_the_worker() {
     let tensors: Vec<(&str, usize)> = tensors.iter().map(|(n, s)| (n.as_str(), *s)).collect();
     let bytes = write_model(&pristine, &tensors);
     let len = std::fs::metadata(&pristine).unwrap().len();
-    let mut w = worker(&root, "128MiB");
+    let mut w = spawned_worker(&root, "128MiB");
     let mut outcomes: HashMap<String, u32> = HashMap::new();
     for how in ["truncate", "rewrite"] {
         for delay_ms in [0u64, 1, 3, 10, 30, 100] {

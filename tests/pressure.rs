@@ -1,10 +1,12 @@
-//! memory.get_pressure: levels from usage (in process, on a clock the test moves), waiting and
-//! failures (through the real binary); a lower level shows only after the hold period.
+//! memory.get_pressure: levels from usage (on a clock the test moves), waiting and failures
+//! (through the stdio transport), all in process; a lower level shows only after the hold
+//! period.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 
-use common::Worker;
+use common::Requests;
+use common::inproc::InProcessWorker;
 use memcoord::api::{AllocateRequest, DeallocateRequest, OptionalDeviceRequest};
 use memcoord::config::Settings;
 use memcoord::managers::clock::ManualClock;
@@ -16,21 +18,16 @@ use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
-fn pressure(w: &mut Worker, device: &str) -> Value {
+fn pressure(w: &mut impl Requests, device: &str) -> Value {
     let d = w.ok("memory.get_pressure", json!({"device_id": device}));
     assert_eq!(d["devices"].as_array().unwrap().len(), 1);
     d["devices"][0].clone()
 }
 
-fn worker() -> Worker {
-    Worker::spawn(&[
-        "--budget",
-        "cpu=64MiB",
-        "--budget",
-        "shm=64MiB",
-        "--pressure-hold-seconds",
-        "1",
-    ])
+fn worker() -> (InProcessWorker, Arc<ManualClock>) {
+    InProcessWorker::on_manual_clock("64MiB", "64MiB", |s| {
+        s.with_pressure_hold(Duration::from_secs(1))
+    })
 }
 
 /// In process, on a clock the test moves: no sleeping for the hold.
@@ -105,13 +102,14 @@ fn levels_follow_usage_and_fall_only_after_the_hold() {
 
 #[test]
 fn waiting_requests_stall_time_and_failures_raise_the_level() {
-    let mut w = worker();
+    let (mut w, clock) = worker();
     let big = w.allocate("shm", 20 * MIB); // 31%: None by usage
     let waiting = w.submit(
         "memory.allocate",
         json!({"device_id": "shm", "size_bytes": 50 * MIB, "timeout_seconds": 10}),
     );
-    std::thread::sleep(Duration::from_millis(300));
+    w.until_waiting("shm", 1);
+    clock.advance(Duration::from_millis(300));
     let p = pressure(&mut w, "shm");
     assert_eq!(p["waiting_requests"], 1, "{p}");
     assert_eq!(p["level"], "High", "a request waits: {p}");

@@ -1,11 +1,15 @@
-//! Protocol tests against the real binary: every action of this version, every applicable error
-//! row, waiting, clear, shutdown.
+//! Protocol tests: every action of this version, every applicable error row, waiting, clear,
+//! the line limit and large allocations through the stdio transport in process; shutdown (EOF,
+//! SIGTERM) against the real binary.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 #![allow(unsafe_code)] // test code: libc calls and memory maps of its own
 
 mod common;
 
-use common::Worker;
+use common::inproc::{InProcessWorker, settings};
+use common::{Requests, Worker};
+use memcoord::service::MemoryService;
+use memcoord::transport::stdio::WorkerOptions;
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -26,7 +30,7 @@ fn usage_state(u: &Value) -> Value {
 
 #[test]
 fn list_devices_reports_host_devices() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let d = w.ok("memory.list_devices", Value::Null);
     let devices = d["devices"].as_array().unwrap();
     let by_id = |id: &str| {
@@ -71,7 +75,7 @@ fn list_devices_reports_host_devices() {
 
 #[test]
 fn get_status_honours_its_include_flags() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let id = w.allocate("cpu", 4096);
     let s = w.ok("memory.get_status", json!({"device_id": "cpu"}));
     assert_eq!(s["device_id"], "cpu");
@@ -106,7 +110,7 @@ fn get_status_honours_its_include_flags() {
 
 #[test]
 fn allocate_and_deallocate_keep_exact_accounting() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let before = w.usage("cpu");
     let d = w.ok(
         "memory.allocate",
@@ -166,7 +170,7 @@ fn uuid_version(id: &str) -> char {
 
 #[test]
 fn alignment_is_honoured_and_reported() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     w.allocate("shm", 100);
     let d = w.ok(
         "memory.allocate",
@@ -191,7 +195,7 @@ fn alignment_is_honoured_and_reported() {
 
 #[test]
 fn reservations_are_charged_but_hold_no_memory() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let d = w.ok(
         "memory.allocate",
         json!({"device_id": "cpu", "size_bytes": 40 * MIB, "allocation_type": "Reservation"}),
@@ -211,7 +215,7 @@ fn reservations_are_charged_but_hold_no_memory() {
 
 #[test]
 fn enums_by_name_in_any_case_and_by_integer() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     for (value, expected) in [
         (json!("cache"), "Cache"),
         (json!("TEMPORARY"), "Temporary"),
@@ -248,7 +252,7 @@ fn enums_by_name_in_any_case_and_by_integer() {
 
 #[test]
 fn get_allocations_filters_and_pages_oldest_first() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let mut ids = Vec::new();
     for i in 0..10u64 {
         let purpose = if i % 2 == 0 { "even" } else { "odd" };
@@ -327,7 +331,7 @@ fn get_allocations_filters_and_pages_oldest_first() {
 
 #[test]
 fn every_error_row_leaves_usage_unchanged() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let keep = w.allocate("cpu", 5000);
     let before = usage_state(&w.usage("cpu"));
 
@@ -560,14 +564,13 @@ fn every_error_row_leaves_usage_unchanged() {
 
 #[test]
 fn oversize_lines_are_discarded_and_answered() {
-    let mut w = Worker::spawn(&[
-        "--budget",
-        "cpu=64MiB",
-        "--budget",
-        "shm=64MiB",
-        "--max-line-bytes",
-        "4096",
-    ]);
+    let mut w = InProcessWorker::over_with(
+        MemoryService::new(settings("64MiB", "64MiB").devices().unwrap()),
+        WorkerOptions {
+            max_line_bytes: 4096,
+            ..Default::default()
+        },
+    );
     let big = format!(
         "{{\"request_id\":\"big\",\"action\":\"memory.get_usage\",\"data\":{{\"device_id\":\"cpu\",\"pad\":\"{}\"}}}}\n",
         "x".repeat(100_000)
@@ -582,7 +585,7 @@ fn oversize_lines_are_discarded_and_answered() {
 
 #[test]
 fn default_line_limit_is_one_mebibyte() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let pad = "x".repeat(900_000);
     let d = w.ok("memory.get_usage", json!({"device_id": "cpu", "pad": pad}));
     assert_eq!(d["device_id"], "cpu");
@@ -599,7 +602,7 @@ fn default_line_limit_is_one_mebibyte() {
 
 #[test]
 fn crlf_lines_are_accepted() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     w.send_raw(b"{\"request_id\":\"crlf\",\"action\":\"memory.get_usage\",\"data\":{\"device_id\":\"cpu\"}}\r\n");
     let v = w.wait_for("crlf", Duration::from_secs(10));
     assert_eq!(v["success"], true);
@@ -607,7 +610,7 @@ fn crlf_lines_are_accepted() {
 
 #[test]
 fn clear_keeps_persistent_unless_forced() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     w.allocate("cpu", 1000);
     w.ok(
         "memory.allocate",
@@ -646,7 +649,7 @@ fn clear_keeps_persistent_unless_forced() {
 
 #[test]
 fn a_waiting_allocate_succeeds_when_memory_is_freed_and_others_keep_being_answered() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let big = w.allocate("cpu", 40 * MIB);
     let waiting = w.submit(
         "memory.allocate",
@@ -671,7 +674,7 @@ fn a_waiting_allocate_succeeds_when_memory_is_freed_and_others_keep_being_answer
 
 #[test]
 fn a_waiting_allocate_times_out_with_out_of_memory() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     w.allocate("cpu", 40 * MIB);
     let before = usage_state(&w.usage("cpu"));
     let v = w.request(
@@ -689,7 +692,7 @@ fn a_waiting_allocate_times_out_with_out_of_memory() {
 
 #[test]
 fn a_size_over_the_budget_fails_at_once() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let started = std::time::Instant::now();
     let (code, _) = w.err(
         "memory.allocate",
@@ -704,7 +707,7 @@ fn a_size_over_the_budget_fails_at_once() {
 
 #[test]
 fn every_action_of_the_contract_is_known() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let actions = [
         "memory.list_devices",
         "memory.get_status",
@@ -805,7 +808,7 @@ unsafe extern "C" {
 
 #[test]
 fn a_large_allocation_faulting_pages_in_does_not_hold_up_other_requests() {
-    let mut w = Worker::spawn(&["--budget", "cpu=3GiB", "--budget", "shm=64MiB"]);
+    let mut w = InProcessWorker::start("3GiB", "64MiB");
     // 2 GiB of pages take hundreds of milliseconds to fault in; a get_usage sent right after
     // is answered first.
     let lines = format!(
@@ -829,7 +832,7 @@ fn a_large_allocation_faulting_pages_in_does_not_hold_up_other_requests() {
 /// offset) says so, instead of blaming fragmentation.
 #[test]
 fn an_allocate_kept_out_by_its_alignment_says_so() {
-    let mut w = Worker::spawn(&["--no-gpu", "--budget", "cpu=64MiB", "--budget", "shm=64MiB"]);
+    let mut w = InProcessWorker::small();
     w.allocate("cpu", 10);
     let (code, msg) = w.err(
         "memory.allocate",

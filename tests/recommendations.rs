@@ -1,14 +1,34 @@
-//! memory.optimization_recs through the real binary, one test per rule: produce the situation,
-//! take the recommendation, send its `request` as is, and check that the promised saving
-//! happened.
+//! memory.optimization_recs through the stdio transport (in process, on a clock the test
+//! moves instead of sleeping), one test per rule: produce the situation, take the
+//! recommendation, send its `request` as is, and check that the promised saving happened.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 
-use common::{Worker, write_model};
+use common::inproc::InProcessWorker;
+use common::{Requests, write_model};
+use memcoord::managers::advisor::Rules;
+use memcoord::managers::clock::ManualClock;
+use memcoord::service::MemoryService;
 use serde_json::{Value, json};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+type Worker = InProcessWorker;
+
+/// A worker with a `cpu` budget (shm 64 MiB) on a manual clock, set up by `configure`.
+fn on_clock(
+    cpu: &str,
+    configure: impl FnOnce(MemoryService) -> MemoryService,
+) -> (Worker, Arc<ManualClock>) {
+    InProcessWorker::on_manual_clock(cpu, "64MiB", configure)
+}
+
+/// A worker with small budgets (cpu 64 MiB, shm 64 MiB).
+fn small() -> Worker {
+    on_clock("64MiB", |s| s).0
+}
 
 const MIB: u64 = 1 << 20;
 
@@ -73,8 +93,8 @@ fn largest_free(w: &mut Worker, device: &str) -> u64 {
 
 #[test]
 fn nothing_to_advise_on_a_quiet_worker() {
-    let mut w = Worker::small();
-    w.allocate("cpu", MIB);
+    let mut w = small();
+    allocate(&mut w, "cpu", MIB, "General", false);
     let all = w.ok("memory.optimization_recs", json!({}));
     assert_eq!(all["recommendations"], json!([]), "{all}");
     let (code, _) = w.err("memory.optimization_recs", json!({"device_id": "nope"}));
@@ -83,8 +103,10 @@ fn nothing_to_advise_on_a_quiet_worker() {
 
 #[test]
 fn defragment_grows_the_largest_free_block_as_promised() {
-    let mut w = Worker::spawn(&["--budget", "cpu=40MiB", "--budget", "shm=64MiB"]);
-    let ids: Vec<String> = (0..32).map(|_| w.allocate("cpu", MIB)).collect();
+    let mut w = on_clock("40MiB", |s| s).0;
+    let ids: Vec<String> = (0..32)
+        .map(|_| allocate(&mut w, "cpu", MIB, "General", false))
+        .collect();
     for id in ids.iter().step_by(2) {
         w.ok("memory.deallocate", json!({"allocation_id": id}));
     }
@@ -108,7 +130,7 @@ fn defragment_grows_the_largest_free_block_as_promised() {
 
 #[test]
 fn defragment_promise_holds_around_a_persistent_allocation() {
-    let mut w = Worker::spawn(&["--budget", "cpu=40MiB", "--budget", "shm=64MiB"]);
+    let mut w = on_clock("40MiB", |s| s).0;
     let ids: Vec<String> = (0..32)
         .map(|i| allocate(&mut w, "cpu", MIB, "General", i == 15))
         .collect();
@@ -130,7 +152,7 @@ fn defragment_promise_holds_around_a_persistent_allocation() {
 
 #[test]
 fn clear_cache_frees_the_cache_allocations_it_counted() {
-    let mut w = Worker::small();
+    let mut w = small();
     allocate(&mut w, "cpu", 40 * MIB, "General", false);
     for _ in 0..5 {
         allocate(&mut w, "cpu", 2 * MIB, "Cache", false);
@@ -156,7 +178,7 @@ fn clear_cache_frees_the_cache_allocations_it_counted() {
 
 #[test]
 fn reduce_to_target_frees_what_reaching_the_target_takes() {
-    let mut w = Worker::small();
+    let mut w = small();
     allocate(&mut w, "cpu", 44 * MIB, "General", false);
     for _ in 0..12 {
         allocate(&mut w, "cpu", MIB, "Temporary", false);
@@ -175,8 +197,8 @@ fn reduce_to_target_frees_what_reaching_the_target_takes() {
 
 #[test]
 fn raise_budget_when_a_refused_request_needed_more_than_the_budget() {
-    let mut w = Worker::spawn(&["--budget", "cpu=8MiB", "--budget", "shm=64MiB"]);
-    w.allocate("cpu", 6 * MIB);
+    let mut w = on_clock("8MiB", |s| s).0;
+    allocate(&mut w, "cpu", 6 * MIB, "General", false);
     let (code, _) = w.err(
         "memory.allocate",
         json!({"device_id": "cpu", "size_bytes": 4 * MIB, "timeout_seconds": 0}),
@@ -192,21 +214,19 @@ fn raise_budget_when_a_refused_request_needed_more_than_the_budget() {
 
 #[test]
 fn review_persistent_after_the_threshold_and_deallocate_frees_it() {
-    let mut w = Worker::spawn(&[
-        "--budget",
-        "cpu=64MiB",
-        "--budget",
-        "shm=64MiB",
-        "--review-persistent-seconds",
-        "1",
-    ]);
+    let (mut w, clock) = on_clock("64MiB", |s| {
+        s.with_advice_rules(Rules {
+            review_persistent_seconds: 1.0,
+            ..Default::default()
+        })
+    });
     let id = allocate(&mut w, "cpu", 3 * MIB, "General", true);
     allocate(&mut w, "cpu", MIB, "General", false);
     assert!(
         find(&recs(&mut w, "cpu"), "ReviewPersistent").is_none(),
         "too young"
     );
-    std::thread::sleep(Duration::from_millis(1300));
+    clock.advance(Duration::from_millis(1300));
     let r = recs(&mut w, "cpu");
     let rec = find(&r, "ReviewPersistent").unwrap_or_else(|| panic!("{r:?}"));
     assert_eq!(rec["id"], format!("cpu/ReviewPersistent/{id}"));
@@ -237,17 +257,14 @@ impl Drop for Root {
     }
 }
 
-fn model_worker(root: &Root, cpu_budget: &str) -> Worker {
-    Worker::spawn(&[
-        "--budget",
-        &format!("cpu={cpu_budget}"),
-        "--budget",
-        "shm=64MiB",
-        "--model-root",
-        root.0.to_str().unwrap(),
-        "--idle-model-seconds",
-        "1",
-    ])
+fn model_worker(root: &Root, cpu_budget: &str) -> (Worker, Arc<ManualClock>) {
+    let dir = root.0.clone();
+    on_clock(cpu_budget, move |s| {
+        s.with_model_root(dir).with_advice_rules(Rules {
+            idle_model_seconds: 1.0,
+            ..Default::default()
+        })
+    })
 }
 
 /// Loads the 8 MiB model onto `device`, then fills the device to 53 of 64 MiB (Moderate).
@@ -262,7 +279,7 @@ fn idle_model_under_pressure(w: &mut Worker, device: &str) {
 #[test]
 fn offload_idle_models_moves_them_to_cpu() {
     let root = Root::new("offload");
-    let mut w = model_worker(&root, "64MiB");
+    let (mut w, clock) = model_worker(&root, "64MiB");
     idle_model_under_pressure(&mut w, "shm");
     assert!(
         find(&recs(&mut w, "shm"), "OffloadIdleModels").is_none(),
@@ -270,7 +287,7 @@ fn offload_idle_models_moves_them_to_cpu() {
     );
     // A leased model is never advised away.
     let lease = w.ok("memory.model_acquire", json!({"model_name": "unet"}));
-    std::thread::sleep(Duration::from_millis(1300));
+    clock.advance(Duration::from_millis(1300));
     assert!(
         find(&recs(&mut w, "shm"), "OffloadIdleModels").is_none(),
         "leased"
@@ -279,7 +296,7 @@ fn offload_idle_models_moves_them_to_cpu() {
         "memory.model_release",
         json!({"lease_id": lease["lease_id"]}),
     );
-    std::thread::sleep(Duration::from_millis(1300));
+    clock.advance(Duration::from_millis(1300));
     let r = recs(&mut w, "shm");
     let rec = find(&r, "OffloadIdleModels").unwrap_or_else(|| panic!("{r:?}"));
     assert_eq!(savings(rec), 8 * MIB);
@@ -294,9 +311,9 @@ fn offload_idle_models_moves_them_to_cpu() {
 #[test]
 fn unload_idle_models_when_cpu_has_no_room() {
     let root = Root::new("unload");
-    let mut w = model_worker(&root, "4MiB");
+    let (mut w, clock) = model_worker(&root, "4MiB");
     idle_model_under_pressure(&mut w, "shm");
-    std::thread::sleep(Duration::from_millis(1300));
+    clock.advance(Duration::from_millis(1300));
     let r = recs(&mut w, "shm");
     let rec = find(&r, "UnloadIdleModels").unwrap_or_else(|| panic!("{r:?}"));
     assert!(find(&r, "OffloadIdleModels").is_none());

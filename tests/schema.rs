@@ -5,7 +5,8 @@
 
 mod common;
 
-use common::Worker;
+use common::Requests;
+use common::inproc::InProcessWorker;
 use serde_json::{Value, json};
 
 const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/protocol.schema.json");
@@ -31,7 +32,7 @@ fn the_stdio_schema_in_docs_is_current_and_real_lines_match_it() {
         assert!(errors.is_empty(), "{v}\n{errors:?}");
     };
 
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let requests = [
         json!({"request_id": "1", "action": "memory.list_devices"}),
         json!({"request_id": "2", "action": "memory.allocate", "data": {"device_id": "shm", "size_bytes": 4096, "allocation_type": "Cache"}}),

@@ -1,16 +1,17 @@
-//! memory.transfer and memory.get_transfer between host devices through the real binary, with
-//! byte-for-byte verification through `shm` handles by this (other) process.
+//! memory.transfer and memory.get_transfer between host devices through the stdio transport
+//! (in process), with byte-for-byte verification through `shm` handles.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 
-use common::{Worker, map, pattern};
+use common::inproc::InProcessWorker;
+use common::{Requests, map, pattern};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 
-fn shm_alloc(w: &mut Worker, size: u64, extra: Value) -> (String, String, usize) {
+fn shm_alloc(w: &mut impl Requests, size: u64, extra: Value) -> (String, String, usize) {
     let mut data = json!({"device_id": "shm", "size_bytes": size});
     if let (Some(d), Some(e)) = (data.as_object_mut(), extra.as_object()) {
         for (k, v) in e {
@@ -26,7 +27,7 @@ fn shm_alloc(w: &mut Worker, size: u64, extra: Value) -> (String, String, usize)
     )
 }
 
-fn handle_of(w: &mut Worker, id: &str, device: &str) -> Option<(String, usize)> {
+fn handle_of(w: &mut impl Requests, id: &str, device: &str) -> Option<(String, usize)> {
     let list = w.ok("memory.get_allocations", json!({"device_id": device}));
     list["allocations"]
         .as_array()
@@ -41,7 +42,7 @@ fn handle_of(w: &mut Worker, id: &str, device: &str) -> Option<(String, usize)> 
         })
 }
 
-fn wait_done(w: &mut Worker, transfer_id: &str) -> Value {
+fn wait_done(w: &mut impl Requests, transfer_id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let t = w.ok("memory.get_transfer", json!({"transfer_id": transfer_id}));
@@ -55,7 +56,7 @@ fn wait_done(w: &mut Worker, transfer_id: &str) -> Value {
 
 #[test]
 fn move_shm_to_cpu_and_back_keeps_the_id_and_every_byte() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let size = 5 * MIB + 123;
     let (id, path, off) = shm_alloc(
         &mut w,
@@ -121,7 +122,7 @@ fn move_shm_to_cpu_and_back_keeps_the_id_and_every_byte() {
 
 #[test]
 fn copy_makes_a_new_allocation_with_the_same_type_purpose_and_persistence() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let size = 3 * MIB;
     let (id, path, off) = shm_alloc(
         &mut w,
@@ -177,7 +178,7 @@ fn copy_makes_a_new_allocation_with_the_same_type_purpose_and_persistence() {
 
 #[test]
 fn every_transfer_rule_is_enforced_and_failures_change_nothing() {
-    let mut w = Worker::small();
+    let mut w = InProcessWorker::small();
     let (id, _, _) = shm_alloc(&mut w, MIB, json!({}));
     let reservation = w.ok(
         "memory.allocate",
@@ -269,7 +270,7 @@ fn every_transfer_rule_is_enforced_and_failures_change_nothing() {
 
 #[test]
 fn many_transfers_run_at_once() {
-    let mut w = Worker::spawn(&["--budget", "cpu=1GiB", "--budget", "shm=1GiB"]);
+    let mut w = InProcessWorker::start("1GiB", "1GiB");
     let sizes = [64 * MIB, 96 * MIB, 128 * MIB];
     let mut ids = Vec::new();
     for (i, size) in sizes.iter().enumerate() {

@@ -7,8 +7,8 @@ use crate::service::MemoryService;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::task::Poll;
 use std::time::Instant;
 
@@ -124,88 +124,25 @@ impl Drop for InFlightTicket {
 /// Gives a request a place in its session's bound, or the refusal.
 pub type Admit<'a> = &'a dyn Fn() -> Result<InFlightTicket, ProtocolError>;
 
-/// The work requests leave running after their answer (an optimize or a transfer without
-/// `wait_for_completion`): each on a thread this set owns, so that shutdown can wait for them
-/// ([`TaskSet::wait`]) instead of leaving them detached.
-#[derive(Debug, Default)]
-pub struct TaskSet {
-    running: Mutex<usize>,
-    idle: Condvar,
-}
-
-impl TaskSet {
-    /// An empty set.
-    pub fn new() -> Arc<Self> {
-        Arc::new(TaskSet::default())
-    }
-
-    /// Background work running now.
-    pub fn running(&self) -> usize {
-        *self.running.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Runs `work` on a thread of its own, counted until it ends (a panic included).
-    pub fn spawn(self: &Arc<Self>, name: &str, work: impl FnOnce() + Send + 'static) {
-        /// Counts the work done when dropped, so a panicking one is counted too.
-        struct Done(Arc<TaskSet>);
-        impl Drop for Done {
-            fn drop(&mut self) {
-                let mut n = self.0.running.lock().unwrap_or_else(|p| p.into_inner());
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    self.0.idle.notify_all();
-                }
-            }
-        }
-        *self.running.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        let done = Done(Arc::clone(self));
-        let spawned = std::thread::Builder::new()
-            .name(format!("memcoord-{name}"))
-            .spawn(move || {
-                let _done = done;
-                work();
-            });
-        if let Err(e) = spawned {
-            // The closure (and so `done`) was dropped with the error: the count is right.
-            tracing::error!("could not start the background {name}: {e}");
-        }
-    }
-
-    /// Waits until no background work is running.
-    pub fn wait(&self) {
-        let mut n = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        while *n > 0 {
-            n = self.idle.wait(n).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-}
-
 /// What a handler is given: the service, when the request arrived, the session's bound on
 /// requests in flight, and the set that owns background work.
 pub struct Context<'a> {
     service: &'a Arc<MemoryService>,
     started: Instant,
     admit: Option<Admit<'a>>,
-    tasks: &'a Arc<TaskSet>,
-    after: fn(&MemoryService),
 }
 
 impl<'a> Context<'a> {
-    /// A context for one request. `admit` is the session's bound (None: unbounded); `after`
-    /// runs after background work, as after every request.
+    /// A context for one request. `admit` is the session's bound (None: unbounded).
     pub fn new(
         service: &'a Arc<MemoryService>,
         started: Instant,
         admit: Option<Admit<'a>>,
-        tasks: &'a Arc<TaskSet>,
-        after: fn(&MemoryService),
     ) -> Self {
         Context {
             service,
             started,
             admit,
-            tasks,
-            after,
         }
     }
 
@@ -255,42 +192,25 @@ impl<'a> Context<'a> {
         })
     }
 
-    /// Leaves `work` running after the answer, on a thread the dispatcher's [`TaskSet`] owns;
-    /// `ticket` (its place in the bound) is held until it ends.
+    /// Leaves `work` running after the answer, on a thread the service owns
+    /// ([`MemoryService::spawn_background`]: its shutdown waits for it); `ticket` (its place in
+    /// the bound) is held until it ends.
     pub fn background<F>(&self, name: &str, ticket: Option<InFlightTicket>, work: F)
     where
         F: FnOnce(&MemoryService) + Send + 'static,
     {
         let service = Arc::clone(self.service);
-        let after = self.after;
-        self.tasks.spawn(name, move || {
-            work(&service);
-            after(&service);
-            drop(ticket);
-        });
+        self.service
+            .spawn_background(&format!("memcoord-{name}"), move || {
+                work(&service);
+                drop(ticket);
+            });
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicBool;
-    use std::time::Duration;
-
-    #[test]
-    fn a_task_set_waits_for_its_work_a_panicking_one_too() {
-        let tasks = TaskSet::new();
-        let done = Arc::new(AtomicBool::new(false));
-        let d = Arc::clone(&done);
-        tasks.spawn("slow", move || {
-            std::thread::sleep(Duration::from_millis(50));
-            d.store(true, Ordering::Release);
-        });
-        tasks.spawn("panicking", || panic!("on purpose"));
-        tasks.wait();
-        assert!(done.load(Ordering::Acquire));
-        assert_eq!(tasks.running(), 0);
-    }
 
     #[test]
     fn a_panicking_answer_is_an_internal_error() {

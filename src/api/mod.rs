@@ -16,8 +16,7 @@ pub mod parse;
 pub mod query;
 
 pub use context::{
-    Admit, Answer, Context, InFlightLimit, InFlightTicket, Reply, TaskSet, catching_panics,
-    internal_error,
+    Admit, Answer, Context, InFlightLimit, InFlightTicket, Reply, catching_panics, internal_error,
 };
 
 use crate::protocol::ProtocolError;

@@ -1,12 +1,13 @@
 //! Dispatch: a typed [`Request`] becomes a service call and a typed [`Response`], at once or
-//! later ([`Reply`]). The one place that refuses requests while the worker stops, turns a
-//! panic into INTERNAL_ERROR, and records persistent state after a request. What each action
+//! later ([`Reply`]). The one place that refuses requests while the worker stops and turns a
+//! panic into INTERNAL_ERROR (persistent state is recorded by the service itself, before the
+//! call that changed it returns). What each action
 //! does, and whether it waits, is its own file's business (`api/actions/`); the envelope
 //! (`request_id`, JSON lines, HTTP bodies) is the transports'.
 
 use crate::api::{Action, Context, Request, Response};
 pub use crate::api::{
-    Admit, Answer, InFlightLimit, InFlightTicket, Reply, TaskSet, catching_panics, internal_error,
+    Admit, Answer, InFlightLimit, InFlightTicket, Reply, catching_panics, internal_error,
 };
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::service::MemoryService;
@@ -15,31 +16,22 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Carries out typed requests on a service, and owns the work they leave running.
+/// Carries out typed requests on a service (the work they leave running belongs to the
+/// service: [`MemoryService::spawn_background`]).
 #[derive(Clone)]
 pub struct Dispatcher {
     service: Arc<MemoryService>,
-    tasks: Arc<TaskSet>,
 }
 
 impl Dispatcher {
     /// A dispatcher over a service.
     pub fn new(service: Arc<MemoryService>) -> Self {
-        Dispatcher {
-            service,
-            tasks: TaskSet::new(),
-        }
+        Dispatcher { service }
     }
 
     /// The service.
     pub fn service(&self) -> &Arc<MemoryService> {
         &self.service
-    }
-
-    /// The background work requests left running (a transfer or an optimize without
-    /// `wait_for_completion`); shutdown waits for it ([`TaskSet::wait`]).
-    pub fn tasks(&self) -> &Arc<TaskSet> {
-        &self.tasks
     }
 
     /// Carries out `request`. `admit` gives a request that is answered later, or leaves work
@@ -75,36 +67,16 @@ impl Dispatcher {
             }
             match request() {
                 Ok(request) => {
-                    let cx =
-                        Context::new(&self.service, started, admit, &self.tasks, after_request);
+                    let cx = Context::new(&self.service, started, admit);
                     request.handle(&cx)
                 }
                 Err(e) => Reply::Now(Err(e)),
             }
         }));
         match handled {
-            Ok(Reply::Now(answer)) => {
-                after_request(&self.service);
-                Reply::Now(answer)
-            }
-            Ok(Reply::Later(answer)) => {
-                let service = Arc::clone(&self.service);
-                let answer = catching_panics(answer);
-                Reply::later(async move {
-                    let answer = answer.await;
-                    after_request(&service);
-                    answer
-                })
-            }
+            Ok(Reply::Now(answer)) => Reply::Now(answer),
+            Ok(Reply::Later(answer)) => Reply::Later(catching_panics(answer)),
             Err(_) => Reply::Now(Err(internal_error())),
         }
-    }
-}
-
-/// After every request (and every piece of background work): with a state directory, a change
-/// to persistent shm allocations is on disk before the answer that reports it goes out.
-fn after_request(service: &MemoryService) {
-    if service.has_state() {
-        service.record_state();
     }
 }

@@ -14,6 +14,7 @@ pub const KEPT_FINISHED_TRANSFERS: usize = 10_000;
 pub struct Transfer {
     /// What `memory.transfer` and `memory.get_transfer` report.
     pub record: TransferRecord,
+    /// When it started, for its bandwidth (a measurement, not behaviour: real time).
     started: Instant,
     finished_seq: Option<u64>,
 }
@@ -100,12 +101,14 @@ impl TransferTable {
         }
     }
 
-    /// Ends a transfer with a status (and an error message when it failed).
+    /// Ends a transfer with a status (and an error message when it failed), `at` the
+    /// service's clock's now.
     pub fn finish(
         &mut self,
         id: &Uuid,
         status: TransferStatus,
         error: Option<String>,
+        at: SystemTime,
     ) -> Option<TransferRecord> {
         let seq = self.finished;
         self.finished += 1;
@@ -116,7 +119,7 @@ impl TransferTable {
             _ => {}
         }
         t.record.status = status;
-        t.record.completed_at = Some(SystemTime::now());
+        t.record.completed_at = Some(at);
         t.record.error_message = error;
         t.finished_seq = Some(seq);
         let record = t.record.clone();

@@ -4,6 +4,7 @@
 //! see JSON. Some wait (an allocate, a model load or an acquire waiting for room; a transfer, a
 //! defragment or an optimize doing its work); the transports run those off the reading thread.
 
+mod allocate;
 mod model_files;
 mod models;
 mod state;
@@ -12,6 +13,7 @@ mod transfers;
 
 pub use state::{StateError, StateWrittenHook, create_private_dir};
 
+pub use allocate::{LARGE_ALLOCATION_BYTES, TryAllocate};
 pub use telemetry::{ModelTelemetry, Telemetry};
 pub use transfers::StartedTransfer;
 
@@ -63,6 +65,10 @@ impl From<EngineError> for ProtocolError {
 
 /// The memory service: every device, every allocation, and the waiters for memory.
 pub struct MemoryService {
+    /// Where every time that matters to behaviour comes from (the engine's clock too).
+    clock: Arc<dyn crate::managers::clock::Clock>,
+    /// The background threads (keep-alive sweeper, sampler), stopped at shutdown.
+    threads: crate::runtime::Threads,
     engine: Mutex<AllocationEngine>,
     transfers: Mutex<TransferTable>,
     transfer_chunk_bytes: u64,
@@ -87,23 +93,8 @@ pub struct MemoryService {
 #[doc(hidden)]
 pub type ModelLoadHook = Arc<dyn Fn(&str) + Send + Sync>;
 
-/// The result of trying to allocate without waiting.
-pub enum TryAllocate {
-    /// Done (or failed for good).
-    Ready(Result<AllocateMemoryResponse, ProtocolError>),
-    /// No room now; the request should wait up to its timeout.
-    MustWait(AllocateRequest),
-    /// Large: its pages should be faulted in off the reading thread and without the engine,
-    /// by [`MemoryService::allocate_large`].
-    Large(AllocateRequest),
-}
-
 /// How many requests may wait for memory on one device at once, by default.
 pub const DEFAULT_MAX_WAITING: u64 = 4096;
-
-/// Allocations at least this large fault their pages in without holding the engine, on a
-/// blocking thread, so other requests are answered meanwhile.
-pub const LARGE_ALLOCATION_BYTES: u64 = 16 << 20;
 
 impl MemoryService {
     /// A service over the given devices.
@@ -117,9 +108,11 @@ impl MemoryService {
         devices: Vec<DeviceSetup>,
         clock: Arc<dyn crate::managers::clock::Clock>,
     ) -> Self {
-        let engine = AllocationEngine::with_clock(devices, clock);
+        let engine = AllocationEngine::with_clock(devices, Arc::clone(&clock));
         let room = engine.room();
         MemoryService {
+            clock,
+            threads: crate::runtime::Threads::new(),
             engine: Mutex::new(engine),
             transfers: Mutex::new(TransferTable::default()),
             transfer_chunk_bytes: TRANSFER_CHUNK_BYTES,
@@ -202,24 +195,34 @@ impl MemoryService {
         self
     }
 
+    /// Now, as wall time, from the service's clock: what every timestamp the service gives
+    /// out is read from (compare against these, not `SystemTime::now()`).
+    pub fn now(&self) -> SystemTime {
+        self.clock.wall()
+    }
+
+    /// Runs `work` on a thread the service owns (a transfer nobody waits for, a scheduled
+    /// optimize): [`MemoryService::shut_down`] waits for it before it frees anything, so no
+    /// background work outlives the memory it works on.
+    pub fn spawn_background(&self, name: &str, work: impl FnOnce() + Send + 'static) {
+        self.threads.spawn(name, move |_| work());
+    }
+
     /// Starts a thread that unloads models idle past their keep-alive, once a second, until
-    /// shutdown.
+    /// shutdown ([`MemoryService::shut_down`] stops it and waits for it).
     pub fn start_keep_alive_sweeper(self: &Arc<Self>) {
         let service = Arc::downgrade(self);
-        let _ = std::thread::Builder::new()
-            .name("memcoord-keep-alive".into())
-            .spawn(move || {
-                while let Some(s) = service.upgrade() {
-                    if s.is_shutting_down() {
-                        break;
-                    }
-                    for name in s.sweep_keep_alive() {
-                        tracing::info!("unloaded model {name}: idle past its keep-alive");
-                    }
-                    drop(s);
-                    std::thread::sleep(Duration::from_secs(1));
+        self.threads.spawn("memcoord-keep-alive", move |stop| {
+            while !stop.sleep(Duration::from_secs(1)) {
+                let Some(s) = service.upgrade() else { break };
+                if s.is_shutting_down() {
+                    break;
                 }
-            });
+                for name in s.sweep_keep_alive() {
+                    tracing::info!("unloaded model {name}: idle past its keep-alive");
+                }
+            }
+        });
     }
 
     /// Whether shutdown has begun.
@@ -231,6 +234,18 @@ impl MemoryService {
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
         self.room.raise();
+    }
+
+    /// The end of every transport's shutdown path, once its requests are answered: begins
+    /// shutdown (if not yet), stops the background threads and waits for them, frees every
+    /// allocation (persistent `shm` ones stay with a state directory, recorded) and unmaps
+    /// every device. Returns how many allocations were freed. Call it once, last.
+    pub fn shut_down(&self) -> u64 {
+        self.begin_shutdown();
+        self.threads.stop();
+        let released = self.release_all();
+        self.close();
+        released
     }
 
     /// Frees every allocation (at exit); returns how many there were.
@@ -324,314 +339,9 @@ impl MemoryService {
         })
     }
 
-    /// `memory.allocate` without waiting: done, failed, must wait for room, or large.
-    pub fn try_allocate(&self, req: AllocateRequest, started: Instant) -> TryAllocate {
-        if req.size_bytes >= LARGE_ALLOCATION_BYTES
-            && req.allocation_type != MemoryAllocationType::Reservation
-        {
-            return TryAllocate::Large(req);
-        }
-        let mut e = self.engine.lock();
-        let d = match e.device_index(&req.device_id) {
-            Ok(d) => d,
-            Err(err) => return TryAllocate::Ready(Err(err.into())),
-        };
-        let mut attempt = Self::allocate_locked(&mut e, d, &req, started);
-        if matches!(attempt, Err(EngineError::NoRoom { .. })) {
-            // Make room from idle models, then try once more.
-            drop(e);
-            let made = self.make_room_for(&req.device_id, d, req.size_bytes);
-            e = self.engine.lock();
-            if !made.is_empty() {
-                attempt = Self::allocate_locked(&mut e, d, &req, started).map(|mut r| {
-                    r.message = format!("{}; made room: {}", r.message, made.join(", "));
-                    r
-                });
-            }
-        }
-        match attempt {
-            Err(EngineError::NoRoom { .. }) if req.timeout_seconds > 0.0 => {
-                TryAllocate::MustWait(req)
-            }
-            Err(err) => {
-                if matches!(
-                    err,
-                    EngineError::NoRoom { .. }
-                        | EngineError::OverBudget { .. }
-                        | EngineError::TooMany { .. }
-                        | EngineError::Backend(_)
-                ) {
-                    e.record_failure(d, req.size_bytes);
-                }
-                TryAllocate::Ready(Err(err.into()))
-            }
-            Ok(resp) => TryAllocate::Ready(Ok(resp)),
-        }
-    }
-
-    fn spec(req: &AllocateRequest) -> AllocationSpec {
-        AllocationSpec {
-            size: req.size_bytes,
-            alignment: req.alignment,
-            kind: req.allocation_type,
-            purpose: req.purpose.clone(),
-            persistent: req.persistent,
-            owner: Owner::Client,
-        }
-    }
-
-    /// A large `memory.allocate` (see [`TryAllocate::Large`]): places it under the engine,
-    /// faults its pages in without it, then publishes it. Blocks; call it off the reading
-    /// thread. Returns `MustWait` when there is no room now and the request may wait.
-    pub fn allocate_large(&self, req: AllocateRequest, started: Instant) -> TryAllocate {
-        let _open = self.commit_gate.read();
-        let now = SystemTime::now();
-        let mut made = Vec::new();
-        let placed = {
-            let mut e = self.engine.lock();
-            let d = match e.device_index(&req.device_id) {
-                Ok(d) => d,
-                Err(err) => return TryAllocate::Ready(Err(err.into())),
-            };
-            let mut placed = e.try_allocate_deferred(d, &Self::spec(&req), now);
-            if matches!(placed, Err(EngineError::NoRoom { .. })) {
-                drop(e);
-                made = self.make_room_for(&req.device_id, d, req.size_bytes);
-                e = self.engine.lock();
-                if !made.is_empty() {
-                    placed = e.try_allocate_deferred(d, &Self::spec(&req), now);
-                }
-            }
-            match placed {
-                Ok((id, pending)) => (d, id, pending),
-                Err(EngineError::NoRoom { .. }) if req.timeout_seconds > 0.0 => {
-                    return TryAllocate::MustWait(req);
-                }
-                Err(err) => {
-                    e.record_failure(d, req.size_bytes);
-                    return TryAllocate::Ready(Err(err.into()));
-                }
-            }
-        };
-        let (d, id, pending) = placed;
-        if let Some(pending) = pending {
-            let committed = pending.commit();
-            let mut e = self.engine.lock();
-            e.finish_deferred(&id, &pending, committed.is_ok());
-            if let Err(err) = committed {
-                e.record_failure(d, req.size_bytes);
-                return TryAllocate::Ready(Err(ProtocolError::new(
-                    ErrorCode::OutOfMemory,
-                    format!(
-                        "{}: requested {}, but the system refused the pages: {err}",
-                        req.device_id,
-                        format_bytes(req.size_bytes)
-                    ),
-                )));
-            }
-        }
-        let mut e = self.engine.lock();
-        TryAllocate::Ready(
-            Self::respond_allocated(&mut e, d, &req, id, started, now)
-                .map(|mut r| {
-                    if !made.is_empty() {
-                        r.message = format!("{}; made room: {}", r.message, made.join(", "));
-                    }
-                    r
-                })
-                .map_err(Into::into),
-        )
-    }
-
-    fn allocate_locked(
-        e: &mut AllocationEngine,
-        d: usize,
-        req: &AllocateRequest,
-        started: Instant,
-    ) -> Result<AllocateMemoryResponse, EngineError> {
-        let now = SystemTime::now();
-        let id = e.try_allocate(d, &Self::spec(req), now)?;
-        Self::respond_allocated(e, d, req, id, started, now)
-    }
-
-    fn respond_allocated(
-        e: &mut AllocationEngine,
-        d: usize,
-        req: &AllocateRequest,
-        id: Uuid,
-        started: Instant,
-        now: SystemTime,
-    ) -> Result<AllocateMemoryResponse, EngineError> {
-        let allocation = e
-            .allocation_by_id(&id)
-            .ok_or_else(|| EngineError::AllocationNotFound(id.to_string()))?;
-        let ms = started.elapsed().as_secs_f64() * 1000.0;
-        e.record_allocation_time(d, ms);
-        let available = e.available(d);
-        Ok(AllocateMemoryResponse {
-            device_id: req.device_id.clone(),
-            message: format!(
-                "allocated {} on {}",
-                format_bytes(req.size_bytes),
-                req.device_id
-            ),
-            allocation: allocation.into(),
-            success: true,
-            allocation_time_ms: ms,
-            available_memory_bytes: available,
-            utilization_percentage: e.utilization(d),
-            allocated_at: Timestamp(now),
-        })
-    }
-
-    /// `memory.allocate`, waiting up to `timeout_seconds` for room.
-    pub async fn allocate(
-        &self,
-        req: AllocateRequest,
-    ) -> Result<AllocateMemoryResponse, ProtocolError> {
-        let started = Instant::now();
-        let attempt = match self.try_allocate(req, started) {
-            TryAllocate::Large(req) => self.allocate_large(req, started),
-            other => other,
-        };
-        match attempt {
-            TryAllocate::Ready(r) => r,
-            TryAllocate::Large(req) => self.wait_and_allocate(req, started).await,
-            TryAllocate::MustWait(req) => self.wait_and_allocate(req, started).await,
-        }
-    }
-
-    /// `memory.allocate` without waiting for room (no room is OUT_OF_MEMORY at once), for
-    /// library callers outside an async runtime.
-    pub fn allocate_now(
-        &self,
-        req: AllocateRequest,
-    ) -> Result<AllocateMemoryResponse, ProtocolError> {
-        let started = Instant::now();
-        let no_room = |req: &AllocateRequest| {
-            ProtocolError::new(
-                ErrorCode::OutOfMemory,
-                format!(
-                    "{}: requested {}, not available now",
-                    req.device_id,
-                    format_bytes(req.size_bytes)
-                ),
-            )
-        };
-        let attempt = match self.try_allocate(req, started) {
-            TryAllocate::Large(req) => self.allocate_large(req, started),
-            other => other,
-        };
-        match attempt {
-            TryAllocate::Ready(r) => r,
-            TryAllocate::MustWait(req) | TryAllocate::Large(req) => {
-                let mut e = self.engine.lock();
-                let d = e.device_index(&req.device_id)?;
-                e.record_failure(d, req.size_bytes);
-                Err(no_room(&req))
-            }
-        }
-    }
-
-    /// Counts an allocate refused before it could wait (its client has too many requests in
-    /// flight) as a failed allocation of its device.
-    pub fn record_refused(&self, req: &AllocateRequest) {
-        let mut e = self.engine.lock();
-        if let Ok(d) = e.device_index(&req.device_id) {
-            e.record_failure(d, req.size_bytes);
-        }
-    }
-
-    /// Waits for room (woken by every free) until the request's deadline, then allocates.
-    pub async fn wait_and_allocate(
-        &self,
-        req: AllocateRequest,
-        started: Instant,
-    ) -> Result<AllocateMemoryResponse, ProtocolError> {
-        let deadline = started + Duration::from_secs_f64(req.timeout_seconds);
-        let d = {
-            let mut e = self.engine.lock();
-            let d = e.device_index(&req.device_id)?;
-            // A bounded queue: past the limit, a request that would wait is refused at once.
-            if e.waiting(d) >= self.max_waiting {
-                e.record_failure(d, req.size_bytes);
-                return Err(ProtocolError::new(
-                    ErrorCode::OutOfMemory,
-                    format!(
-                        "{}: requested {}, not available now, and {} request(s) already wait \
-                         for memory there (the most allowed, --max-waiting)",
-                        req.device_id,
-                        format_bytes(req.size_bytes),
-                        e.waiting(d)
-                    ),
-                ));
-            }
-            e.record_waiting(d, 1);
-            d
-        };
-        // The device's waiting count goes down however this ends, the future dropped unpolled
-        // (a runtime shutting down) included.
-        struct Waiting<'a>(&'a MemoryService, usize);
-        impl Drop for Waiting<'_> {
-            fn drop(&mut self) {
-                self.0.engine.lock().record_waiting(self.1, -1);
-            }
-        }
-        let _waiting = Waiting(self, d);
-        loop {
-            let notified = self.room.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.is_shutting_down() {
-                break Err(ProtocolError::new(
-                    ErrorCode::ShuttingDown,
-                    format!(
-                        "{}: the worker is stopping; the allocation of {} was not made",
-                        req.device_id,
-                        format_bytes(req.size_bytes)
-                    ),
-                ));
-            }
-            let attempt = {
-                let mut e = self.engine.lock();
-                Self::allocate_locked(&mut e, d, &req, started)
-            };
-            match attempt {
-                Ok(resp) => break Ok(resp),
-                Err(EngineError::NoRoom {
-                    device,
-                    requested,
-                    alignment,
-                    available,
-                    ..
-                }) => {
-                    if tokio::time::timeout_at(deadline.into(), notified)
-                        .await
-                        .is_err()
-                    {
-                        self.engine.lock().record_failure(d, req.size_bytes);
-                        break Err(ProtocolError::new(
-                            ErrorCode::OutOfMemory,
-                            format!(
-                                "{device}: requested {}{}, {} available after waiting {} s",
-                                format_bytes(requested),
-                                crate::managers::allocations::aligned_note(alignment),
-                                format_bytes(available),
-                                req.timeout_seconds
-                            ),
-                        ));
-                    }
-                }
-                Err(err) => {
-                    self.engine.lock().record_failure(d, req.size_bytes);
-                    break Err(err.into());
-                }
-            }
-        }
-    }
-
     /// `memory.deallocate`.
     pub fn deallocate(&self, req: &DeallocateRequest) -> Result<DeallocateResponse, ProtocolError> {
+        let _recorded = self.recording();
         let freed = {
             let mut e = self.engine.lock();
             let device = match &req.device_id {
@@ -649,6 +359,7 @@ impl MemoryService {
 
     /// `memory.clear`.
     pub fn clear(&self, req: &ClearRequest) -> Result<ClearResponse, ProtocolError> {
+        let _recorded = self.recording();
         let cleared = {
             let mut e = self.engine.lock();
             let d = e.device_index(&req.device_id)?;
@@ -671,6 +382,7 @@ impl MemoryService {
         device_id: &str,
         fixed: &[Uuid],
     ) -> Result<DefragmentResponse, ProtocolError> {
+        let _recorded = self.recording();
         let started = Instant::now();
         let before = {
             let mut e = self.engine.lock();
@@ -737,6 +449,7 @@ impl MemoryService {
 
     /// `memory.optimize`, run to completion.
     pub fn optimize(&self, req: &OptimizeRequest) -> Result<OptimizeResponse, ProtocolError> {
+        let _recorded = self.recording();
         use MemoryOptimizationType as T;
         let started = Instant::now();
         let usage_before = self.check_device(&req.device_id)?;

@@ -16,7 +16,7 @@ use crate::protocol::{
     ModelReleaseResponse, ModelState, ModelStatusResponse, ModelUnloadResponse, ProtocolError,
 };
 use crate::units::format_bytes;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 use uuid::Uuid;
 
 fn not_found(name: &str) -> ProtocolError {
@@ -30,6 +30,7 @@ impl MemoryService {
     /// tensor's name, in file order). Atomic: on any failure nothing stays allocated.
     /// Loading a name already loaded from the same file returns it (and counts as a use).
     pub fn model_load(&self, req: &ModelLoadRequest) -> Result<ModelInfo, ProtocolError> {
+        let _recorded = self.recording();
         static LOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let load_token = LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = Instant::now();
@@ -56,10 +57,10 @@ impl MemoryService {
                         format!("model {} is still loading", req.model_name),
                     ));
                 }
-                m.last_used_at = SystemTime::now();
+                m.last_used_at = self.now();
                 return Ok(m.info().into());
             }
-            let now = SystemTime::now();
+            let now = self.now();
             models.insert(Model {
                 load_token,
                 name: req.model_name.clone(),
@@ -108,7 +109,7 @@ impl MemoryService {
                 m.allocations = made;
                 m.size_bytes = size;
                 m.tensor_count = count;
-                m.loaded_at = SystemTime::now();
+                m.loaded_at = self.now();
                 m.last_used_at = m.loaded_at;
                 m.load_time_ms = started.elapsed().as_secs_f64() * 1000.0;
                 Ok(m.info().into())
@@ -199,7 +200,7 @@ impl MemoryService {
                 owner: owner.clone(),
             };
             let mut engine = self.engine.lock();
-            let id = match engine.try_allocate(device, &spec, SystemTime::now()) {
+            let id = match engine.try_allocate(device, &spec, self.now()) {
                 Ok(id) => id,
                 Err(e) => {
                     drop(engine);
@@ -270,10 +271,7 @@ impl MemoryService {
     pub(super) fn make_room(&self, device_id: &str, fits: impl Fn(&Self) -> bool) -> Vec<String> {
         let mut done = Vec::new();
         while !fits(self) {
-            let victims = self
-                .models
-                .lock()
-                .eviction_order(device_id, SystemTime::now());
+            let victims = self.models.lock().eviction_order(device_id, self.now());
             let Some((name, size)) = victims.into_iter().next() else {
                 break;
             };
@@ -317,7 +315,7 @@ impl MemoryService {
         let (evictable, resident) = {
             let models = self.models.lock();
             let evictable: u64 = models
-                .eviction_order(device_id, SystemTime::now())
+                .eviction_order(device_id, self.now())
                 .iter()
                 .map(|(_, bytes)| bytes)
                 .sum();
@@ -395,7 +393,7 @@ impl MemoryService {
         {
             let mut e = self.engine.lock();
             let dst = e.device_index(to)?;
-            let now = SystemTime::now();
+            let now = self.now();
             for (k, id) in allocations.iter().enumerate() {
                 if let Err(err) = e.relocate(id, dst, now) {
                     // Put back what moved, so the model stays in one place.
@@ -477,7 +475,8 @@ impl MemoryService {
 
     /// Unloads unleased models idle past their keep-alive; returns their names.
     pub fn sweep_keep_alive(&self) -> Vec<String> {
-        let now = SystemTime::now();
+        let _recorded = self.recording();
+        let now = self.now();
         let expired: Vec<String> = {
             let models = self.models.lock();
             models
@@ -500,11 +499,12 @@ impl MemoryService {
     /// Evicts every unleased model resident on a device (offload to `cpu` where it has room,
     /// else unload): `memory.optimize` EvictIdleModels.
     pub fn evict_idle_models(&self, device_id: &str) -> (Vec<String>, u64) {
+        let _recorded = self.recording();
         let before = self.models.lock().resident_bytes(device_id);
         let actions = self.make_room(device_id, |svc| {
             svc.models
                 .lock()
-                .eviction_order(device_id, SystemTime::now())
+                .eviction_order(device_id, self.now())
                 .is_empty()
         });
         let after = self.models.lock().resident_bytes(device_id);
@@ -516,6 +516,7 @@ impl MemoryService {
         &self,
         req: &ModelOptimizeRequest,
     ) -> Result<ModelOptimizeResponse, ProtocolError> {
+        let _recorded = self.recording();
         let devices: Vec<String> = match &req.device_id {
             Some(d) => {
                 self.engine.lock().device_index(d)?;
@@ -533,7 +534,7 @@ impl MemoryService {
             offloaded: Vec::new(),
             freed_bytes: 0,
         };
-        let now = SystemTime::now();
+        let now = self.now();
         for device in devices {
             match req.strategy {
                 ModelStrategy::OffloadIdle | ModelStrategy::UnloadIdle => {
@@ -591,6 +592,7 @@ impl MemoryService {
 
     /// `memory.model_unload`.
     pub fn model_unload(&self, req: &ModelRequest) -> Result<ModelUnloadResponse, ProtocolError> {
+        let _recorded = self.recording();
         let model = {
             let mut models = self.models.lock();
             let m = models
@@ -634,6 +636,7 @@ impl MemoryService {
         &self,
         req: &ModelRequest,
     ) -> Option<Result<ModelAcquireResponse, ProtocolError>> {
+        let _recorded = self.recording();
         let mut models = self.models.lock();
         let Some(m) = models.get(&req.model_name) else {
             return Some(Err(not_found(&req.model_name)));
@@ -643,7 +646,7 @@ impl MemoryService {
         }
         let lease = models.lease(&req.model_name);
         let m = models.get_mut(&req.model_name)?;
-        m.last_used_at = SystemTime::now();
+        m.last_used_at = self.now();
         Some(Ok(ModelAcquireResponse {
             lease_id: lease.hyphenated().to_string(),
             model: m.info().into(),
@@ -652,6 +655,7 @@ impl MemoryService {
 
     /// `memory.model_acquire`: a lease; a leased model is never evicted or offloaded.
     pub fn model_acquire(&self, req: &ModelRequest) -> Result<ModelAcquireResponse, ProtocolError> {
+        let _recorded = self.recording();
         let (state, home, size) = {
             let models = self.models.lock();
             let m = models
@@ -715,7 +719,7 @@ impl MemoryService {
         let m = models
             .get_mut(&req.model_name)
             .ok_or_else(|| not_found(&req.model_name))?;
-        m.last_used_at = SystemTime::now();
+        m.last_used_at = self.now();
         Ok(ModelAcquireResponse {
             lease_id: lease.hyphenated().to_string(),
             model: m.info().into(),
@@ -724,6 +728,7 @@ impl MemoryService {
 
     /// `memory.model_release`.
     pub fn model_release(&self, req: &LeaseRequest) -> Result<ModelReleaseResponse, ProtocolError> {
+        let _recorded = self.recording();
         let gone = || {
             ProtocolError::new(
                 ErrorCode::LeaseNotFound,
@@ -734,7 +739,7 @@ impl MemoryService {
         let mut models = self.models.lock();
         let name = models.release(&lease).ok_or_else(gone)?;
         if let Some(m) = models.get_mut(&name) {
-            m.last_used_at = SystemTime::now();
+            m.last_used_at = self.now();
         }
         drop(models);
         // An unleased model may be evicted: a load or an acquire waiting for room may now fit.

@@ -11,6 +11,12 @@
 //! between the two never leaves a state file naming memory that is gone. An allocation listed
 //! but whose pages are gone anyway (the `shm` file was removed, as a reboot clears /dev/shm)
 //! is dropped with an error in the log, never served as zeros.
+//!
+//! The service records it itself: every operation that may change persistent allocations
+//! holds a [`Recorded`] guard, which writes the state file (when anything changed) as the
+//! operation returns, before its caller can answer. So a library user of [`MemoryService`]
+//! with a state directory persists exactly as the worker does, and background work (a
+//! scheduled optimize, a transfer nobody waits for) is recorded when it ends.
 
 use super::MemoryService;
 use crate::managers::allocations::Adopted;
@@ -159,7 +165,23 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Records the state file when dropped (see the module's note); held by every service
+/// operation that may change persistent allocations, from its first line, so each way out of
+/// it (an error returned early, a waiting future dropped) records too.
+pub(super) struct Recorded<'a>(&'a MemoryService);
+
+impl Drop for Recorded<'_> {
+    fn drop(&mut self) {
+        self.0.record_state();
+    }
+}
+
 impl MemoryService {
+    /// The guard that records persistent state when the operation holding it ends.
+    pub(super) fn recording(&self) -> Recorded<'_> {
+        Recorded(self)
+    }
+
     /// Keeps persistent `shm` allocations in `dir` (created if missing): adopts what an
     /// earlier worker left there, and records every change from now on. The service's `shm`
     /// device must have been made over the directory's file (`Settings::state_dir`). Returns

@@ -77,23 +77,30 @@ impl MemoryService {
     }
 
     /// Starts a thread that samples every device once a second for `memory.analytics`,
-    /// until shutdown.
+    /// until shutdown ([`MemoryService::shut_down`] stops it and waits for it).
     pub fn start_sampler(self: &Arc<Self>) {
         let service = Arc::downgrade(self);
-        let _ = std::thread::Builder::new()
-            .name("memcoord-sampler".into())
-            .spawn(move || {
-                while let Some(s) = service.upgrade() {
-                    if s.is_shutting_down() {
-                        break;
-                    }
-                    s.engine.lock().sample_history();
-                    drop(s);
-                    // Sleep to the start of the next second of the monotonic clock.
-                    let ms = crate::backends::coarse_millis() % 1000;
-                    std::thread::sleep(Duration::from_millis(1000 - ms + 5));
+        self.threads.spawn("memcoord-sampler", move |stop| {
+            loop {
+                let Some(s) = service.upgrade() else { break };
+                if s.is_shutting_down() {
+                    break;
                 }
-            });
+                s.sample();
+                drop(s);
+                // Sleep to the start of the next second of the monotonic clock.
+                let ms = crate::backends::coarse_millis() % 1000;
+                if stop.sleep(Duration::from_millis(1000 - ms + 5)) {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// Samples every device once for `memory.analytics`, at the clock's now (what the
+    /// sampler does each second; tests on a manual clock call it after moving the clock).
+    pub fn sample(&self) {
+        self.engine.lock().sample_history();
     }
 
     /// `memory.analytics`.
@@ -104,7 +111,7 @@ impl MemoryService {
             None => (0..e.device_count()).collect(),
         };
         // Monotonic milliseconds are turned into wall time with one offset per answer.
-        let wall_now = SystemTime::now();
+        let wall_now = self.now();
         let mut out = Vec::with_capacity(devices.len());
         for d in devices {
             let (report, mono_now) = e.history(d, req.window_seconds);
@@ -148,7 +155,7 @@ impl MemoryService {
                 None => (0..e.device_count()).collect(),
             }
         };
-        let now = SystemTime::now();
+        let now = self.now();
         let rules = &self.rules;
         let mut recs = Vec::new();
         for d in devices {
@@ -219,7 +226,7 @@ impl MemoryService {
         use crate::protocol::{
             DashboardDevice, DashboardModel, MapBucket, MemoryMapView, TypeBytes,
         };
-        let wall_now = SystemTime::now();
+        let wall_now = self.now();
         let devices = {
             let mut e = self.engine.lock();
             (0..e.device_count())

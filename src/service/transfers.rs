@@ -21,11 +21,12 @@ impl MemoryService {
     /// `memory.transfer`, first half: checks the rules, allocates the destination (no waiting:
     /// no room is OUT_OF_MEMORY) and records the transfer as Running. Nothing is copied yet.
     pub fn start_transfer(&self, req: &TransferRequest) -> Result<StartedTransfer, ProtocolError> {
+        let _recorded = self.recording();
         let (source, destination, size, pending) = {
             let mut e = self.engine.lock();
             let src = e.device_index(&req.source_device_id)?;
             let dst = e.device_index(&req.destination_device_id)?;
-            e.begin_transfer(&req.allocation_id, src, dst, SystemTime::now())?
+            e.begin_transfer(&req.allocation_id, src, dst, self.now())?
         };
         let copy = req.mode == TransferMode::Copy;
         let id = Uuid::new_v4();
@@ -41,7 +42,7 @@ impl MemoryService {
             bytes_transferred: 0,
             progress_percentage: 0.0,
             bandwidth_bytes_per_second: 0.0,
-            started_at: SystemTime::now(),
+            started_at: self.now(),
             completed_at: None,
             error_message: None,
         };
@@ -62,6 +63,7 @@ impl MemoryService {
     /// chunks), then completes the move or copy. On failure the destination is freed, the
     /// source is left as it was, and the transfer is Failed (TRANSFER_FAILED).
     pub fn run_transfer(&self, t: &StartedTransfer) -> Result<MemoryTransfer, ProtocolError> {
+        let _recorded = self.recording();
         let mut done = 0u64;
         let mut failure = None;
         if let Some(pending) = &t.pending {
@@ -74,9 +76,12 @@ impl MemoryService {
                     "transfer of allocation {} to {} failed: the system refused the destination's pages ({err}); the source is intact",
                     t.wire.allocation_id, t.wire.destination_device_id
                 );
-                self.transfers
-                    .lock()
-                    .finish(&t.id, TransferStatus::Failed, Some(message.clone()));
+                self.transfers.lock().finish(
+                    &t.id,
+                    TransferStatus::Failed,
+                    Some(message.clone()),
+                    self.now(),
+                );
                 return Err(ProtocolError::new(ErrorCode::TransferFailed, message));
             }
         }
@@ -107,10 +112,12 @@ impl MemoryService {
         self.record_state();
         match failure {
             None => {
-                let wire = self
-                    .transfers
-                    .lock()
-                    .finish(&t.id, TransferStatus::Completed, None);
+                let wire = self.transfers.lock().finish(
+                    &t.id,
+                    TransferStatus::Completed,
+                    None,
+                    self.now(),
+                );
                 Ok(wire.map_or_else(|| t.wire.clone(), MemoryTransfer::from))
             }
             Some(message) => {
@@ -123,9 +130,12 @@ impl MemoryService {
                     format_bytes(done),
                     format_bytes(t.size)
                 );
-                self.transfers
-                    .lock()
-                    .finish(&t.id, TransferStatus::Failed, Some(message.clone()));
+                self.transfers.lock().finish(
+                    &t.id,
+                    TransferStatus::Failed,
+                    Some(message.clone()),
+                    self.now(),
+                );
                 Err(ProtocolError::new(ErrorCode::TransferFailed, message))
             }
         }

@@ -6,4 +6,7 @@ pub mod framing;
 pub mod http;
 pub mod lines;
 pub mod openapi;
+pub mod server;
 pub mod stdio;
+
+pub use crate::runtime::Shutdown;

@@ -1,7 +1,8 @@
 //! The stdio worker (`memcoord worker`): NDJSON requests on stdin, responses on stdout.
 //!
-//! [`serve`] is generic over any reader and writer (tests drive it in memory); [`run`] binds it
-//! to the process's stdin, stdout and signals, and is the only code that touches them.
+//! [`serve`] is generic over any reader and writer (tests drive it in memory, over a pipe pair:
+//! tests/common/inproc.rs); [`run`] binds it to the process's stdin and stdout and to the
+//! worker's [`Shutdown`](crate::runtime::Shutdown), and is the only code that touches them.
 //!
 //! Threads: this thread reads and handles every request that can be answered at once, in
 //! arrival order, collecting the responses to everything one read brought in and writing them
@@ -317,15 +318,13 @@ impl Worker {
     }
 
     /// Requests waiting for memory are answered SHUTTING_DOWN, every other in-flight request
-    /// is answered, responses are flushed, and every allocation is released. Runs once.
+    /// is answered, responses are flushed, and the service is shut down
+    /// ([`MemoryService::shut_down`](crate::service::MemoryService::shut_down)). Runs once.
     pub fn finish(&self) {
         self.finished.call_once(|| {
             let service = self.dispatcher.service();
             service.begin_shutdown();
             self.in_flight.wait_idle();
-            // Work requests left running (transfers, optimizes) ends before memory is
-            // released under it.
-            self.dispatcher.tasks().wait();
             // Closing the channel lets the writer thread write what is queued and end.
             self.to_writer
                 .lock()
@@ -334,8 +333,7 @@ impl Worker {
             if let Some(w) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 let _ = w.join();
             }
-            let released = service.release_all();
-            service.close();
+            let released = service.shut_down();
             tracing::info!("released {released} allocations; exiting");
         });
     }
@@ -354,30 +352,40 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
     worker.serve(input, options);
 }
 
-/// Runs the worker on the process's stdin and stdout until EOF, SIGTERM or SIGINT; then exits
-/// the process with status 0.
+/// Runs the worker on the process's stdin and stdout until end of input or `shutdown` (which
+/// `main` triggers on SIGTERM or SIGINT); returns once everything is answered and released.
+/// End of input triggers `shutdown` too, so whatever else awaits it (a metrics server) stops.
+///
+/// The reader runs on its own thread: a read of stdin cannot be interrupted, so after a signal
+/// it is left blocked there while the process ends.
 pub fn run(
     dispatcher: Dispatcher,
     runtime: &tokio::runtime::Runtime,
     options: &WorkerOptions,
+    shutdown: &crate::runtime::Shutdown,
 ) -> io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let worker = Worker::start(dispatcher, runtime.handle().clone(), io::stdout());
-    let mut term = runtime.block_on(async { signal(SignalKind::terminate()) })?;
-    let mut int = runtime.block_on(async { signal(SignalKind::interrupt()) })?;
-    let on_signal = Arc::clone(&worker);
-    runtime.spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+    /// Triggers the shutdown when the reader ends, however it ends (a panic included), so
+    /// `run` never waits for a reader that is gone.
+    struct Ended(crate::runtime::Shutdown);
+    impl Drop for Ended {
+        fn drop(&mut self) {
+            self.0.trigger();
         }
-        tracing::info!("signal received: finishing in-flight requests");
-        let _ = tokio::task::spawn_blocking(move || {
-            on_signal.stop();
-            std::process::exit(0);
-        })
-        .await;
-    });
-    worker.serve(io::stdin().lock(), options);
+    }
+    let worker = Worker::start(dispatcher, runtime.handle().clone(), io::stdout());
+    let (reader, options, eof) = (Arc::clone(&worker), options.clone(), shutdown.clone());
+    let reading = std::thread::Builder::new()
+        .name("memcoord-stdin".into())
+        .spawn(move || {
+            let _ended = Ended(eof);
+            reader.serve(io::stdin().lock(), &options);
+        })?;
+    shutdown.wait_blocking();
+    // After a signal: waits for the batch being handled, then finishes (after end of input,
+    // finished already: nothing more to do).
+    worker.stop();
+    if reading.is_finished() && reading.join().is_err() {
+        return Err(io::Error::other("the request reader panicked"));
+    }
     Ok(())
 }

@@ -42,6 +42,52 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// Anything that answers protocol requests: the spawned worker, the in-process one.
+pub trait Requests {
+    /// Sends a request and waits for its answer envelope.
+    fn request(&mut self, action: &str, data: Value) -> Value;
+
+    /// Data of a successful answer; panics with the error otherwise.
+    fn ok(&mut self, action: &str, data: Value) -> Value {
+        let v = self.request(action, data);
+        assert_eq!(v["success"], json!(true), "{action} failed: {v}");
+        v["data"].clone()
+    }
+
+    /// The error code and message of a failed answer.
+    fn err(&mut self, action: &str, data: Value) -> (String, String) {
+        let v = self.request(action, data);
+        assert_eq!(v["success"], json!(false), "{action} should fail: {v}");
+        (
+            v["error_code"].as_str().unwrap().to_string(),
+            v["error_message"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// `memory.get_usage` of a device.
+    fn usage(&mut self, device: &str) -> Value {
+        self.ok("memory.get_usage", json!({"device_id": device}))
+    }
+
+    /// Allocates `size` bytes of General memory on `device`; returns its id.
+    fn allocate(&mut self, device: &str, size: u64) -> String {
+        let d = self.ok(
+            "memory.allocate",
+            json!({"device_id": device, "size_bytes": size}),
+        );
+        d["allocation"]["allocation_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+}
+
+impl Requests for Worker {
+    fn request(&mut self, action: &str, data: Value) -> Value {
+        Worker::request(self, action, data)
+    }
+}
+
 pub struct Worker {
     child: Child,
     stdin: Option<ChildStdin>,
