@@ -153,7 +153,7 @@ fn main() {
         let (defrag, memcpy, moved) = defragment_vs_memcpy(if quick { 256 << 20 } else { 1 << 30 });
         println!(
             "trial {trial}: moved {:.0} MiB: defragment {:.2} GB/s, memcpy {:.2} GB/s, ratio {:.2}",
-            moved as f64 / (1 << 20) as f64,
+            moved as f64 / f64::from(1 << 20),
             defrag / 1e9,
             memcpy / 1e9,
             defrag / memcpy

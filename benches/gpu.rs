@@ -32,16 +32,16 @@ fn baselines(bytes: usize) -> [f64; 5] {
     unsafe {
         ok(sys::cuInit(0), "cuInit");
         let mut dev = 0;
-        ok(sys::cuDeviceGet(&mut dev, 0), "cuDeviceGet");
+        ok(sys::cuDeviceGet(&raw mut dev, 0), "cuDeviceGet");
         let mut ctx = std::ptr::null_mut();
-        ok(sys::cuDevicePrimaryCtxRetain(&mut ctx, dev), "ctx");
+        ok(sys::cuDevicePrimaryCtxRetain(&raw mut ctx, dev), "ctx");
         ok(sys::cuCtxSetCurrent(ctx), "set ctx");
         let (mut d1, mut d2) = (0, 0);
-        ok(sys::cuMemAlloc_v2(&mut d1, bytes), "alloc");
-        ok(sys::cuMemAlloc_v2(&mut d2, bytes), "alloc");
+        ok(sys::cuMemAlloc_v2(&raw mut d1, bytes), "alloc");
+        ok(sys::cuMemAlloc_v2(&raw mut d2, bytes), "alloc");
         let mut pinned = std::ptr::null_mut();
-        ok(sys::cuMemHostAlloc(&mut pinned, bytes, 0), "host alloc");
-        std::ptr::write_bytes(pinned as *mut u8, 7, bytes);
+        ok(sys::cuMemHostAlloc(&raw mut pinned, bytes, 0), "host alloc");
+        std::ptr::write_bytes(pinned.cast::<u8>(), 7, bytes);
         let mut pageable = vec![7u8; bytes];
         let time = |f: &mut dyn FnMut()| {
             f(); // warm-up
@@ -59,32 +59,32 @@ fn baselines(bytes: usize) -> [f64; 5] {
             time(&mut || ok(sys::cuMemcpyDtoH_v2(p, d1, bytes), "DtoH")),
             time(&mut || {
                 ok(
-                    sys::cuMemcpyHtoD_v2(d1, pageable.as_ptr() as *const _, bytes),
+                    sys::cuMemcpyHtoD_v2(d1, pageable.as_ptr().cast(), bytes),
                     "HtoD",
-                )
+                );
             }),
             time(&mut || {
                 ok(
-                    sys::cuMemcpyDtoH_v2(pageable.as_mut_ptr() as *mut _, d1, bytes),
+                    sys::cuMemcpyDtoH_v2(pageable.as_mut_ptr().cast(), d1, bytes),
                     "DtoH",
-                )
+                );
             }),
             time(&mut || ok(sys::cuMemcpyDtoD_v2(d2, d1, bytes), "DtoD")),
         ];
         // How long pinning 1 GiB of ordinary (already touched) memory takes: the price of
         // copying from pageable memory without staging.
         let t = Instant::now();
-        let reg = sys::cuMemHostRegister_v2(pageable.as_mut_ptr() as *mut _, bytes, 0);
+        let reg = sys::cuMemHostRegister_v2(pageable.as_mut_ptr().cast(), bytes, 0);
         let reg_ms = t.elapsed().as_secs_f64() * 1e3;
         if reg == sys::CUresult::CUDA_SUCCESS {
             let fast = time(&mut || {
                 ok(
-                    sys::cuMemcpyHtoD_v2(d1, pageable.as_ptr() as *const _, bytes),
+                    sys::cuMemcpyHtoD_v2(d1, pageable.as_ptr().cast(), bytes),
                     "HtoD",
-                )
+                );
             });
             let t = Instant::now();
-            sys::cuMemHostUnregister(pageable.as_mut_ptr() as *mut _);
+            sys::cuMemHostUnregister(pageable.as_mut_ptr().cast());
             println!(
                 "cuMemHostRegister of {} MiB: {reg_ms:.1} ms, then HtoD {fast:.1} GB/s, unregister {:.1} ms",
                 bytes >> 20,

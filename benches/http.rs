@@ -325,11 +325,11 @@ fn main() {
                 Timeouts::default(),
                 std::future::pending::<()>(),
             )
-            .await
+            .await;
         });
         addr
     };
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     println!(
         "== HTTP on {addr}: server runtime {WORKERS} worker threads, client runtime {WORKERS} \
          worker threads, sharing {cpus} CPU(s) ==",

@@ -377,7 +377,7 @@ impl StdioRun {
         for (c, bits) in seen.iter().enumerate() {
             let issued = self.shared.issued[c].load(Ordering::SeqCst);
             d.sent += issued;
-            let answered: u64 = bits.iter().map(|w| w.count_ones() as u64).sum();
+            let answered: u64 = bits.iter().map(|w| u64::from(w.count_ones())).sum();
             if answered < issued {
                 d.lost += issued - answered;
                 let missing = (0..issued).find(|&n| {
@@ -541,7 +541,7 @@ impl Session for HttpSession {
             self.counters.note(why.clone());
             return Err(why);
         }
-        if v.get("status_code").and_then(Value::as_u64) != Some(status as u64) {
+        if v.get("status_code").and_then(Value::as_u64) != Some(u64::from(status)) {
             self.counters.note(format!(
                 "{id}: HTTP status {status} differs from status_code {:?}",
                 v.get("status_code")
@@ -909,7 +909,7 @@ impl Client<'_> {
                                     id: id.to_string(),
                                     device,
                                     size,
-                                })
+                                });
                             }
                             _ => self.tally.violation(format!(
                                 "allocate of {size} B on {} answered {d}",
@@ -1412,7 +1412,7 @@ fn run_mode(mode: Mode, requests: u64, clients: usize, seed: u64, root: &Path) -
     if growth > RSS_GROWTH_LIMIT {
         failures.push(format!(
             "RSS (less lazily freed pages) grew by {:.1} MiB, over the {} MiB allowed",
-            growth as f64 / (1 << 20) as f64,
+            growth as f64 / f64::from(1 << 20),
             RSS_GROWTH_LIMIT >> 20
         ));
     }
@@ -1575,7 +1575,7 @@ fn main() {
         std::env::temp_dir().join(format!("memcoord-loadgen-{}", std::process::id()));
     std::fs::create_dir_all(&root).expect("create the model root");
     write_model(&root);
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     println!(
         "memcoord load generator: {BIN}, {cpus} CPU(s), seed {seed:#x}, budgets cpu = shm = {}, model root {}",
         BUDGET.get().map_or("1GiB", String::as_str),

@@ -149,8 +149,8 @@ fn main() {
     println!("== pipelined memory.get_usage, {requests} requests ==");
     let mem = pipelined(&mut memcoord(), requests);
     let py = pipelined(&mut python_baseline(), requests);
-    println!("memcoord worker        {:>12.0} req/s", mem);
-    println!("python baseline worker {:>12.0} req/s", py);
+    println!("memcoord worker        {mem:>12.0} req/s");
+    println!("python baseline worker {py:>12.0} req/s");
     println!("ratio                  {:>12.1}x", mem / py);
 
     println!("== one at a time: allocate + deallocate 4 KiB on cpu, {pair_count} pairs ==");

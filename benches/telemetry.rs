@@ -88,14 +88,14 @@ fn main() {
 
     let mut out_bytes = 0;
     let t = time(runs, || {
-        out_bytes = line(&d, r#"{"request_id":"p","action":"memory.get_pressure"}"#)
+        out_bytes = line(&d, r#"{"request_id":"p","action":"memory.get_pressure"}"#);
     });
     report("memory.get_pressure (every device)", t, out_bytes);
     let t = time(runs, || {
         out_bytes = line(
             &d,
             r#"{"request_id":"a","action":"memory.analytics","data":{"device_id":"cpu","window_seconds":3600}}"#,
-        )
+        );
     });
     report("memory.analytics (window 3600 s)", t, out_bytes);
     let t = time(runs, || {
@@ -111,7 +111,7 @@ fn main() {
         out_bytes = line(
             &d,
             r#"{"request_id":"g","action":"memory.get_allocations","data":{"device_id":"cpu","limit":1,"purpose":"layer7"}}"#,
-        )
+        );
     });
     report("baseline: memory.get_allocations limit 1", walk, out_bytes);
 
@@ -122,7 +122,7 @@ fn main() {
         let now = sec * 1000 + 500;
         for k in 0..20 {
             h.on_allocation(64 << (k % 20), now);
-            h.on_latency(0.01 * (k + 1) as f64, now);
+            h.on_latency(0.01 * f64::from(k + 1), now);
         }
         h.sample(
             Sample {

@@ -329,7 +329,7 @@ impl Settings {
             std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in canonical.to_string_lossy().bytes() {
-            h ^= b as u64;
+            h ^= u64::from(b);
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
         self.shm_dir.join(format!("memcoord-state-{h:016x}-shm"))

@@ -83,7 +83,9 @@ fn every_route_answers_as_its_openapi_document_says() {
             method,
             path,
             &[],
-            body.as_ref().map(|b| b.to_string()).as_deref(),
+            body.as_ref()
+                .map(std::string::ToString::to_string)
+                .as_deref(),
         );
         check_against(&doc, template, &method.to_ascii_lowercase(), &a);
         seen.insert((template.to_string(), method.to_ascii_lowercase()));

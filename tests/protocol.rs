@@ -747,7 +747,7 @@ fn eof_answers_everything_releases_memory_and_exits_zero() {
     let shm_files = |pid: u32| -> Vec<String> {
         std::fs::read_dir("/dev/shm")
             .unwrap()
-            .filter_map(|e| e.ok())
+            .filter_map(std::result::Result::ok)
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| n.starts_with(&format!("memcoord-{pid}-")))
             .collect()

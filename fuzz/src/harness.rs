@@ -601,7 +601,7 @@ impl Harness {
         let parsed = parse_request(line);
         let expected_id: Option<String> = match &parsed {
             Ok(r) => Some(r.request_id.to_string()),
-            Err(e) => e.request_id.as_ref().map(|c| c.to_string()),
+            Err(e) => e.request_id.as_ref().map(std::string::ToString::to_string),
         };
         match (&o["request_id"], &expected_id) {
             (Value::Null, None) => {}
@@ -658,7 +658,7 @@ impl Harness {
                     answer,
                 );
             }
-            if o["error_message"].as_str().is_none_or(|m| m.is_empty()) {
+            if o["error_message"].as_str().is_none_or(str::is_empty) {
                 fail("a failure without a message", line, answer);
             }
             match *code {

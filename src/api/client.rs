@@ -153,7 +153,9 @@ impl Client {
                 }
             }
             Link::Stdio(lines) => {
-                let mut lines = lines.lock().unwrap_or_else(|p| p.into_inner());
+                let mut lines = lines
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 lines.next_id += 1;
                 let id = format!("client-{}", lines.next_id);
                 let line = format!(

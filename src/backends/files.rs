@@ -58,7 +58,7 @@ pub(crate) fn open_beneath(root: &File, rel: &CString) -> Result<File, Refused> 
                     libc::SYS_openat2,
                     root.as_raw_fd(),
                     rel.as_ptr(),
-                    &how as *const OpenHow,
+                    &raw const how,
                     std::mem::size_of::<OpenHow>(),
                 )
             };
@@ -67,7 +67,7 @@ pub(crate) fn open_beneath(root: &File, rel: &CString) -> Result<File, Refused> 
             }
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN | libc::EINTR) => continue,
                 Some(libc::EXDEV) => return Err(Refused::Outside),
                 Some(libc::ENOSYS) => {
                     NO_OPENAT2.store(true, Ordering::Relaxed);
@@ -125,7 +125,7 @@ fn open_walk(root: &File, rel: &Path) -> Result<File, Refused> {
         if fd < 0 {
             let e = io::Error::last_os_error();
             return Err(match e.raw_os_error() {
-                Some(libc::ELOOP) | Some(libc::ENOTDIR) => {
+                Some(libc::ELOOP | libc::ENOTDIR) => {
                     Refused::Symlink(name.to_string_lossy().into_owned())
                 }
                 _ => Refused::Io(e),

@@ -121,7 +121,7 @@ impl super::Committer for MappingCommitter {
             let mut at = 0;
             while at < len {
                 // SAFETY: inside the checked range.
-                unsafe { std::ptr::write_volatile((ptr as *mut u8).add(at as usize), 0) };
+                unsafe { std::ptr::write_volatile(ptr.cast::<u8>().add(at as usize), 0) };
                 at += self.page;
             }
             return Ok(());

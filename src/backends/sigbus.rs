@@ -67,9 +67,9 @@ fn install() {
             let mut action: libc::sigaction = std::mem::zeroed();
             action.sa_sigaction = on_sigbus as *const () as usize;
             action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
-            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigemptyset(&raw mut action.sa_mask);
             let previous = (*PREVIOUS.0.get()).as_mut_ptr();
-            if libc::sigaction(libc::SIGBUS, &action, previous) != 0 {
+            if libc::sigaction(libc::SIGBUS, &raw const action, previous) != 0 {
                 tracing::warn!(
                     "could not install the SIGBUS guard for shared memory: {}",
                     std::io::Error::last_os_error()
@@ -94,7 +94,7 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
         // Past the file's end every page faults: cover the whole tail at once.
         // SAFETY: fstat writes into the stat we own; the fd may be stale, then it fails.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        if unsafe { libc::fstat(slot.fd.load(Ordering::Acquire), &mut st) } == 0 {
+        if unsafe { libc::fstat(slot.fd.load(Ordering::Acquire), &raw mut st) } == 0 {
             let file_end = base.saturating_add((st.st_size as usize).div_ceil(page) * page);
             if file_end <= fault_page {
                 end = base + len;
@@ -138,7 +138,7 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
         }
         let mut default: libc::sigaction = std::mem::zeroed();
         default.sa_sigaction = libc::SIG_DFL;
-        libc::sigaction(libc::SIGBUS, &default, std::ptr::null_mut());
+        libc::sigaction(libc::SIGBUS, &raw const default, std::ptr::null_mut());
         // Returning re-runs the faulting access, which now ends the process.
     }
 }
@@ -225,7 +225,7 @@ impl Guard {
         // their bytes: they are the same page-cache pages).
         unsafe {
             let mut st: libc::stat = std::mem::zeroed();
-            if libc::fstat(fd, &mut st) == 0 && (st.st_size as u64) < len as u64 {
+            if libc::fstat(fd, &raw mut st) == 0 && (st.st_size as u64) < len as u64 {
                 tracing::error!(
                     "the shared-memory file was truncated by another process to {} bytes; \
                      giving it back its {} bytes (what lay past the cut is lost)",

@@ -43,7 +43,7 @@ pub fn tmpfs_capacity(dir: &Path) -> Capacity {
     };
     // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statvfs(cpath.as_ptr(), &mut st) };
+    let rc = unsafe { libc::statvfs(cpath.as_ptr(), &raw mut st) };
     if rc != 0 {
         return Capacity {
             total: 0,

@@ -283,9 +283,9 @@ impl History {
             if slot.sec != sec {
                 continue;
             }
-            allocations += slot.allocations as u64;
+            allocations += u64::from(slot.allocations);
             for (total, n) in sizes.iter_mut().zip(slot.sizes) {
-                *total += n as u64;
+                *total += u64::from(n);
             }
             peak = peak.max(slot.peak_allocated);
             if let Some(s) = slot.sample {
@@ -321,7 +321,7 @@ impl History {
     fn latency(&mut self, window: u64, now_ms: u64) -> LatencyPercentiles {
         let now_minute = now_ms / 60_000;
         // Minutes that left the hour leave the running sum.
-        for entry in self.latency_minutes.iter_mut() {
+        for entry in &mut self.latency_minutes {
             let stale = entry
                 .as_ref()
                 .is_some_and(|s| s.index + LATENCY_SLOTS <= now_minute);
@@ -414,7 +414,7 @@ mod tests {
     fn latency_percentiles_per_second_and_per_minute() {
         let mut h = History::new(0);
         for i in 1..=100 {
-            h.on_latency(i as f64, 5_000);
+            h.on_latency(f64::from(i), 5_000);
         }
         let r = h.report(10, 0, 5_500);
         assert!((r.latency.p50 - 50.0).abs() <= 0.5, "{:?}", r.latency);

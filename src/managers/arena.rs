@@ -34,12 +34,12 @@ pub struct Placement {
 impl Placement {
     /// Byte offset of the allocation's first byte (aligned as asked).
     pub fn offset(&self) -> u64 {
-        (self.block.offset as u64) << self.unit_log2
+        u64::from(self.block.offset) << self.unit_log2
     }
 
     /// Bytes of the block holding the allocation (its size rounded up to whole units).
     pub fn block_bytes(&self) -> u64 {
-        (self.block.size as u64) << self.unit_log2
+        u64::from(self.block.size) << self.unit_log2
     }
 
     /// Alignment of `offset`, in bytes.
@@ -73,14 +73,14 @@ impl PageRefs {
     fn add(&mut self, page: u64) -> u32 {
         let r = self.slot(page);
         *r += 1;
-        *r as u32
+        u32::from(*r)
     }
 
     /// Drops a reference; returns the new count.
     fn drop_ref(&mut self, page: u64) -> u32 {
         let r = self.slot(page);
         *r = r.saturating_sub(1);
-        *r as u32
+        u32::from(*r)
     }
 
     fn clear(&mut self) {
@@ -92,7 +92,7 @@ impl PageRefs {
         self.chunks
             .get((page / PAGE_REF_CHUNK) as usize)
             .and_then(|c| c.as_ref())
-            .map_or(0, |c| c[(page % PAGE_REF_CHUNK) as usize] as u32)
+            .map_or(0, |c| u32::from(c[(page % PAGE_REF_CHUNK) as usize]))
     }
 
     fn heap_bytes(&self) -> usize {
@@ -144,14 +144,14 @@ impl Arena {
             .min_alignment()
             .max(Self::MIN_UNIT)
             .next_power_of_two();
-        while len / unit >= u32::MAX as u64 {
+        while len / unit >= u64::from(u32::MAX) {
             unit *= 2;
         }
         let units = (len / unit) as u32;
         let page = backend.page_size();
         let pages = len.div_ceil(page);
         assert!(
-            pages < u32::MAX as u64,
+            pages < u64::from(u32::MAX),
             "an arena holds fewer than 2^32 pages"
         );
         Arena {
@@ -328,8 +328,8 @@ impl Arena {
 
     fn block_range(&self, block: &Block) -> (u64, u64) {
         (
-            block.offset as u64 * self.unit,
-            block.size as u64 * self.unit,
+            u64::from(block.offset) * self.unit,
+            u64::from(block.size) * self.unit,
         )
     }
 
@@ -462,8 +462,8 @@ impl Arena {
             if self.cached_bytes() <= keep {
                 break;
             }
-            let start = offset as u64 * self.unit;
-            let end = start + size as u64 * self.unit;
+            let start = u64::from(offset) * self.unit;
+            let end = start + u64::from(size) * self.unit;
             let first = start.div_ceil(self.page);
             let end_page = end / self.page;
             if end_page <= first {
@@ -483,7 +483,7 @@ impl Arena {
 
     /// The largest allocation (default alignment) that could be placed now.
     pub fn largest_free_block(&self) -> u64 {
-        self.tlsf.largest_free() as u64 * self.unit
+        u64::from(self.tlsf.largest_free()) * self.unit
     }
 
     /// Free bytes in the arena, in whatever pieces.
@@ -528,7 +528,7 @@ impl Arena {
     /// (what the earlier process held for anything else). `ranges` are (offset, size,
     /// alignment) in bytes; they must be unit-aligned, inside the arena and not overlap.
     pub fn adopt(&mut self, ranges: &[(u64, u64, u64)]) -> Result<Vec<Placement>, String> {
-        if self.in_use_bytes > 0 || self.tlsf.free_units() != self.tlsf.capacity() as u64 {
+        if self.in_use_bytes > 0 || self.tlsf.free_units() != u64::from(self.tlsf.capacity()) {
             return Err("the arena is not empty".into());
         }
         let mut order: Vec<usize> = (0..ranges.len()).collect();
@@ -544,7 +544,7 @@ impl Arena {
             }
             let units = size.div_ceil(self.unit);
             end = offset + units * self.unit;
-            if end > self.tlsf.capacity() as u64 * self.unit {
+            if end > u64::from(self.tlsf.capacity()) * self.unit {
                 return Err(format!(
                     "allocation at offset {offset} ({size} bytes) lies beyond the arena"
                 ));
@@ -603,7 +603,7 @@ impl Arena {
             cursor = start + p.block.size;
         }
         largest = largest.max(self.tlsf.capacity().saturating_sub(cursor));
-        largest as u64 * self.unit
+        u64::from(largest) * self.unit
     }
 
     /// Slides movable allocations toward the start of the arena, in address order, moving at
@@ -631,8 +631,8 @@ impl Arena {
             // Back the destination's pages before writing to them; if the system refuses,
             // stop moving (everything stays consistent, nothing is lost).
             let can_move = *movable && target < block.offset && budget_left && !stopped && {
-                let first = (target as u64 * self.unit) / self.page;
-                let last = ((target + block.size) as u64 * self.unit - 1) / self.page;
+                let first = (u64::from(target) * self.unit) / self.page;
+                let last = (u64::from(target + block.size) * self.unit - 1) / self.page;
                 match self.back(first, last) {
                     Ok(()) => true,
                     Err(e) => {
@@ -643,7 +643,7 @@ impl Arena {
                 }
             };
             let can_move = can_move && {
-                let new_offset = target as u64 * self.unit;
+                let new_offset = u64::from(target) * self.unit;
                 match self
                     .backend
                     .copy_within(p.offset(), new_offset, p.block_bytes())

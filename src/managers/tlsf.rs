@@ -130,10 +130,9 @@ impl Tlsf {
             return 0;
         }
         let top = 31 - self.top_bitmap.leading_zeros();
-        let leaf = 7
-            - (self.leaf_bitmaps[top as usize] as u32)
-                .leading_zeros()
-                .saturating_sub(24);
+        let leaf = 7 - u32::from(self.leaf_bitmaps[top as usize])
+            .leading_zeros()
+            .saturating_sub(24);
         let bin = (top << MANTISSA_BITS | leaf) as usize;
         self.nodes[self.heads[bin] as usize].size
     }
@@ -168,7 +167,7 @@ impl Tlsf {
         self.heads[bin] = index;
         self.leaf_bitmaps[top] |= 1 << leaf;
         self.top_bitmap |= 1 << top;
-        self.free_units += size as u64;
+        self.free_units += u64::from(size);
         self.free_blocks += 1;
     }
 
@@ -191,7 +190,7 @@ impl Tlsf {
             self.nodes[n.next_free as usize].prev_free = n.prev_free;
         }
         self.nodes[index as usize].free = false;
-        self.free_units -= n.size as u64;
+        self.free_units -= u64::from(n.size);
         self.free_blocks -= 1;
     }
 
@@ -202,7 +201,7 @@ impl Tlsf {
         }
         let top = bin / LEAF_BINS_PER_TOP as u32;
         let leaf = bin % LEAF_BINS_PER_TOP as u32;
-        let leaf_mask = (self.leaf_bitmaps[top as usize] as u32) & (!0u32 << leaf);
+        let leaf_mask = u32::from(self.leaf_bitmaps[top as usize]) & (!0u32 << leaf);
         if leaf_mask != 0 {
             return Some(top * LEAF_BINS_PER_TOP as u32 + leaf_mask.trailing_zeros());
         }
@@ -215,7 +214,7 @@ impl Tlsf {
             return None;
         }
         let t = higher.trailing_zeros();
-        let l = (self.leaf_bitmaps[t as usize] as u32).trailing_zeros();
+        let l = u32::from(self.leaf_bitmaps[t as usize]).trailing_zeros();
         Some(t * LEAF_BINS_PER_TOP as u32 + l)
     }
 
@@ -272,7 +271,8 @@ impl Tlsf {
             return None;
         }
         let fits = |n: &Node| {
-            n.offset.next_multiple_of(align) as u64 + size as u64 <= n.offset as u64 + n.size as u64
+            u64::from(n.offset.next_multiple_of(align)) + u64::from(size)
+                <= u64::from(n.offset) + u64::from(n.size)
         };
         let mut found = size
             .checked_add(align - 1)

@@ -176,7 +176,7 @@ mod tests {
 
     fn err(line: &str) -> (Option<String>, ErrorCode) {
         let e = parse_request(line.as_bytes()).unwrap_err();
-        (e.request_id.map(|c| c.into_owned()), e.error.code)
+        (e.request_id.map(std::borrow::Cow::into_owned), e.error.code)
     }
 
     #[test]

@@ -194,8 +194,9 @@ impl MemoryService {
         };
         match attempt {
             TryAllocate::Ready(r) => r,
-            TryAllocate::Large(req) => self.wait_and_allocate(req, started).await,
-            TryAllocate::MustWait(req) => self.wait_and_allocate(req, started).await,
+            TryAllocate::Large(req) | TryAllocate::MustWait(req) => {
+                self.wait_and_allocate(req, started).await
+            }
         }
     }
 

@@ -53,11 +53,11 @@ impl From<EngineError> for ProtocolError {
             EngineError::AllocationNotFound(_) => ErrorCode::AllocationNotFound,
             EngineError::NoRoom { .. }
             | EngineError::OverBudget { .. }
-            | EngineError::TooMany { .. } => ErrorCode::OutOfMemory,
+            | EngineError::TooMany { .. }
+            | EngineError::Backend(_) => ErrorCode::OutOfMemory,
             EngineError::OutOfRange(_) => ErrorCode::InvalidParameter,
             EngineError::InvalidTransfer(_) => ErrorCode::InvalidTransferParams,
             EngineError::InUse(_) => ErrorCode::AllocationInUse,
-            EngineError::Backend(_) => ErrorCode::OutOfMemory,
         };
         ProtocolError::new(code, e.to_string())
     }

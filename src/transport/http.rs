@@ -60,7 +60,10 @@ impl ClientLimits {
     /// The limit of the client at `address` (unknown: one shared by every such client).
     fn of(&self, address: Option<IpAddr>) -> Arc<InFlightLimit> {
         let key = address.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        let mut map = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self
+            .by_address
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if map.len() >= REMEMBERED_CLIENTS && !map.contains_key(&key) {
             map.retain(|_, l| Arc::strong_count(l) > 1);
         }

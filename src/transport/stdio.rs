@@ -56,19 +56,31 @@ struct InFlight {
 
 impl InFlight {
     fn add(&self) {
-        *self.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        *self
+            .count
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
     }
     fn done(&self) {
-        let mut c = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = self
+            .count
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         *c -= 1;
         if *c == 0 {
             self.idle.notify_all();
         }
     }
     fn wait_idle(&self) {
-        let mut c = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = self
+            .count
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         while *c > 0 {
-            c = self.idle.wait(c).unwrap_or_else(|p| p.into_inner());
+            c = self
+                .idle
+                .wait(c)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
     }
 }
@@ -103,7 +115,10 @@ impl Backlog {
         let before = self.bytes.fetch_sub(n, Ordering::AcqRel);
         if before > MAX_BACKLOG_BYTES && before - n <= MAX_BACKLOG_BYTES {
             // Under the lock, so a reader between its check and its wait cannot miss it.
-            let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _g = self
+                .lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             self.drained.notify_all();
         }
     }
@@ -114,15 +129,23 @@ impl Backlog {
 
     /// Waits until at most [`MAX_BACKLOG_BYTES`] are waiting to be written.
     fn wait_for_room(&self) {
-        let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self
+            .lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         while self.bytes.load(Ordering::Acquire) > MAX_BACKLOG_BYTES {
-            g = self.drained.wait(g).unwrap_or_else(|p| p.into_inner());
+            g = self
+                .drained
+                .wait(g)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
     }
 }
 
 fn write_batch(output: &Mutex<Option<Box<dyn Write + Send>>>, bytes: &[u8]) {
-    let mut out = output.lock().unwrap_or_else(|p| p.into_inner());
+    let mut out = output
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(w) = out.as_mut()
         && (w.write_all(bytes).is_err() || w.flush().is_err())
     {
@@ -194,7 +217,10 @@ impl Worker {
     /// runtime's tasks must not block on a host that does not read.
     fn emit(&self, bytes: Vec<u8>) {
         if bytes.len() >= DIRECT_WRITE_LIMIT || !self.backlog.is_empty() {
-            let tx = self.to_writer.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = self
+                .to_writer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(tx) = tx.as_ref() {
                 let len = bytes.len();
                 self.backlog.add(len);
@@ -252,7 +278,10 @@ impl Worker {
         );
         loop {
             {
-                let _batch = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+                let _batch = self
+                    .batch
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if self.stopping.load(Ordering::Acquire) {
                     return;
                 }
@@ -282,7 +311,10 @@ impl Worker {
                 Ok(true) => {}
                 Ok(false) => {
                     // Answer a last line that had no newline, then finish.
-                    let _batch = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+                    let _batch = self
+                        .batch
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     while let Some(frame) = reader.next_frame() {
                         match frame {
                             Frame::Line(line) if line.iter().all(u8::is_ascii_whitespace) => {}
@@ -313,7 +345,10 @@ impl Worker {
     /// Stops taking requests (a signal): waits for the batch being handled, then finishes.
     pub fn stop(self: &Arc<Self>) {
         self.stopping.store(true, Ordering::Release);
-        let _batch = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+        let _batch = self
+            .batch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.finish();
     }
 
@@ -328,9 +363,14 @@ impl Worker {
             // Closing the channel lets the writer thread write what is queued and end.
             self.to_writer
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .take();
-            if let Some(w) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            if let Some(w) = self
+                .writer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
+            {
                 let _ = w.join();
             }
             let released = service.shut_down();

@@ -107,7 +107,7 @@ impl Backend for FaultyBackend {
         self.inner.commit(offset, len)
     }
     fn release(&mut self, offset: u64, len: u64) {
-        self.inner.release(offset, len)
+        self.inner.release(offset, len);
     }
     fn host_slice(&self, offset: u64, len: u64) -> Option<&[u8]> {
         if self.opaque {

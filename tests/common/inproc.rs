@@ -158,7 +158,7 @@ impl InProcessWorker {
 
     /// The next answer to arrive (one received and not yet asked for first).
     pub fn next_answer(&mut self) -> Value {
-        if let Some(v) = self.stash.values_mut().find_map(|q| q.pop()) {
+        if let Some(v) = self.stash.values_mut().find_map(std::vec::Vec::pop) {
             return v;
         }
         self.answers

@@ -57,13 +57,13 @@ impl Gpu {
         unsafe {
             let mut dev = 0;
             check(
-                sys::cuDeviceGet(&mut dev, ordinal as i32),
+                sys::cuDeviceGet(&raw mut dev, ordinal as i32),
                 "cuDeviceGet",
                 &id,
             )?;
             let mut ctx = std::ptr::null_mut();
             check(
-                sys::cuDevicePrimaryCtxRetain(&mut ctx, dev),
+                sys::cuDevicePrimaryCtxRetain(&raw mut ctx, dev),
                 "cuDevicePrimaryCtxRetain",
                 &id,
             )?;
@@ -86,8 +86,8 @@ impl Gpu {
             let mut g = 0usize;
             check(
                 sys::cuMemGetAllocationGranularity(
-                    &mut g,
-                    &prop,
+                    &raw mut g,
+                    &raw const prop,
                     sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_RECOMMENDED,
                 ),
                 "cuMemGetAllocationGranularity",
@@ -97,7 +97,7 @@ impl Gpu {
             let len = len.div_ceil(g) * g;
             let mut base = 0;
             check(
-                sys::cuMemAddressReserve(&mut base, len as usize, g as usize, 0, 0),
+                sys::cuMemAddressReserve(&raw mut base, len as usize, g as usize, 0, 0),
                 "cuMemAddressReserve",
                 &id,
             )?;
@@ -108,25 +108,25 @@ impl Gpu {
             for slot in 0..STAGING_SLOTS {
                 let mut p = std::ptr::null_mut();
                 check(
-                    sys::cuMemHostAlloc(&mut p, STAGING_BYTES, 0),
+                    sys::cuMemHostAlloc(&raw mut p, STAGING_BYTES, 0),
                     "cuMemHostAlloc",
                     &id,
                 )
                 .map_err(|e| err("allocating pinned staging", e.to_string()))?;
-                gpu.staging[slot] = p as *mut u8;
+                gpu.staging[slot] = p.cast::<u8>();
                 check(
-                    sys::cuEventCreate(&mut gpu.events[slot], 0),
+                    sys::cuEventCreate(&raw mut gpu.events[slot], 0),
                     "cuEventCreate",
                     &id,
                 )?;
             }
             check(
-                sys::cuStreamCreate(&mut gpu.stream, 0),
+                sys::cuStreamCreate(&raw mut gpu.stream, 0),
                 "cuStreamCreate",
                 &id,
             )?;
             check(
-                sys::cuMemAlloc_v2(&mut gpu.scratch, STAGING_BYTES),
+                sys::cuMemAlloc_v2(&raw mut gpu.scratch, STAGING_BYTES),
                 "cuMemAlloc",
                 &id,
             )?;
@@ -137,7 +137,7 @@ impl Gpu {
     pub(super) fn capacity(&self) -> Capacity {
         let (mut free, mut total) = (0usize, 0usize);
         // SAFETY: out-pointers to locals; the context is current on this thread.
-        unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) };
+        unsafe { sys::cuMemGetInfo_v2(&raw mut free, &raw mut total) };
         let used = self
             .nvml
             .as_ref()
@@ -170,7 +170,7 @@ impl Gpu {
             // SAFETY: maps one granule of our own reserved range to fresh physical memory.
             let r = unsafe {
                 check(
-                    sys::cuMemCreate(&mut h, g as usize, &prop, 0),
+                    sys::cuMemCreate(&raw mut h, g as usize, &raw const prop, 0),
                     "cuMemCreate",
                     &self.id,
                 )
@@ -215,7 +215,7 @@ impl Gpu {
                 // SAFETY: the range was just mapped.
                 result = unsafe {
                     check(
-                        sys::cuMemSetAccess(start, bytes as usize, &desc, 1),
+                        sys::cuMemSetAccess(start, bytes as usize, &raw const desc, 1),
                         "cuMemSetAccess",
                         &self.id,
                     )
@@ -255,7 +255,7 @@ impl Gpu {
         unsafe {
             check(
                 sys::cuMemcpyDtoHAsync_v2(
-                    self.staging[slot] as *mut _,
+                    self.staging[slot].cast(),
                     self.base + offset,
                     n,
                     self.stream,
@@ -283,7 +283,7 @@ impl Gpu {
             // SAFETY: page-locked destination valid for `len` (the caller's, outliving this call).
             return unsafe {
                 check(
-                    sys::cuMemcpyDtoHAsync_v2(dst as *mut _, self.base + offset, len, self.stream),
+                    sys::cuMemcpyDtoHAsync_v2(dst.cast(), self.base + offset, len, self.stream),
                     "cuMemcpyDtoHAsync",
                     &self.id,
                 )
@@ -338,12 +338,7 @@ impl Gpu {
             // SAFETY: page-locked source valid for `len` (the caller's, outliving this call).
             return unsafe {
                 check(
-                    sys::cuMemcpyHtoDAsync_v2(
-                        self.base + offset,
-                        src as *const _,
-                        len,
-                        self.stream,
-                    ),
+                    sys::cuMemcpyHtoDAsync_v2(self.base + offset, src.cast(), len, self.stream),
                     "cuMemcpyHtoDAsync",
                     &self.id,
                 )
@@ -516,7 +511,7 @@ impl Gpu {
             }
             for slot in 0..STAGING_SLOTS {
                 if !self.staging[slot].is_null() {
-                    sys::cuMemFreeHost(self.staging[slot] as *mut _);
+                    sys::cuMemFreeHost(self.staging[slot].cast());
                 }
                 if !self.events[slot].is_null() {
                     sys::cuEventDestroy_v2(self.events[slot]);

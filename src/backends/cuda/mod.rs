@@ -75,14 +75,14 @@ pub fn probe() -> Result<Vec<GpuInfo>, String> {
                 return Err(format!("cuInit failed: {r:?}"));
             }
             let mut count = 0;
-            let r = sys::cuDeviceGetCount(&mut count);
+            let r = sys::cuDeviceGetCount(&raw mut count);
             if r != sys::CUresult::CUDA_SUCCESS {
                 return Err(format!("cuDeviceGetCount failed: {r:?}"));
             }
             let mut gpus = Vec::new();
             for ordinal in 0..count {
                 let mut dev = 0;
-                if sys::cuDeviceGet(&mut dev, ordinal) != sys::CUresult::CUDA_SUCCESS {
+                if sys::cuDeviceGet(&raw mut dev, ordinal) != sys::CUresult::CUDA_SUCCESS {
                     continue;
                 }
                 let mut name = [0 as std::ffi::c_char; 256];
@@ -91,7 +91,7 @@ pub fn probe() -> Result<Vec<GpuInfo>, String> {
                     .to_string_lossy()
                     .into_owned();
                 let mut total = 0usize;
-                sys::cuDeviceTotalMem_v2(&mut total, dev);
+                sys::cuDeviceTotalMem_v2(&raw mut total, dev);
                 gpus.push(GpuInfo {
                     ordinal: ordinal as u32,
                     name,
@@ -290,7 +290,7 @@ impl CudaBackend {
             // SAFETY: allocates host memory with an out-pointer to a local.
             unsafe {
                 check(
-                    sys::cuMemHostAlloc(&mut p, len as usize, sys::CU_MEMHOSTALLOC_PORTABLE),
+                    sys::cuMemHostAlloc(&raw mut p, len as usize, sys::CU_MEMHOSTALLOC_PORTABLE),
                     "cuMemHostAlloc (pinned pool)",
                     &id,
                 )
@@ -395,7 +395,7 @@ impl Backend for CudaBackend {
             })
     }
     fn sync(&mut self) -> Result<(), BackendError> {
-        self.call(|g| g.sync())?
+        self.call(gpu::Gpu::sync)?
     }
     fn defragment_pass_bytes(&self) -> u64 {
         // Device-to-device copies run at about 4 TB/s (read + write) on an H200: 8 GiB is ~4 ms.

@@ -33,7 +33,7 @@ impl AllocationEngine {
         }
         // Memory held for the state file stays where it is, untouched.
         let mut held = std::mem::take(&mut self.devices[device].held);
-        for (_, p) in held.iter_mut() {
+        for (_, p) in &mut held {
             placements.push((p, false));
         }
         let dev = &mut self.devices[device];

@@ -190,7 +190,7 @@ fn compaction_moves_down_keeps_bytes_and_pins() {
     let mut kept = kept;
     let frag_before = a.largest_free_block();
     let fixed_offset = kept[5].offset();
-    let originals: Vec<u64> = kept.iter().map(|p| p.offset()).collect();
+    let originals: Vec<u64> = kept.iter().map(super::Placement::offset).collect();
     let mut refs: Vec<(&mut Placement, bool)> = kept
         .iter_mut()
         .enumerate()
