@@ -95,7 +95,7 @@ fn a_failing_copy_fails_the_transfer_and_keeps_the_source() {
         wait_for_completion: true,
     };
     let started = s.service.start_transfer(&req).unwrap();
-    let err = s.service.run_transfer(&started).unwrap_err();
+    let err = s.service.run_transfer(started).unwrap_err();
     assert_eq!(err.code, ErrorCode::TransferFailed, "{}", err.message);
     // The source is intact, where it was, with its id; the destination holds nothing.
     assert_eq!(s.service.allocation(&id).unwrap().device_id, "cpu");
@@ -107,7 +107,7 @@ fn a_failing_copy_fails_the_transfer_and_keeps_the_source() {
     // And the move works once the device does.
     s.faults.fail_copy.store(false, Ordering::Relaxed);
     let started = s.service.start_transfer(&req).unwrap();
-    s.service.run_transfer(&started).unwrap();
+    s.service.run_transfer(started).unwrap();
     s.service.read(&id, 0, &mut back).unwrap();
     assert!(back == data);
     assert_eq!(s.service.allocation(&id).unwrap().device_id, "faulty");

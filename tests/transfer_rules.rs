@@ -75,7 +75,7 @@ fn an_allocation_in_transfer_is_in_use_until_the_transfer_ends() {
     let started = svc.start_transfer(&to_test(&id)).unwrap();
     let runner = {
         let svc = Arc::clone(&svc);
-        std::thread::spawn(move || svc.run_transfer(&started))
+        std::thread::spawn(move || svc.run_transfer(started))
     };
     write_started.recv().unwrap(); // the first of 8 chunks is being copied
 
@@ -125,7 +125,7 @@ fn a_failed_transfer_leaves_the_source_intact_and_frees_the_destination() {
 
     let started = svc.start_transfer(&to_test(&id)).unwrap();
     let transfer_id = started.wire.transfer_id.clone();
-    let err = svc.run_transfer(&started).unwrap_err();
+    let err = svc.run_transfer(started).unwrap_err();
     assert_eq!(err.code, ErrorCode::TransferFailed);
     assert!(
         err.message.contains("injected failure") && err.message.contains("intact"),
@@ -151,6 +151,61 @@ fn a_failed_transfer_leaves_the_source_intact_and_frees_the_destination() {
         })
         .unwrap();
     assert_eq!((usage.allocated_bytes, usage.allocation_count), (0, 0));
+    svc.deallocate(&DeallocateRequest {
+        allocation_id: id,
+        device_id: None,
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_transfer_dropped_before_it_runs_undoes_itself() {
+    // What happens when the thread that was to copy never runs (it could not start, or the
+    // worker stopped first): the accepted transfer is dropped. Its ends must not stay busy.
+    let (device, _faults) = FaultyBackend::new("test", 1024 * MIB);
+    let svc = service(device);
+    let size = 4 * MIB;
+    let id = allocate(&svc, size);
+    let bytes = data(size);
+    svc.write(&id, 0, &bytes).unwrap();
+
+    let started = svc.start_transfer(&to_test(&id)).unwrap();
+    let transfer_id = started.wire.transfer_id.clone();
+    let busy = svc
+        .deallocate(&DeallocateRequest {
+            allocation_id: id.clone(),
+            device_id: None,
+        })
+        .unwrap_err();
+    assert_eq!(busy.code, ErrorCode::AllocationInUse, "busy while accepted");
+    drop(started);
+
+    let status = svc.get_transfer(&transfer_id).unwrap();
+    assert_eq!(status.status, TransferStatus::Failed);
+    assert!(
+        status
+            .error_message
+            .as_deref()
+            .is_some_and(|m| m.contains("abandoned") && m.contains("intact")),
+        "{status:?}"
+    );
+    assert_eq!(svc.allocation(&id).unwrap().device_id, "cpu");
+    let mut back = vec![0u8; size as usize];
+    svc.read(&id, 0, &mut back).unwrap();
+    assert!(back == bytes, "source changed by an abandoned transfer");
+    let usage = svc
+        .get_usage(&DeviceRequest {
+            device_id: "test".into(),
+        })
+        .unwrap();
+    assert_eq!(
+        (usage.allocated_bytes, usage.allocation_count),
+        (0, 0),
+        "the destination is freed"
+    );
+    // The source is free to move again, and to be freed.
+    let t = svc.transfer(&to_test(&id)).unwrap();
+    assert_eq!(t.status, TransferStatus::Completed);
     svc.deallocate(&DeallocateRequest {
         allocation_id: id,
         device_id: None,

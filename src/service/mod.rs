@@ -69,8 +69,9 @@ pub struct MemoryService {
     clock: Arc<dyn crate::managers::clock::Clock>,
     /// The background threads (keep-alive sweeper, sampler), stopped at shutdown.
     threads: crate::runtime::Threads,
-    engine: Mutex<AllocationEngine>,
-    transfers: Mutex<TransferTable>,
+    /// Shared with the transfers in progress ([`StartedTransfer`] undoes its ends if dropped).
+    engine: Arc<Mutex<AllocationEngine>>,
+    transfers: Arc<Mutex<TransferTable>>,
     transfer_chunk_bytes: u64,
     /// Held (shared) while pages are committed without the engine; `close` takes it alone.
     commit_gate: RwLock<()>,
@@ -113,8 +114,8 @@ impl MemoryService {
         MemoryService {
             clock,
             threads: crate::runtime::Threads::new(),
-            engine: Mutex::new(engine),
-            transfers: Mutex::new(TransferTable::default()),
+            engine: Arc::new(Mutex::new(engine)),
+            transfers: Arc::new(Mutex::new(TransferTable::default())),
             transfer_chunk_bytes: TRANSFER_CHUNK_BYTES,
             commit_gate: RwLock::new(()),
             models: Mutex::new(ModelTable::default()),

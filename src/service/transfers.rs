@@ -4,17 +4,66 @@
 use super::*;
 use crate::domain::TransferRecord;
 
-/// A transfer accepted and ready to copy.
+/// A transfer accepted and ready to copy. Dropped before it settles (never run: its thread
+/// could not start, the worker stopped first; or a panic mid-copy), it undoes itself: the
+/// destination is freed, the source is no longer busy and keeps its bytes, and the transfer
+/// reads Failed. So no path leaves an allocation busy forever.
 pub struct StartedTransfer {
+    id: Uuid,
+    size: u64,
+    copy: bool,
+    ends: Ends,
+    /// What to answer now.
+    pub wire: MemoryTransfer,
+}
+
+/// The two ends of a transfer in progress, and what undoes them.
+struct Ends {
+    engine: Arc<Mutex<AllocationEngine>>,
+    transfers: Arc<Mutex<TransferTable>>,
+    clock: Arc<dyn crate::managers::clock::Clock>,
     id: Uuid,
     source: Uuid,
     destination: Uuid,
-    size: u64,
-    copy: bool,
-    /// The destination's pages, still to be faulted in (by `run_transfer`, without the engine).
+    /// The destination's pages, still to be faulted in (by `run_transfer`, without the
+    /// engine); `None` once they are.
     pending: Option<DeferredCommit>,
-    /// What to answer now.
-    pub wire: MemoryTransfer,
+    /// Completed, or already undone.
+    settled: bool,
+}
+
+impl Ends {
+    /// Frees the destination (its pages given back whether or not they were committed) and
+    /// leaves the source as it was.
+    fn undo(&mut self) {
+        if std::mem::replace(&mut self.settled, true) {
+            return;
+        }
+        let mut e = self.engine.lock();
+        match &self.pending {
+            Some(p) => e.abandon_transfer(&self.source, &self.destination, p),
+            None => e.abort_transfer(&self.source, &self.destination),
+        }
+    }
+}
+
+impl Drop for Ends {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        self.undo();
+        self.transfers.lock().finish(
+            &self.id,
+            TransferStatus::Failed,
+            Some(
+                "the transfer was abandoned before it completed (the worker stopped, or the \
+                 copy could not run); the source is intact"
+                    .into(),
+            ),
+            self.clock.wall(),
+        );
+    }
 }
 
 impl MemoryService {
@@ -50,11 +99,18 @@ impl MemoryService {
         let wire = record.into();
         Ok(StartedTransfer {
             id,
-            source,
-            destination,
             size,
             copy,
-            pending,
+            ends: Ends {
+                engine: Arc::clone(&self.engine),
+                transfers: Arc::clone(&self.transfers),
+                clock: Arc::clone(&self.clock),
+                id,
+                source,
+                destination,
+                pending,
+                settled: false,
+            },
             wire,
         })
     }
@@ -62,16 +118,19 @@ impl MemoryService {
     /// `memory.transfer`, second half: copies chunk by chunk (releasing the engine between
     /// chunks), then completes the move or copy. On failure the destination is freed, the
     /// source is left as it was, and the transfer is Failed (TRANSFER_FAILED).
-    pub fn run_transfer(&self, t: &StartedTransfer) -> Result<MemoryTransfer, ProtocolError> {
+    pub fn run_transfer(&self, mut t: StartedTransfer) -> Result<MemoryTransfer, ProtocolError> {
         let _recorded = self.recording();
         let mut done = 0u64;
         let mut failure = None;
-        if let Some(pending) = &t.pending {
+        let committed = t.ends.pending.as_ref().map(|pending| {
             let _open = self.commit_gate.read();
-            if let Err(err) = pending.commit() {
-                self.engine
-                    .lock()
-                    .abandon_transfer(&t.source, &t.destination, pending);
+            pending.commit()
+        });
+        match committed {
+            None => {}
+            Some(Ok(())) => t.ends.pending = None,
+            Some(Err(err)) => {
+                t.ends.undo();
                 let message = format!(
                     "transfer of allocation {} to {} failed: the system refused the destination's pages ({err}); the source is intact",
                     t.wire.allocation_id, t.wire.destination_device_id
@@ -85,10 +144,11 @@ impl MemoryService {
                 return Err(ProtocolError::new(ErrorCode::TransferFailed, message));
             }
         }
+        let (source, destination) = (t.ends.source, t.ends.destination);
         while done < t.size {
             let len = self.transfer_chunk_bytes.min(t.size - done);
             let mut engine = self.engine.lock();
-            let r = engine.transfer_chunk(&t.source, &t.destination, done, len);
+            let r = engine.transfer_chunk(&source, &destination, done, len);
             // Hand the engine to whoever waited during the chunk, so other requests are
             // answered between chunks instead of after the whole transfer.
             MutexGuard::unlock_fair(engine);
@@ -103,9 +163,12 @@ impl MemoryService {
             && let Err(e) = self
                 .engine
                 .lock()
-                .finish_transfer(&t.source, &t.destination, t.copy)
+                .finish_transfer(&source, &destination, t.copy)
         {
             failure = Some(e.to_string());
+        }
+        if failure.is_none() {
+            t.ends.settled = true;
         }
         // With a state directory, the outcome (a persistent allocation now on shm, or gone from
         // it) is on disk before the transfer reads Completed, whether or not anyone waits for it.
@@ -121,7 +184,7 @@ impl MemoryService {
                 Ok(wire.map_or_else(|| t.wire.clone(), MemoryTransfer::from))
             }
             Some(message) => {
-                self.engine.lock().abort_transfer(&t.source, &t.destination);
+                t.ends.undo();
                 let message = format!(
                     "transfer of allocation {} from {} to {} failed after {} of {}: {message}; the source is intact",
                     t.wire.allocation_id,
@@ -144,7 +207,7 @@ impl MemoryService {
     /// `memory.transfer` run to completion.
     pub fn transfer(&self, req: &TransferRequest) -> Result<MemoryTransfer, ProtocolError> {
         let t = self.start_transfer(req)?;
-        self.run_transfer(&t)
+        self.run_transfer(t)
     }
 
     /// Transfers still running (for progress displays).

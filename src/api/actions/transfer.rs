@@ -100,11 +100,11 @@ impl ActionSpec for Transfer {
             Err(e) => return Reply::Now(Err(e)),
         };
         if r.wait_for_completion {
-            return cx.blocking_admitted(ticket, move |s| s.run_transfer(&started));
+            return cx.blocking_admitted(ticket, move |s| s.run_transfer(started));
         }
         let answer = started.wire.clone();
         cx.background("transfer", ticket, move |s| {
-            if let Err(e) = s.run_transfer(&started) {
+            if let Err(e) = s.run_transfer(started) {
                 tracing::warn!("{}", e.message);
             }
         });
