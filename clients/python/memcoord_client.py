@@ -1,7 +1,7 @@
 """Minimal stdlib-only client for ``memcoord worker`` (the NDJSON stdio transport).
 
 The worker reads one JSON request per line on stdin and writes one JSON response per line
-on stdout (see PROTOCOL.md, section 1).  Requests are handled concurrently by the worker, so
+on stdout (see docs/protocol.md, section 4.1).  Requests are handled concurrently by the worker, so
 responses can arrive out of order; this client matches them to their requests by
 ``request_id``.  Responses whose ``request_id`` is ``null`` (malformed lines, over-long lines)
 cannot be matched and are put on :attr:`MemcoordClient.unmatched`.

@@ -1,5 +1,5 @@
-//! What every action's request parsing shares (PROTOCOL.md section 4): reading `data`, the
-//! checks of required, non-empty, size and timeout fields, and the contract's limits.
+//! What every action's request parsing shares (the contract's section 4, docs/protocol.md): reading
+//! `data`, the checks of required, non-empty, size and timeout fields, and the contract's limits.
 //!
 //! Every field is read as optional (an optional field sent as `null` counts as missing), then
 //! checked: a field missing, of the wrong type or out of range is `INVALID_PARAMETER` with a

@@ -320,7 +320,7 @@ impl ShmBackend {
             })
             .and_then(|()| {
                 // SAFETY: the file is ours, freshly created; other processes may map it too,
-                // which is the point of `shm`: they follow the handle protocol (PROTOCOL.md §6).
+                // which is the point of `shm`: they follow the handle protocol (the contract's section 6, docs/protocol.md).
                 unsafe { MmapOptions::new().len(len as usize).map_mut(&file) }
                     .map_err(os("mapping the shared-memory file"))
             });

@@ -1,4 +1,4 @@
-//! The request and response envelope (PROTOCOL.md section 2), parsed without copying.
+//! The request and response envelope (the contract's section 2, docs/protocol.md), parsed without copying.
 
 use super::error::{ErrorCode, ProtocolError};
 use serde::{Deserialize, Serialize};

@@ -1,5 +1,5 @@
-//! The contract's error codes (PROTOCOL.md section 7) and the error every layer above the
-//! managers converts into.
+//! The contract's error codes (the contract's section 7, docs/protocol.md) and the error every
+//! layer above the managers converts into.
 
 use std::fmt;
 

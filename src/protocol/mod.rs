@@ -1,4 +1,4 @@
-//! The wire contract (PROTOCOL.md): envelope, enums, response shapes, error codes. Each
+//! The wire contract (documented in docs/protocol.md): envelope, enums, response shapes, error codes. Each
 //! action's request is parsed in its own file (`api/actions/`).
 //!
 //! Plain data and parsing only; no I/O. The engine's types live in [`crate::domain`];

@@ -1,4 +1,5 @@
-//! Response shapes of PROTOCOL.md section 5, as plain serialisable data.
+//! Response shapes of the wire contract (its section 5; documented in docs/protocol.md), as plain
+//! serialisable data.
 //!
 //! Field names are the wire names; every field is always written (nullable ones as `null`).
 

@@ -107,7 +107,7 @@ pub fn document() -> Value {
         let mut op = json!({
             "operationId": route.action.trim_start_matches("memory."),
             "summary": route.summary,
-            "description": format!("The `{}` action of the protocol. `data` comes from the path, the query string{} (see PROTOCOL.md).", route.action, if method == "get" { "" } else { " and the JSON body" }),
+            "description": format!("The `{}` action of the protocol. `data` comes from the path, the query string{} (see docs/protocol.md in the memcoord repository).", route.action, if method == "get" { "" } else { " and the JSON body" }),
             "responses": {
                 "200": {"description": "success", "content": {"application/json": {"schema": response_envelope(resp)}}},
                 "default": {"description": "an error envelope; HTTP status = status_code", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}}}
