@@ -1,6 +1,7 @@
-//! The contract's actions, one file each under [`actions`]: its request (the wire form, the
-//! checked request and its parsing), its response, its REST route, its scheduling (answered at
-//! once, on a blocking thread, or its own async path) and its handler calling the service.
+//! The contract's actions, one file each under [`actions`]: its request (the wire form and its
+//! parsing into the checked request, a type of [`crate::service::requests`], the service's
+//! input), its response, its REST route, its scheduling (answered at once, on a blocking
+//! thread, or its own async path) and its handler calling the service.
 //!
 //! The list at the end of this file is the only place that names them all: from it come the
 //! [`Action`] enum and [`Action::from_name`], the typed [`Request`] and [`Response`] enums, the
@@ -86,7 +87,8 @@ pub trait ActionSpec {
     const NAME: &'static str;
     /// Its REST route.
     const ROUTE: Route;
-    /// The checked request (written back as `data` by [`client`]).
+    /// The checked request: the service's input (`service::requests`), written back as `data`
+    /// by [`client`].
     type Request: Serialize + Send + 'static;
     /// The answer's `data`.
     type Response: Serialize + DeserializeOwned + JsonSchema + Send + 'static;
@@ -271,6 +273,8 @@ actions! {
     OptimizationRecs in optimization_recs,
 }
 
+// The checked requests (defined in `service::requests`, parsed in the action files), where
+// callers have always found them.
 pub use actions::allocate::AllocateRequest;
 pub use actions::analytics::AnalyticsRequest;
 pub use actions::clear::ClearRequest;

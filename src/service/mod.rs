@@ -1,12 +1,13 @@
 //! The service: one method per protocol action, over the managers. The seed's "interface".
 //!
-//! Methods take typed requests and return typed responses or a [`ProtocolError`]; they never
-//! see JSON. Some wait (an allocate, a model load or an acquire waiting for room; a transfer, a
+//! Methods take typed requests ([`requests`], defined here: the service imports nothing from
+//! the api above it) and return typed responses or a [`ProtocolError`]; they never see JSON. Some wait (an allocate, a model load or an acquire waiting for room; a transfer, a
 //! defragment or an optimize doing its work); the transports run those off the reading thread.
 
 mod allocate;
 mod model_files;
 mod models;
+pub mod requests;
 mod state;
 mod telemetry;
 mod transfers;
@@ -17,11 +18,7 @@ pub use allocate::{LARGE_ALLOCATION_BYTES, TryAllocate};
 pub use telemetry::{ModelTelemetry, Telemetry};
 pub use transfers::StartedTransfer;
 
-use crate::api::{
-    AllocateRequest, ClearRequest, DeallocateRequest, DeviceRequest, GetAllocationsRequest,
-    GetStatusRequest, OptimizeRequest,
-};
-use crate::api::{TransferMode, TransferRequest};
+use crate::domain::TransferMode;
 use crate::managers::allocations::DeferredCommit;
 use crate::managers::allocations::{AllocationFilter, EngineError};
 use crate::managers::models::ModelTable;
@@ -33,6 +30,10 @@ use crate::protocol::{
     MemoryOptimizationType, MemoryUsageStats, OptimizeResponse, ProtocolError, Timestamp,
 };
 use crate::protocol::{MemoryTransfer, TransferStatus};
+use requests::{
+    AllocateRequest, ClearRequest, DeallocateRequest, DeviceRequest, GetAllocationsRequest,
+    GetStatusRequest, OptimizeRequest, OptionalDeviceRequest, TransferRequest,
+};
 use std::path::PathBuf;
 use std::sync::Arc;
 use uuid::Uuid;
@@ -175,7 +176,7 @@ impl MemoryService {
     /// `memory.get_pressure`.
     pub fn get_pressure(
         &self,
-        req: &crate::api::OptionalDeviceRequest,
+        req: &OptionalDeviceRequest,
     ) -> Result<crate::protocol::GetPressureResponse, ProtocolError> {
         let mut e = self.engine.lock();
         let devices: Vec<usize> = match &req.device_id {

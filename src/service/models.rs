@@ -3,7 +3,7 @@
 
 use super::MemoryService;
 use super::model_files::ModelFile;
-use crate::api::{
+use super::requests::{
     LeaseRequest, ModelLoadRequest, ModelOptimizeRequest, ModelRequest, ModelStatusRequest,
     ModelStrategy,
 };

@@ -3,7 +3,7 @@
 //! to (a defragment's outcome, old persistent allocations), and then one device at a time.
 
 use super::MemoryService;
-use crate::api::{AnalyticsRequest, OptionalDeviceRequest};
+use super::requests::{AnalyticsRequest, OptionalDeviceRequest};
 use crate::managers::advisor::{self, IdleModel, OldPersistent, Rules, Situation};
 use crate::managers::allocations::DeviceTelemetry;
 use crate::protocol::{

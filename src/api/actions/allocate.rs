@@ -6,9 +6,10 @@ use crate::api::parse::{MAX_ALIGNMENT, check_size, check_timeout, non_empty, par
 use crate::api::{ActionSpec, Context, Reply, Route, internal_error};
 use crate::protocol::{MemoryAllocationType, ProtocolError};
 pub use crate::protocol::AllocateMemoryResponse;
+pub use crate::service::requests::AllocateRequest;
 use crate::service::TryAllocate;
 use schemars::{Schema, SchemaGenerator};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::sync::Arc;
 
@@ -33,40 +34,7 @@ struct AllocateWire {
     timeout_seconds: Option<f64>,
 }
 
-/// `memory.allocate`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct AllocateRequest {
-    /// The device.
-    pub device_id: String,
-    /// Bytes, at least 1.
-    pub size_bytes: u64,
-    /// What it is for (default General).
-    pub allocation_type: MemoryAllocationType,
-    /// 0 = device default, else a power of two up to 1 GiB.
-    pub alignment: u64,
-    /// A label.
-    pub purpose: String,
-    /// Survives `clear` without `force`; never moved.
-    pub persistent: bool,
-    /// How long to wait for room, 0..3600 seconds (default 30).
-    pub timeout_seconds: f64,
-}
-
 impl AllocateRequest {
-    /// A request with the contract's defaults: General, device alignment, no purpose, not
-    /// persistent, 30 s timeout (for library callers; change fields as needed).
-    pub fn new(device_id: impl Into<String>, size_bytes: u64) -> Self {
-        AllocateRequest {
-            device_id: device_id.into(),
-            size_bytes,
-            allocation_type: MemoryAllocationType::General,
-            alignment: 0,
-            purpose: String::new(),
-            persistent: false,
-            timeout_seconds: 30.0,
-        }
-    }
-
     /// Parses and checks `data`.
     pub fn parse(data: Option<&RawValue>) -> Result<Self, ProtocolError> {
         let w: AllocateWire = parse_data(data)?;

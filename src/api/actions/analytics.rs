@@ -4,8 +4,9 @@ use crate::api::parse::parse_data;
 use crate::api::{ActionSpec, Context, Reply, Route};
 use crate::protocol::ProtocolError;
 pub use crate::protocol::GetAnalyticsResponse;
+pub use crate::service::requests::AnalyticsRequest;
 use schemars::{Schema, SchemaGenerator};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// `memory.analytics`.
@@ -18,15 +19,6 @@ struct AnalyticsWire {
     device_id: Option<String>,
     #[schemars(range(min = 1, max = 3600))]
     window_seconds: Option<f64>,
-}
-
-/// `memory.analytics`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct AnalyticsRequest {
-    /// The device, or every device.
-    pub device_id: Option<String>,
-    /// Seconds of history, 1 to 3600 (default 3600); a fraction counts as a whole second.
-    pub window_seconds: u64,
 }
 
 impl AnalyticsRequest {

@@ -4,8 +4,9 @@ use crate::api::parse::{non_empty, parse_data};
 use crate::api::{ActionSpec, Context, Reply, Route};
 use crate::protocol::ProtocolError;
 pub use crate::protocol::ClearResponse;
+pub use crate::service::requests::ClearRequest;
 use schemars::{Schema, SchemaGenerator};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// `memory.clear`.
@@ -18,15 +19,6 @@ struct ClearWire {
     #[schemars(length(min = 1))]
     device_id: Option<String>,
     force: Option<bool>,
-}
-
-/// `memory.clear`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ClearRequest {
-    /// The device.
-    pub device_id: String,
-    /// Clear persistent allocations too.
-    pub force: bool,
 }
 
 impl ClearRequest {

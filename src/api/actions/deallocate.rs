@@ -4,8 +4,9 @@ use crate::api::parse::{non_empty, parse_data};
 use crate::api::{ActionSpec, Context, Reply, Route};
 use crate::protocol::ProtocolError;
 pub use crate::protocol::DeallocateResponse;
+pub use crate::service::requests::DeallocateRequest;
 use schemars::{Schema, SchemaGenerator};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// `memory.deallocate`.
@@ -19,15 +20,6 @@ struct DeallocateWire {
     allocation_id: Option<String>,
     #[schemars(length(min = 1))]
     device_id: Option<String>,
-}
-
-/// `memory.deallocate`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct DeallocateRequest {
-    /// The allocation.
-    pub allocation_id: String,
-    /// Where the caller thinks it is; checked when given.
-    pub device_id: Option<String>,
 }
 
 impl DeallocateRequest {

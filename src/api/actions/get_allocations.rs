@@ -5,8 +5,9 @@ use crate::api::parse::{MAX_PAGE, non_empty, parse_data};
 use crate::api::{ActionSpec, Context, Reply, Route};
 use crate::protocol::{MemoryAllocationType, ProtocolError};
 pub use crate::protocol::GetAllocationsResponse;
+pub use crate::service::requests::GetAllocationsRequest;
 use schemars::{Schema, SchemaGenerator};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// `memory.get_allocations`.
@@ -25,23 +26,6 @@ struct GetAllocationsWire {
     offset: Option<i64>,
     #[schemars(range(min = 0, max = 100000))]
     limit: Option<i64>,
-}
-
-/// `memory.get_allocations`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct GetAllocationsRequest {
-    /// The device.
-    pub device_id: String,
-    /// Only allocations of this type.
-    pub allocation_type: Option<MemoryAllocationType>,
-    /// Only allocations with exactly this purpose.
-    pub purpose: Option<String>,
-    /// Only allocations with exactly this owner.
-    pub owner: Option<String>,
-    /// Skip this many (oldest first).
-    pub offset: u64,
-    /// Return at most this many.
-    pub limit: u64,
 }
 
 impl GetAllocationsRequest {

@@ -6,8 +6,9 @@ use crate::api::parse::parse_data;
 use crate::api::{ActionSpec, Context, Reply, Route};
 use crate::protocol::ProtocolError;
 pub use crate::protocol::GetPressureResponse;
+pub use crate::service::requests::OptionalDeviceRequest;
 use schemars::{Schema, SchemaGenerator};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// `memory.get_pressure`.
@@ -18,14 +19,6 @@ pub struct GetPressure;
 pub(crate) struct OptionalDeviceWire {
     #[schemars(length(min = 1))]
     device_id: Option<String>,
-}
-
-/// A request with an optional `device_id` (absent: every device): `memory.get_pressure`,
-/// `memory.optimization_recs`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct OptionalDeviceRequest {
-    /// The device, or every device.
-    pub device_id: Option<String>,
 }
 
 impl OptionalDeviceRequest {

@@ -5,8 +5,9 @@ use crate::api::parse::{non_empty, parse_data};
 use crate::api::{ActionSpec, Context, Reply, Route};
 use crate::protocol::ProtocolError;
 pub use crate::protocol::GetMemoryStatusResponse;
+pub use crate::service::requests::GetStatusRequest;
 use schemars::{Schema, SchemaGenerator};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// `memory.get_status`.
@@ -22,19 +23,6 @@ struct GetStatusWire {
     include_allocations: Option<bool>,
     include_usage_stats: Option<bool>,
     include_fragmentation: Option<bool>,
-}
-
-/// `memory.get_status`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct GetStatusRequest {
-    /// The device.
-    pub device_id: String,
-    /// List the device's allocations (default true).
-    pub include_allocations: bool,
-    /// Include `usage_stats` (default true).
-    pub include_usage_stats: bool,
-    /// Include `fragmentation` (default false).
-    pub include_fragmentation: bool,
 }
 
 impl GetStatusRequest {

@@ -4,8 +4,9 @@ use crate::api::parse::{non_empty, parse_data};
 use crate::api::{ActionSpec, Context, Reply, Route};
 use crate::protocol::ProtocolError;
 pub use crate::protocol::MemoryTransfer;
+pub use crate::service::requests::TransferIdRequest;
 use schemars::{Schema, SchemaGenerator};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// `memory.get_transfer`.
@@ -17,13 +18,6 @@ struct TransferIdWire {
     #[schemars(required)]
     #[schemars(length(min = 1))]
     transfer_id: Option<String>,
-}
-
-/// `memory.get_transfer`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct TransferIdRequest {
-    /// The transfer.
-    pub transfer_id: String,
 }
 
 impl TransferIdRequest {

@@ -5,8 +5,9 @@ use crate::api::parse::{non_empty, parse_data};
 use crate::api::{ActionSpec, Context, Reply, Route};
 use crate::protocol::ProtocolError;
 pub use crate::protocol::MemoryUsageStats;
+pub use crate::service::requests::DeviceRequest;
 use schemars::{Schema, SchemaGenerator};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// `memory.get_usage`.
@@ -19,13 +20,6 @@ pub(crate) struct DeviceWire {
     #[schemars(required)]
     #[schemars(length(min = 1))]
     device_id: Option<String>,
-}
-
-/// A request whose only field is `device_id` (`memory.get_usage`, `memory.defragment`).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct DeviceRequest {
-    /// The device.
-    pub device_id: String,
 }
 
 impl DeviceRequest {

@@ -5,8 +5,9 @@ use crate::api::parse::{check_timeout, non_empty, parse_data};
 use crate::api::{ActionSpec, Context, Reply, Route};
 use crate::protocol::ProtocolError;
 pub use crate::protocol::ModelInfo;
+pub use crate::service::requests::ModelLoadRequest;
 use schemars::{Schema, SchemaGenerator};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// `memory.model_load`.
@@ -28,21 +29,6 @@ struct ModelLoadWire {
     keep_alive_seconds: Option<f64>,
     #[schemars(range(min = 0, max = 3600))]
     timeout_seconds: Option<f64>,
-}
-
-/// `memory.model_load`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ModelLoadRequest {
-    /// The host's name for the model.
-    pub model_name: String,
-    /// A .safetensors file under the model root.
-    pub path: String,
-    /// Where to load it.
-    pub device_id: String,
-    /// Idle seconds before it may be unloaded; `None` = until evicted.
-    pub keep_alive_seconds: Option<f64>,
-    /// How long to wait for room (0..3600, default 30).
-    pub timeout_seconds: f64,
 }
 
 impl ModelLoadRequest {

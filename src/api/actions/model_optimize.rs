@@ -5,23 +5,13 @@ use crate::api::parse::parse_data;
 use crate::api::{ActionSpec, Context, Reply, Route};
 use crate::protocol::ProtocolError;
 pub use crate::protocol::ModelOptimizeResponse;
+pub use crate::service::requests::{ModelStrategy, ModelOptimizeRequest};
 use schemars::{Schema, SchemaGenerator};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// `memory.model_optimize`.
 pub struct ModelOptimize;
-
-/// `memory.model_optimize` strategies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum ModelStrategy {
-    /// Offload models idle for `idle_seconds` to `cpu` (unload where `cpu` has no room).
-    OffloadIdle,
-    /// Unload models idle for `idle_seconds`.
-    UnloadIdle,
-    /// Evict idle models until the device's model bytes fit `target_bytes` (or its budget).
-    FitBudget,
-}
 
 #[derive(Deserialize, schemars::JsonSchema)]
 #[schemars(rename = "ModelOptimizeRequest")]
@@ -35,19 +25,6 @@ struct ModelOptimizeWire {
     idle_seconds: Option<f64>,
     #[schemars(range(min = 0))]
     target_bytes: Option<i64>,
-}
-
-/// `memory.model_optimize`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ModelOptimizeRequest {
-    /// Only this device (else every device).
-    pub device_id: Option<String>,
-    /// What to do.
-    pub strategy: ModelStrategy,
-    /// Idle time that makes a model idle (default 300).
-    pub idle_seconds: f64,
-    /// FitBudget's target.
-    pub target_bytes: Option<u64>,
 }
 
 impl ModelOptimizeRequest {

@@ -4,8 +4,9 @@ use crate::api::parse::{non_empty, parse_data};
 use crate::api::{ActionSpec, Context, Reply, Route};
 use crate::protocol::ProtocolError;
 pub use crate::protocol::ModelReleaseResponse;
+pub use crate::service::requests::LeaseRequest;
 use schemars::{Schema, SchemaGenerator};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// `memory.model_release`.
@@ -17,13 +18,6 @@ struct LeaseWire {
     #[schemars(required)]
     #[schemars(length(min = 1))]
     lease_id: Option<String>,
-}
-
-/// `memory.model_release`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct LeaseRequest {
-    /// The lease.
-    pub lease_id: String,
 }
 
 impl LeaseRequest {

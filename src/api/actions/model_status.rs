@@ -4,8 +4,9 @@ use crate::api::parse::parse_data;
 use crate::api::{ActionSpec, Context, Reply, Route};
 use crate::protocol::ProtocolError;
 pub use crate::protocol::ModelStatusResponse;
+pub use crate::service::requests::ModelStatusRequest;
 use schemars::{Schema, SchemaGenerator};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// `memory.model_status`.
@@ -18,15 +19,6 @@ struct ModelStatusWire {
     device_id: Option<String>,
     #[schemars(length(min = 1))]
     model_name: Option<String>,
-}
-
-/// `memory.model_status`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ModelStatusRequest {
-    /// Only models whose home is this device.
-    pub device_id: Option<String>,
-    /// Only this model (unknown: MODEL_NOT_FOUND).
-    pub model_name: Option<String>,
 }
 
 impl ModelStatusRequest {

@@ -5,8 +5,9 @@ use crate::api::parse::{check_timeout, non_empty, parse_data};
 use crate::api::{ActionSpec, Context, Reply, Route};
 use crate::protocol::ProtocolError;
 pub use crate::protocol::ModelUnloadResponse;
+pub use crate::service::requests::ModelRequest;
 use schemars::{Schema, SchemaGenerator};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// `memory.model_unload`.
@@ -21,17 +22,6 @@ pub(crate) struct ModelNameWire {
     force: Option<bool>,
     #[schemars(range(min = 0, max = 3600))]
     timeout_seconds: Option<f64>,
-}
-
-/// `memory.model_unload` and `memory.model_acquire`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ModelRequest {
-    /// The model.
-    pub model_name: String,
-    /// Unload even if leased or loading.
-    pub force: bool,
-    /// Acquire: how long to wait for room to bring it back (0..3600, default 30).
-    pub timeout_seconds: f64,
 }
 
 impl ModelRequest {

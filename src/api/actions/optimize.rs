@@ -7,8 +7,9 @@ use crate::api::parse::{non_empty, parse_data, required};
 use crate::api::{ActionSpec, Context, Reply, Route};
 use crate::protocol::{MemoryOptimizationType, ProtocolError};
 pub use crate::protocol::OptimizeResponse;
+pub use crate::service::requests::OptimizeRequest;
 use schemars::{Schema, SchemaGenerator};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// `memory.optimize`.
@@ -27,23 +28,6 @@ struct OptimizeWire {
     target_usage_percentage: Option<f64>,
     preserve_allocations: Option<Vec<String>>,
     wait_for_completion: Option<bool>,
-}
-
-/// `memory.optimize` (the seed's OptimizeMemoryRequest).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct OptimizeRequest {
-    /// The device.
-    pub device_id: String,
-    /// What to do.
-    pub optimization_type: MemoryOptimizationType,
-    /// Also reclaim General and persistent allocations (ReduceToTarget).
-    pub force: bool,
-    /// ReduceToTarget: the budget usage to get under, 0..100.
-    pub target_usage_percentage: Option<f64>,
-    /// Allocation ids never moved or freed.
-    pub preserve_allocations: Vec<String>,
-    /// Answer when done (true) or at once, running in the background (false).
-    pub wait_for_completion: bool,
 }
 
 impl OptimizeRequest {

@@ -8,8 +8,9 @@ use crate::api::parse::{non_empty, parse_data};
 use crate::api::{ActionSpec, Context, Reply, Route};
 use crate::protocol::ProtocolError;
 pub use crate::protocol::MemoryTransfer;
+pub use crate::service::requests::TransferRequest;
 use schemars::{Schema, SchemaGenerator};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// `memory.transfer`.
@@ -33,21 +34,6 @@ struct TransferWire {
     #[schemars(extend("enum" = ["move", "copy", null]))]
     mode: Option<String>,
     wait_for_completion: Option<bool>,
-}
-
-/// `memory.transfer`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct TransferRequest {
-    /// The allocation to move or copy.
-    pub allocation_id: String,
-    /// Where it is.
-    pub source_device_id: String,
-    /// Where it goes.
-    pub destination_device_id: String,
-    /// Move (default) or copy.
-    pub mode: TransferMode,
-    /// Answer when done (true) or at once (false, the default).
-    pub wait_for_completion: bool,
 }
 
 impl TransferRequest {
