@@ -6,7 +6,7 @@
 //! query string (each field read as the type the request gives it, `api::query`) and the path;
 //! `request_id` from `X-Request-Id` or a new UUID. The typed answer goes back in the
 //! protocol's response envelope with HTTP status = the error's status (200 on success).
-//! Those routes are in [`rest`]; this file holds the server's state, the other routes and the
+//! Those routes are in `http/rest.rs`; this file holds the server's state, the other routes and the
 //! listener.
 
 mod rest;

@@ -17,7 +17,7 @@ impl AllocationEngine {
 
     /// Like [`AllocationEngine::try_allocate`], but where the device's backend can back pages
     /// without the engine (host memory), the new pages are left for the caller to commit with
-    /// the returned [`Committer`] after releasing the engine; the allocation stays unlisted and
+    /// the returned [`DeferredCommit`] after releasing the engine; the allocation stays unlisted and
     /// busy until [`AllocationEngine::finish_deferred`].
     pub fn try_allocate_deferred(
         &mut self,
