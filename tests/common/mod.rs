@@ -6,6 +6,19 @@
 pub mod faulty;
 pub mod inproc;
 
+pub use memcoord::api::ActionSpec;
+#[allow(unused_imports)] // each test binary uses some
+pub use memcoord::api::actions::{
+    allocate::Allocate, analytics::Analytics, clear::Clear, deallocate::Deallocate,
+    defragment::Defragment, get_allocations::GetAllocations, get_pressure::GetPressure,
+    get_status::GetStatus, get_transfer::GetTransfer, get_usage::GetUsage,
+    list_devices::ListDevices, model_acquire::ModelAcquire, model_load::ModelLoad,
+    model_optimize::ModelOptimize, model_release::ModelRelease, model_status::ModelStatus,
+    model_unload::ModelUnload, optimization_recs::OptimizationRecs, optimize::Optimize,
+    transfer::Transfer,
+};
+#[allow(unused_imports)]
+pub use memcoord::protocol::{ErrorCode, ProtocolError};
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -64,6 +77,21 @@ pub trait Requests {
         )
     }
 
+    /// The typed answer to the action `A` (e.g. `ask::<Allocate>(&request)`): the request
+    /// written as the client writes it, carried through the transport and the dispatcher, its
+    /// answer read as a host reads it. The error of the contract when it is refused.
+    fn ask<A: ActionSpec>(&mut self, request: &A::Request) -> Result<A::Response, ProtocolError> {
+        let data = serde_json::to_value(request).unwrap();
+        self.send::<A>(data)
+    }
+
+    /// [`Requests::ask`] with `data` written as JSON (as a host writes it): its typed answer.
+    fn send<A: ActionSpec>(&mut self, data: Value) -> Result<A::Response, ProtocolError> {
+        let v = self.request(A::NAME, data);
+        check_envelope(&v);
+        typed::<A>(v)
+    }
+
     /// `memory.get_usage` of a device.
     fn usage(&mut self, device: &str) -> Value {
         self.ok("memory.get_usage", json!({"device_id": device}))
@@ -80,6 +108,23 @@ pub trait Requests {
             .unwrap()
             .to_string()
     }
+}
+
+/// The typed reading of an answer envelope to `A`: its `data` as `A`'s response, or its error.
+pub fn typed<A: ActionSpec>(v: Value) -> Result<A::Response, ProtocolError> {
+    if v["success"] == json!(true) {
+        return Ok(serde_json::from_value(v["data"].clone())
+            .unwrap_or_else(|e| panic!("{}: not its answer ({e}): {v}", A::NAME)));
+    }
+    let code = v["error_code"].as_str().unwrap();
+    let code = ErrorCode::ALL
+        .iter()
+        .find(|c| c.as_str() == code)
+        .unwrap_or_else(|| panic!("{}: an error code outside the contract: {v}", A::NAME));
+    Err(ProtocolError::new(
+        *code,
+        v["error_message"].as_str().unwrap().to_string(),
+    ))
 }
 
 impl Requests for Worker {
