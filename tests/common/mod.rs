@@ -92,6 +92,11 @@ pub trait Requests {
         typed::<A>(v)
     }
 
+    /// `memory.get_usage` of a device, typed.
+    fn stats(&mut self, device: &str) -> memcoord::protocol::MemoryUsageStats {
+        self.send::<GetUsage>(json!({"device_id": device})).unwrap()
+    }
+
     /// `memory.get_usage` of a device.
     fn usage(&mut self, device: &str) -> Value {
         self.ok("memory.get_usage", json!({"device_id": device}))
