@@ -8,8 +8,9 @@
 mod common;
 
 use common::inproc::InProcessWorker;
-use common::{Requests, Worker, write_model};
-use serde_json::{Value, json};
+use common::{GetAllocations, ModelAcquire, ModelLoad, ModelStatus, Requests, Worker, write_model};
+use memcoord::protocol::{MemoryAllocation, MemoryAllocationType, ModelState};
+use serde_json::json;
 use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -55,12 +56,10 @@ fn spawned_worker(root: &Root, budget: &str) -> Worker {
     ])
 }
 
-fn model_allocations(w: &mut impl Requests, device: &str, model: &str) -> Vec<Value> {
-    let r = w.ok(
-        "memory.get_allocations",
-        json!({"device_id": device, "owner": format!("model:{model}")}),
-    );
-    r["allocations"].as_array().unwrap().clone()
+fn model_allocations(w: &mut impl Requests, device: &str, model: &str) -> Vec<MemoryAllocation> {
+    w.send::<GetAllocations>(json!({"device_id": device, "owner": format!("model:{model}")}))
+        .unwrap()
+        .allocations
 }
 
 #[test]
@@ -74,42 +73,44 @@ fn a_model_loads_byte_for_byte_and_unloads() {
     let bytes = write_model(&root.path().join("sdxl.safetensors"), &tensors);
     let mut w = worker(&root, "64MiB");
 
-    let m = w.ok(
-        "memory.model_load",
-        json!({"model_name": "sdxl", "path": "sdxl.safetensors", "device_id": "shm", "keep_alive_seconds": 600}),
-    );
-    assert_eq!(m["model_name"], "sdxl");
-    assert_eq!(m["device_id"], "shm");
-    assert_eq!(m["resident_device_id"], "shm");
-    assert_eq!(m["state"], "Loaded");
-    assert_eq!(m["tensor_count"], 3);
-    assert_eq!(m["size_bytes"], (300_000 + 17 + 1_000_000) * 4);
-    assert_eq!(m["keep_alive_seconds"], 600.0);
-    assert!(m["path"].as_str().unwrap().ends_with("sdxl.safetensors"));
+    let m = w
+        .send::<ModelLoad>(
+            json!({"model_name": "sdxl", "path": "sdxl.safetensors", "device_id": "shm", "keep_alive_seconds": 600}),
+        )
+        .unwrap();
+    assert_eq!(m.model_name, "sdxl");
+    assert_eq!(m.device_id, "shm");
+    assert_eq!(m.resident_device_id, "shm");
+    assert_eq!(m.state, ModelState::Loaded);
+    assert_eq!(m.tensor_count, 3);
+    assert_eq!(m.size_bytes, (300_000 + 17 + 1_000_000) * 4);
+    assert_eq!(m.keep_alive_seconds, Some(600.0));
+    assert!(m.path.ends_with("sdxl.safetensors"));
 
     // Every tensor, byte for byte, through the shm handles.
     let allocs = model_allocations(&mut w, "shm", "sdxl");
     assert_eq!(allocs.len(), 3);
     for a in &allocs {
-        assert_eq!(a["allocation_type"], "ModelWeights");
-        assert_eq!(a["owner"], "model:sdxl");
+        assert_eq!(a.allocation_type, MemoryAllocationType::ModelWeights);
+        assert_eq!(a.owner, "model:sdxl");
     }
     verify_on_shm(&mut w, "sdxl", &bytes);
-    let usage = w.usage("shm");
-    assert_eq!(usage["model_bytes"], m["size_bytes"]);
+    assert_eq!(w.stats("shm").model_bytes, m.size_bytes);
 
     // Status, leases, unload.
-    let st = w.ok("memory.model_status", json!({"device_id": "shm"}));
-    assert_eq!(st["models"][0]["model_name"], "sdxl");
-    assert_eq!(st["model_bytes"], m["size_bytes"]);
-    assert_eq!(st["model_budget_bytes"], 64 * MIB);
-    let lease = w.ok("memory.model_acquire", json!({"model_name": "sdxl"}));
-    let lease_id = lease["lease_id"].as_str().unwrap().to_string();
-    assert_eq!(lease["model"]["model_name"], "sdxl");
+    let st = w.send::<ModelStatus>(json!({"device_id": "shm"})).unwrap();
+    assert_eq!(st.models[0].model_name, "sdxl");
+    assert_eq!(st.model_bytes, m.size_bytes);
+    assert_eq!(st.model_budget_bytes, 64 * MIB);
+    let lease = w
+        .send::<ModelAcquire>(json!({"model_name": "sdxl"}))
+        .unwrap();
+    let lease_id = lease.lease_id;
+    assert_eq!(lease.model.model_name, "sdxl");
     let (code, _) = w.err("memory.model_unload", json!({"model_name": "sdxl"}));
     assert_eq!(code, "MODEL_IN_USE");
     // A model's allocation cannot be freed or transferred by a client.
-    let a0 = allocs[0]["allocation_id"].clone();
+    let a0 = allocs[0].allocation_id.clone();
     assert_eq!(
         w.err("memory.deallocate", json!({"allocation_id": a0})).0,
         "ALLOCATION_IN_USE"
@@ -123,11 +124,12 @@ fn a_model_loads_byte_for_byte_and_unloads() {
         "ALLOCATION_IN_USE"
     );
     // Loading again from the same file is a use; from another file is refused.
-    let again = w.ok(
-        "memory.model_load",
-        json!({"model_name": "sdxl", "path": "sdxl.safetensors", "device_id": "shm"}),
-    );
-    assert_eq!(again["state"], "Loaded");
+    let again = w
+        .send::<ModelLoad>(
+            json!({"model_name": "sdxl", "path": "sdxl.safetensors", "device_id": "shm"}),
+        )
+        .unwrap();
+    assert_eq!(again.state, ModelState::Loaded);
     write_model(&root.path().join("other.safetensors"), &[("x", 4)]);
     let (code, msg) = w.err(
         "memory.model_load",
@@ -145,10 +147,11 @@ fn a_model_loads_byte_for_byte_and_unloads() {
     let u = w.ok("memory.model_unload", json!({"model_name": "sdxl"}));
     assert_eq!(
         u,
-        json!({"model_name": "sdxl", "freed_bytes": m["size_bytes"]})
+        json!({"model_name": "sdxl", "freed_bytes": m.size_bytes}),
+        "the whole answer"
     );
     assert!(model_allocations(&mut w, "shm", "sdxl").is_empty());
-    assert_eq!(w.usage("shm")["allocated_bytes"], 0);
+    assert_eq!(w.stats("shm").allocated_bytes, 0);
     assert_eq!(
         w.err("memory.model_status", json!({"model_name": "sdxl"}))
             .0,
@@ -175,7 +178,7 @@ fn a_model_loads_byte_for_byte_and_unloads() {
         "memory.model_unload",
         json!({"model_name": "small", "force": true}),
     );
-    assert_eq!(w.usage("cpu")["allocated_bytes"], 0);
+    assert_eq!(w.stats("cpu").allocated_bytes, 0);
 }
 
 #[test]
@@ -210,7 +213,7 @@ fn failed_loads_leave_nothing_allocated() {
     .unwrap();
 
     let mut w = worker(&root, "8MiB");
-    let before = w.usage("cpu");
+    let before = w.stats("cpu");
     let cases = [
         ("corrupt.safetensors", "MODEL_LOAD_FAILED"),
         ("truncated.safetensors", "MODEL_LOAD_FAILED"),
@@ -237,15 +240,12 @@ fn failed_loads_leave_nothing_allocated() {
             json!({"model_name": "m", "path": path, "device_id": "cpu"}),
         );
         assert_eq!(got, code, "{path}: {msg}");
-        let after = w.usage("cpu");
+        let after = w.stats("cpu");
         assert_eq!(
-            after["allocated_bytes"], before["allocated_bytes"],
+            after.allocated_bytes, before.allocated_bytes,
             "{path} left bytes allocated"
         );
-        assert_eq!(
-            after["allocation_count"], before["allocation_count"],
-            "{path}"
-        );
+        assert_eq!(after.allocation_count, before.allocation_count, "{path}");
         assert_eq!(
             w.err("memory.model_status", json!({"model_name": "m"})).0,
             "MODEL_NOT_FOUND",
@@ -280,27 +280,22 @@ fn failed_loads_leave_nothing_allocated() {
 }
 
 fn state_of(w: &mut impl Requests, name: &str) -> (String, String) {
-    let st = w.ok("memory.model_status", json!({"model_name": name}));
-    (
-        st["models"][0]["state"].as_str().unwrap().to_string(),
-        st["models"][0]["resident_device_id"]
-            .as_str()
-            .unwrap()
-            .to_string(),
-    )
+    let st = w.send::<ModelStatus>(json!({"model_name": name})).unwrap();
+    let m = &st.models[0];
+    (m.state.name().to_string(), m.resident_device_id.clone())
 }
 
 fn verify_on_shm(w: &mut impl Requests, name: &str, bytes: &HashMap<String, Vec<u8>>) {
     for a in model_allocations(w, "shm", name) {
-        let want = &bytes[a["purpose"].as_str().unwrap()];
-        let path = a["handle"]["path"].as_str().unwrap();
-        let off = a["handle"]["offset"].as_u64().unwrap() as usize;
-        let f = OpenOptions::new().read(true).open(path).unwrap();
+        let want = &bytes[&a.purpose];
+        let h = a.handle.as_ref().unwrap();
+        let off = h.offset as usize;
+        let f = OpenOptions::new().read(true).open(&h.path).unwrap();
         let map = unsafe { memmap2::Mmap::map(&f).unwrap() };
         assert!(
             map[off..off + want.len()] == want[..],
             "{name}: tensor {} differs",
-            a["purpose"]
+            a.purpose
         );
     }
 }
@@ -406,7 +401,7 @@ fn keep_alive_expiry_model_optimize_and_allocations_that_make_room() {
         w.request("memory.model_status", json!({"model_name": "brief"}))["success"],
         false
     );
-    assert_eq!(w.usage("cpu")["allocated_bytes"], 0);
+    assert_eq!(w.stats("cpu").allocated_bytes, 0);
 
     // An allocation that does not fit makes room by evicting an idle model (cpu: unloaded).
     w.ok(
@@ -421,7 +416,7 @@ fn keep_alive_expiry_model_optimize_and_allocations_that_make_room() {
     );
     assert_eq!(code, "OUT_OF_MEMORY");
     assert_eq!(state_of(&mut w, "idle").0, "Loaded");
-    assert_eq!(w.usage("cpu")["allocated_bytes"], 6 * MIB);
+    assert_eq!(w.stats("cpu").allocated_bytes, 6 * MIB);
     w.ok("memory.deallocate", json!({"allocation_id": held}));
     let d = w.ok(
         "memory.allocate",
@@ -536,7 +531,7 @@ fn a_load_unloaded_with_force_does_not_take_over_a_reload() {
         json!({"lease_id": lease["lease_id"]}),
     );
     w.ok("memory.model_unload", json!({"model_name": "m"}));
-    assert_eq!(w.usage("shm")["allocation_count"], 0);
+    assert_eq!(w.stats("shm").allocation_count, 0);
 }
 
 /// A load (or an acquire) that cannot fit even with every idle model evicted evicts nothing: a
@@ -563,7 +558,7 @@ fn a_load_that_cannot_fit_evicts_nothing() {
         "Loaded",
         "the idle model stayed"
     );
-    assert_eq!(w.usage("cpu")["allocated_bytes"], 10 * MIB);
+    assert_eq!(w.stats("cpu").allocated_bytes, 10 * MIB);
     // Once it would fit, the idle model makes room as before.
     w.ok("memory.deallocate", json!({"allocation_id": held}));
     w.allocate("cpu", 3 * MIB);
@@ -733,7 +728,7 @@ fn swapping_a_folder_for_a_symlink_never_loads_a_file_outside_the_root() {
         flips.load(std::sync::atomic::Ordering::Relaxed)
     );
     assert_eq!(inside + refused_outside + other, tries);
-    assert_eq!(w.usage("cpu")["allocated_bytes"], 0);
+    assert_eq!(w.stats("cpu").allocated_bytes, 0);
 }
 
 /// Paths beneath the model root, one of each kind: what stays inside loads (through a symlink
@@ -823,8 +818,8 @@ fn paths_beneath_the_model_root() {
         assert!(msg.contains(says), "{path}: {msg}");
         assert!(msg.contains(&path), "names the path asked for: {msg}");
     }
-    assert_eq!(w.usage("cpu")["allocation_count"], 0);
-    assert_eq!(w.usage("shm")["allocation_count"], 0);
+    assert_eq!(w.stats("cpu").allocation_count, 0);
+    assert_eq!(w.stats("shm").allocation_count, 0);
 }
 
 /// A safetensors file with the given header (JSON) and `data` bytes of tensor data.
@@ -936,7 +931,7 @@ fn duplicate_tensor_names_and_inconsistent_headers_are_refused() {
             "{file}: {msg}"
         );
     }
-    assert_eq!(w.usage("cpu")["allocation_count"], 0);
+    assert_eq!(w.stats("cpu").allocation_count, 0);
     // The same tensors with names of their own load.
     raw_model(
         &root.path().join("ok.safetensors"),
