@@ -104,14 +104,10 @@ pub trait Requests {
 
     /// Allocates `size` bytes of General memory on `device`; returns its id.
     fn allocate(&mut self, device: &str, size: u64) -> String {
-        let d = self.ok(
-            "memory.allocate",
-            json!({"device_id": device, "size_bytes": size}),
-        );
-        d["allocation"]["allocation_id"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        self.send::<Allocate>(json!({"device_id": device, "size_bytes": size}))
+            .unwrap_or_else(|e| panic!("memory.allocate failed: {e}"))
+            .allocation
+            .allocation_id
     }
 }
 
@@ -287,38 +283,6 @@ impl Worker {
         let v = self.wait_for(&id, Duration::from_secs(20));
         assert_eq!(v["request_id"], json!(id));
         v
-    }
-
-    /// Data of a successful response; panics with the error otherwise.
-    pub fn ok(&mut self, action: &str, data: Value) -> Value {
-        let v = self.request(action, data);
-        assert_eq!(v["success"], json!(true), "{action} failed: {v}");
-        v["data"].clone()
-    }
-
-    /// The error code of a failed response, checking its status code too.
-    pub fn err(&mut self, action: &str, data: Value) -> (String, String) {
-        let v = self.request(action, data);
-        assert_eq!(v["success"], json!(false), "{action} should fail: {v}");
-        (
-            v["error_code"].as_str().unwrap().to_string(),
-            v["error_message"].as_str().unwrap().to_string(),
-        )
-    }
-
-    pub fn usage(&mut self, device: &str) -> Value {
-        self.ok("memory.get_usage", json!({"device_id": device}))
-    }
-
-    pub fn allocate(&mut self, device: &str, size: u64) -> String {
-        let d = self.ok(
-            "memory.allocate",
-            json!({"device_id": device, "size_bytes": size}),
-        );
-        d["allocation"]["allocation_id"]
-            .as_str()
-            .unwrap()
-            .to_string()
     }
 
     /// SIGKILL: the worker gets no chance to clean up.
@@ -621,18 +585,15 @@ pub fn state_dir_worker(dir: &Path, env: &[(&str, &str)]) -> Worker {
 /// Allocates `size` bytes on shm (purpose `p<seed>`) and fills them with `pattern(seed)`
 /// through the handle, as a client would; returns (id, path, offset).
 pub fn filled_shm(w: &mut Worker, size: u64, persistent: bool, seed: u64) -> (String, String, u64) {
-    let d = w.ok(
-        "memory.allocate",
-        json!({"device_id": "shm", "size_bytes": size, "persistent": persistent, "purpose": format!("p{seed}")}),
-    );
-    let a = &d["allocation"];
-    let path = a["handle"]["path"].as_str().unwrap().to_string();
-    let offset = a["handle"]["offset"].as_u64().unwrap();
+    let a = w
+        .send::<Allocate>(
+            json!({"device_id": "shm", "size_bytes": size, "persistent": persistent, "purpose": format!("p{seed}")}),
+        )
+        .unwrap()
+        .allocation;
+    let handle = a.handle.unwrap();
+    let (path, offset) = (handle.path, handle.offset);
     map(&path)[offset as usize..(offset + size) as usize]
         .copy_from_slice(&pattern(seed, size as usize));
-    (
-        a["allocation_id"].as_str().unwrap().to_string(),
-        path,
-        offset,
-    )
+    (a.allocation_id, path, offset)
 }
