@@ -14,6 +14,7 @@
 
 mod common;
 
+use common::inproc::InProcessWorker;
 use common::{
     Allocate, BIN, GetAllocations, GetTransfer, Requests, Transfer, Worker, filled_shm, map,
     pattern,
@@ -274,15 +275,11 @@ fn a_failed_model_load_keeps_no_cache() {
         &root.join("m.safetensors"),
         &[("a", elements(3)), ("b", elements(3)), ("c", elements(5))],
     );
-    let mut w = Worker::spawn(&[
-        "--no-gpu",
-        "--budget",
-        "cpu=64MiB",
-        "--budget",
-        "shm=64MiB",
-        "--model-root",
-        root.to_str().unwrap(),
-    ]);
+    // In process: no state directory, no crash; nothing here that only a process shows.
+    let model_root = root.clone();
+    let mut w = InProcessWorker::on_clock_of_the_machine("64MiB", "64MiB", |s| {
+        s.with_model_root(model_root)
+    });
     // Fill the budget with 4 MiB blocks, free every other one: 4 MiB holes only. A blocker
     // takes the rest of the arena's range.
     let ids: Vec<String> = (0..16).map(|_| w.allocate("shm", 4 * MIB)).collect();
