@@ -51,6 +51,15 @@
 #![allow(unsafe_code)] // test code: libc calls and memory maps of its own
 
 use hdrhistogram::Histogram;
+use memcoord::api::ActionSpec;
+use memcoord::api::actions::{
+    allocate::Allocate, deallocate::Deallocate, defragment::Defragment,
+    get_allocations::GetAllocations, get_pressure::GetPressure, get_status::GetStatus,
+    get_usage::GetUsage, model_acquire::ModelAcquire, model_load::ModelLoad,
+    model_release::ModelRelease, model_status::ModelStatus, transfer::Transfer,
+};
+use memcoord::protocol::{ModelState, TransferStatus};
+use serde::Deserialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -858,8 +867,8 @@ impl Client<'_> {
         let data = format!(r#"{{"allocation_id":"{}"}}"#, h.id);
         match self.req(op, "memory.deallocate", &data)? {
             Reply::Ok(d) => {
-                let ok = d["freed_bytes"].as_u64() == Some(h.size)
-                    && d["device_id"].as_str() == Some(DEVICES[h.device]);
+                let ok = answer::<Deallocate>(&d)
+                    .is_some_and(|r| r.freed_bytes == h.size && r.device_id == DEVICES[h.device]);
                 self.check(ok, || {
                     format!(
                         "deallocate of {} ({} B on {}) answered {d}",
@@ -899,14 +908,10 @@ impl Client<'_> {
                     );
                     sent += 1;
                     if let Reply::Ok(d) = self.req(op, "memory.allocate", &data)? {
-                        let a = &d["allocation"];
-                        match a["allocation_id"].as_str() {
-                            Some(id)
-                                if a["size_bytes"].as_u64() == Some(size)
-                                    && a["device_id"].as_str() == Some(DEVICES[device]) =>
-                            {
+                        match answer::<Allocate>(&d).map(|r| r.allocation) {
+                            Some(a) if a.size_bytes == size && a.device_id == DEVICES[device] => {
                                 held.push(Held {
-                                    id: id.to_string(),
+                                    id: a.allocation_id,
                                     device,
                                     size,
                                 });
@@ -929,8 +934,9 @@ impl Client<'_> {
                     sent += 1;
                     let data = format!(r#"{{"device_id":"{}"}}"#, DEVICES[device]);
                     if let Reply::Ok(d) = self.req(op, "memory.get_usage", &data)? {
-                        let ok = d["device_id"].as_str() == Some(DEVICES[device])
-                            && d["reserved_bytes"].as_u64() >= d["allocated_bytes"].as_u64();
+                        let ok = answer::<GetUsage>(&d).is_some_and(|u| {
+                            u.device_id == DEVICES[device] && u.reserved_bytes >= u.allocated_bytes
+                        });
                         self.check(ok, || format!("get_usage answered {d}"));
                     }
                 }
@@ -941,16 +947,18 @@ impl Client<'_> {
                         DEVICES[device]
                     );
                     if let Reply::Ok(d) = self.req(op, "memory.get_status", &data)? {
-                        let ok = d["device_id"].as_str() == Some(DEVICES[device])
-                            && d["usage_stats"].is_object()
-                            && d["fragmentation"].is_object();
+                        let ok = answer::<GetStatus>(&d).is_some_and(|st| {
+                            st.device_id == DEVICES[device]
+                                && st.usage_stats.is_some()
+                                && st.fragmentation.is_some()
+                        });
                         self.check(ok, || format!("get_status answered {d}"));
                     }
                 }
                 Op::GetPressure => {
                     sent += 1;
                     if let Reply::Ok(d) = self.req(op, "memory.get_pressure", "{}")? {
-                        let ok = d["devices"].as_array().is_some_and(|a| a.len() == 2);
+                        let ok = answer::<GetPressure>(&d).is_some_and(|p| p.devices.len() == 2);
                         self.check(ok, || format!("get_pressure answered {d}"));
                     }
                 }
@@ -959,7 +967,7 @@ impl Client<'_> {
                     let data = format!(r#"{{"model_name":"{MODEL_NAME}","timeout_seconds":0}}"#);
                     let reply = self.req(op, "memory.model_acquire", &data)?;
                     let lease = match &reply {
-                        Reply::Ok(d) => d["lease_id"].as_str().map(String::from),
+                        Reply::Ok(d) => answer::<ModelAcquire>(d).map(|a| a.lease_id),
                         Reply::Err => None,
                     };
                     match (lease, reply) {
@@ -968,8 +976,9 @@ impl Client<'_> {
                             if let Reply::Ok(d) =
                                 self.req(Op::Release, "memory.model_release", &data)?
                             {
-                                let ok = d["lease_id"].as_str() == Some(lease.as_str())
-                                    && d["model_name"].as_str() == Some(MODEL_NAME);
+                                let ok = answer::<ModelRelease>(&d).is_some_and(|r| {
+                                    r.lease_id == lease && r.model_name == MODEL_NAME
+                                });
                                 self.check(ok, || format!("model_release answered {d}"));
                             }
                         }
@@ -990,10 +999,13 @@ impl Client<'_> {
                     );
                     sent += 1;
                     if let Reply::Ok(d) = self.req(op, "memory.transfer", &data)? {
-                        let ok = d["status"].as_str() == Some("Completed")
-                            && d["destination_device_id"].as_str() == Some(DEVICES[dst])
-                            && d["destination_allocation_id"].as_str() == Some(held[i].id.as_str())
-                            && d["total_bytes"].as_u64() == Some(held[i].size);
+                        let ok = answer::<Transfer>(&d).is_some_and(|t| {
+                            t.status == TransferStatus::Completed
+                                && t.destination_device_id == DEVICES[dst]
+                                && t.destination_allocation_id.as_deref()
+                                    == Some(held[i].id.as_str())
+                                && t.total_bytes == held[i].size
+                        });
                         if ok {
                             held[i].device = dst;
                         } else {
@@ -1007,7 +1019,8 @@ impl Client<'_> {
                     sent += 1;
                     let data = format!(r#"{{"device_id":"{}"}}"#, DEVICES[device]);
                     if let Reply::Ok(d) = self.req(op, "memory.defragment", &data)? {
-                        let ok = d["device_id"].as_str() == Some(DEVICES[device]);
+                        let ok = answer::<Defragment>(&d)
+                            .is_some_and(|r| r.device_id == DEVICES[device]);
                         self.check(ok, || format!("defragment answered {d}"));
                     }
                 }
@@ -1056,18 +1069,24 @@ struct Usage {
     model: u64,
 }
 
+/// The answer's `data` read as the response of `A` (None: not its shape).
+fn answer<A: ActionSpec>(d: &Value) -> Option<A::Response> {
+    A::Response::deserialize(d).ok()
+}
+
+/// [`must`], its answer read as the response of `A`.
+fn must_answer<A: ActionSpec>(s: &mut dyn Session, data: &str) -> A::Response {
+    let d = must(s, A::NAME, data);
+    answer::<A>(&d).unwrap_or_else(|| panic!("{}: not its answer: {d}", A::NAME))
+}
+
 fn usage(s: &mut dyn Session, device: &str) -> Usage {
-    let d = must(
-        s,
-        "memory.get_usage",
-        &format!(r#"{{"device_id":"{device}"}}"#),
-    );
-    let f = |k: &str| d[k].as_u64().unwrap_or_else(|| panic!("{k} in {d}"));
+    let u = must_answer::<GetUsage>(s, &format!(r#"{{"device_id":"{device}"}}"#));
     Usage {
-        allocated: f("allocated_bytes"),
-        reserved: f("reserved_bytes"),
-        count: f("allocation_count"),
-        model: f("model_bytes"),
+        allocated: u.allocated_bytes,
+        reserved: u.reserved_bytes,
+        count: u.allocation_count,
+        model: u.model_bytes,
     }
 }
 
@@ -1084,28 +1103,25 @@ fn model_state(s: &mut dyn Session) -> String {
         return "unloaded".into();
     }
     assert_eq!(v["success"], Value::Bool(true), "{v}");
-    let m = &v["data"]["models"][0];
-    let device = m["resident_device_id"].as_str().unwrap_or("?");
-    let allocs = must(
+    let status = answer::<ModelStatus>(&v["data"]).unwrap_or_else(|| panic!("{v}"));
+    let m = &status.models[0];
+    let device = &m.resident_device_id;
+    let allocs = must_answer::<GetAllocations>(
         s,
-        "memory.get_allocations",
         &format!(r#"{{"device_id":"{device}","owner":"model:{MODEL_NAME}"}}"#),
     );
-    let offsets: Vec<String> = allocs["allocations"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|x| {
-                    x["handle"]["offset"]
-                        .as_u64()
-                        .map_or("-".into(), |o| o.to_string())
-                })
-                .collect()
+    let offsets: Vec<String> = allocs
+        .allocations
+        .iter()
+        .map(|x| {
+            x.handle
+                .as_ref()
+                .map_or("-".into(), |h| h.offset.to_string())
         })
-        .unwrap_or_default();
+        .collect();
     format!(
         "{} on {device} at offset {}",
-        m["state"].as_str().unwrap_or("?"),
+        m.state.name(),
         offsets.join(",")
     )
 }
@@ -1252,12 +1268,11 @@ fn run_mode(mode: Mode, requests: u64, clients: usize, seed: u64, root: &Path) -
     let mut control = run.session(clients);
     clear_caches(control.as_mut());
     let empty = DEVICES.map(|d| usage(control.as_mut(), d));
-    let m = must(
+    let m = must_answer::<ModelLoad>(
         control.as_mut(),
-        "memory.model_load",
         &format!(r#"{{"model_name":"{MODEL_NAME}","path":"{MODEL_FILE}","device_id":"shm"}}"#),
     );
-    assert_eq!(m["state"], "Loaded", "{m}");
+    assert_eq!(m.state, ModelState::Loaded, "{m:?}");
     let model_before = model_state(control.as_mut());
     clear_caches(control.as_mut());
     let before = DEVICES.map(|d| usage(control.as_mut(), d));

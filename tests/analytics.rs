@@ -5,58 +5,52 @@
 
 mod common;
 
-use common::Requests;
 use common::inproc::InProcessWorker;
-use serde_json::{Value, json};
+use common::{Allocate, Analytics, Deallocate, ErrorCode, GetUsage, Requests};
+use memcoord::protocol::MemoryAnalytics;
+use serde_json::json;
 use std::time::Duration;
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 const INF: u64 = i64::MAX as u64;
 
-fn analytics(w: &mut impl Requests, device: &str, window: u64) -> Value {
-    let d = w.ok(
-        "memory.analytics",
-        json!({"device_id": device, "window_seconds": window}),
-    );
-    assert_eq!(d["devices"].as_array().unwrap().len(), 1, "{d}");
-    d["devices"][0].clone()
+fn analytics(w: &mut impl Requests, device: &str, window: u64) -> MemoryAnalytics {
+    let mut d = w
+        .send::<Analytics>(json!({"device_id": device, "window_seconds": window}))
+        .unwrap();
+    assert_eq!(d.devices.len(), 1, "{d:?}");
+    d.devices.remove(0)
 }
 
 fn allocate(w: &mut impl Requests, size: u64, purpose: &str) -> String {
-    let d = w.ok(
-        "memory.allocate",
-        json!({"device_id": "cpu", "size_bytes": size, "purpose": purpose}),
-    );
-    d["allocation"]["allocation_id"]
-        .as_str()
+    w.send::<Allocate>(json!({"device_id": "cpu", "size_bytes": size, "purpose": purpose}))
         .unwrap()
-        .to_string()
+        .allocation
+        .allocation_id
 }
 
-fn bucket(a: &Value, le: u64) -> u64 {
-    a["allocation_size_histogram"]
-        .as_array()
-        .unwrap()
+fn bucket(a: &MemoryAnalytics, le: u64) -> u64 {
+    a.allocation_size_histogram
         .iter()
-        .find(|b| b["le_bytes"] == json!(le))
-        .unwrap_or_else(|| panic!("no bucket {le}: {a}"))["count"]
-        .as_u64()
-        .unwrap()
+        .find(|b| b.le_bytes == le)
+        .unwrap_or_else(|| panic!("no bucket {le}: {a:?}"))
+        .count
 }
 
 #[test]
 fn every_field_follows_the_operations() {
     let mut w = InProcessWorker::start("64MiB", "64MiB");
     let fresh = analytics(&mut w, "cpu", 3600);
-    assert_eq!(fresh["device_id"], "cpu");
-    assert_eq!(fresh["window_seconds"], 3600);
-    assert_eq!(fresh["allocations_per_second"], 0.0);
-    assert_eq!(fresh["peak_allocated_bytes"], 0);
-    assert_eq!(fresh["bytes_by_purpose"], json!({}));
+    assert_eq!(fresh.device_id, "cpu");
+    assert_eq!(fresh.window_seconds, 3600);
+    assert_eq!(fresh.allocations_per_second, 0.0);
+    assert_eq!(fresh.peak_allocated_bytes, 0);
+    assert!(fresh.bytes_by_purpose.0.is_empty());
     assert_eq!(bucket(&fresh, INF), 0);
-    for p in ["p50", "p90", "p99", "max"] {
-        assert_eq!(fresh["allocation_latency_ms"][p], 0.0, "{fresh}");
+    let lat = fresh.allocation_latency_ms;
+    for p in [lat.p50, lat.p90, lat.p99, lat.max] {
+        assert_eq!(p, 0.0, "{fresh:?}");
     }
 
     // 3 × 1 KiB, 2 × 100 KiB, 1 × 3 MiB, with purposes.
@@ -70,68 +64,77 @@ fn every_field_follows_the_operations() {
     ids.push(allocate(&mut w, 3 * MIB, "vae"));
     let peak = 3 * KIB + 200 * KIB + 3 * MIB;
     // A failed allocation counts nowhere but in latency of nothing: it is no allocation.
-    let (code, _) = w.err(
-        "memory.allocate",
-        json!({"device_id": "cpu", "size_bytes": 1u64 << 40, "timeout_seconds": 0}),
-    );
-    assert_eq!(code, "OUT_OF_MEMORY");
+    let e = w
+        .send::<Allocate>(
+            json!({"device_id": "cpu", "size_bytes": 1u64 << 40, "timeout_seconds": 0}),
+        )
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::OutOfMemory);
     // Free the 3 MiB one: the peak stays, bytes_by_purpose drops it.
-    w.ok(
-        "memory.deallocate",
-        json!({"allocation_id": ids.pop().unwrap()}),
-    );
+    w.send::<Deallocate>(json!({"allocation_id": ids.pop().unwrap()}))
+        .unwrap();
 
     let a = analytics(&mut w, "cpu", 3600);
-    assert_eq!(bucket(&a, KIB), 3, "{a}");
+    assert_eq!(bucket(&a, KIB), 3, "{a:?}");
     assert_eq!(bucket(&a, 4 * KIB), 3);
     assert_eq!(bucket(&a, 64 * KIB), 3);
     assert_eq!(bucket(&a, 256 * KIB), 5);
     assert_eq!(bucket(&a, MIB), 5);
     assert_eq!(bucket(&a, 4 * MIB), 6);
     assert_eq!(bucket(&a, INF), 6);
-    assert_eq!(a["allocation_count"], 6);
-    let buckets = a["allocation_size_histogram"].as_array().unwrap();
-    assert_eq!(buckets.last().unwrap()["le_bytes"], json!(INF), "+Inf last");
-    let counts: Vec<u64> = buckets
-        .iter()
-        .map(|b| b["count"].as_u64().unwrap())
-        .collect();
+    assert_eq!(a.allocation_count, 6);
+    let buckets = &a.allocation_size_histogram;
+    assert_eq!(buckets.last().unwrap().le_bytes, INF, "+Inf last");
+    let counts: Vec<u64> = buckets.iter().map(|b| b.count).collect();
     assert!(counts.windows(2).all(|p| p[0] <= p[1]), "cumulative");
 
-    assert_eq!(a["peak_allocated_bytes"], peak);
+    assert_eq!(a.peak_allocated_bytes, peak);
+    let mut by_purpose = a.bytes_by_purpose.0.clone();
+    by_purpose.sort();
     assert_eq!(
-        a["bytes_by_purpose"],
-        json!({"latents": 200 * KIB, "tokens": 3 * KIB}),
+        by_purpose,
+        [
+            ("latents".to_string(), 200 * KIB),
+            ("tokens".to_string(), 3 * KIB)
+        ],
         "live bytes only"
     );
     // 6 allocations since the worker started, a few seconds at most ago.
-    let rate = a["allocations_per_second"].as_f64().unwrap();
+    let rate = a.allocations_per_second;
     assert!((6.0 / 10.0..=6.0).contains(&rate), "{rate}");
 
-    let lat = &a["allocation_latency_ms"];
-    let (p50, p90, p99, max) = (
-        lat["p50"].as_f64().unwrap(),
-        lat["p90"].as_f64().unwrap(),
-        lat["p99"].as_f64().unwrap(),
-        lat["max"].as_f64().unwrap(),
+    let lat = a.allocation_latency_ms;
+    let (p50, p90, p99, max) = (lat.p50, lat.p90, lat.p99, lat.max);
+    assert!(
+        0.0 < p50 && p50 <= p90 && p90 <= p99 && p99 <= max,
+        "{lat:?}"
     );
-    assert!(0.0 < p50 && p50 <= p90 && p90 <= p99 && p99 <= max, "{lat}");
     // Against the answers' own allocation_time_ms: the max is the slowest of the six.
-    assert!(max < 1000.0, "{lat}");
+    assert!(max < 1000.0, "{lat:?}");
 
     // The current second is sampled at the request: the last sample is now.
-    let samples = a["samples"].as_array().unwrap();
-    assert!(!samples.is_empty());
-    let last = samples.last().unwrap();
-    let usage = w.usage("cpu");
-    assert_eq!(last["allocated_bytes"], usage["allocated_bytes"]);
-    assert_eq!(last["reserved_bytes"], usage["reserved_bytes"]);
-    assert!(last["used_memory"].as_u64().unwrap() > 0);
-    assert!(last["at"].as_str().unwrap().ends_with('Z'));
+    assert!(!a.samples.is_empty());
+    let last = a.samples.last().unwrap();
+    let usage = w.send::<GetUsage>(json!({"device_id": "cpu"})).unwrap();
+    assert_eq!(last.allocated_bytes, usage.allocated_bytes);
+    assert_eq!(last.reserved_bytes, usage.reserved_bytes);
+    assert!(last.used_memory > 0);
+    // The time as written on the wire: UTC.
+    let raw = w.ok(
+        "memory.analytics",
+        json!({"device_id": "cpu", "window_seconds": 3600}),
+    );
+    let at = raw["devices"][0]["samples"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()["at"]
+        .clone();
+    assert!(at.as_str().unwrap().ends_with('Z'), "{at}");
 
     // Every device without device_id.
-    let all = w.ok("memory.analytics", json!({}));
-    assert_eq!(all["devices"].as_array().unwrap().len(), 2);
+    let all = w.send::<Analytics>(json!({})).unwrap();
+    assert_eq!(all.devices.len(), 2);
     w.close();
 }
 
@@ -147,44 +150,45 @@ fn samples_come_once_a_second_and_the_window_bounds_them() {
     }
     clock.advance(Duration::from_millis(300));
     let a = analytics(&mut w, "cpu", 3600);
-    let samples = a["samples"].as_array().unwrap();
+    let samples = &a.samples;
     assert!(
         (3..=6).contains(&samples.len()),
         "one a second: {}",
         samples.len()
     );
-    let times: Vec<&str> = samples.iter().map(|s| s["at"].as_str().unwrap()).collect();
+    let times: Vec<_> = samples.iter().map(|s| s.at.0).collect();
     assert!(times.windows(2).all(|p| p[0] < p[1]), "oldest first");
     // The first sample may be from before the allocation (the worker samples as it starts).
     assert!(
-        samples[1..].iter().all(|s| s["allocated_bytes"] == MIB),
+        samples[1..].iter().all(|s| s.allocated_bytes == MIB),
         "{samples:?}"
     );
 
     // A 1-second window holds at most 1 sample, no allocation made 3 s ago, but the peak
     // held through it.
     let a1 = analytics(&mut w, "cpu", 1);
-    assert_eq!(a1["window_seconds"], 1);
-    assert!(a1["samples"].as_array().unwrap().len() <= 1);
+    assert_eq!(a1.window_seconds, 1);
+    assert!(a1.samples.len() <= 1);
     assert_eq!(bucket(&a1, INF), 0);
-    assert_eq!(a1["allocations_per_second"], 0.0);
-    assert_eq!(a1["peak_allocated_bytes"], MIB);
-    assert_eq!(a1["allocation_latency_ms"]["max"], 0.0);
-    w.ok("memory.deallocate", json!({"allocation_id": id}));
+    assert_eq!(a1.allocations_per_second, 0.0);
+    assert_eq!(a1.peak_allocated_bytes, MIB);
+    assert_eq!(a1.allocation_latency_ms.max, 0.0);
+    w.send::<Deallocate>(json!({"allocation_id": id})).unwrap();
     // (2 s: the free and this request may straddle a second.)
     let a2 = analytics(&mut w, "cpu", 2);
-    assert_eq!(a2["peak_allocated_bytes"], MIB, "freed within the window");
+    assert_eq!(a2.peak_allocated_bytes, MIB, "freed within the window");
 
     // Bounds.
     for bad in [json!(0), json!(3601), json!(-1), json!("60")] {
-        let (code, msg) = w.err(
-            "memory.analytics",
-            json!({"device_id": "cpu", "window_seconds": bad}),
-        );
-        assert_eq!(code, "INVALID_PARAMETER", "{bad}");
-        assert!(msg.contains("window_seconds"), "{msg}");
+        let e = w
+            .send::<Analytics>(json!({"device_id": "cpu", "window_seconds": bad}))
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidParameter, "{bad}");
+        assert!(e.message.contains("window_seconds"), "{}", e.message);
     }
-    let (code, _) = w.err("memory.analytics", json!({"device_id": "cuda:99"}));
-    assert_eq!(code, "INVALID_DEVICE");
+    let e = w
+        .send::<Analytics>(json!({"device_id": "cuda:99"}))
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidDevice);
     w.close();
 }

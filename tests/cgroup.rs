@@ -10,7 +10,8 @@
 
 mod common;
 
-use common::{BIN, Worker};
+use common::{BIN, ListDevices, Requests, Transfer, Worker};
+use memcoord::protocol::TransferStatus;
 use serde_json::json;
 use std::path::PathBuf;
 use std::process::Command;
@@ -144,16 +145,16 @@ fn budgets_are_capped_by_the_cgroup_memory_limit() {
 
     // Default budgets: half of the capacity, the capacity being at most the limit.
     let mut w = Worker::spawn_command(cg.command(&["worker", "--no-gpu"]));
-    let cpu = w.usage("cpu");
+    let cpu = w.stats("cpu");
     let expected_cpu = mem_total().min(LIMIT) / 2;
-    assert_eq!(cpu["budget_bytes"], json!(expected_cpu), "{cpu}");
-    let shm = w.usage("shm");
-    assert!(shm["budget_bytes"].as_u64().unwrap() <= LIMIT / 2, "{shm}");
-    let devices = w.ok("memory.list_devices", json!({}));
-    for d in devices["devices"].as_array().unwrap() {
+    assert_eq!(cpu.budget_bytes, expected_cpu, "{cpu:?}");
+    let shm = w.stats("shm");
+    assert!(shm.budget_bytes <= LIMIT / 2, "{shm:?}");
+    let devices = w.send::<ListDevices>(json!({})).unwrap();
+    for d in &devices.devices {
         assert!(
-            d["available_memory"].as_u64().unwrap() <= LIMIT / 2,
-            "a host device offers more than its capped budget: {d}"
+            d.available_memory <= LIMIT / 2,
+            "a host device offers more than its capped budget: {d:?}"
         );
     }
 
@@ -167,14 +168,13 @@ fn budgets_are_capped_by_the_cgroup_memory_limit() {
     // Memory within the budget is handed out and really backed (a copy writes every byte).
     let id = w.allocate("cpu", 128 << 20);
     let shm_id = w.allocate("shm", 128 << 20);
-    let t = w.ok(
-        "memory.transfer",
-        json!({"allocation_id": shm_id, "source_device_id": "shm",
-               "destination_device_id": "cpu", "mode": "copy", "wait_for_completion": true}),
-    );
-    assert_eq!(t["status"], json!("Completed"), "{t}");
+    let t = w
+        .send::<Transfer>(json!({"allocation_id": shm_id, "source_device_id": "shm",
+               "destination_device_id": "cpu", "mode": "copy", "wait_for_completion": true}))
+        .unwrap();
+    assert_eq!(t.status, TransferStatus::Completed, "{t:?}");
     w.ok("memory.deallocate", json!({"allocation_id": id}));
-    assert_eq!(w.usage("cpu")["failed_allocations"], json!(1));
+    assert_eq!(w.stats("cpu").failed_allocations, 1);
     let status = w.close(Duration::from_secs(20));
     assert!(
         status.success(),
@@ -211,7 +211,7 @@ fn budgets_are_capped_by_the_cgroup_memory_limit() {
     // A budget at the limit is taken.
     let mut w =
         Worker::spawn_command(cg.command(&["worker", "--no-gpu", "--budget", "cpu=512MiB"]));
-    assert_eq!(w.usage("cpu")["budget_bytes"], json!(LIMIT));
+    assert_eq!(w.stats("cpu").budget_bytes, LIMIT);
     assert!(w.close(Duration::from_secs(20)).success());
 
     // `memcoord devices` says which limit capped the defaults.

@@ -1,10 +1,13 @@
-//! The CLI views against a running server (`--url`) and in process: tables for people, JSON
-//! for scripts, `top` frames, shell completions.
+//! The CLI views against a running server (`--url`; the server in this process, the CLI the
+//! process under test) and in process: tables for people, JSON for scripts, `top` frames, shell
+//! completions.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 
-use common::Server;
+use common::inproc::InProcessServer;
+use common::{Allocate, GetPressure, typed};
+use memcoord::transport::server::ServeOptions;
 use serde_json::{Value, json};
 use std::process::Command;
 
@@ -19,19 +22,20 @@ fn memcoord(args: &[&str]) -> (bool, String, String) {
 
 #[test]
 fn views_against_a_server_show_what_the_api_made() {
-    let s = Server::spawn(&["--no-gpu", "--budget", "cpu=64MiB", "--budget", "shm=64MiB"]);
+    let s = InProcessServer::start("64MiB", "64MiB", |svc| svc, ServeOptions::default());
     let url = format!("http://127.0.0.1:{}", s.port);
     let a = s.post(
         "/v1/allocations",
         &json!({"device_id": "shm", "size_bytes": 3 << 20, "allocation_type": "Activations", "purpose": "latents"}),
     );
-    let id = a.json()["data"]["allocation"]["allocation_id"]
-        .as_str()
+    let id = typed::<Allocate>(a.json())
         .unwrap()
-        .to_string();
+        .allocation
+        .allocation_id;
 
     let (ok, out, err) = memcoord(&["allocs", "--url", &url, "--json"]);
     assert!(ok, "{err}");
+    // The CLI's own JSON (allocations of every device: no `device_id`), read as written.
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["total_count"], 1);
     assert_eq!(v["allocations"][0]["allocation_id"], json!(id));
@@ -48,8 +52,8 @@ fn views_against_a_server_show_what_the_api_made() {
     assert!(out.contains("shm") && out.contains("64.00 MiB"), "{out}");
     let (ok, out, _) = memcoord(&["pressure", "--url", &url, "--json"]);
     assert!(ok);
-    let v: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["devices"].as_array().unwrap().len(), 2);
+    let v: <GetPressure as common::ActionSpec>::Response = serde_json::from_str(&out).unwrap();
+    assert_eq!(v.devices.len(), 2);
     let (ok, out, _) = memcoord(&["models", "--url", &url]);
     assert!(ok && out.starts_with("MODEL"), "{out}");
     let (ok, out, _) = memcoord(&["status", "--url", &url]);

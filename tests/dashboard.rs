@@ -8,16 +8,22 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 #![allow(unsafe_code)] // test code: libc calls and memory maps of its own
 
+mod common;
+
+use common::inproc::InProcessServer;
+use common::{Allocate, typed};
+use memcoord::protocol::DashboardState;
+use memcoord::transport::server::ServeOptions;
+use serde::Deserialize;
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-const BIN: &str = env!("CARGO_BIN_EXE_memcoord");
 const BROWSER_TIMEOUT: Duration = Duration::from_secs(60);
 const ALLOCATION_SIZE: u64 = 8 * 1024 * 1024;
 
@@ -45,14 +51,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One HTTP/1.1 request (`Connection: close`); returns the status code and the body.
@@ -146,78 +144,6 @@ fn parse_response(raw: &[u8]) -> std::io::Result<(u16, String)> {
         }
     };
     Ok((status, String::from_utf8_lossy(&body).to_string()))
-}
-
-/// `memcoord serve` on a free port; killed on drop.
-struct Server {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-    _dir: TempDir,
-}
-
-impl Server {
-    fn start() -> Server {
-        let port = free_port();
-        let dir = TempDir::new("dashboard-server");
-        let log = dir.path().join("server.log");
-        let log_file = std::fs::File::create(&log).expect("create server log");
-        let child = Command::new(BIN)
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--no-gpu",
-                "--budget",
-                "cpu=64MiB",
-                "--budget",
-                "shm=64MiB",
-            ])
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("clone log file"))
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn memcoord serve");
-        let mut server = Server {
-            child,
-            port,
-            log,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Some(status)) = server.child.try_wait() {
-                panic!(
-                    "memcoord serve exited before answering /healthz ({status}); its output:\n{}",
-                    server.log_text()
-                );
-            }
-            match http(port, "GET", "/healthz", None) {
-                Ok((200, _)) => break,
-                _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
-                other => panic!(
-                    "GET /healthz did not answer 200 within 10 s (last: {other:?}); server output:\n{}",
-                    server.log_text()
-                ),
-            }
-        }
-        server
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/", self.port)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// What a browser run left: its exit status (None when it was killed at the timeout), stdout
@@ -395,8 +321,11 @@ fn artifacts_dir() -> PathBuf {
 
 #[test]
 fn dashboard_renders_a_live_allocation_in_a_browser() {
-    let server = Server::start();
+    // The server in process (the browser is what runs apart), as `memcoord serve --no-gpu
+    // --budget cpu=64MiB --budget shm=64MiB` serves.
+    let server = InProcessServer::start("64MiB", "64MiB", |svc| svc, ServeOptions::default());
     let port = server.port;
+    let url = format!("http://127.0.0.1:{port}/");
 
     // The page itself.
     let (status, page) = http(port, "GET", "/", None).expect("GET /");
@@ -415,15 +344,10 @@ fn dashboard_renders_a_live_allocation_in_a_browser() {
     let envelope: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
         panic!("POST /v1/allocations answered {status} with non-JSON ({e}): {text}")
     });
-    assert_eq!(
-        envelope["success"],
-        Value::Bool(true),
-        "allocation failed ({status}): {envelope}"
-    );
-    let allocation_id = envelope["data"]["allocation"]["allocation_id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no data.allocation.allocation_id in {envelope}"))
-        .to_string();
+    let allocation_id = typed::<Allocate>(envelope)
+        .unwrap_or_else(|e| panic!("allocation failed ({status}): {e}"))
+        .allocation
+        .allocation_id;
 
     // The state the page polls has it.
     let (status, text) =
@@ -436,19 +360,19 @@ fn dashboard_renders_a_live_allocation_in_a_browser() {
         Value::Bool(true),
         "dashboard state failed ({status}): {state}"
     );
-    let devices = state["data"]["devices"]
-        .as_array()
-        .expect("data.devices is an array");
-    let shm = devices
+    let dashboard = DashboardState::deserialize(&state["data"])
+        .unwrap_or_else(|e| panic!("not the dashboard's state ({e}): {state}"));
+    let shm = dashboard
+        .devices
         .iter()
-        .find(|d| d["info"]["device_id"] == "shm")
+        .find(|d| d.info.device_id == "shm")
         .unwrap_or_else(|| panic!("no shm device in the dashboard state: {state}"));
     assert!(
-        shm["largest_allocations"].as_array().is_some_and(|a| a
+        shm.largest_allocations
             .iter()
-            .any(|a| a["allocation_id"] == allocation_id.as_str())),
-        "the allocation is not among shm's largest allocations: {}",
-        shm["largest_allocations"]
+            .any(|a| a.allocation_id == allocation_id),
+        "the allocation is not among shm's largest allocations: {:?}",
+        shm.largest_allocations
     );
 
     let Some(chromium) = find_browser() else {
@@ -458,7 +382,7 @@ fn dashboard_renders_a_live_allocation_in_a_browser() {
     let artifacts = artifacts_dir();
 
     // The DOM after the page's scripts ran (a few polls in virtual time).
-    let run = browser(&chromium, &["--dump-dom"], &server.url());
+    let run = browser(&chromium, &["--dump-dom"], &url);
     std::fs::write(artifacts.join("dashboard-dom.html"), &run.stdout).expect("write DOM artifact");
     let dom = strip_scripts(&run.stdout);
     assert!(
@@ -530,7 +454,7 @@ fn dashboard_renders_a_live_allocation_in_a_browser() {
             "--window-size=1400,1000",
             &format!("--screenshot={}", png.display()),
         ],
-        &server.url(),
+        &url,
     );
     let size = std::fs::metadata(&png)
         .unwrap_or_else(|e| {

@@ -14,8 +14,13 @@
 
 mod common;
 
-use common::{BIN, Worker, filled_shm, map, pattern};
-use serde_json::{Value, json};
+use common::inproc::InProcessWorker;
+use common::{
+    Allocate, BIN, GetAllocations, GetTransfer, Requests, Transfer, Worker, filled_shm, map,
+    pattern,
+};
+use memcoord::protocol::{MemoryAllocation, MemoryTransfer, TransferStatus};
+use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -41,31 +46,32 @@ fn worker_crashing_after_state_write(dir: &Path, n: u64) -> Worker {
     )
 }
 
-fn listed(w: &mut Worker, device: &str) -> Vec<Value> {
-    w.ok("memory.get_allocations", json!({"device_id": device}))["allocations"]
-        .as_array()
+fn listed(w: &mut Worker, device: &str) -> Vec<MemoryAllocation> {
+    w.send::<GetAllocations>(json!({"device_id": device}))
         .unwrap()
-        .clone()
+        .allocations
 }
 
-fn find(w: &mut Worker, device: &str, id: &str) -> Option<Value> {
+fn find(w: &mut Worker, device: &str, id: &str) -> Option<MemoryAllocation> {
     listed(w, device)
         .into_iter()
-        .find(|a| a["allocation_id"] == id)
+        .find(|a| a.allocation_id == id)
 }
 
 fn bytes_at(path: &str, offset: u64, size: u64) -> Vec<u8> {
     map(path)[offset as usize..(offset + size) as usize].to_vec()
 }
 
-fn wait_completed(w: &mut Worker, transfer_id: &str) -> Value {
+fn wait_completed(w: &mut Worker, transfer_id: &str) -> MemoryTransfer {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let t = w.ok("memory.get_transfer", json!({"transfer_id": transfer_id}));
-        if t["status"] != "Running" && t["status"] != "Queued" {
+        let t = w
+            .send::<GetTransfer>(json!({"transfer_id": transfer_id}))
+            .unwrap();
+        if t.status != TransferStatus::Running && t.status != TransferStatus::Queued {
             return t;
         }
-        assert!(Instant::now() < deadline, "transfer still running: {t}");
+        assert!(Instant::now() < deadline, "transfer still running: {t:?}");
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -80,39 +86,36 @@ fn transfers_onto_shm_without_waiting_are_durable_once_completed() {
     let size = 3 * MIB + 123;
     let (x, path, _) = filled_shm(&mut w, size, true, 31);
     for (from, to) in [("shm", "cpu"), ("cpu", "shm")] {
-        let t = w.ok(
-            "memory.transfer",
-            json!({"allocation_id": x, "source_device_id": from, "destination_device_id": to}),
-        );
-        let done = wait_completed(&mut w, t["transfer_id"].as_str().unwrap());
-        assert_eq!(done["status"], "Completed", "{done}");
+        let t = w
+            .send::<Transfer>(
+                json!({"allocation_id": x, "source_device_id": from, "destination_device_id": to}),
+            )
+            .unwrap();
+        let done = wait_completed(&mut w, &t.transfer_id);
+        assert_eq!(done.status, TransferStatus::Completed, "{done:?}");
     }
-    let y = w.ok(
-        "memory.allocate",
-        json!({"device_id": "cpu", "size_bytes": MIB, "persistent": true}),
-    )["allocation"]["allocation_id"]
-        .as_str()
+    let y = w
+        .send::<Allocate>(json!({"device_id": "cpu", "size_bytes": MIB, "persistent": true}))
         .unwrap()
-        .to_string();
-    let t = w.ok(
-        "memory.transfer",
-        json!({"allocation_id": y, "source_device_id": "cpu", "destination_device_id": "shm",
-               "mode": "copy"}),
-    );
-    let done = wait_completed(&mut w, t["transfer_id"].as_str().unwrap());
-    assert_eq!(done["status"], "Completed", "{done}");
-    let y_copy = done["destination_allocation_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+        .allocation
+        .allocation_id;
+    let t = w
+        .send::<Transfer>(
+            json!({"allocation_id": y, "source_device_id": "cpu", "destination_device_id": "shm",
+                   "mode": "copy"}),
+        )
+        .unwrap();
+    let done = wait_completed(&mut w, &t.transfer_id);
+    assert_eq!(done.status, TransferStatus::Completed, "{done:?}");
+    let y_copy = done.destination_allocation_id.unwrap();
     let x_now = find(&mut w, "shm", &x).expect("moved back onto shm");
-    let x_off = x_now["handle"]["offset"].as_u64().unwrap();
+    let x_off = x_now.handle.as_ref().unwrap().offset;
     assert_eq!(bytes_at(&path, x_off, size), pattern(31, size as usize));
     w.kill();
 
     let mut w = worker(&dir);
     let x_after = find(&mut w, "shm", &x).expect("the moved allocation survived the SIGKILL");
-    assert_eq!(x_after["handle"], x_now["handle"]);
+    assert_eq!(x_after.handle, x_now.handle);
     assert_eq!(bytes_at(&path, x_off, size), pattern(31, size as usize));
     assert!(
         find(&mut w, "shm", &y_copy).is_some(),
@@ -176,7 +179,7 @@ fn a_crash_between_the_state_write_and_the_page_release_serves_no_zeros() {
             "a dropped allocation is not served again"
         );
         let kept = find(&mut w, "shm", &y).expect("the untouched allocation is adopted");
-        assert_eq!(kept["handle"]["offset"], y_off);
+        assert_eq!(kept.handle.unwrap().offset, y_off);
         assert_eq!(bytes_at(&path, y_off, MIB), pattern(42, MIB as usize));
         w.kill();
     }
@@ -201,7 +204,7 @@ fn a_state_whose_shm_file_is_gone_drops_its_allocations() {
         find(&mut w, "shm", &x).is_none(),
         "an allocation whose bytes are gone is not adopted"
     );
-    assert_eq!(w.usage("shm")["allocated_bytes"], 0);
+    assert_eq!(w.stats("shm").allocated_bytes, 0);
     let state = std::fs::read_to_string(dir.join("state.json")).unwrap();
     assert!(!state.contains(x.as_str()), "{state}");
     assert!(w.close(Duration::from_secs(10)).success());
@@ -272,15 +275,11 @@ fn a_failed_model_load_keeps_no_cache() {
         &root.join("m.safetensors"),
         &[("a", elements(3)), ("b", elements(3)), ("c", elements(5))],
     );
-    let mut w = Worker::spawn(&[
-        "--no-gpu",
-        "--budget",
-        "cpu=64MiB",
-        "--budget",
-        "shm=64MiB",
-        "--model-root",
-        root.to_str().unwrap(),
-    ]);
+    // In process: no state directory, no crash; nothing here that only a process shows.
+    let model_root = root.clone();
+    let mut w = InProcessWorker::on_clock_of_the_machine("64MiB", "64MiB", |s| {
+        s.with_model_root(model_root)
+    });
     // Fill the budget with 4 MiB blocks, free every other one: 4 MiB holes only. A blocker
     // takes the rest of the arena's range.
     let ids: Vec<String> = (0..16).map(|_| w.allocate("shm", 4 * MIB)).collect();
@@ -295,7 +294,7 @@ fn a_failed_model_load_keeps_no_cache() {
         "memory.optimize",
         json!({"device_id": "shm", "optimization_type": "ClearCache"}),
     );
-    let before = w.usage("shm");
+    let before = w.stats("shm");
     let (code, message) = w.err(
         "memory.model_load",
         json!({"model_name": "m", "path": "m.safetensors", "device_id": "shm",
@@ -306,13 +305,13 @@ fn a_failed_model_load_keeps_no_cache() {
         message.contains("so far"),
         "the load failed after copying some tensors: {message}"
     );
-    let after = w.usage("shm");
-    assert_eq!(after["allocated_bytes"], before["allocated_bytes"]);
+    let after = w.stats("shm");
+    assert_eq!(after.allocated_bytes, before.allocated_bytes);
     assert!(
-        after["reserved_bytes"].as_u64() <= before["reserved_bytes"].as_u64(),
+        after.reserved_bytes <= before.reserved_bytes,
         "the failed load's pages stay held: {} before, {} after",
-        before["reserved_bytes"],
-        after["reserved_bytes"]
+        before.reserved_bytes,
+        after.reserved_bytes
     );
     drop(w);
     let _ = std::fs::remove_dir_all(&root);

@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::{Worker, write_model};
+use common::{
+    GetAllocations, ModelAcquire, ModelLoad, Requests, Transfer, Worker, typed, write_model,
+};
 use serde_json::json;
 use std::time::Duration;
 
@@ -32,14 +34,19 @@ fn eof_mid_transfer_and_load_finishes_them_then_releases_everything() {
         "memory.model_load",
         json!({"model_name": "vae", "path": "m.safetensors", "device_id": "shm"}),
     );
-    let lease = w.ok("memory.model_acquire", json!({"model_name": "vae"}));
-    assert!(lease["lease_id"].is_string());
+    let lease = w
+        .send::<ModelAcquire>(json!({"model_name": "vae"}))
+        .unwrap();
+    assert!(!lease.lease_id.is_empty());
     let big = w.allocate("cpu", 96 * MIB);
-    let shm_file = w.ok("memory.get_allocations", json!({"device_id": "shm"}))["allocations"][0]
-        ["handle"]["path"]
-        .as_str()
+    let shm_file = w
+        .send::<GetAllocations>(json!({"device_id": "shm"}))
         .unwrap()
-        .to_string();
+        .allocations[0]
+        .handle
+        .clone()
+        .unwrap()
+        .path;
     // In flight when stdin closes: a 96 MiB move and a second load.
     let t = w.submit(
         "memory.transfer",
@@ -51,13 +58,15 @@ fn eof_mid_transfer_and_load_finishes_them_then_releases_everything() {
     );
     let status = w.close(Duration::from_secs(30));
     let answers = w.remaining();
-    for id in [&t, &l] {
-        let a = answers
+    let answer = |id: &str| {
+        answers
             .iter()
-            .find(|a| a["request_id"] == json!(id))
-            .unwrap_or_else(|| panic!("{id} not answered: {answers:?}"));
-        assert_eq!(a["success"], true, "{a}");
-    }
+            .find(|a| a.get("request_id") == Some(&json!(id)))
+            .unwrap_or_else(|| panic!("{id} not answered: {answers:?}"))
+            .clone()
+    };
+    typed::<Transfer>(answer(&t)).unwrap();
+    typed::<ModelLoad>(answer(&l)).unwrap();
     assert!(status.success(), "{status:?}");
     assert!(
         !std::path::Path::new(&shm_file).exists(),

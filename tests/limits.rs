@@ -6,8 +6,8 @@
 
 mod common;
 
-use common::Requests;
 use common::inproc::{InProcessServer, InProcessWorker, settings};
+use common::{Allocate, Deallocate, Defragment, ErrorCode, Requests, Transfer, typed};
 use memcoord::service::MemoryService;
 use memcoord::transport::server::ServeOptions;
 use memcoord::transport::stdio::WorkerOptions;
@@ -21,19 +21,19 @@ fn allocations_per_device_are_bounded() {
     for _ in 0..3 {
         w.allocate("cpu", 4096);
     }
-    let (code, msg) = w.err(
-        "memory.allocate",
-        json!({"device_id": "cpu", "size_bytes": 4096}),
-    );
-    assert_eq!(code, "OUT_OF_MEMORY");
+    let e = w
+        .send::<Allocate>(json!({"device_id": "cpu", "size_bytes": 4096}))
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::OutOfMemory);
     assert!(
-        msg.contains("--max-allocations") && msg.contains("cpu"),
-        "{msg}"
+        e.message.contains("--max-allocations") && e.message.contains("cpu"),
+        "{}",
+        e.message
     );
     // Another device has its own count.
     w.allocate("shm", 4096);
     assert_eq!(
-        w.usage("cpu")["allocation_count"],
+        w.stats("cpu").allocation_count,
         3,
         "the refusal changed nothing"
     );
@@ -50,19 +50,17 @@ fn requests_waiting_for_memory_are_bounded() {
     );
     w.until_waiting("cpu", 1);
     let started = Instant::now();
-    let (code, msg) = w.err(
-        "memory.allocate",
-        json!({"device_id": "cpu", "size_bytes": 4 << 20, "timeout_seconds": 30}),
-    );
-    assert_eq!(code, "OUT_OF_MEMORY");
-    assert!(msg.contains("--max-waiting"), "{msg}");
+    let e = w
+        .send::<Allocate>(json!({"device_id": "cpu", "size_bytes": 4 << 20, "timeout_seconds": 30}))
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::OutOfMemory);
+    assert!(e.message.contains("--max-waiting"), "{}", e.message);
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "refused at once"
     );
-    w.ok("memory.deallocate", json!({"allocation_id": big}));
-    let v = w.wait_for(&first, Duration::from_secs(20));
-    assert_eq!(v["success"], true, "{v}");
+    w.send::<Deallocate>(json!({"allocation_id": big})).unwrap();
+    typed::<Allocate>(w.wait_for(&first, Duration::from_secs(20))).unwrap();
 }
 
 #[test]
@@ -91,51 +89,50 @@ fn requests_in_flight_per_stdio_session_are_bounded() {
     let first = w.submit("memory.allocate", wait.clone());
     let second = w.submit("memory.allocate", wait.clone());
     w.until_waiting("cpu", 2);
-    let before = w.usage("cpu");
+    let before = w.stats("cpu");
     // A third request that would wait, and a transfer (work that runs after its answer), are
     // refused at once; requests answered at once still are.
     let started = Instant::now();
-    let (code, msg) = w.err("memory.allocate", wait.clone());
-    assert_eq!(code, "TOO_MANY_REQUESTS");
+    let e = w.send::<Allocate>(wait.clone()).unwrap_err();
+    assert_eq!(e.code, ErrorCode::TooManyRequests);
     assert!(
-        msg.contains("--max-in-flight") && msg.contains('2'),
-        "{msg}"
+        e.message.contains("--max-in-flight") && e.message.contains('2'),
+        "{}",
+        e.message
     );
     let small = w.allocate("shm", 4096);
-    let (code, _) = w.err(
-        "memory.transfer",
-        json!({"allocation_id": small, "source_device_id": "shm", "destination_device_id": "cpu",
-               "mode": "copy"}),
-    );
-    assert_eq!(code, "TOO_MANY_REQUESTS");
-    let (code, _) = w.err("memory.defragment", json!({"device_id": "shm"}));
-    assert_eq!(code, "TOO_MANY_REQUESTS");
+    let e = w
+        .send::<Transfer>(
+            json!({"allocation_id": small, "source_device_id": "shm", "destination_device_id": "cpu",
+                   "mode": "copy"}),
+        )
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::TooManyRequests);
+    let e = w
+        .send::<Defragment>(json!({"device_id": "shm"}))
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::TooManyRequests);
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "refused at once"
     );
-    let after = w.usage("cpu");
-    assert_eq!(after["allocated_bytes"], before["allocated_bytes"]);
-    assert_eq!(after["allocation_count"], before["allocation_count"]);
+    let after = w.stats("cpu");
+    assert_eq!(after.allocated_bytes, before.allocated_bytes);
+    assert_eq!(after.allocation_count, before.allocation_count);
     assert_eq!(
-        w.usage("shm")["allocation_count"],
+        w.stats("shm").allocation_count,
         1,
         "nothing was transferred"
     );
     // Freeing lets both waiting requests through (one, then, once it is freed, the other),
     // and their places are given back.
-    w.ok("memory.deallocate", json!({"allocation_id": big}));
-    let a = w.wait_for(&first, Duration::from_secs(20));
-    assert_eq!(a["success"], true, "{a}");
-    let id = a["data"]["allocation"]["allocation_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    w.ok("memory.deallocate", json!({"allocation_id": id}));
-    let b = w.wait_for(&second, Duration::from_secs(20));
-    assert_eq!(b["success"], true, "{b}");
-    let v = w.ok("memory.defragment", json!({"device_id": "shm"}));
-    assert_eq!(v["device_id"], "shm");
+    w.send::<Deallocate>(json!({"allocation_id": big})).unwrap();
+    let a = typed::<Allocate>(w.wait_for(&first, Duration::from_secs(20))).unwrap();
+    w.send::<Deallocate>(json!({"allocation_id": a.allocation.allocation_id}))
+        .unwrap();
+    typed::<Allocate>(w.wait_for(&second, Duration::from_secs(20))).unwrap();
+    let v = w.send::<Defragment>(json!({"device_id": "shm"})).unwrap();
+    assert_eq!(v.device_id, "shm");
 }
 
 #[test]

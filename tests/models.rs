@@ -8,8 +8,12 @@
 mod common;
 
 use common::inproc::InProcessWorker;
-use common::{Requests, Worker, write_model};
-use serde_json::{Value, json};
+use common::{
+    Allocate, Deallocate, ErrorCode, GetAllocations, ModelAcquire, ModelLoad, ModelOptimize,
+    ModelRelease, ModelStatus, Optimize, Requests, Worker, typed, write_model,
+};
+use memcoord::protocol::{MemoryAllocation, MemoryAllocationType, ModelState};
+use serde_json::json;
 use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -55,12 +59,10 @@ fn spawned_worker(root: &Root, budget: &str) -> Worker {
     ])
 }
 
-fn model_allocations(w: &mut impl Requests, device: &str, model: &str) -> Vec<Value> {
-    let r = w.ok(
-        "memory.get_allocations",
-        json!({"device_id": device, "owner": format!("model:{model}")}),
-    );
-    r["allocations"].as_array().unwrap().clone()
+fn model_allocations(w: &mut impl Requests, device: &str, model: &str) -> Vec<MemoryAllocation> {
+    w.send::<GetAllocations>(json!({"device_id": device, "owner": format!("model:{model}")}))
+        .unwrap()
+        .allocations
 }
 
 #[test]
@@ -74,42 +76,44 @@ fn a_model_loads_byte_for_byte_and_unloads() {
     let bytes = write_model(&root.path().join("sdxl.safetensors"), &tensors);
     let mut w = worker(&root, "64MiB");
 
-    let m = w.ok(
-        "memory.model_load",
-        json!({"model_name": "sdxl", "path": "sdxl.safetensors", "device_id": "shm", "keep_alive_seconds": 600}),
-    );
-    assert_eq!(m["model_name"], "sdxl");
-    assert_eq!(m["device_id"], "shm");
-    assert_eq!(m["resident_device_id"], "shm");
-    assert_eq!(m["state"], "Loaded");
-    assert_eq!(m["tensor_count"], 3);
-    assert_eq!(m["size_bytes"], (300_000 + 17 + 1_000_000) * 4);
-    assert_eq!(m["keep_alive_seconds"], 600.0);
-    assert!(m["path"].as_str().unwrap().ends_with("sdxl.safetensors"));
+    let m = w
+        .send::<ModelLoad>(
+            json!({"model_name": "sdxl", "path": "sdxl.safetensors", "device_id": "shm", "keep_alive_seconds": 600}),
+        )
+        .unwrap();
+    assert_eq!(m.model_name, "sdxl");
+    assert_eq!(m.device_id, "shm");
+    assert_eq!(m.resident_device_id, "shm");
+    assert_eq!(m.state, ModelState::Loaded);
+    assert_eq!(m.tensor_count, 3);
+    assert_eq!(m.size_bytes, (300_000 + 17 + 1_000_000) * 4);
+    assert_eq!(m.keep_alive_seconds, Some(600.0));
+    assert!(m.path.ends_with("sdxl.safetensors"));
 
     // Every tensor, byte for byte, through the shm handles.
     let allocs = model_allocations(&mut w, "shm", "sdxl");
     assert_eq!(allocs.len(), 3);
     for a in &allocs {
-        assert_eq!(a["allocation_type"], "ModelWeights");
-        assert_eq!(a["owner"], "model:sdxl");
+        assert_eq!(a.allocation_type, MemoryAllocationType::ModelWeights);
+        assert_eq!(a.owner, "model:sdxl");
     }
     verify_on_shm(&mut w, "sdxl", &bytes);
-    let usage = w.usage("shm");
-    assert_eq!(usage["model_bytes"], m["size_bytes"]);
+    assert_eq!(w.stats("shm").model_bytes, m.size_bytes);
 
     // Status, leases, unload.
-    let st = w.ok("memory.model_status", json!({"device_id": "shm"}));
-    assert_eq!(st["models"][0]["model_name"], "sdxl");
-    assert_eq!(st["model_bytes"], m["size_bytes"]);
-    assert_eq!(st["model_budget_bytes"], 64 * MIB);
-    let lease = w.ok("memory.model_acquire", json!({"model_name": "sdxl"}));
-    let lease_id = lease["lease_id"].as_str().unwrap().to_string();
-    assert_eq!(lease["model"]["model_name"], "sdxl");
+    let st = w.send::<ModelStatus>(json!({"device_id": "shm"})).unwrap();
+    assert_eq!(st.models[0].model_name, "sdxl");
+    assert_eq!(st.model_bytes, m.size_bytes);
+    assert_eq!(st.model_budget_bytes, 64 * MIB);
+    let lease = w
+        .send::<ModelAcquire>(json!({"model_name": "sdxl"}))
+        .unwrap();
+    let lease_id = lease.lease_id;
+    assert_eq!(lease.model.model_name, "sdxl");
     let (code, _) = w.err("memory.model_unload", json!({"model_name": "sdxl"}));
     assert_eq!(code, "MODEL_IN_USE");
     // A model's allocation cannot be freed or transferred by a client.
-    let a0 = allocs[0]["allocation_id"].clone();
+    let a0 = allocs[0].allocation_id.clone();
     assert_eq!(
         w.err("memory.deallocate", json!({"allocation_id": a0})).0,
         "ALLOCATION_IN_USE"
@@ -123,11 +127,12 @@ fn a_model_loads_byte_for_byte_and_unloads() {
         "ALLOCATION_IN_USE"
     );
     // Loading again from the same file is a use; from another file is refused.
-    let again = w.ok(
-        "memory.model_load",
-        json!({"model_name": "sdxl", "path": "sdxl.safetensors", "device_id": "shm"}),
-    );
-    assert_eq!(again["state"], "Loaded");
+    let again = w
+        .send::<ModelLoad>(
+            json!({"model_name": "sdxl", "path": "sdxl.safetensors", "device_id": "shm"}),
+        )
+        .unwrap();
+    assert_eq!(again.state, ModelState::Loaded);
     write_model(&root.path().join("other.safetensors"), &[("x", 4)]);
     let (code, msg) = w.err(
         "memory.model_load",
@@ -145,10 +150,11 @@ fn a_model_loads_byte_for_byte_and_unloads() {
     let u = w.ok("memory.model_unload", json!({"model_name": "sdxl"}));
     assert_eq!(
         u,
-        json!({"model_name": "sdxl", "freed_bytes": m["size_bytes"]})
+        json!({"model_name": "sdxl", "freed_bytes": m.size_bytes}),
+        "the whole answer"
     );
     assert!(model_allocations(&mut w, "shm", "sdxl").is_empty());
-    assert_eq!(w.usage("shm")["allocated_bytes"], 0);
+    assert_eq!(w.stats("shm").allocated_bytes, 0);
     assert_eq!(
         w.err("memory.model_status", json!({"model_name": "sdxl"}))
             .0,
@@ -175,7 +181,7 @@ fn a_model_loads_byte_for_byte_and_unloads() {
         "memory.model_unload",
         json!({"model_name": "small", "force": true}),
     );
-    assert_eq!(w.usage("cpu")["allocated_bytes"], 0);
+    assert_eq!(w.stats("cpu").allocated_bytes, 0);
 }
 
 #[test]
@@ -210,7 +216,7 @@ fn failed_loads_leave_nothing_allocated() {
     .unwrap();
 
     let mut w = worker(&root, "8MiB");
-    let before = w.usage("cpu");
+    let before = w.stats("cpu");
     let cases = [
         ("corrupt.safetensors", "MODEL_LOAD_FAILED"),
         ("truncated.safetensors", "MODEL_LOAD_FAILED"),
@@ -237,15 +243,12 @@ fn failed_loads_leave_nothing_allocated() {
             json!({"model_name": "m", "path": path, "device_id": "cpu"}),
         );
         assert_eq!(got, code, "{path}: {msg}");
-        let after = w.usage("cpu");
+        let after = w.stats("cpu");
         assert_eq!(
-            after["allocated_bytes"], before["allocated_bytes"],
+            after.allocated_bytes, before.allocated_bytes,
             "{path} left bytes allocated"
         );
-        assert_eq!(
-            after["allocation_count"], before["allocation_count"],
-            "{path}"
-        );
+        assert_eq!(after.allocation_count, before.allocation_count, "{path}");
         assert_eq!(
             w.err("memory.model_status", json!({"model_name": "m"})).0,
             "MODEL_NOT_FOUND",
@@ -280,27 +283,22 @@ fn failed_loads_leave_nothing_allocated() {
 }
 
 fn state_of(w: &mut impl Requests, name: &str) -> (String, String) {
-    let st = w.ok("memory.model_status", json!({"model_name": name}));
-    (
-        st["models"][0]["state"].as_str().unwrap().to_string(),
-        st["models"][0]["resident_device_id"]
-            .as_str()
-            .unwrap()
-            .to_string(),
-    )
+    let st = w.send::<ModelStatus>(json!({"model_name": name})).unwrap();
+    let m = &st.models[0];
+    (m.state.name().to_string(), m.resident_device_id.clone())
 }
 
 fn verify_on_shm(w: &mut impl Requests, name: &str, bytes: &HashMap<String, Vec<u8>>) {
     for a in model_allocations(w, "shm", name) {
-        let want = &bytes[a["purpose"].as_str().unwrap()];
-        let path = a["handle"]["path"].as_str().unwrap();
-        let off = a["handle"]["offset"].as_u64().unwrap() as usize;
-        let f = OpenOptions::new().read(true).open(path).unwrap();
+        let want = &bytes[&a.purpose];
+        let h = a.handle.as_ref().unwrap();
+        let off = h.offset as usize;
+        let f = OpenOptions::new().read(true).open(&h.path).unwrap();
         let map = unsafe { memmap2::Mmap::map(&f).unwrap() };
         assert!(
             map[off..off + want.len()] == want[..],
             "{name}: tensor {} differs",
-            a["purpose"]
+            a.purpose
         );
     }
 }
@@ -328,11 +326,9 @@ fn idle_models_are_offloaded_lru_and_restored_byte_for_byte() {
     load(&mut w, "a");
     load(&mut w, "b");
     // a is used after b: b is now the least recently used.
-    let lease = w.ok("memory.model_acquire", json!({"model_name": "a"}));
-    w.ok(
-        "memory.model_release",
-        json!({"lease_id": lease["lease_id"]}),
-    );
+    let lease = w.send::<ModelAcquire>(json!({"model_name": "a"})).unwrap();
+    w.send::<ModelRelease>(json!({"lease_id": lease.lease_id}))
+        .unwrap();
     load(&mut w, "c");
     assert_eq!(
         state_of(&mut w, "b"),
@@ -344,16 +340,16 @@ fn idle_models_are_offloaded_lru_and_restored_byte_for_byte() {
 
     // Acquire brings b back (offloading the next LRU, a), without touching the file.
     std::fs::remove_file(root.path().join("b.safetensors")).unwrap();
-    let got = w.ok("memory.model_acquire", json!({"model_name": "b"}));
-    assert_eq!(got["model"]["state"], "Loaded");
-    assert_eq!(got["model"]["resident_device_id"], "shm");
+    let got = w.send::<ModelAcquire>(json!({"model_name": "b"})).unwrap();
+    assert_eq!(got.model.state, ModelState::Loaded);
+    assert_eq!(got.model.resident_device_id, "shm");
     verify_on_shm(&mut w, "b", &b);
     assert_eq!(state_of(&mut w, "a"), ("Offloaded".into(), "cpu".into()));
 
     // Leased models are never evicted: with b leased and c the only other model on shm,
     // bringing a back evicts c.
-    let a_back = w.ok("memory.model_acquire", json!({"model_name": "a"}));
-    assert_eq!(a_back["model"]["state"], "Loaded");
+    let a_back = w.send::<ModelAcquire>(json!({"model_name": "a"})).unwrap();
+    assert_eq!(a_back.model.state, ModelState::Loaded);
     verify_on_shm(&mut w, "a", &a);
     assert_eq!(state_of(&mut w, "b").0, "Loaded", "leased b stayed");
     assert_eq!(state_of(&mut w, "c"), ("Offloaded".into(), "cpu".into()));
@@ -376,12 +372,9 @@ fn idle_models_are_offloaded_lru_and_restored_byte_for_byte() {
         !w.answered_within(&waiting, std::time::Duration::from_millis(300)),
         "the load waits"
     );
-    w.ok(
-        "memory.model_release",
-        json!({"lease_id": a_back["lease_id"]}),
-    );
-    let done = w.wait_for(&waiting, std::time::Duration::from_secs(20));
-    assert_eq!(done["success"], true, "{done}");
+    w.send::<ModelRelease>(json!({"lease_id": a_back.lease_id}))
+        .unwrap();
+    typed::<ModelLoad>(w.wait_for(&waiting, std::time::Duration::from_secs(20))).unwrap();
     assert_eq!(
         state_of(&mut w, "a"),
         ("Offloaded".into(), "cpu".into()),
@@ -402,11 +395,11 @@ fn keep_alive_expiry_model_optimize_and_allocations_that_make_room() {
     clock.advance(std::time::Duration::from_millis(600));
     // What the sweeper does once a second.
     assert_eq!(w.service.sweep_keep_alive(), vec!["brief".to_string()]);
-    assert_eq!(
-        w.request("memory.model_status", json!({"model_name": "brief"}))["success"],
-        false
+    assert!(
+        w.send::<ModelStatus>(json!({"model_name": "brief"}))
+            .is_err()
     );
-    assert_eq!(w.usage("cpu")["allocated_bytes"], 0);
+    assert_eq!(w.stats("cpu").allocated_bytes, 0);
 
     // An allocation that does not fit makes room by evicting an idle model (cpu: unloaded).
     w.ok(
@@ -421,19 +414,12 @@ fn keep_alive_expiry_model_optimize_and_allocations_that_make_room() {
     );
     assert_eq!(code, "OUT_OF_MEMORY");
     assert_eq!(state_of(&mut w, "idle").0, "Loaded");
-    assert_eq!(w.usage("cpu")["allocated_bytes"], 6 * MIB);
+    assert_eq!(w.stats("cpu").allocated_bytes, 6 * MIB);
     w.ok("memory.deallocate", json!({"allocation_id": held}));
-    let d = w.ok(
-        "memory.allocate",
-        json!({"device_id": "cpu", "size_bytes": 10 * MIB, "timeout_seconds": 0}),
-    );
-    assert!(
-        d["message"]
-            .as_str()
-            .unwrap()
-            .contains("unloaded model idle"),
-        "{d}"
-    );
+    let d = w
+        .send::<Allocate>(json!({"device_id": "cpu", "size_bytes": 10 * MIB, "timeout_seconds": 0}))
+        .unwrap();
+    assert!(d.message.contains("unloaded model idle"), "{d:?}");
     w.ok("memory.clear", json!({"device_id": "cpu"}));
 
     // model_optimize.
@@ -443,48 +429,36 @@ fn keep_alive_expiry_model_optimize_and_allocations_that_make_room() {
             json!({"model_name": name, "path": "m.safetensors", "device_id": "shm"}),
         );
     }
-    let lease = w.ok("memory.model_acquire", json!({"model_name": "y"}));
-    let r = w.ok(
-        "memory.model_optimize",
-        json!({"device_id": "shm", "strategy": "OffloadIdle", "idle_seconds": 0}),
-    );
-    assert_eq!(r["offloaded"], json!(["x"]), "{r}");
-    assert_eq!(r["freed_bytes"], 4 * MIB);
-    w.ok(
-        "memory.model_release",
-        json!({"lease_id": lease["lease_id"]}),
-    );
-    let r = w.ok(
-        "memory.model_optimize",
-        json!({"strategy": "UnloadIdle", "idle_seconds": 3600}),
-    );
-    assert_eq!(r["unloaded"], json!([]), "nothing idle for an hour: {r}");
-    let r = w.ok(
-        "memory.model_optimize",
-        json!({"device_id": "shm", "strategy": "FitBudget", "target_bytes": 0}),
-    );
-    assert_eq!(
-        r["offloaded"].as_array().unwrap().len() + r["unloaded"].as_array().unwrap().len(),
-        1,
-        "{r}"
-    );
+    let lease = w.send::<ModelAcquire>(json!({"model_name": "y"})).unwrap();
+    let r = w
+        .send::<ModelOptimize>(
+            json!({"device_id": "shm", "strategy": "OffloadIdle", "idle_seconds": 0}),
+        )
+        .unwrap();
+    assert_eq!(r.offloaded, ["x"], "{r:?}");
+    assert_eq!(r.freed_bytes, 4 * MIB);
+    w.send::<ModelRelease>(json!({"lease_id": lease.lease_id}))
+        .unwrap();
+    let r = w
+        .send::<ModelOptimize>(json!({"strategy": "UnloadIdle", "idle_seconds": 3600}))
+        .unwrap();
+    assert!(r.unloaded.is_empty(), "nothing idle for an hour: {r:?}");
+    let r = w
+        .send::<ModelOptimize>(
+            json!({"device_id": "shm", "strategy": "FitBudget", "target_bytes": 0}),
+        )
+        .unwrap();
+    assert_eq!(r.offloaded.len() + r.unloaded.len(), 1, "{r:?}");
     assert_eq!(
         w.err("memory.model_optimize", json!({"strategy": "Shrink"}))
             .0,
         "INVALID_PARAMETER"
     );
     // EvictIdleModels through memory.optimize.
-    let o = w.ok(
-        "memory.optimize",
-        json!({"device_id": "cpu", "optimization_type": "EvictIdleModels"}),
-    );
-    assert!(
-        o["actions"][0]
-            .as_str()
-            .unwrap()
-            .starts_with("EvictIdleModels"),
-        "{o}"
-    );
+    let o = w
+        .send::<Optimize>(json!({"device_id": "cpu", "optimization_type": "EvictIdleModels"}))
+        .unwrap();
+    assert!(o.actions[0].starts_with("EvictIdleModels"), "{o:?}");
 }
 
 /// Found by the dispatch fuzzer: a load that was waiting for room when its model was unloaded
@@ -513,30 +487,30 @@ fn a_load_unloaded_with_force_does_not_take_over_a_reload() {
         json!({"model_name": "m", "path": "b.safetensors", "device_id": "shm", "timeout_seconds": 20}),
     );
     // The second (small) load fits at once; leased, the first cannot evict it for room.
-    let b = w.wait_for(&second, std::time::Duration::from_secs(20));
-    assert_eq!(b["success"], true, "{b}");
-    let lease = w.ok("memory.model_acquire", json!({"model_name": "m"}));
-    w.ok("memory.deallocate", json!({"allocation_id": fill}));
-    let a = w.wait_for(&first, std::time::Duration::from_secs(20));
-    assert_eq!(a["error_code"], "MODEL_NOT_FOUND", "{a}");
-    let m = &w.ok("memory.model_status", json!({"model_name": "m"}))["models"][0];
-    assert!(
-        m["path"].as_str().unwrap().ends_with("b.safetensors"),
-        "{m}"
-    );
-    assert_eq!(m["size_bytes"], 2 * 4 * (128 << 10));
-    let u = w.usage("shm");
+    typed::<ModelLoad>(w.wait_for(&second, std::time::Duration::from_secs(20))).unwrap();
+    let lease = w.send::<ModelAcquire>(json!({"model_name": "m"})).unwrap();
+    w.send::<Deallocate>(json!({"allocation_id": fill}))
+        .unwrap();
+    let a = typed::<ModelLoad>(w.wait_for(&first, std::time::Duration::from_secs(20)));
     assert_eq!(
-        u["allocated_bytes"], m["size_bytes"],
-        "no orphaned tensors: {u}"
+        a.as_ref().unwrap_err().code,
+        ErrorCode::ModelNotFound,
+        "{a:?}"
     );
-    assert_eq!(u["allocation_count"], 2);
-    w.ok(
-        "memory.model_release",
-        json!({"lease_id": lease["lease_id"]}),
+    let st = w.send::<ModelStatus>(json!({"model_name": "m"})).unwrap();
+    let m = &st.models[0];
+    assert!(m.path.ends_with("b.safetensors"), "{m:?}");
+    assert_eq!(m.size_bytes, 2 * 4 * (128 << 10));
+    let u = w.stats("shm");
+    assert_eq!(
+        u.allocated_bytes, m.size_bytes,
+        "no orphaned tensors: {u:?}"
     );
+    assert_eq!(u.allocation_count, 2);
+    w.send::<ModelRelease>(json!({"lease_id": lease.lease_id}))
+        .unwrap();
     w.ok("memory.model_unload", json!({"model_name": "m"}));
-    assert_eq!(w.usage("shm")["allocation_count"], 0);
+    assert_eq!(w.stats("shm").allocation_count, 0);
 }
 
 /// A load (or an acquire) that cannot fit even with every idle model evicted evicts nothing: a
@@ -563,18 +537,21 @@ fn a_load_that_cannot_fit_evicts_nothing() {
         "Loaded",
         "the idle model stayed"
     );
-    assert_eq!(w.usage("cpu")["allocated_bytes"], 10 * MIB);
+    assert_eq!(w.stats("cpu").allocated_bytes, 10 * MIB);
     // Once it would fit, the idle model makes room as before.
     w.ok("memory.deallocate", json!({"allocation_id": held}));
     w.allocate("cpu", 3 * MIB);
-    let m = w.ok(
-        "memory.model_load",
-        json!({"model_name": "big", "path": "big.safetensors", "device_id": "cpu", "timeout_seconds": 0}),
-    );
-    assert_eq!(m["state"], "Loaded");
+    let m = w
+        .send::<ModelLoad>(
+            json!({"model_name": "big", "path": "big.safetensors", "device_id": "cpu", "timeout_seconds": 0}),
+        )
+        .unwrap();
+    assert_eq!(m.state, ModelState::Loaded);
     assert_eq!(
-        w.request("memory.model_status", json!({"model_name": "idle"}))["error_code"],
-        "MODEL_NOT_FOUND",
+        w.send::<ModelStatus>(json!({"model_name": "idle"}))
+            .unwrap_err()
+            .code,
+        ErrorCode::ModelNotFound,
         "unloaded to make room (cpu has nowhere to offload to)"
     );
 }
@@ -618,21 +595,21 @@ fn a_model_file_cut_short_while_it_loads_never_kills_the_worker() {
             } else {
                 std::fs::copy(&small, &victim).unwrap(); // opens with O_TRUNC, as cp does
             }
-            let r = w.wait_for(&id, std::time::Duration::from_secs(60));
-            let outcome = if r["success"] == true {
-                let m = &r["data"];
-                if m["size_bytes"] == 8 * 4 * (2 << 20) {
+            let r = typed::<ModelLoad>(w.wait_for(&id, std::time::Duration::from_secs(60)));
+            let outcome = if let Ok(m) = &r {
+                if m.size_bytes == 8 * 4 * (2 << 20) {
                     verify_on_shm(&mut w, "m", &bytes);
                     "loaded before the change"
                 } else {
-                    assert_eq!(how, "rewrite", "{r}");
-                    assert_eq!(m["size_bytes"], 4000, "{r}");
+                    assert_eq!(how, "rewrite", "{r:?}");
+                    assert_eq!(m.size_bytes, 4000, "{r:?}");
                     verify_on_shm(&mut w, "m", &small_bytes);
                     "loaded the new file"
                 }
             } else {
-                assert_eq!(r["error_code"], "MODEL_LOAD_FAILED", "{r}");
-                let msg = r["error_message"].as_str().unwrap();
+                let e = r.as_ref().unwrap_err();
+                assert_eq!(e.code, ErrorCode::ModelLoadFailed, "{r:?}");
+                let msg = e.message.as_str();
                 if msg.contains("victim.safetensors changed while loading") {
                     assert!(msg.ends_with("load it again once it is written"), "{msg}");
                     "failed: changed while loading"
@@ -645,12 +622,12 @@ fn a_model_file_cut_short_while_it_loads_never_kills_the_worker() {
                 }
             };
             *outcomes.entry(format!("{how}: {outcome}")).or_default() += 1;
-            if r["success"] == true {
+            if r.is_ok() {
                 w.ok("memory.model_unload", json!({"model_name": "m"}));
             }
-            let u = w.usage("shm");
-            assert_eq!(u["allocated_bytes"], 0, "{how} after {delay_ms} ms: {u}");
-            assert_eq!(u["allocation_count"], 0, "{how} after {delay_ms} ms: {u}");
+            let u = w.stats("shm");
+            assert_eq!(u.allocated_bytes, 0, "{how} after {delay_ms} ms: {u:?}");
+            assert_eq!(u.allocation_count, 0, "{how} after {delay_ms} ms: {u:?}");
         }
     }
     eprintln!("12 loads of a 64 MiB model changed 0-100 ms in: {outcomes:?}; worker deaths: 0");
@@ -703,20 +680,17 @@ fn swapping_a_folder_for_a_symlink_never_loads_a_file_outside_the_root() {
     let tries = 2000;
     let (mut inside, mut refused_outside, mut other) = (0, 0, 0);
     for _ in 0..tries {
-        let r = w.request(
-            "memory.model_load",
+        let r = w.send::<ModelLoad>(
             json!({"model_name": "m", "path": "d/m.safetensors", "device_id": "cpu"}),
         );
-        if r["success"] == true {
-            assert_eq!(
-                r["data"]["size_bytes"], 64,
-                "loaded the file outside the root: {r}"
-            );
+        if let Ok(m) = &r {
+            assert_eq!(m.size_bytes, 64, "loaded the file outside the root: {r:?}");
             inside += 1;
             w.ok("memory.model_unload", json!({"model_name": "m"}));
         } else {
-            assert_eq!(r["error_code"], "MODEL_LOAD_FAILED", "{r}");
-            let msg = r["error_message"].as_str().unwrap();
+            let e = r.as_ref().unwrap_err();
+            assert_eq!(e.code, ErrorCode::ModelLoadFailed, "{r:?}");
+            let msg = e.message.as_str();
             if msg.contains("d/m.safetensors resolves outside the model root") {
                 refused_outside += 1;
             } else {
@@ -733,7 +707,7 @@ fn swapping_a_folder_for_a_symlink_never_loads_a_file_outside_the_root() {
         flips.load(std::sync::atomic::Ordering::Relaxed)
     );
     assert_eq!(inside + refused_outside + other, tries);
-    assert_eq!(w.usage("cpu")["allocated_bytes"], 0);
+    assert_eq!(w.stats("cpu").allocated_bytes, 0);
 }
 
 /// Paths beneath the model root, one of each kind: what stays inside loads (through a symlink
@@ -769,17 +743,13 @@ fn paths_beneath_the_model_root() {
         ("hf", "models--org--name/snapshots/abc123/model.safetensors"),
         ("abs", absolute.to_str().unwrap()),
     ] {
-        let m = w.ok(
-            "memory.model_load",
-            json!({"model_name": name, "path": path, "device_id": "shm"}),
-        );
-        assert_eq!(m["tensor_count"], 2);
+        let m = w
+            .send::<ModelLoad>(json!({"model_name": name, "path": path, "device_id": "shm"}))
+            .unwrap();
+        assert_eq!(m.tensor_count, 2);
         assert!(
-            m["path"]
-                .as_str()
-                .unwrap()
-                .ends_with("models--org--name/blobs/0f1e2d"),
-            "the real path: {m}"
+            m.path.ends_with("models--org--name/blobs/0f1e2d"),
+            "the real path: {m:?}"
         );
         verify_on_shm(&mut w, name, &bytes);
         w.ok("memory.model_unload", json!({"model_name": name}));
@@ -823,8 +793,8 @@ fn paths_beneath_the_model_root() {
         assert!(msg.contains(says), "{path}: {msg}");
         assert!(msg.contains(&path), "names the path asked for: {msg}");
     }
-    assert_eq!(w.usage("cpu")["allocation_count"], 0);
-    assert_eq!(w.usage("shm")["allocation_count"], 0);
+    assert_eq!(w.stats("cpu").allocation_count, 0);
+    assert_eq!(w.stats("shm").allocation_count, 0);
 }
 
 /// A safetensors file with the given header (JSON) and `data` bytes of tensor data.
@@ -936,7 +906,7 @@ fn duplicate_tensor_names_and_inconsistent_headers_are_refused() {
             "{file}: {msg}"
         );
     }
-    assert_eq!(w.usage("cpu")["allocation_count"], 0);
+    assert_eq!(w.stats("cpu").allocation_count, 0);
     // The same tensors with names of their own load.
     raw_model(
         &root.path().join("ok.safetensors"),
@@ -947,9 +917,8 @@ fn duplicate_tensor_names_and_inconsistent_headers_are_refused() {
         ),
         8,
     );
-    let m = w.ok(
-        "memory.model_load",
-        json!({"model_name": "m", "path": "ok.safetensors", "device_id": "cpu"}),
-    );
-    assert_eq!(m["tensor_count"], 2);
+    let m = w
+        .send::<ModelLoad>(json!({"model_name": "m", "path": "ok.safetensors", "device_id": "cpu"}))
+        .unwrap();
+    assert_eq!(m.tensor_count, 2);
 }

@@ -5,23 +5,23 @@
 
 mod common;
 
-use common::Requests;
 use common::inproc::InProcessWorker;
+use common::{Allocate, Deallocate, GetPressure, Requests, typed};
 use memcoord::api::{AllocateRequest, DeallocateRequest, OptionalDeviceRequest};
 use memcoord::config::Settings;
 use memcoord::managers::clock::ManualClock;
-use memcoord::protocol::{ErrorCode, PressureLevel};
+use memcoord::protocol::{ErrorCode, MemoryPressure, PressureLevel};
 use memcoord::service::MemoryService;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
-fn pressure(w: &mut impl Requests, device: &str) -> Value {
-    let d = w.ok("memory.get_pressure", json!({"device_id": device}));
-    assert_eq!(d["devices"].as_array().unwrap().len(), 1);
-    d["devices"][0].clone()
+fn pressure(w: &mut impl Requests, device: &str) -> MemoryPressure {
+    let mut d = w.send::<GetPressure>(json!({"device_id": device})).unwrap();
+    assert_eq!(d.devices.len(), 1);
+    d.devices.remove(0)
 }
 
 fn worker() -> (InProcessWorker, Arc<ManualClock>) {
@@ -111,24 +111,20 @@ fn waiting_requests_stall_time_and_failures_raise_the_level() {
     w.until_waiting("shm", 1);
     clock.advance(Duration::from_millis(300));
     let p = pressure(&mut w, "shm");
-    assert_eq!(p["waiting_requests"], 1, "{p}");
-    assert_eq!(p["level"], "High", "a request waits: {p}");
-    assert!(p["stall_ms_10s"].as_f64().unwrap() >= 200.0, "{p}");
-    w.ok("memory.deallocate", json!({"allocation_id": big}));
-    assert_eq!(
-        w.wait_for(&waiting, Duration::from_secs(10))["success"],
-        true
-    );
+    assert_eq!(p.waiting_requests, 1, "{p:?}");
+    assert_eq!(p.level, PressureLevel::High, "a request waits: {p:?}");
+    assert!(p.stall_ms_10s >= 200.0, "{p:?}");
+    w.send::<Deallocate>(json!({"allocation_id": big})).unwrap();
+    typed::<Allocate>(w.wait_for(&waiting, Duration::from_secs(10))).unwrap();
     let p = pressure(&mut w, "shm");
-    assert_eq!(p["waiting_requests"], 0);
-    assert!(p["stall_ms_60s"].as_f64().unwrap() >= 200.0, "{p}");
+    assert_eq!(p.waiting_requests, 0);
+    assert!(p.stall_ms_60s >= 200.0, "{p:?}");
     // A failure counts for a minute.
-    let (code, _) = w.err(
-        "memory.allocate",
-        json!({"device_id": "cpu", "size_bytes": 65 * MIB}),
-    );
-    assert_eq!(code, "OUT_OF_MEMORY");
+    let e = w
+        .send::<Allocate>(json!({"device_id": "cpu", "size_bytes": 65 * MIB}))
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::OutOfMemory);
     let p = pressure(&mut w, "cpu");
-    assert_eq!(p["failed_allocations_60s"], 1);
-    assert_eq!(p["level"], "Moderate", "{p}");
+    assert_eq!(p.failed_allocations_60s, 1);
+    assert_eq!(p.level, PressureLevel::Moderate, "{p:?}");
 }

@@ -6,11 +6,16 @@
 mod common;
 
 use common::inproc::InProcessWorker;
-use common::{Requests, write_model};
+use common::{
+    Allocate, Deallocate, ErrorCode, GetAllocations, GetStatus, ModelAcquire, ModelLoad,
+    ModelRelease, OptimizationRecs, Requests, typed, write_model,
+};
+use memcoord::api::{Action, Response};
 use memcoord::managers::advisor::Rules;
 use memcoord::managers::clock::ManualClock;
+use memcoord::protocol::{Recommendation, RecommendationKind};
 use memcoord::service::MemoryService;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,73 +37,77 @@ fn small() -> Worker {
 
 const MIB: u64 = 1 << 20;
 
-fn recs(w: &mut Worker, device: &str) -> Vec<Value> {
-    let d = w.ok("memory.optimization_recs", json!({"device_id": device}));
-    d["recommendations"].as_array().unwrap().clone()
-}
-
-fn find<'a>(recs: &'a [Value], kind: &str) -> Option<&'a Value> {
-    recs.iter().find(|r| r["kind"] == kind)
-}
-
-/// Checks a recommendation's shape and sends its request as is; returns the answer's data.
-fn apply(w: &mut Worker, rec: &Value) -> Value {
-    for field in [
-        "id",
-        "device_id",
-        "kind",
-        "priority",
-        "description",
-        "estimated_savings_bytes",
-        "request",
-    ] {
-        assert!(rec.get(field).is_some(), "{field} missing: {rec}");
+/// The recommendations for `device`, each written with every field (`request` null where
+/// there is none), read typed.
+fn recs(w: &mut Worker, device: &str) -> Vec<Recommendation> {
+    let v = w.request("memory.optimization_recs", json!({"device_id": device}));
+    for rec in v["data"]["recommendations"].as_array().unwrap() {
+        for field in [
+            "id",
+            "device_id",
+            "kind",
+            "priority",
+            "description",
+            "estimated_savings_bytes",
+            "request",
+        ] {
+            assert!(rec.get(field).is_some(), "{field} missing: {rec}");
+        }
     }
-    let priority = rec["priority"].as_u64().unwrap();
-    assert!((1..=5).contains(&priority), "{rec}");
-    assert!(!rec["description"].as_str().unwrap().is_empty());
-    let req = &rec["request"];
-    w.ok(req["action"].as_str().unwrap(), req["data"].clone())
+    typed::<OptimizationRecs>(v).unwrap().recommendations
 }
 
-fn savings(rec: &Value) -> u64 {
-    rec["estimated_savings_bytes"].as_u64().unwrap()
+fn find(recs: &[Recommendation], kind: RecommendationKind) -> Option<&Recommendation> {
+    recs.iter().find(|r| r.kind == kind)
+}
+
+/// Checks a recommendation and sends its request as is; returns the typed answer.
+fn apply(w: &mut Worker, rec: &Recommendation) -> Response {
+    assert!((1..=5).contains(&rec.priority), "{rec:?}");
+    assert!(!rec.description.is_empty());
+    let req = rec.request.as_ref().unwrap();
+    let action = Action::from_name(&req.action).unwrap();
+    let data = w.ok(&req.action, req.data.clone());
+    Response::parse(action, &data.to_string()).unwrap()
+}
+
+fn savings(rec: &Recommendation) -> u64 {
+    rec.estimated_savings_bytes
 }
 
 fn allocate(w: &mut Worker, device: &str, size: u64, kind: &str, persistent: bool) -> String {
-    let d = w.ok(
-        "memory.allocate",
+    w.send::<Allocate>(
         json!({"device_id": device, "size_bytes": size, "allocation_type": kind,
-               "persistent": persistent}),
-    );
-    d["allocation"]["allocation_id"]
-        .as_str()
-        .unwrap()
-        .to_string()
+           "persistent": persistent}),
+    )
+    .unwrap()
+    .allocation
+    .allocation_id
 }
 
 fn allocated(w: &mut Worker, device: &str) -> u64 {
-    w.usage(device)["allocated_bytes"].as_u64().unwrap()
+    w.stats(device).allocated_bytes
 }
 
 fn largest_free(w: &mut Worker, device: &str) -> u64 {
-    let s = w.ok(
-        "memory.get_status",
-        json!({"device_id": device, "include_allocations": false, "include_fragmentation": true}),
-    );
-    s["fragmentation"]["largest_free_block_bytes"]
-        .as_u64()
-        .unwrap()
+    let s = w
+        .send::<GetStatus>(
+            json!({"device_id": device, "include_allocations": false, "include_fragmentation": true}),
+        )
+        .unwrap();
+    s.fragmentation.unwrap().largest_free_block_bytes
 }
 
 #[test]
 fn nothing_to_advise_on_a_quiet_worker() {
     let mut w = small();
     allocate(&mut w, "cpu", MIB, "General", false);
-    let all = w.ok("memory.optimization_recs", json!({}));
-    assert_eq!(all["recommendations"], json!([]), "{all}");
-    let (code, _) = w.err("memory.optimization_recs", json!({"device_id": "nope"}));
-    assert_eq!(code, "INVALID_DEVICE");
+    let all = w.send::<OptimizationRecs>(json!({})).unwrap();
+    assert!(all.recommendations.is_empty(), "{all:?}");
+    let e = w
+        .send::<OptimizationRecs>(json!({"device_id": "nope"}))
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidDevice);
 }
 
 #[test]
@@ -108,24 +117,29 @@ fn defragment_grows_the_largest_free_block_as_promised() {
         .map(|_| allocate(&mut w, "cpu", MIB, "General", false))
         .collect();
     for id in ids.iter().step_by(2) {
-        w.ok("memory.deallocate", json!({"allocation_id": id}));
+        w.send::<Deallocate>(json!({"allocation_id": id})).unwrap();
     }
     let r = recs(&mut w, "cpu");
-    let rec = find(&r, "Defragment").unwrap_or_else(|| panic!("{r:?}"));
-    assert_eq!(rec["id"], "cpu/Defragment");
-    assert_eq!(rec["request"]["action"], "memory.defragment");
+    let rec = find(&r, RecommendationKind::Defragment).unwrap_or_else(|| panic!("{r:?}"));
+    assert_eq!(rec.id, "cpu/Defragment");
+    assert_eq!(rec.request.as_ref().unwrap().action, "memory.defragment");
     let before = largest_free(&mut w, "cpu");
     let promised = savings(rec);
     // Nothing is pinned: every free byte (24 MiB of budget) ends up in one block.
     assert_eq!(promised, 24 * MIB - before, "largest free block {before}");
-    let d = apply(&mut w, rec);
-    assert_eq!(d["moved_count"], 16);
+    let Response::Defragment(d) = apply(&mut w, rec) else {
+        panic!("not a defragment answer")
+    };
+    assert_eq!(d.moved_count, 16);
     let after = largest_free(&mut w, "cpu");
     assert!(
         after - before >= promised,
         "{before} -> {after}, promised {promised}"
     );
-    assert!(find(&recs(&mut w, "cpu"), "Defragment").is_none(), "done");
+    assert!(
+        find(&recs(&mut w, "cpu"), RecommendationKind::Defragment).is_none(),
+        "done"
+    );
 }
 
 #[test]
@@ -135,13 +149,15 @@ fn defragment_promise_holds_around_a_persistent_allocation() {
         .map(|i| allocate(&mut w, "cpu", MIB, "General", i == 15))
         .collect();
     for id in ids.iter().step_by(2) {
-        w.ok("memory.deallocate", json!({"allocation_id": id}));
+        w.send::<Deallocate>(json!({"allocation_id": id})).unwrap();
     }
     let r = recs(&mut w, "cpu");
-    let rec = find(&r, "Defragment").unwrap_or_else(|| panic!("{r:?}"));
+    let rec = find(&r, RecommendationKind::Defragment).unwrap_or_else(|| panic!("{r:?}"));
     let before = largest_free(&mut w, "cpu");
-    let d = apply(&mut w, rec);
-    assert_eq!(d["skipped_count"], 1, "the persistent one stays: {d}");
+    let Response::Defragment(d) = apply(&mut w, rec) else {
+        panic!("not a defragment answer")
+    };
+    assert_eq!(d.skipped_count, 1, "the persistent one stays: {d:?}");
     let after = largest_free(&mut w, "cpu");
     assert!(
         after - before >= savings(rec),
@@ -160,20 +176,24 @@ fn clear_cache_frees_the_cache_allocations_it_counted() {
     let kept = allocate(&mut w, "cpu", 2 * MIB, "Cache", true);
     // 52 of 64 MiB: Moderate.
     let r = recs(&mut w, "cpu");
-    let rec = find(&r, "ClearCache").unwrap_or_else(|| panic!("{r:?}"));
+    let rec = find(&r, RecommendationKind::ClearCache).unwrap_or_else(|| panic!("{r:?}"));
     assert_eq!(savings(rec), 10 * MIB, "the persistent one is not counted");
-    assert!(find(&r, "ReduceToTarget").is_none(), "only from High");
+    assert!(
+        find(&r, RecommendationKind::ReduceToTarget).is_none(),
+        "only from High"
+    );
     let before = allocated(&mut w, "cpu");
-    let d = apply(&mut w, rec);
-    assert!(d["freed_bytes"].as_u64().unwrap() >= savings(rec), "{d}");
+    let Response::Optimize(d) = apply(&mut w, rec) else {
+        panic!("not an optimize answer")
+    };
+    assert!(d.freed_bytes >= savings(rec), "{d:?}");
     assert_eq!(before - allocated(&mut w, "cpu"), 10 * MIB);
     // The persistent Cache allocation is still there.
-    let a = w.ok(
-        "memory.get_allocations",
-        json!({"device_id": "cpu", "allocation_type": "Cache"}),
-    );
-    assert_eq!(a["total_count"], 1);
-    assert_eq!(a["allocations"][0]["allocation_id"], json!(kept));
+    let a = w
+        .send::<GetAllocations>(json!({"device_id": "cpu", "allocation_type": "Cache"}))
+        .unwrap();
+    assert_eq!(a.total_count, 1);
+    assert_eq!(a.allocations[0].allocation_id, kept);
 }
 
 #[test]
@@ -185,31 +205,36 @@ fn reduce_to_target_frees_what_reaching_the_target_takes() {
     }
     // 56 of 64 MiB = 87.5%: High. 75% is 48 MiB: 8 MiB to free, 12 MiB could be.
     let r = recs(&mut w, "cpu");
-    let rec = find(&r, "ReduceToTarget").unwrap_or_else(|| panic!("{r:?}"));
+    let rec = find(&r, RecommendationKind::ReduceToTarget).unwrap_or_else(|| panic!("{r:?}"));
     assert_eq!(savings(rec), 8 * MIB);
-    assert_eq!(rec["priority"], 2, "High");
+    assert_eq!(rec.priority, 2, "High");
     let before = allocated(&mut w, "cpu");
-    let d = apply(&mut w, rec);
-    assert!(d["freed_bytes"].as_u64().unwrap() >= savings(rec), "{d}");
+    let Response::Optimize(d) = apply(&mut w, rec) else {
+        panic!("not an optimize answer")
+    };
+    assert!(d.freed_bytes >= savings(rec), "{d:?}");
     assert!(before - allocated(&mut w, "cpu") >= savings(rec));
-    assert!(w.usage("cpu")["allocated_bytes"].as_u64().unwrap() <= 48 * MIB);
+    assert!(allocated(&mut w, "cpu") <= 48 * MIB);
 }
 
 #[test]
 fn raise_budget_when_a_refused_request_needed_more_than_the_budget() {
     let mut w = on_clock("8MiB", |s| s).0;
     allocate(&mut w, "cpu", 6 * MIB, "General", false);
-    let (code, _) = w.err(
-        "memory.allocate",
-        json!({"device_id": "cpu", "size_bytes": 4 * MIB, "timeout_seconds": 0}),
-    );
-    assert_eq!(code, "OUT_OF_MEMORY");
+    let e = w
+        .send::<Allocate>(json!({"device_id": "cpu", "size_bytes": 4 * MIB, "timeout_seconds": 0}))
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::OutOfMemory);
     let r = recs(&mut w, "cpu");
-    let rec = find(&r, "RaiseBudget").unwrap_or_else(|| panic!("{r:?}"));
+    let rec = find(&r, RecommendationKind::RaiseBudget).unwrap_or_else(|| panic!("{r:?}"));
     assert_eq!(savings(rec), 2 * MIB, "10 MiB needed, 8 MiB budget");
-    assert!(rec["request"].is_null(), "no request raises a budget");
-    assert!(rec["description"].as_str().unwrap().contains("--budget"));
-    assert_eq!(r[0]["kind"], "RaiseBudget", "the most urgent: {r:?}");
+    assert!(rec.request.is_none(), "no request raises a budget");
+    assert!(rec.description.contains("--budget"));
+    assert_eq!(
+        r[0].kind,
+        RecommendationKind::RaiseBudget,
+        "the most urgent: {r:?}"
+    );
 }
 
 #[test]
@@ -223,17 +248,19 @@ fn review_persistent_after_the_threshold_and_deallocate_frees_it() {
     let id = allocate(&mut w, "cpu", 3 * MIB, "General", true);
     allocate(&mut w, "cpu", MIB, "General", false);
     assert!(
-        find(&recs(&mut w, "cpu"), "ReviewPersistent").is_none(),
+        find(&recs(&mut w, "cpu"), RecommendationKind::ReviewPersistent).is_none(),
         "too young"
     );
     clock.advance(Duration::from_millis(1300));
     let r = recs(&mut w, "cpu");
-    let rec = find(&r, "ReviewPersistent").unwrap_or_else(|| panic!("{r:?}"));
-    assert_eq!(rec["id"], format!("cpu/ReviewPersistent/{id}"));
+    let rec = find(&r, RecommendationKind::ReviewPersistent).unwrap_or_else(|| panic!("{r:?}"));
+    assert_eq!(rec.id, format!("cpu/ReviewPersistent/{id}"));
     assert_eq!(savings(rec), 3 * MIB);
-    let d = apply(&mut w, rec);
-    assert_eq!(d["allocation_id"], json!(id));
-    assert_eq!(d["freed_bytes"], 3 * MIB);
+    let Response::Deallocate(d) = apply(&mut w, rec) else {
+        panic!("not a deallocate answer")
+    };
+    assert_eq!(d.allocation_id, id);
+    assert_eq!(d.freed_bytes, 3 * MIB);
 }
 
 struct Root(PathBuf);
@@ -269,10 +296,10 @@ fn model_worker(root: &Root, cpu_budget: &str) -> (Worker, Arc<ManualClock>) {
 
 /// Loads the 8 MiB model onto `device`, then fills the device to 53 of 64 MiB (Moderate).
 fn idle_model_under_pressure(w: &mut Worker, device: &str) {
-    w.ok(
-        "memory.model_load",
+    w.send::<ModelLoad>(
         json!({"model_name": "unet", "path": "m.safetensors", "device_id": device}),
-    );
+    )
+    .unwrap();
     allocate(w, device, 45 * MIB, "General", false);
 }
 
@@ -282,29 +309,35 @@ fn offload_idle_models_moves_them_to_cpu() {
     let (mut w, clock) = model_worker(&root, "64MiB");
     idle_model_under_pressure(&mut w, "shm");
     assert!(
-        find(&recs(&mut w, "shm"), "OffloadIdleModels").is_none(),
+        find(&recs(&mut w, "shm"), RecommendationKind::OffloadIdleModels).is_none(),
         "used less than a second ago"
     );
     // A leased model is never advised away.
-    let lease = w.ok("memory.model_acquire", json!({"model_name": "unet"}));
+    let lease = w
+        .send::<ModelAcquire>(json!({"model_name": "unet"}))
+        .unwrap();
     clock.advance(Duration::from_millis(1300));
     assert!(
-        find(&recs(&mut w, "shm"), "OffloadIdleModels").is_none(),
+        find(&recs(&mut w, "shm"), RecommendationKind::OffloadIdleModels).is_none(),
         "leased"
     );
-    w.ok(
-        "memory.model_release",
-        json!({"lease_id": lease["lease_id"]}),
-    );
+    w.send::<ModelRelease>(json!({"lease_id": lease.lease_id}))
+        .unwrap();
     clock.advance(Duration::from_millis(1300));
     let r = recs(&mut w, "shm");
-    let rec = find(&r, "OffloadIdleModels").unwrap_or_else(|| panic!("{r:?}"));
+    let rec = find(&r, RecommendationKind::OffloadIdleModels).unwrap_or_else(|| panic!("{r:?}"));
     assert_eq!(savings(rec), 8 * MIB);
-    assert_eq!(rec["request"]["data"]["strategy"], "OffloadIdle");
+    // (the request's data is the wire's JSON, as the host is to send it)
+    assert_eq!(
+        rec.request.as_ref().unwrap().data.get("strategy"),
+        Some(&json!("OffloadIdle"))
+    );
     let before = allocated(&mut w, "shm");
-    let d = apply(&mut w, rec);
-    assert_eq!(d["offloaded"], json!(["unet"]), "{d}");
-    assert!(d["freed_bytes"].as_u64().unwrap() >= savings(rec));
+    let Response::ModelOptimize(d) = apply(&mut w, rec) else {
+        panic!("not a model_optimize answer")
+    };
+    assert_eq!(d.offloaded, ["unet"], "{d:?}");
+    assert!(d.freed_bytes >= savings(rec));
     assert_eq!(before - allocated(&mut w, "shm"), 8 * MIB);
 }
 
@@ -315,11 +348,13 @@ fn unload_idle_models_when_cpu_has_no_room() {
     idle_model_under_pressure(&mut w, "shm");
     clock.advance(Duration::from_millis(1300));
     let r = recs(&mut w, "shm");
-    let rec = find(&r, "UnloadIdleModels").unwrap_or_else(|| panic!("{r:?}"));
-    assert!(find(&r, "OffloadIdleModels").is_none());
+    let rec = find(&r, RecommendationKind::UnloadIdleModels).unwrap_or_else(|| panic!("{r:?}"));
+    assert!(find(&r, RecommendationKind::OffloadIdleModels).is_none());
     assert_eq!(savings(rec), 8 * MIB);
     let before = allocated(&mut w, "shm");
-    let d = apply(&mut w, rec);
-    assert_eq!(d["unloaded"], json!(["unet"]), "{d}");
+    let Response::ModelOptimize(d) = apply(&mut w, rec) else {
+        panic!("not a model_optimize answer")
+    };
+    assert_eq!(d.unloaded, ["unet"], "{d:?}");
     assert_eq!(before - allocated(&mut w, "shm"), 8 * MIB);
 }

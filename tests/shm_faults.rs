@@ -9,7 +9,8 @@
 
 mod common;
 
-use common::{Worker, map, pattern};
+use common::{Allocate, GetAllocations, Requests, Transfer, Worker, map, pattern};
+use memcoord::protocol::{ErrorCode, TransferStatus};
 use serde_json::{Value, json};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -86,19 +87,13 @@ fn id_of(v: &Value) -> Option<String> {
 #[test]
 fn a_client_truncating_the_shm_file_is_an_error_not_a_signal() {
     let mut w = Worker::spawn(&["--no-gpu", "--budget", "cpu=64MiB", "--budget", "shm=64MiB"]);
-    let d = w.ok(
-        "memory.allocate",
-        json!({"device_id": "shm", "size_bytes": 8 * MIB, "purpose": "victim"}),
-    );
-    let id = d["allocation"]["allocation_id"]
-        .as_str()
+    let a = w
+        .send::<Allocate>(json!({"device_id": "shm", "size_bytes": 8 * MIB, "purpose": "victim"}))
         .unwrap()
-        .to_string();
-    let path = d["allocation"]["handle"]["path"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let offset = d["allocation"]["handle"]["offset"].as_u64().unwrap();
+        .allocation;
+    let id = a.allocation_id;
+    let handle = a.handle.unwrap();
+    let (path, offset) = (handle.path, handle.offset);
     {
         let mut m = map(&path);
         m[offset as usize..(offset + 8 * MIB) as usize]
@@ -113,12 +108,14 @@ fn a_client_truncating_the_shm_file_is_an_error_not_a_signal() {
         .set_len(0)
         .unwrap();
 
-    let (code, message) = w.err(
-        "memory.transfer",
-        json!({"allocation_id": id, "source_device_id": "shm", "destination_device_id": "cpu",
-               "mode": "copy", "wait_for_completion": true}),
-    );
-    assert_eq!(code, "TRANSFER_FAILED", "{message}");
+    let e = w
+        .send::<Transfer>(
+            json!({"allocation_id": id, "source_device_id": "shm", "destination_device_id": "cpu",
+                   "mode": "copy", "wait_for_completion": true}),
+        )
+        .unwrap_err();
+    let message = e.message;
+    assert_eq!(e.code, ErrorCode::TransferFailed, "{message}");
     assert!(
         message.contains("truncated") && message.contains("source is intact"),
         "the message says what happened: {message}"
@@ -132,21 +129,22 @@ fn a_client_truncating_the_shm_file_is_an_error_not_a_signal() {
 
     // It keeps serving, shm included: a new allocation is written and read back exactly.
     let cpu = w.allocate("cpu", 4 * MIB);
-    let moved = w.ok(
-        "memory.transfer",
-        json!({"allocation_id": cpu, "source_device_id": "cpu", "destination_device_id": "shm",
-               "wait_for_completion": true}),
-    );
-    assert_eq!(moved["status"], "Completed");
-    let listed = w.ok("memory.get_allocations", json!({"device_id": "shm"}));
-    let a = listed["allocations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["allocation_id"] == cpu.as_str())
-        .unwrap()
-        .clone();
-    let at = a["handle"]["offset"].as_u64().unwrap() as usize;
+    let moved = w
+        .send::<Transfer>(
+            json!({"allocation_id": cpu, "source_device_id": "cpu", "destination_device_id": "shm",
+                   "wait_for_completion": true}),
+        )
+        .unwrap();
+    assert_eq!(moved.status, TransferStatus::Completed);
+    let listed = w
+        .send::<GetAllocations>(json!({"device_id": "shm"}))
+        .unwrap();
+    let a = listed
+        .allocations
+        .into_iter()
+        .find(|a| a.allocation_id == cpu)
+        .unwrap();
+    let at = a.handle.unwrap().offset as usize;
     {
         let mut m = map(&path);
         m[at..at + (4 * MIB) as usize].copy_from_slice(&pattern(9, (4 * MIB) as usize));

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Worker, filled_shm, map, pattern};
+use common::{Allocate, Requests, Worker, filled_shm, map, pattern};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -84,9 +84,8 @@ fn persistent_shm_allocations_survive_sigkill_and_restart() {
     }
     verify(&path, a_off, MIB, 1);
     verify(&path, d_off, 3 * MIB + 100, 3);
-    let u = w.usage("shm");
-    assert_eq!(u["allocated_bytes"], 4 * MIB + 100);
-    assert_eq!(w.usage("cpu")["allocation_count"], 0);
+    assert_eq!(w.stats("shm").allocated_bytes, 4 * MIB + 100);
+    assert_eq!(w.stats("cpu").allocation_count, 0);
     assert!(
         stale_files(&[first_pid]).is_empty(),
         "{:?}",
@@ -121,14 +120,13 @@ fn persistent_shm_allocations_survive_sigkill_and_restart() {
 #[test]
 fn without_a_state_dir_nothing_outlives_the_worker() {
     let mut w = Worker::small();
-    let d = w.ok(
-        "memory.allocate",
-        json!({"device_id": "shm", "size_bytes": MIB, "persistent": true}),
-    );
-    let path = d["allocation"]["handle"]["path"]
-        .as_str()
+    let path = w
+        .send::<Allocate>(json!({"device_id": "shm", "size_bytes": MIB, "persistent": true}))
         .unwrap()
-        .to_string();
+        .allocation
+        .handle
+        .unwrap()
+        .path;
     assert!(w.close(Duration::from_secs(10)).success());
     assert!(!std::path::Path::new(&path).exists(), "{path} left behind");
 }

@@ -6,6 +6,19 @@
 pub mod faulty;
 pub mod inproc;
 
+pub use memcoord::api::ActionSpec;
+#[allow(unused_imports)] // each test binary uses some
+pub use memcoord::api::actions::{
+    allocate::Allocate, analytics::Analytics, clear::Clear, deallocate::Deallocate,
+    defragment::Defragment, get_allocations::GetAllocations, get_pressure::GetPressure,
+    get_status::GetStatus, get_transfer::GetTransfer, get_usage::GetUsage,
+    list_devices::ListDevices, model_acquire::ModelAcquire, model_load::ModelLoad,
+    model_optimize::ModelOptimize, model_release::ModelRelease, model_status::ModelStatus,
+    model_unload::ModelUnload, optimization_recs::OptimizationRecs, optimize::Optimize,
+    transfer::Transfer,
+};
+#[allow(unused_imports)]
+pub use memcoord::protocol::{ErrorCode, ProtocolError};
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -64,6 +77,26 @@ pub trait Requests {
         )
     }
 
+    /// The typed answer to the action `A` (e.g. `ask::<Allocate>(&request)`): the request
+    /// written as the client writes it, carried through the transport and the dispatcher, its
+    /// answer read as a host reads it. The error of the contract when it is refused.
+    fn ask<A: ActionSpec>(&mut self, request: &A::Request) -> Result<A::Response, ProtocolError> {
+        let data = serde_json::to_value(request).unwrap();
+        self.send::<A>(data)
+    }
+
+    /// [`Requests::ask`] with `data` written as JSON (as a host writes it): its typed answer.
+    fn send<A: ActionSpec>(&mut self, data: Value) -> Result<A::Response, ProtocolError> {
+        let v = self.request(A::NAME, data);
+        check_envelope(&v);
+        typed::<A>(v)
+    }
+
+    /// `memory.get_usage` of a device, typed.
+    fn stats(&mut self, device: &str) -> memcoord::protocol::MemoryUsageStats {
+        self.send::<GetUsage>(json!({"device_id": device})).unwrap()
+    }
+
     /// `memory.get_usage` of a device.
     fn usage(&mut self, device: &str) -> Value {
         self.ok("memory.get_usage", json!({"device_id": device}))
@@ -71,15 +104,28 @@ pub trait Requests {
 
     /// Allocates `size` bytes of General memory on `device`; returns its id.
     fn allocate(&mut self, device: &str, size: u64) -> String {
-        let d = self.ok(
-            "memory.allocate",
-            json!({"device_id": device, "size_bytes": size}),
-        );
-        d["allocation"]["allocation_id"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        self.send::<Allocate>(json!({"device_id": device, "size_bytes": size}))
+            .unwrap_or_else(|e| panic!("memory.allocate failed: {e}"))
+            .allocation
+            .allocation_id
     }
+}
+
+/// The typed reading of an answer envelope to `A`: its `data` as `A`'s response, or its error.
+pub fn typed<A: ActionSpec>(v: Value) -> Result<A::Response, ProtocolError> {
+    if v["success"] == json!(true) {
+        return Ok(serde_json::from_value(v["data"].clone())
+            .unwrap_or_else(|e| panic!("{}: not its answer ({e}): {v}", A::NAME)));
+    }
+    let code = v["error_code"].as_str().unwrap();
+    let code = ErrorCode::ALL
+        .iter()
+        .find(|c| c.as_str() == code)
+        .unwrap_or_else(|| panic!("{}: an error code outside the contract: {v}", A::NAME));
+    Err(ProtocolError::new(
+        *code,
+        v["error_message"].as_str().unwrap().to_string(),
+    ))
 }
 
 impl Requests for Worker {
@@ -237,38 +283,6 @@ impl Worker {
         let v = self.wait_for(&id, Duration::from_secs(20));
         assert_eq!(v["request_id"], json!(id));
         v
-    }
-
-    /// Data of a successful response; panics with the error otherwise.
-    pub fn ok(&mut self, action: &str, data: Value) -> Value {
-        let v = self.request(action, data);
-        assert_eq!(v["success"], json!(true), "{action} failed: {v}");
-        v["data"].clone()
-    }
-
-    /// The error code of a failed response, checking its status code too.
-    pub fn err(&mut self, action: &str, data: Value) -> (String, String) {
-        let v = self.request(action, data);
-        assert_eq!(v["success"], json!(false), "{action} should fail: {v}");
-        (
-            v["error_code"].as_str().unwrap().to_string(),
-            v["error_message"].as_str().unwrap().to_string(),
-        )
-    }
-
-    pub fn usage(&mut self, device: &str) -> Value {
-        self.ok("memory.get_usage", json!({"device_id": device}))
-    }
-
-    pub fn allocate(&mut self, device: &str, size: u64) -> String {
-        let d = self.ok(
-            "memory.allocate",
-            json!({"device_id": device, "size_bytes": size}),
-        );
-        d["allocation"]["allocation_id"]
-            .as_str()
-            .unwrap()
-            .to_string()
     }
 
     /// SIGKILL: the worker gets no chance to clean up.
@@ -571,18 +585,15 @@ pub fn state_dir_worker(dir: &Path, env: &[(&str, &str)]) -> Worker {
 /// Allocates `size` bytes on shm (purpose `p<seed>`) and fills them with `pattern(seed)`
 /// through the handle, as a client would; returns (id, path, offset).
 pub fn filled_shm(w: &mut Worker, size: u64, persistent: bool, seed: u64) -> (String, String, u64) {
-    let d = w.ok(
-        "memory.allocate",
-        json!({"device_id": "shm", "size_bytes": size, "persistent": persistent, "purpose": format!("p{seed}")}),
-    );
-    let a = &d["allocation"];
-    let path = a["handle"]["path"].as_str().unwrap().to_string();
-    let offset = a["handle"]["offset"].as_u64().unwrap();
+    let a = w
+        .send::<Allocate>(
+            json!({"device_id": "shm", "size_bytes": size, "persistent": persistent, "purpose": format!("p{seed}")}),
+        )
+        .unwrap()
+        .allocation;
+    let handle = a.handle.unwrap();
+    let (path, offset) = (handle.path, handle.offset);
     map(&path)[offset as usize..(offset + size) as usize]
         .copy_from_slice(&pattern(seed, size as usize));
-    (
-        a["allocation_id"].as_str().unwrap().to_string(),
-        path,
-        offset,
-    )
+    (a.allocation_id, path, offset)
 }
