@@ -434,13 +434,12 @@ fn waiting_allocations_and_shutdown_over_http() {
         );
         (a.status, a.body, started.elapsed())
     });
-    std::thread::sleep(Duration::from_millis(500));
-    let p = ok(s.get("/v1/pressure?device_id=cpu"));
-    assert_eq!(p["devices"][0]["waiting_requests"], 1, "{p}");
+    // Until the allocate waits for room (no fixed sleep: as soon as the server says so).
+    until_waiting(&s, 1);
     ok(s.request("DELETE", &format!("/v1/allocations/{id}"), &[], None));
     let (status, body, waited) = waiter.join().unwrap();
     assert_eq!(status, 200, "{body}");
-    assert!(waited >= Duration::from_millis(400));
+    assert!(waited > Duration::ZERO);
 
     // SIGTERM: waiters get SHUTTING_DOWN, the server exits 0.
     let waiter = std::thread::spawn(move || {
@@ -449,12 +448,25 @@ fn waiting_allocations_and_shutdown_over_http() {
             &json!({"device_id": "cpu", "size_bytes": 6 * MIB, "timeout_seconds": 30}),
         )
     });
-    std::thread::sleep(Duration::from_millis(500));
+    until_waiting(&s, 1);
     s.signal(15);
     let a = waiter.join().unwrap();
     assert_eq!(a.status, 503, "{}", a.body);
     assert_eq!(a.json()["error_code"], "SHUTTING_DOWN");
     assert!(s.wait_exit(Duration::from_secs(20)).success());
+}
+
+/// Polls `/v1/pressure` until `n` requests wait for memory on `cpu` (10 s at most).
+fn until_waiting(s: &Server, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let p = ok(s.get("/v1/pressure?device_id=cpu"));
+        if p["devices"][0]["waiting_requests"] == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never {n} waiting: {p}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Sends a request on a fresh connection and closes it without reading the answer.
