@@ -3,7 +3,9 @@
 //! backed by `commit` (MADV_POPULATE_WRITE) and given back by `release` (MADV_DONTNEED for
 //! anonymous memory, hole punching for the file).
 
-use super::{Backend, BackendError, CachedCapacity, Capacity, meminfo, tmpfs_capacity};
+use super::{
+    Backend, BackendError, CachedCapacity, Capacity, SharedPiece, meminfo, tmpfs_capacity,
+};
 use crate::domain::{Handle, MemoryType};
 use memmap2::{Advice, MmapMut, MmapOptions, UncheckedAdvice};
 use std::fs::{File, OpenOptions};
@@ -536,8 +538,14 @@ impl Backend for ShmBackend {
     fn keep_file(&mut self, keep: bool) {
         self.keep = keep;
     }
-    fn shared_file(&self) -> Option<std::sync::Arc<File>> {
-        Some(std::sync::Arc::clone(&self.file))
+    fn share(&self, offset: u64, len: u64) -> Result<Option<Vec<SharedPiece>>, BackendError> {
+        // The whole range is one file: one piece, at the same offset in it.
+        Ok(Some(vec![SharedPiece {
+            offset,
+            len,
+            file: std::sync::Arc::clone(&self.file),
+            file_offset: offset,
+        }]))
     }
     fn handle(&self, offset: u64) -> Option<Handle> {
         Some(Handle {

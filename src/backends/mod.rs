@@ -160,6 +160,21 @@ impl CachedCapacity {
     }
 }
 
+/// A piece of a backend's range that another process can map: `len` bytes from `offset` in
+/// the backend's range, held by `file` from `file_offset` (page multiples, so `mmap` and
+/// `cuMemMap` take them as they are).
+#[derive(Debug, Clone)]
+pub struct SharedPiece {
+    /// Where the piece starts in the backend's range.
+    pub offset: u64,
+    /// Its bytes.
+    pub len: u64,
+    /// What holds it: a descriptor to pass to the other process.
+    pub file: std::sync::Arc<std::fs::File>,
+    /// Where the piece starts in `file`.
+    pub file_offset: u64,
+}
+
 /// One device's memory: a mapped range of `len()` bytes whose pages are backed on demand.
 ///
 /// Offsets and lengths passed to `commit` and `release` are multiples of `page_size()`;
@@ -267,9 +282,17 @@ pub trait Backend: Send {
     }
     /// Where another process maps the bytes at `offset`, for shareable memory.
     fn handle(&self, offset: u64) -> Option<Handle>;
-    /// The file holding this device's memory, for memory another process may map through a
-    /// descriptor (an export's claim passes it); offsets in it are the backend's offsets.
-    fn shared_file(&self) -> Option<std::sync::Arc<std::fs::File>> {
+    /// What another process maps to reach the bytes of `[offset, offset + len)` (whole pages)
+    /// through descriptors (an export's claim passes them): the pieces, in order, that cover the
+    /// range, each with the file (a shared-memory file, or a GPU's physical memory as a POSIX
+    /// file-descriptor handle) and where the piece starts in it. `Ok(None)` for memory that is
+    /// not shareable (private host memory, or a GPU whose driver cannot export).
+    fn share(&self, _offset: u64, _len: u64) -> Result<Option<Vec<SharedPiece>>, BackendError> {
+        Ok(None)
+    }
+    /// The device's UUID as NVML and `nvidia-smi -L` write it (`GPU-…`); `None` for host
+    /// memory.
+    fn device_uuid(&self) -> Option<String> {
         None
     }
     /// For memory kept in a file that outlives the worker (a state directory's `shm`

@@ -249,6 +249,60 @@ impl Arena {
         Ok(placement)
     }
 
+    /// Places allocations of `sizes` bytes (each non-zero, at the default alignment) back to
+    /// back in one free range and backs all their pages with one call to the backend per run
+    /// of unbacked pages. A model's tensors go in this way: on a GPU, one commit of the whole
+    /// run lets the backend hold it in a few large physical allocations, so an export of the
+    /// model is a few segments rather than one per page (see `backends::cuda`). If the system
+    /// refuses the pages while this arena caches some, the cache goes back first and the group
+    /// is tried once more. On failure nothing stays placed.
+    pub fn allocate_group(&mut self, sizes: &[u64]) -> Result<Vec<Placement>, ArenaError> {
+        match self.try_allocate_group(sizes) {
+            Err(ArenaError::Backend(e)) if self.cached_bytes() > 0 => {
+                tracing::debug!("{e}; giving back cached pages and retrying");
+                self.trim();
+                self.try_allocate_group(sizes)
+            }
+            r => r,
+        }
+    }
+
+    fn try_allocate_group(&mut self, sizes: &[u64]) -> Result<Vec<Placement>, ArenaError> {
+        let units: Vec<u32> = sizes
+            .iter()
+            .map(|&s| u32::try_from(s.div_ceil(self.unit)).ok().filter(|&u| u > 0))
+            .collect::<Option<_>>()
+            .ok_or(ArenaError::NoSpace)?;
+        let total: u64 = units.iter().map(|&u| u64::from(u)).sum();
+        if units.is_empty() {
+            return Ok(Vec::new());
+        }
+        let whole = self.place_block(total * self.unit, 0)?;
+        let blocks = self.tlsf.split(whole.block, &units);
+        let placements: Vec<Placement> = blocks
+            .into_iter()
+            .map(|block| Placement { block, ..whole })
+            .collect();
+        let mut span: Option<(u64, u64)> = None;
+        for p in &placements {
+            let (start, len) = self.block_range(&p.block);
+            if let Some((first, last)) = self.acquire_pages(start, len) {
+                span = Some(span.map_or((first, last), |(a, _)| (a, last)));
+            }
+        }
+        if let Some((first, last)) = span
+            && let Err(e) = self.back(first, last)
+        {
+            for p in &placements {
+                let (start, len) = self.block_range(&p.block);
+                self.release_pages(start, len);
+                self.tlsf.free(p.block);
+            }
+            return Err(e.into());
+        }
+        Ok(placements)
+    }
+
     /// Places `size` bytes like [`Arena::allocate`] but does not back the new pages: they are
     /// counted as backed and returned as byte ranges for the caller to commit through the
     /// backend's [`Committer`](crate::backends::Committer) without holding the engine. If that

@@ -21,8 +21,10 @@ pub struct Export {
     pub size_bytes: u64,
     /// Its segments, in the order of the byte range.
     pub segments: Vec<Segment>,
-    /// The file each segment's descriptor opens.
-    pub file: Arc<File>,
+    /// The file each segment's descriptor opens, one per segment in the same order (the
+    /// shared-memory file for every segment of an `shm` export; for a GPU, the physical
+    /// allocation holding the segment).
+    pub files: Vec<Arc<File>>,
     /// Its allocations, where they are in the range.
     pub allocations: Vec<ExportedAllocation>,
     /// A model export's tensors.
@@ -166,7 +168,7 @@ impl ExportTable {
             device_id: x.device_id.clone(),
             size_bytes: x.size_bytes,
             segments: x.segments.clone(),
-            files: x.segments.iter().map(|_| Arc::clone(&x.file)).collect(),
+            files: x.files.clone(),
         })
     }
 }

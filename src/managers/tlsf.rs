@@ -349,6 +349,43 @@ impl Tlsf {
         new
     }
 
+    /// Cuts a used block into used blocks of `sizes` units, back to back from its offset; what
+    /// the sizes leave of it at the end is freed. The sizes must be non-zero and sum to at most
+    /// the block's size. Returns the new blocks in order. O(`sizes`).
+    pub fn split(&mut self, block: Block, sizes: &[u32]) -> Vec<Block> {
+        let total: u64 = sizes.iter().map(|&s| u64::from(s)).sum();
+        assert!(
+            total <= u64::from(block.size) && sizes.iter().all(|&s| s > 0),
+            "split: the sizes do not fit the block"
+        );
+        let mut out = Vec::with_capacity(sizes.len());
+        let mut node = block.node;
+        let mut at = block.offset;
+        let end = block.offset + block.size;
+        for &size in sizes {
+            let next_at = at + size;
+            let rest = (next_at < end).then(|| self.split_used(node, next_at));
+            out.push(Block {
+                offset: at,
+                size,
+                node,
+            });
+            at = next_at;
+            match rest {
+                Some(r) => node = r,
+                None => break,
+            }
+        }
+        if at < end {
+            self.free(Block {
+                offset: at,
+                size: end - at,
+                node,
+            });
+        }
+        out
+    }
+
     /// Frees a block, merging it with free neighbours. O(1).
     pub fn free(&mut self, block: Block) {
         let mut index = block.node;
@@ -543,6 +580,30 @@ mod tests {
             .unwrap_or_else(|| panic!("{:?}", t.free_ranges()));
         assert_eq!(c.offset, 64);
         let _ = blocks;
+    }
+
+    #[test]
+    fn split_cuts_a_block_back_to_back_and_frees_the_rest() {
+        let mut t = Tlsf::new(1000);
+        let b = t.allocate(100).unwrap();
+        let parts = t.split(b, &[10, 20, 30]);
+        let spans: Vec<(u32, u32)> = parts.iter().map(|p| (p.offset, p.size)).collect();
+        assert_eq!(
+            spans,
+            vec![(b.offset, 10), (b.offset + 10, 20), (b.offset + 30, 30)]
+        );
+        assert_eq!(t.free_units(), 1000 - 60);
+        // Each part frees on its own, and everything merges back into one block.
+        for p in parts {
+            t.free(p);
+        }
+        assert_eq!(t.free_units(), 1000);
+        assert_eq!(t.free_blocks(), 1);
+        // An exact split leaves nothing to free.
+        let b = t.allocate(30).unwrap();
+        let parts = t.split(b, &[15, 15]);
+        assert_eq!(parts.len(), 2);
+        assert_eq!(t.free_units(), 1000 - 30);
     }
 
     #[test]

@@ -3,13 +3,14 @@
 //! service keeps the table and the rules (what may be exported, what an export pins, when it
 //! ends); the socket, its connections and the descriptors' passing are the transport's.
 //!
-//! Only `shm` is exported in this build: its descriptor is the shared-memory file itself, so
-//! the file can stay 0600. `cpu` memory is private to memcoord; exports of `cuda:N` memory are
-//! not built yet and are refused as such.
+//! `shm` and `cuda:N` memory is exported. For `shm` each descriptor is the shared-memory file
+//! itself, so the file can stay 0600; for a GPU it is the physical allocation holding the
+//! segment, as a POSIX file-descriptor handle (`backends::cuda`). `cpu` memory is private to
+//! memcoord.
 
 use super::MemoryService;
 use super::requests::{ExportIdRequest, ExportRequest};
-use crate::domain::{MemoryType, TensorView, plan_segments};
+use crate::domain::{MemoryType, TensorView};
 use crate::managers::exports::{ClaimRefused, Export};
 use crate::protocol::{
     ClaimAnswer, ErrorCode, ExportInfo, ListExportsResponse, ProtocolError, Timestamp,
@@ -107,24 +108,15 @@ impl MemoryService {
             Some(name) => format!("model {name}, resident on {device_id},"),
             None => format!("allocation {}, on {device_id},", ids[0]),
         };
-        match e.memory_type(device) {
-            MemoryType::SharedMemory => {}
-            MemoryType::VRAM => {
-                return Err(ProtocolError::invalid_parameter(format!(
-                    "{what} cannot be exported: exports of GPU memory are not available in this \
-                     build yet; only shm allocations and models resident on shm can be exported"
-                )));
-            }
-            _ => {
-                return Err(ProtocolError::invalid_parameter(format!(
-                    "{what} cannot be exported: {device_id} memory is private to memcoord; \
-                     allocate on shm to share host memory"
-                )));
-            }
+        if !matches!(
+            e.memory_type(device),
+            MemoryType::SharedMemory | MemoryType::VRAM
+        ) {
+            return Err(ProtocolError::invalid_parameter(format!(
+                "{what} cannot be exported: {device_id} memory is private to memcoord; \
+                 allocate on shm to share host memory"
+            )));
         }
-        let (file, page) = e.shared_file(device).ok_or_else(|| {
-            ProtocolError::invalid_parameter(format!("{device_id} has no file to share"))
-        })?;
         let mut placed = Vec::with_capacity(ids.len());
         for id in &ids {
             if e.is_busy(id) {
@@ -139,14 +131,33 @@ impl MemoryService {
             let view = e
                 .allocation_by_id(id)
                 .ok_or_else(|| ProtocolError::invalid_parameter(format!("{id} is gone")))?;
-            let handle = view.handle.ok_or_else(|| {
+            let offset = e.arena_offset(id).ok_or_else(|| {
                 ProtocolError::invalid_parameter(format!(
                     "allocation {id} holds no memory to export (a Reservation)"
                 ))
             })?;
-            placed.push((*id, handle.offset, view.size_bytes));
+            placed.push((*id, offset, view.size_bytes));
         }
-        let (segments, allocations, size_bytes) = plan_segments(&placed, page);
+        let crate::managers::allocations::Shared {
+            segments: shared,
+            allocations,
+            size_bytes,
+        } = e
+            .share(device, &placed)
+            .map_err(|err| {
+                ProtocolError::new(
+                    ErrorCode::InternalError,
+                    format!("{what} could not be exported: {err}"),
+                )
+            })?
+            .ok_or_else(|| {
+                ProtocolError::invalid_parameter(format!(
+                    "{what} cannot be exported: the GPU's driver cannot share its memory with \
+                     other processes (no POSIX file-descriptor handles)"
+                ))
+            })?;
+        let (segments, files): (Vec<_>, Vec<_>) = shared.into_iter().unzip();
+        let device_uuid = e.device_uuid(device);
         let offset_of: rustc_hash::FxHashMap<Uuid, u64> = allocations
             .iter()
             .map(|a| (a.allocation_id, a.offset))
@@ -172,7 +183,7 @@ impl MemoryService {
             device_id,
             size_bytes,
             segments,
-            file,
+            files,
             allocations,
             tensors,
             model,
@@ -184,7 +195,7 @@ impl MemoryService {
         let info = ExportInfo {
             export_id: export.id.hyphenated().to_string(),
             device_id: export.device_id.clone(),
-            device_uuid: None,
+            device_uuid,
             size_bytes,
             socket_path: socket.to_string_lossy().into_owned(),
             secret: export.secret.clone(),

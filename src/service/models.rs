@@ -188,6 +188,33 @@ impl MemoryService {
             ));
         }
         let needs = tensors.last().map_or(0, |t| t.start + t.len);
+        let spec_of = |tensor: &super::model_files::Tensor| AllocationSpec {
+            size: tensor.len,
+            alignment: 0,
+            kind: MemoryAllocationType::ModelWeights,
+            purpose: tensor.name.clone(),
+            persistent: false,
+            owner: owner.clone(),
+        };
+        // Memory other processes may map (shm, GPUs) takes the model as one region, its
+        // tensors back to back: an export of it is then a few segments (on a GPU, a few
+        // physical allocations; `backends::cuda` says why that matters). Where no free range
+        // holds the whole model, tensors are placed one by one as before.
+        let mut grouped = {
+            let mut engine = self.engine.lock();
+            let shareable = matches!(
+                engine.memory_type(device),
+                crate::domain::MemoryType::VRAM | crate::domain::MemoryType::SharedMemory
+            );
+            let specs: Vec<AllocationSpec> =
+                tensors.iter().filter(|t| t.len > 0).map(spec_of).collect();
+            let ids = (shareable && !specs.is_empty())
+                .then(|| engine.try_allocate_group(device, &specs, self.now()).ok())
+                .flatten()
+                .unwrap_or_default();
+            made.extend(ids.iter().copied());
+            ids.into_iter()
+        };
         let mut size = 0u64;
         let mut count = 0u64;
         for tensor in &tensors {
@@ -202,16 +229,14 @@ impl MemoryService {
             if tensor.len == 0 {
                 continue;
             }
-            let spec = AllocationSpec {
-                size: tensor.len,
-                alignment: 0,
-                kind: MemoryAllocationType::ModelWeights,
-                purpose: tensor.name.clone(),
-                persistent: false,
-                owner: owner.clone(),
-            };
             let mut engine = self.engine.lock();
-            let id = match engine.try_allocate(device, &spec, self.now()) {
+            let placed = match grouped.next() {
+                Some(id) => Ok(id),
+                None => engine
+                    .try_allocate(device, &spec_of(tensor), self.now())
+                    .inspect(|&id| made.push(id)),
+            };
+            let id = match placed {
                 Ok(id) => id,
                 Err(e) => {
                     drop(engine);
@@ -228,7 +253,6 @@ impl MemoryService {
                     ));
                 }
             };
-            made.push(id);
             if let Some(t) = listed.last_mut() {
                 t.allocation = Some(id);
             }

@@ -1,8 +1,9 @@
 //! A GPU's own thread: the state it owns (context, reserved range, backed granules, staging
 //! buffers, stream) and every driver call made on it. `CudaBackend` sends it jobs.
 
+use super::chunks::{Chunk, Chunks, MAX_CHUNK_BYTES, Piece};
 use super::{STAGING_BYTES, STAGING_SLOTS, check, is_pinned};
-use crate::backends::{BackendError, Capacity, Fill};
+use crate::backends::{BackendError, Capacity, Fill, SharedPiece};
 use cudarc::driver::sys;
 
 /// Host-side copies into or out of staging are split in parts of this size over rayon's
@@ -16,8 +17,13 @@ pub(super) struct Gpu {
     base: sys::CUdeviceptr,
     pub(super) len: u64,
     pub(super) granularity: u64,
-    /// One physical allocation per backed granule (0 = none).
-    handles: Vec<sys::CUmemGenericAllocationHandle>,
+    /// The physical allocations backing the granules (see `chunks.rs`).
+    chunks: Chunks,
+    /// Whether physical memory is made exportable (the driver supports POSIX file-descriptor
+    /// handles on this GPU).
+    pub(super) exportable: bool,
+    /// The GPU's UUID as NVML writes it (`GPU-…`).
+    pub(super) uuid: Option<String>,
     staging: [*mut u8; STAGING_SLOTS],
     stream: sys::CUstream,
     events: [sys::CUevent; STAGING_SLOTS],
@@ -41,6 +47,10 @@ impl Gpu {
         prop.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
         prop.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
         prop.location.id = self.ordinal as i32;
+        if self.exportable {
+            prop.requestedHandleTypes =
+                sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+        }
         prop
     }
 
@@ -74,7 +84,9 @@ impl Gpu {
                 base: 0,
                 len: 0,
                 granularity: 0,
-                handles: Vec::new(),
+                chunks: Chunks::new(0, 1),
+                exportable: false,
+                uuid: None,
                 staging: [std::ptr::null_mut(); STAGING_SLOTS],
                 stream: std::ptr::null_mut(),
                 events: [std::ptr::null_mut(); STAGING_SLOTS],
@@ -82,6 +94,17 @@ impl Gpu {
                 nvml,
                 queued_error: None,
             };
+            let mut posix_fd = 0;
+            let supported = sys::cuDeviceGetAttribute(
+                &raw mut posix_fd,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED,
+                dev,
+            );
+            gpu.exportable = supported == sys::CUresult::CUDA_SUCCESS && posix_fd == 1;
+            let mut uuid: sys::CUuuid = std::mem::zeroed();
+            if sys::cuDeviceGetUuid_v2(&raw mut uuid, dev) == sys::CUresult::CUDA_SUCCESS {
+                gpu.uuid = Some(format_uuid(&uuid.bytes));
+            }
             let prop = gpu.prop();
             let mut g = 0usize;
             check(
@@ -104,7 +127,7 @@ impl Gpu {
             gpu.base = base;
             gpu.len = len;
             gpu.granularity = g;
-            gpu.handles = vec![0; (len / g) as usize];
+            gpu.chunks = Chunks::new(len / g, (MAX_CHUNK_BYTES / g).max(1));
             for slot in 0..STAGING_SLOTS {
                 let mut p = std::ptr::null_mut();
                 check(
@@ -157,97 +180,79 @@ impl Gpu {
         }
     }
 
+    /// Backs granules of `[offset, offset + len)`: each run of unbacked ones with one physical
+    /// allocation of up to `MAX_CHUNK_BYTES` (see `chunks.rs` for why), mapped whole and made
+    /// readable and writable. On failure nothing new stays backed.
     pub(super) fn commit(&mut self, offset: u64, len: u64) -> Result<(), BackendError> {
         let g = self.granularity;
-        let prop = self.prop();
-        let mut mapped = Vec::new();
-        let mut result = Ok(());
-        for granule in offset / g..(offset + len).div_ceil(g) {
-            if self.handles[granule as usize] != 0 {
-                continue;
-            }
-            let mut h = 0;
-            // SAFETY: maps one granule of our own reserved range to fresh physical memory.
-            let r = unsafe {
-                check(
-                    sys::cuMemCreate(&raw mut h, g as usize, &raw const prop, 0),
-                    "cuMemCreate",
-                    &self.id,
-                )
-                .and_then(|()| {
-                    let r = check(
-                        sys::cuMemMap(self.base + granule * g, g as usize, 0, h, 0),
-                        "cuMemMap",
-                        &self.id,
-                    );
-                    if r.is_err() {
-                        sys::cuMemRelease(h);
-                    }
-                    r
-                })
-            };
-            match r {
-                Ok(()) => {
-                    self.handles[granule as usize] = h;
-                    mapped.push(granule);
-                }
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            }
-        }
-        if result.is_ok() && !mapped.is_empty() {
-            // SAFETY: a plain C struct filled in.
-            let mut desc: sys::CUmemAccessDesc = unsafe { std::mem::zeroed() };
-            desc.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
-            desc.location.id = self.ordinal as i32;
-            desc.flags = sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
-            // Access is granted per contiguous run of newly mapped granules.
-            let mut i = 0;
-            while i < mapped.len() && result.is_ok() {
-                let mut j = i;
-                while j + 1 < mapped.len() && mapped[j + 1] == mapped[j] + 1 {
-                    j += 1;
-                }
-                let start = self.base + mapped[i] * g;
-                let bytes = (mapped[j] - mapped[i] + 1) * g;
-                // SAFETY: the range was just mapped.
-                result = unsafe {
-                    check(
-                        sys::cuMemSetAccess(start, bytes as usize, &raw const desc, 1),
-                        "cuMemSetAccess",
-                        &self.id,
-                    )
-                };
-                i = j + 1;
-            }
-        }
-        if result.is_err() {
-            for granule in mapped {
-                self.release_granule(granule);
-            }
-        }
-        result
+        let (base, ordinal, prop) = (self.base, self.ordinal, self.prop());
+        let id = self.id.clone();
+        self.chunks.commit(
+            offset / g,
+            (offset + len).div_ceil(g),
+            |first, count| create_chunk(&id, base + first * g, count * g, &prop, ordinal),
+            |chunk| destroy_chunk(base, g, chunk),
+        )
     }
 
-    fn release_granule(&mut self, granule: u64) {
-        let h = std::mem::take(&mut self.handles[granule as usize]);
-        if h != 0 {
-            let g = self.granularity;
-            // SAFETY: unmaps and frees a granule we mapped.
-            unsafe {
-                sys::cuMemUnmap(self.base + granule * g, g as usize);
-                sys::cuMemRelease(h);
-            }
-        }
-    }
-
+    /// Gives back granules of `[offset, offset + len)`; a physical allocation goes back to the
+    /// driver with its last granule in use.
     pub(super) fn release(&mut self, offset: u64, len: u64) {
         let g = self.granularity;
-        for granule in offset / g..(offset + len).div_ceil(g) {
-            self.release_granule(granule);
+        let base = self.base;
+        self.chunks
+            .release(offset / g, (offset + len).div_ceil(g), |chunk| {
+                destroy_chunk(base, g, chunk);
+            });
+    }
+
+    /// Descriptors for another process to map `[offset, offset + len)` (whole granules): one
+    /// per run of the range held by one physical allocation, with the run's place in the
+    /// range and in the allocation. `Ok(None)` where the driver cannot export.
+    pub(super) fn share(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Vec<SharedPiece>>, BackendError> {
+        if !self.exportable {
+            return Ok(None);
         }
+        let g = self.granularity;
+        let pieces: Vec<Piece> = self
+            .chunks
+            .pieces(offset / g, (offset + len).div_ceil(g))
+            .ok_or_else(|| BackendError::Device {
+                device: self.id.clone(),
+                what: "exporting",
+                message: "part of the range is not backed".into(),
+            })?;
+        let mut out = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            let mut fd: std::ffi::c_int = -1;
+            // SAFETY: exports a physical allocation this thread made with POSIX
+            // file-descriptor handles requested; the driver writes an int into `fd`.
+            unsafe {
+                check(
+                    sys::cuMemExportToShareableHandle(
+                        (&raw mut fd).cast(),
+                        p.chunk.handle,
+                        sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+                        0,
+                    ),
+                    "cuMemExportToShareableHandle",
+                    &self.id,
+                )?;
+            }
+            // SAFETY: the driver handed us a new descriptor that nothing else owns.
+            let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            out.push(SharedPiece {
+                offset: p.first * g,
+                len: (p.end - p.first) * g,
+                file: std::sync::Arc::new(file),
+                file_offset: (p.first - p.chunk.first) * g,
+            });
+        }
+        Ok(Some(out))
     }
 
     fn dtoh_async(&mut self, slot: usize, offset: u64, n: usize) -> Result<(), BackendError> {
@@ -501,9 +506,8 @@ impl Gpu {
     }
 
     pub(super) fn shutdown(&mut self) {
-        for granule in 0..self.handles.len() as u64 {
-            self.release_granule(granule);
-        }
+        let (base, g) = (self.base, self.granularity);
+        self.chunks.drain(|chunk| destroy_chunk(base, g, chunk));
         // SAFETY: frees what `start` made; nothing uses it afterwards.
         unsafe {
             if self.base != 0 {
@@ -524,6 +528,71 @@ impl Gpu {
                 sys::cuStreamDestroy_v2(self.stream);
             }
         }
+    }
+}
+
+/// `GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, as NVML and `nvidia-smi -L` write a UUID.
+fn format_uuid(bytes: &[std::ffi::c_char; 16]) -> String {
+    let hex: String = bytes.iter().map(|&b| format!("{:02x}", b as u8)).collect();
+    format!(
+        "GPU-{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+/// Makes one physical allocation of `bytes`, maps it whole at `at` and makes it readable and
+/// writable from the GPU; on failure undoes what it did. Returns its handle.
+fn create_chunk(
+    device: &str,
+    at: sys::CUdeviceptr,
+    bytes: u64,
+    prop: &sys::CUmemAllocationProp,
+    ordinal: u32,
+) -> Result<u64, BackendError> {
+    let mut h: sys::CUmemGenericAllocationHandle = 0;
+    // SAFETY: creates physical memory and maps it into our own reserved range, which `at`
+    // and `bytes` lie in (whole granules, not mapped now: the caller's bookkeeping says so).
+    unsafe {
+        check(
+            sys::cuMemCreate(&raw mut h, bytes as usize, prop, 0),
+            "cuMemCreate",
+            device,
+        )?;
+        if let Err(e) = check(
+            sys::cuMemMap(at, bytes as usize, 0, h, 0),
+            "cuMemMap",
+            device,
+        ) {
+            sys::cuMemRelease(h);
+            return Err(e);
+        }
+        let mut desc: sys::CUmemAccessDesc = std::mem::zeroed();
+        desc.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+        desc.location.id = ordinal as i32;
+        desc.flags = sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+        if let Err(e) = check(
+            sys::cuMemSetAccess(at, bytes as usize, &raw const desc, 1),
+            "cuMemSetAccess",
+            device,
+        ) {
+            sys::cuMemUnmap(at, bytes as usize);
+            sys::cuMemRelease(h);
+            return Err(e);
+        }
+    }
+    Ok(h)
+}
+
+/// Unmaps a chunk and releases its physical memory (freed once no other process holds it).
+fn destroy_chunk(base: sys::CUdeviceptr, g: u64, chunk: &Chunk) {
+    // SAFETY: unmaps exactly the mapping `create_chunk` made and releases its handle.
+    unsafe {
+        sys::cuMemUnmap(base + chunk.first * g, (chunk.count * g) as usize);
+        sys::cuMemRelease(chunk.handle);
     }
 }
 

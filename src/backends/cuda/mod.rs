@@ -9,13 +9,17 @@
 //! Each GPU gets one dedicated thread that owns its context (contexts are per thread) and makes
 //! every driver call for it; [`CudaBackend`] sends it closures and waits for their results.
 //! The arena's range is reserved with `cuMemAddressReserve`; pages (the allocation granularity,
-//! 2 MiB on an H200) are backed with `cuMemCreate` + `cuMemMap` + `cuMemSetAccess` and given
-//! back with `cuMemUnmap` + `cuMemRelease`. No managed memory. Host copies go through two
+//! 2 MiB on an H200) are backed with `cuMemCreate` + `cuMemMap` + `cuMemSetAccess`, each run
+//! of pages a commit asks for by one physical allocation of up to 1 GiB (`chunks.rs` says
+//! why: exports), and given back with `cuMemUnmap` + `cuMemRelease`. Physical memory is
+//! created exportable as POSIX file descriptors where the driver supports it
+//! ([`Backend::share`]). No managed memory. Host copies go through two
 //! pinned staging buffers, so the host-side copy of one chunk overlaps the DMA of the other.
 
+mod chunks;
 mod gpu;
 
-use super::{Backend, BackendError, CachedCapacity, Capacity, Fill};
+use super::{Backend, BackendError, CachedCapacity, Capacity, Fill, SharedPiece};
 use crate::domain::{Handle, MemoryType};
 use cudarc::driver::sys;
 use gpu::{Gpu, Job};
@@ -194,6 +198,7 @@ pub struct CudaBackend {
     jobs: Option<mpsc::Sender<Job>>,
     thread: Option<JoinHandle<()>>,
     capacity: CachedCapacity,
+    uuid: Option<String>,
 }
 
 impl CudaBackend {
@@ -215,7 +220,7 @@ impl CudaBackend {
                     });
                 let mut gpu = match started {
                     Ok(gpu) => {
-                        let _ = ready_tx.send(Ok((gpu.len, gpu.granularity)));
+                        let _ = ready_tx.send(Ok((gpu.len, gpu.granularity, gpu.uuid.clone())));
                         gpu
                     }
                     Err(e) => {
@@ -233,7 +238,7 @@ impl CudaBackend {
                 what: "starting the GPU thread",
                 source: e,
             })?;
-        let (len, granularity) = ready_rx.recv().map_err(|_| BackendError::Device {
+        let (len, granularity, uuid) = ready_rx.recv().map_err(|_| BackendError::Device {
             device: id.clone(),
             what: "starting",
             message: "the GPU thread ended".into(),
@@ -246,6 +251,7 @@ impl CudaBackend {
             jobs: Some(jobs_tx),
             thread: Some(thread),
             capacity: CachedCapacity::new(),
+            uuid,
         })
     }
 
@@ -403,5 +409,11 @@ impl Backend for CudaBackend {
     }
     fn handle(&self, _offset: u64) -> Option<Handle> {
         None
+    }
+    fn share(&self, offset: u64, len: u64) -> Result<Option<Vec<SharedPiece>>, BackendError> {
+        self.call(move |g| g.share(offset, len))?
+    }
+    fn device_uuid(&self) -> Option<String> {
+        self.uuid.clone()
     }
 }

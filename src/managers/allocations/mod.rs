@@ -26,6 +26,7 @@ mod telemetry;
 mod transfer;
 mod types;
 mod views;
+pub use views::Shared;
 
 use books::{Device, Record};
 pub use types::*;

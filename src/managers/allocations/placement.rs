@@ -137,6 +137,75 @@ impl AllocationEngine {
                 Err(ArenaError::Backend(e)) => return Err(e.into()),
             }
         };
+        Ok(self.book(device, spec, placement, pool, pending, now))
+    }
+
+    /// Places allocations for `specs` (each of a non-zero size, default alignment, not a
+    /// Reservation) back to back on `device`, their pages backed in one go: a model's tensors,
+    /// so that they form one region (an export of the model is then a few segments). Errors
+    /// like [`AllocationEngine::try_allocate`] for the whole group, which is all placed or not
+    /// at all: `NoRoom` names the group's total when no free range holds it.
+    pub fn try_allocate_group(
+        &mut self,
+        device: usize,
+        specs: &[AllocationSpec],
+        now: SystemTime,
+    ) -> Result<Vec<Uuid>, EngineError> {
+        let dev = &mut self.devices[device];
+        let name = dev.arena.backend().device_id().to_string();
+        if dev.live + specs.len() as u64 > self.max_allocations {
+            return Err(EngineError::TooMany {
+                device: name,
+                limit: self.max_allocations,
+            });
+        }
+        let total: u64 = specs.iter().map(|s| s.size).sum();
+        if total > dev.budget {
+            return Err(EngineError::OverBudget {
+                device: name,
+                requested: total,
+                budget: dev.budget,
+            });
+        }
+        let available = dev.available();
+        let sizes: Vec<u64> = specs.iter().map(|s| s.size).collect();
+        let placed = if total > available || specs.iter().any(|s| s.size == 0) {
+            Err(ArenaError::NoSpace)
+        } else {
+            dev.arena.allocate_group(&sizes)
+        };
+        let placements = match placed {
+            Ok(p) => p,
+            Err(ArenaError::NoSpace) => {
+                let largest = dev.arena.largest_free_block().min(available);
+                return Err(EngineError::NoRoom {
+                    device: name,
+                    requested: total,
+                    alignment: 0,
+                    available,
+                    largest: (largest < total).then_some(largest),
+                });
+            }
+            Err(ArenaError::Backend(e)) => return Err(e.into()),
+        };
+        Ok(specs
+            .iter()
+            .zip(placements)
+            .map(|(spec, p)| self.book(device, spec, Some(p), false, None, now).0)
+            .collect())
+    }
+
+    /// Books a placed allocation: counters, history, tally, and its record.
+    fn book(
+        &mut self,
+        device: usize,
+        spec: &AllocationSpec,
+        placement: Option<Placement>,
+        pool: bool,
+        pending: Option<DeferredCommit>,
+        now: SystemTime,
+    ) -> (Uuid, Option<DeferredCommit>) {
+        let dev = &mut self.devices[device];
         let now_ms = dev.clock.millis();
         if placement.is_some() {
             let before = dev.allocated;
@@ -187,6 +256,6 @@ impl AllocationEngine {
         };
         self.next_seq += 1;
         self.records.insert(slot, record);
-        Ok((id, pending))
+        (id, pending)
     }
 }

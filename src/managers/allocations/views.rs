@@ -1,6 +1,21 @@
 //! Views: allocations, usage, fragmentation and device figures as plain-data views (`domain`).
 
 use super::*;
+use crate::domain::{ExportedAllocation, Segment, plan_segments};
+use std::fs::File;
+use std::sync::Arc;
+
+/// Allocations laid out for another process to map ([`AllocationEngine::share`]).
+#[derive(Debug)]
+pub struct Shared {
+    /// The segments, in the order of the export's byte range, each with the file its
+    /// descriptor opens.
+    pub segments: Vec<(Segment, Arc<File>)>,
+    /// Where each allocation is in the byte range.
+    pub allocations: Vec<ExportedAllocation>,
+    /// The byte range's length.
+    pub size_bytes: u64,
+}
 
 impl AllocationEngine {
     pub(super) fn view(&self, r: &Record) -> AllocationView {
@@ -214,11 +229,54 @@ impl AllocationEngine {
 }
 
 impl AllocationEngine {
-    /// The file another process maps a device's memory through, with the device's page size:
-    /// shareable host memory (`shm`) only; offsets in the file are placements' offsets.
-    pub fn shared_file(&self, device: usize) -> Option<(std::sync::Arc<std::fs::File>, u64)> {
+    /// How another process maps allocations of `device` given as `(id, offset, size)`: their
+    /// ranges widened to whole pages and merged ([`plan_segments`]), then cut where the
+    /// backend's pieces change file (a GPU's physical allocations). Returns the segments,
+    /// each with the file its descriptor opens, the allocations' places in the export's byte
+    /// range and its length; `Ok(None)` when the device's memory is not shareable.
+    pub fn share(
+        &self,
+        device: usize,
+        placed: &[(Uuid, u64, u64)],
+    ) -> Result<Option<Shared>, EngineError> {
         let backend = self.devices[device].arena.backend();
-        backend.shared_file().map(|f| (f, backend.page_size()))
+        let (merged, allocations, size) = plan_segments(placed, backend.page_size());
+        let mut segments = Vec::with_capacity(merged.len());
+        for m in merged {
+            let Some(pieces) = backend.share(m.file_offset, m.size_bytes)? else {
+                return Ok(None);
+            };
+            for piece in pieces {
+                segments.push((
+                    Segment {
+                        offset: m.offset + (piece.offset - m.file_offset),
+                        size_bytes: piece.len,
+                        file_offset: piece.file_offset,
+                    },
+                    piece.file,
+                ));
+            }
+        }
+        Ok(Some(Shared {
+            segments,
+            allocations,
+            size_bytes: size,
+        }))
+    }
+
+    /// Where an allocation's bytes start in its device's arena (`None` for a Reservation,
+    /// which holds none, or one served by the pinned pool, which is not shareable).
+    pub fn arena_offset(&self, id: &Uuid) -> Option<u64> {
+        let r = self.records.get(id)?;
+        if r.pool {
+            return None;
+        }
+        r.placement.as_ref().map(Placement::offset)
+    }
+
+    /// The device's UUID (`GPU-…`), for GPUs.
+    pub fn device_uuid(&self, device: usize) -> Option<String> {
+        self.devices[device].arena.backend().device_uuid()
     }
 
     /// The kind of memory a device has.
