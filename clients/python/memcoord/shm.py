@@ -144,7 +144,7 @@ class ShmMapping:
         return self.memoryview(t.offset, t.size_bytes)
 
     def tensor_memoryview(self, name: str) -> memoryview:
-        """Tensor ``name`` as a typed, shaped ``memoryview`` (``cast``), for dtypes ``struct`` knows (not BF16)."""
+        """Tensor ``name`` as a typed, shaped ``memoryview`` (``cast``), for dtypes ``memoryview.cast`` knows (F32, F64, integers, BOOL; not F16 or BF16)."""
         t = self.info.tensor(name)
         dt = dtype_info(t.dtype)
         if dt.struct is None:
@@ -230,7 +230,9 @@ class ShmMapping:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        # Leaving the block ends access even if views are still referenced (a traceback holds
+        # them): they are cut off from the shared memory rather than left pointing into it.
+        self.close(force=True)
 
 
 def attach(

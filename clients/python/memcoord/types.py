@@ -21,7 +21,7 @@ class DType:
     name: str  #: as the safetensors header writes it ("F16")
     itemsize: int  #: bytes per element
     numpy: Optional[str]  #: numpy dtype string, None where numpy has none (BF16, F8…)
-    struct: Optional[str]  #: ``memoryview.cast`` format, None where there is none
+    struct: Optional[str]  #: ``memoryview.cast`` format (native order: little-endian hosts), None where cast has none (F16, BF16…)
     torch: str  #: attribute of the ``torch`` module ("float16")
     typestr: str  #: ``__cuda_array_interface__`` / numpy array-interface typestr
 
@@ -32,7 +32,7 @@ DTYPES: Dict[str, DType] = {
     for d in (
         DType("F64", 8, "<f8", "d", "float64", "<f8"),
         DType("F32", 4, "<f4", "f", "float32", "<f4"),
-        DType("F16", 2, "<f2", "e", "float16", "<f2"),
+        DType("F16", 2, "<f2", None, "float16", "<f2"),
         DType("BF16", 2, None, None, "bfloat16", "<V2"),
         DType("F8_E4M3", 1, None, None, "float8_e4m3fn", "|V1"),
         DType("F8_E5M2", 1, None, None, "float8_e5m2", "|V1"),
