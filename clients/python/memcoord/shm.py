@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from .claim import Claim, claim
 from .types import ExportInfo, Segment, TensorInfo, dtype_info
 
-__all__ = ["ShmMapping", "attach"]
+__all__ = ["ShmMapping", "attach", "storage_format"]
 
 _PAGE = mmap.PAGESIZE
 _MAP_FIXED = 0x10  # Linux and the BSDs alike
@@ -54,6 +54,16 @@ def _address_of(m: mmap.mmap) -> int:
         return ctypes.addressof(holder)
     finally:
         del holder
+
+
+_BITS_FORMAT = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+def storage_format(dtype: str) -> str:
+    """The ``memoryview.cast`` format that :meth:`ShmMapping.tensor_memoryview` gives a dtype: its own
+    where ``struct`` has one, else the unsigned integer of its width (its raw bits)."""
+    d = dtype_info(dtype)
+    return d.struct or _BITS_FORMAT[d.itemsize]
 
 
 def _numpy() -> Any:
@@ -144,13 +154,20 @@ class ShmMapping:
         return self.memoryview(t.offset, t.size_bytes)
 
     def tensor_memoryview(self, name: str) -> memoryview:
-        """Tensor ``name`` as a typed, shaped ``memoryview`` (``cast``), for dtypes ``memoryview.cast`` knows (F32, F64, integers, BOOL; not F16 or BF16)."""
+        """Tensor ``name`` as a typed, shaped ``memoryview`` (``cast``; no copy, no numpy needed).
+
+        ``format`` is the dtype's ``struct`` code (``f`` for F32, ``q`` for I64, ``?`` for BOOL, …) and
+        ``shape`` the header's. F16, BF16 and F8, which ``memoryview`` has no format for, come as their
+        raw bits: format ``H`` (2 bytes) or ``B`` (1 byte), same shape (decode F16 with
+        ``struct.unpack("<e", ...)``). A tensor with a 0 in its shape comes as an empty 1-D view
+        (``memoryview`` cannot have a 0 in its shape).
+        """
         t = self.info.tensor(name)
-        dt = dtype_info(t.dtype)
-        if dt.struct is None:
-            raise ValueError(f"tensor {name!r} is {t.dtype}, which memoryview cannot represent; use tensor_bytes() or numpy")
         mv = self.tensor_bytes(name)
-        return mv.cast(dt.struct, list(t.shape)) if t.shape and 0 not in t.shape else mv.cast(dt.struct)
+        fmt = storage_format(t.dtype)
+        if 0 in t.shape:
+            return mv.cast(fmt)
+        return mv.cast(fmt, list(t.shape))
 
     def numpy(self, dtype: Any = "u1", offset: int = 0, shape: Optional[Sequence[int]] = None) -> Any:
         """A numpy array over the export's bytes from ``offset`` (no copy): ``shape`` elements of ``dtype``,

@@ -90,6 +90,8 @@ class FakeClaimServer:
         os.chmod(self.path, 0o600)
         self._sock.listen(16)
         self._stop = False
+        self._handled = 0
+        self._done = threading.Condition()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
@@ -110,6 +112,15 @@ class FakeClaimServer:
                     self._handle(conn)
                 except OSError:
                     pass
+            with self._done:
+                self._handled += 1
+                self._done.notify_all()
+
+    def wait_handled(self, count: int, timeout: float = 10.0) -> None:
+        """Wait until ``count`` claims have been answered and their connections closed on this side."""
+        with self._done:
+            if not self._done.wait_for(lambda: self._handled >= count, timeout):
+                raise TimeoutError(f"the claim server answered {self._handled} claims, not {count}")
 
     def _handle(self, conn: socket.socket) -> None:
         buf = b""

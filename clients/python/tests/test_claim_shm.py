@@ -155,8 +155,15 @@ class ClaimShmTest(unittest.TestCase):
             del f32, u8
             self.assertEqual(m.tensor_memoryview("idx.i64").tolist(), [-1, 2**40, 7])
             self.assertEqual(m.tensor_memoryview("mask").tolist(), [True, False, True])
-            with self.assertRaises(ValueError):
-                m.tensor_memoryview("w.bf16")
+            # F16 and BF16 have no memoryview format: their raw bits, shaped.
+            f16 = m.tensor_memoryview("w.f16")
+            self.assertEqual((f16.format, f16.shape), ("H", (2, 3)))
+            self.assertEqual(struct.unpack("<6e", f16.tobytes()), (0.5, -1.0, 2.0, 3.25, -0.125, 65504.0))
+            bf16 = m.tensor_memoryview("w.bf16")
+            self.assertEqual((bf16.format, bf16.shape, bf16.tolist()), ("H", (2,), [0x3F80, 0x4000]))
+            empty = m.tensor_memoryview("empty")
+            self.assertEqual((empty.format, len(empty)), ("f", 0))
+            del f16, bf16, empty
             self.assertEqual(len(m.tensor_bytes("empty")), 0)
             with self.assertRaises(KeyError):
                 m.tensor_bytes("missing")
