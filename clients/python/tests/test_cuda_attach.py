@@ -354,14 +354,111 @@ class DlpackCapsuleTest(unittest.TestCase):
         self.assertEqual(_dlpack.dl_dtype("F8_E4M3"), (10, 8))
 
 
-class GpuAttachTest(unittest.TestCase):
-    """The real driver: skipped, visibly, where there is no GPU."""
+_CHILD = r"""
+import ctypes, hashlib, json, sys
+sys.path.insert(0, sys.argv[1])
+from memcoord import ExportInfo, cuda
+info = ExportInfo.from_dict(json.loads(sys.argv[2]))
+with cuda.attach(info) as m:
+    lib = cuda._load()
+    lib.cuMemcpyDtoH_v2.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong, ctypes.c_size_t]
+    ctx = cuda.CUcontext()
+    cuda._check("cuDevicePrimaryCtxRetain", lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), m._dev))
+    cuda._check("cuCtxPushCurrent", lib.cuCtxPushCurrent_v2(ctx))
+    buf = ctypes.create_string_buffer(m.size_bytes)
+    cuda._check("cuMemcpyDtoH", lib.cuMemcpyDtoH_v2(buf, m.ptr, m.size_bytes))
+    lib.cuCtxPopCurrent_v2(ctypes.byref(cuda.CUcontext()))
+    lib.cuDevicePrimaryCtxRelease_v2(m._dev)
+    print(json.dumps({"sha256": hashlib.sha256(buf.raw).hexdigest(), "ordinal": m.device_ordinal, "granularity": m.granularity}))
+"""
 
-    def test_driver_loads_where_there_is_a_gpu(self) -> None:
+
+class GpuAttachTest(unittest.TestCase):
+    """The real driver, where there is a GPU (skipped, visibly, elsewhere): this process makes
+    physical VRAM exportable as POSIX descriptors (what memcoord does), passes them through the
+    in-test claim server, and a second process maps them with ``cuda.attach`` and reads them back."""
+
+    def test_second_process_maps_segments_at_their_file_offsets(self) -> None:
         if not cuda.available():
-            self.skipTest("SKIPPED: no GPU (libcuda.so.1 missing or cuInit failed); scripts/gpu/export_proof.py covers cuda.attach on the H200")
-        ordinal = cuda.find_device("cuda:0", None)[1]
-        self.assertEqual(ordinal, 0)
+            self.skipTest("SKIPPED: no GPU (libcuda.so.1 missing or cuInit failed)")
+        import hashlib
+        import json
+        import subprocess
+        import sys
+
+        from mc_testutil import CLIENT_DIR
+
+        lib = cuda._load()
+        C = ctypes
+        lib.cuMemCreate.argtypes = [C.POINTER(cuda.CUmemGenericAllocationHandle), C.c_size_t, C.POINTER(cuda.CUmemAllocationProp), C.c_ulonglong]
+        lib.cuMemExportToShareableHandle.argtypes = [C.c_void_p, cuda.CUmemGenericAllocationHandle, C.c_int, C.c_ulonglong]
+        lib.cuMemcpyHtoD_v2.argtypes = [cuda.CUdeviceptr, C.c_void_p, C.c_size_t]
+        dev, _ = cuda.find_device("cuda:0", None)
+        ctx = cuda.CUcontext()
+        cuda._check("cuDevicePrimaryCtxRetain", lib.cuDevicePrimaryCtxRetain(C.byref(ctx), dev))
+        cuda._check("cuCtxPushCurrent", lib.cuCtxPushCurrent_v2(ctx))
+        prop = cuda.CUmemAllocationProp()
+        prop.type = 1  # CU_MEM_ALLOCATION_TYPE_PINNED
+        prop.requestedHandleTypes = cuda.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+        prop.location.type, prop.location.id = cuda.CU_MEM_LOCATION_TYPE_DEVICE, dev
+        g_ = C.c_size_t()
+        cuda._check("cuMemGetAllocationGranularity", lib.cuMemGetAllocationGranularity(C.byref(g_), C.byref(prop), 0))
+        g = g_.value
+        handles, fds, base = [], [], cuda.CUdeviceptr()
+        try:
+            for size in (4 * g, 2 * g):  # physical allocations A and B
+                h = cuda.CUmemGenericAllocationHandle()
+                cuda._check("cuMemCreate", lib.cuMemCreate(C.byref(h), size, C.byref(prop), 0))
+                handles.append(h.value)
+            # fill them through a mapping of this process: A at 0, B at 4g
+            cuda._check("cuMemAddressReserve", lib.cuMemAddressReserve(C.byref(base), 6 * g, g, 0, 0))
+            cuda._check("cuMemMap A", lib.cuMemMap(base.value, 4 * g, 0, handles[0], 0))
+            cuda._check("cuMemMap B", lib.cuMemMap(base.value + 4 * g, 2 * g, 0, handles[1], 0))
+            desc = cuda.CUmemAccessDesc()
+            desc.location.type, desc.location.id, desc.flags = cuda.CU_MEM_LOCATION_TYPE_DEVICE, dev, cuda.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+            cuda._check("cuMemSetAccess", lib.cuMemSetAccess(base.value, 6 * g, C.byref(desc), 1))
+            data = os.urandom(6 * g)
+            cuda._check("cuMemcpyHtoD", lib.cuMemcpyHtoD_v2(base.value, data, 6 * g))
+            # A's second half, A's first half (each with its own descriptor), then B
+            for h in (handles[0], handles[0], handles[1]):
+                fd = C.c_int()
+                cuda._check("cuMemExportToShareableHandle", lib.cuMemExportToShareableHandle(C.byref(fd), h, cuda.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0))
+                fds.append(fd.value)
+            segs = [{"offset": 0, "size_bytes": 2 * g, "file_offset": 2 * g},
+                    {"offset": 2 * g, "size_bytes": 2 * g, "file_offset": 0},
+                    {"offset": 4 * g, "size_bytes": 2 * g, "file_offset": 0}]
+            raw = cuda.CUuuid()
+            get_uuid = getattr(lib, "cuDeviceGetUuid_v2", None) or lib.cuDeviceGetUuid
+            cuda._check("cuDeviceGetUuid", get_uuid(C.byref(raw), dev))
+            info = self.export(6 * g, segs, fds, device_uuid=cuda.uuid_string(bytes(raw.bytes)))
+            out = subprocess.run([sys.executable, "-c", _CHILD, str(CLIENT_DIR), json.dumps(info.raw)],
+                                 capture_output=True, text=True, timeout=120)
+            self.assertEqual(out.returncode, 0, out.stderr)
+            got = json.loads(out.stdout)
+            want = hashlib.sha256(data[2 * g:4 * g] + data[0:2 * g] + data[4 * g:]).hexdigest()
+            self.assertEqual(got["sha256"], want, "the second process reads each segment from its file_offset")
+            self.assertEqual(got["granularity"], g)
+        finally:
+            for fd in fds:
+                os.close(fd)
+            if base.value:
+                lib.cuMemUnmap(base.value, 4 * g)
+                lib.cuMemUnmap(base.value + 4 * g, 2 * g)
+                lib.cuMemAddressFree(base.value, 6 * g)
+            for h in handles:
+                lib.cuMemRelease(h)
+            lib.cuCtxPopCurrent_v2(C.byref(cuda.CUcontext()))
+            lib.cuDevicePrimaryCtxRelease_v2(dev)
+
+    export = CudaAttachFakeDriverTest.export
+
+    def setUp(self) -> None:
+        self.tmp = tempfile.TemporaryDirectory()
+        self.server = FakeClaimServer(self.tmp.name)
+
+    def tearDown(self) -> None:
+        self.server.close()
+        self.tmp.cleanup()
 
 
 if __name__ == "__main__":
