@@ -25,6 +25,7 @@ __all__ = ["Claim", "claim"]
 
 #: The kernel's limit of descriptors in one SCM_RIGHTS message (SCM_MAX_FD); memcoord sends ≤ 250.
 _MAX_FDS_PER_MESSAGE = 253
+_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 #: The longest answer line accepted (a model export of 100,000 segments fits).
 _MAX_LINE = 64 * 1024 * 1024
 
@@ -62,7 +63,8 @@ class Claim:
 def _recv_fds(sock: socket.socket, bufsize: int, maxfds: int) -> "tuple[bytes, List[int], int]":
     """``socket.recv_fds`` (3.9+) with the flags kept, so that a truncated control message is seen."""
     fds = array.array("i")
-    msg, ancdata, flags, _addr = sock.recvmsg(bufsize, socket.CMSG_SPACE(maxfds * fds.itemsize))
+    # MSG_CMSG_CLOEXEC: the descriptors are not inherited by processes this one starts.
+    msg, ancdata, flags, _addr = sock.recvmsg(bufsize, socket.CMSG_SPACE(maxfds * fds.itemsize), _CLOEXEC)
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])

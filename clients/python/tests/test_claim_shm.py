@@ -86,6 +86,7 @@ class ClaimShmTest(unittest.TestCase):
         self.assertEqual(cm.exception.code, "EXPORT_NOT_FOUND")
         self.assertEqual(cm.exception.status, 404)
         self.assertIn(info.export_id, cm.exception.message)
+        self.server.wait_handled(1)  # the server's end of the connection is in this process too
         self.assertEqual(open_fds(), before, "a refused claim must leave no descriptor behind")
         memcoord.claim(info).close()
         with self.assertRaises(MemcoordError) as cm:
@@ -95,6 +96,7 @@ class ClaimShmTest(unittest.TestCase):
         with self.assertRaises(MemcoordError) as cm:
             memcoord.claim(unknown)
         self.assertEqual(cm.exception.code, "EXPORT_NOT_FOUND")
+        self.server.wait_handled(4)
         self.assertEqual(open_fds(), before)
 
     def test_more_than_250_descriptors_come_over_several_messages(self) -> None:
@@ -109,6 +111,7 @@ class ClaimShmTest(unittest.TestCase):
         with shm.attach(info) as m:
             self.assertEqual(self.server.sendmsg_fd_counts, [250, 50])
             self.assertTrue(m.contiguous)
+            self.server.wait_handled(1)
             self.assertEqual(open_fds(), before, "attach must close the claimed descriptors once mapped")
             whole = m.memoryview()
             self.assertEqual(len(whole), n * PAGE)
@@ -129,6 +132,7 @@ class ClaimShmTest(unittest.TestCase):
         with self.assertRaises(ConnectionError) as cm:
             memcoord.claim(info)
         self.assertIn("1 descriptor(s) received, 2 expected", str(cm.exception))
+        self.server.wait_handled(1)
         self.assertEqual(open_fds(), before)
 
     # -- shm.attach ------------------------------------------------------------------------
