@@ -1,6 +1,6 @@
 """``memcoord.Client`` against the real binary: every v1 action through its typed helper, over stdio
-(``Client.spawn``) and over HTTP (``Client(url=...)`` to ``memcoord serve``); and, once the worker
-has ``memory.export``, a model on ``shm`` exported, claimed and read in place through ``shm.attach``.
+(``Client.spawn``) and over HTTP (``Client(url=...)`` to ``memcoord serve``). Exports against the
+worker are in test_exports_server.py.
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ import subprocess
 import tempfile
 import time
 import unittest
-from typing import Any
 
 from mc_testutil import MiB, find_binary, safetensors_bytes, sample_tensors
 
-from memcoord import Client, MemcoordError, shm
+from memcoord import Client, MemcoordError
 
 WORKER_ARGS = ["--no-gpu", "--budget", "cpu=64MiB", "--budget", "shm=64MiB"]
 
@@ -116,53 +115,6 @@ class TypedHelpersStdioTest(unittest.TestCase):
         with self.assertRaises(MemcoordError) as cm:
             self.c.allocate("cpu", 0)
         self.assertEqual(cm.exception.code, "INVALID_PARAMETER")
-
-    def _export_or_skip(self, **kw: Any) -> Any:
-        try:
-            return self.c.export(**kw)
-        except MemcoordError as e:
-            if e.code == "UNKNOWN_ACTION":
-                self.skipTest("SKIPPED: this memcoord has no memory.export yet (PROTOCOL 8.3)")
-            raise
-
-    def test_model_export_on_shm_read_in_place(self) -> None:
-        c = self.c
-        c.model_load("m", "m.safetensors", "shm")
-        lease = c.model_acquire("m")
-        info = self._export_or_skip(model_name="m", lease_id=lease["lease_id"], claim_seconds=30)
-        self.assertEqual(info.device_id, "shm")
-        self.assertIsNone(info.device_uuid)
-        self.assertEqual({t.name for t in info.tensors}, {t[0] for t in sample_tensors()})
-        self.assertIn(info.export_id, [e["export_id"] for e in c.list_exports()])
-        with shm.attach(info) as mapping:
-            for name, dtype, shape, data in sample_tensors():
-                t = info.tensor(name)
-                self.assertEqual((t.dtype, list(t.shape)), (dtype, shape))
-                self.assertEqual(bytes(mapping.tensor_bytes(name)), data, name)
-        with self.assertRaises(MemcoordError) as cm:
-            shm.attach(info)  # the secret works once
-        self.assertEqual(cm.exception.code, "EXPORT_NOT_FOUND")
-        self.assertEqual(c.unexport(info.export_id)["export_id"], info.export_id)
-        c.model_release(lease["lease_id"])
-
-    def test_allocation_export_on_shm_read_in_place(self) -> None:
-        c = self.c
-        a = c.allocate("shm", MiB + 123)
-        h = a["allocation"]["handle"]
-        pattern = bytes(range(256)) * ((MiB + 123) // 256 + 1)
-        with open(h["path"], "r+b") as f:
-            f.seek(h["offset"])
-            f.write(pattern[:MiB + 123])
-        info = self._export_or_skip(allocation_id=a["allocation"]["allocation_id"])
-        self.assertEqual(info.tensors, ())
-        with shm.attach(info) as mapping:
-            self.assertEqual(len(mapping.memoryview()), MiB + 123)
-            self.assertTrue(mapping.memoryview() == pattern[:MiB + 123])
-        with self.assertRaises(MemcoordError) as cm:
-            c.deallocate(a["allocation"]["allocation_id"])
-        self.assertEqual(cm.exception.code, "ALLOCATION_IN_USE")
-        c.unexport(info.export_id)
-        c.deallocate(a["allocation"]["allocation_id"])
 
 
 class HttpClientTest(unittest.TestCase):
