@@ -231,6 +231,29 @@ fn every_route_answers_as_its_openapi_document_says() {
     );
     let gone = call("DELETE", "/v1/models/optimize", "/v1/models/optimize", None);
     assert_eq!(gone["model_name"], "optimize");
+    // Exports (section 8.3): made, listed (no secret), ended.
+    let shared = call(
+        "POST",
+        "/v1/allocations",
+        "/v1/allocations",
+        Some(json!({"device_id": "shm", "size_bytes": 4096})),
+    );
+    let x = call(
+        "POST",
+        "/v1/exports",
+        "/v1/exports",
+        Some(json!({"allocation_id": shared["allocation"]["allocation_id"], "claim_seconds": 5})),
+    );
+    let listed = call("GET", "/v1/exports", "/v1/exports", None);
+    assert_eq!(listed["exports"][0]["export_id"], x["export_id"]);
+    let export_id = x["export_id"].as_str().unwrap().to_string();
+    let ended = call(
+        "DELETE",
+        "/v1/exports/{export_id}",
+        &format!("/v1/exports/{export_id}"),
+        None,
+    );
+    assert_eq!(ended["allocation_count"], 1);
     call(
         "POST",
         "/v1/devices/{device_id}/clear",

@@ -271,6 +271,9 @@ actions! {
     GetPressure in get_pressure,
     Analytics in analytics,
     OptimizationRecs in optimization_recs,
+    Export in export,
+    Unexport in unexport,
+    ListExports in list_exports,
 }
 
 // The checked requests (defined in `service::requests`, parsed in the action files), where
@@ -279,6 +282,7 @@ pub use actions::allocate::AllocateRequest;
 pub use actions::analytics::AnalyticsRequest;
 pub use actions::clear::ClearRequest;
 pub use actions::deallocate::DeallocateRequest;
+pub use actions::export::ExportRequest;
 pub use actions::get_allocations::GetAllocationsRequest;
 pub use actions::get_pressure::OptionalDeviceRequest;
 pub use actions::get_status::GetStatusRequest;
@@ -291,3 +295,4 @@ pub use actions::model_status::ModelStatusRequest;
 pub use actions::model_unload::ModelRequest;
 pub use actions::optimize::OptimizeRequest;
 pub use actions::transfer::{TransferMode, TransferRequest};
+pub use actions::unexport::ExportIdRequest;

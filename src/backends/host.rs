@@ -536,6 +536,9 @@ impl Backend for ShmBackend {
     fn keep_file(&mut self, keep: bool) {
         self.keep = keep;
     }
+    fn shared_file(&self) -> Option<std::sync::Arc<File>> {
+        Some(std::sync::Arc::clone(&self.file))
+    }
     fn handle(&self, offset: u64) -> Option<Handle> {
         Some(Handle {
             path: self.path.to_string_lossy().into_owned(),

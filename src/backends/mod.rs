@@ -5,6 +5,7 @@
 //! This is the only layer that calls the operating system's memory APIs.
 
 pub mod cuda;
+pub mod fdpass;
 pub(crate) mod files;
 mod host;
 mod sigbus;
@@ -266,6 +267,11 @@ pub trait Backend: Send {
     }
     /// Where another process maps the bytes at `offset`, for shareable memory.
     fn handle(&self, offset: u64) -> Option<Handle>;
+    /// The file holding this device's memory, for memory another process may map through a
+    /// descriptor (an export's claim passes it); offsets in it are the backend's offsets.
+    fn shared_file(&self) -> Option<std::sync::Arc<std::fs::File>> {
+        None
+    }
     /// For memory kept in a file that outlives the worker (a state directory's `shm`
     /// file): whether the file stays when the backend goes. Nothing for other backends.
     fn keep_file(&mut self, _keep: bool) {}

@@ -4,11 +4,13 @@
 //! imports `protocol` or a JSON library.
 
 mod advice;
+mod exports;
 mod kinds;
 mod trace;
 mod views;
 
 pub use advice::{Advice, SuggestedRequest};
+pub use exports::{ExportView, ExportedAllocation, Segment, TensorView, plan_segments};
 pub use kinds::{
     AllocationId, DeviceId, MemoryAllocationType, MemoryHealthStatus, MemoryOptimizationType,
     MemoryType, ModelState, PressureLevel, RecommendationKind, TransferMode, TransferStatus,

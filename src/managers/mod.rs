@@ -6,6 +6,7 @@ pub mod allocations;
 pub mod analytics;
 pub mod arena;
 pub mod clock;
+pub mod exports;
 pub mod health;
 pub mod models;
 pub mod pressure;

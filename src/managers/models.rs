@@ -22,6 +22,8 @@ pub struct Model {
     pub state: ModelState,
     /// One allocation per non-empty tensor, in file order.
     pub allocations: Vec<Uuid>,
+    /// Every tensor, in file order, as its header describes it (what an export lists).
+    pub tensors: Vec<ModelTensor>,
     /// Bytes of all tensors.
     pub size_bytes: u64,
     /// Tensors in the file.
@@ -56,6 +58,21 @@ impl Model {
             load_time_ms: self.load_time_ms,
         }
     }
+}
+
+/// One tensor of a model: what the safetensors header says of it, and where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelTensor {
+    /// Its name in the file.
+    pub name: String,
+    /// Its dtype as the header writes it (`F16`, `BF16`, …).
+    pub dtype: String,
+    /// Its dimensions.
+    pub shape: Vec<u64>,
+    /// Its bytes.
+    pub size_bytes: u64,
+    /// The allocation holding it (`None` for a tensor of no bytes).
+    pub allocation: Option<Uuid>,
 }
 
 /// Every model and every lease.
@@ -104,6 +121,11 @@ impl ModelTable {
         let id = Uuid::new_v4();
         self.leases.insert(id, name.to_string());
         id
+    }
+
+    /// The model a lease is on.
+    pub fn lease_model(&self, lease: &Uuid) -> Option<&str> {
+        self.leases.get(lease).map(String::as_str)
     }
 
     /// Ends a lease; returns the model's name.

@@ -215,6 +215,56 @@ impl From<Advice> for Recommendation {
     }
 }
 
+impl From<crate::domain::ExportedAllocation> for super::exports::ExportedAllocationInfo {
+    fn from(a: crate::domain::ExportedAllocation) -> Self {
+        super::exports::ExportedAllocationInfo {
+            allocation_id: a.allocation_id.hyphenated().to_string(),
+            offset: a.offset,
+            size_bytes: a.size_bytes,
+        }
+    }
+}
+
+impl From<crate::domain::TensorView> for super::exports::TensorInfo {
+    fn from(t: crate::domain::TensorView) -> Self {
+        super::exports::TensorInfo {
+            name: t.name,
+            dtype: t.dtype,
+            shape: t.shape,
+            allocation_id: t.allocation_id.map(|id| id.hyphenated().to_string()),
+            offset: t.offset,
+            size_bytes: t.size_bytes,
+        }
+    }
+}
+
+impl From<crate::domain::Segment> for super::exports::ClaimSegment {
+    fn from(s: crate::domain::Segment) -> Self {
+        super::exports::ClaimSegment {
+            offset: s.offset,
+            size_bytes: s.size_bytes,
+            file_offset: s.file_offset,
+        }
+    }
+}
+
+impl From<crate::domain::ExportView> for super::exports::ExportSummary {
+    /// Tenants and sessions come later (issue 15): every export is the `default` tenant's, of
+    /// no known client process.
+    fn from(x: crate::domain::ExportView) -> Self {
+        super::exports::ExportSummary {
+            export_id: x.export_id.hyphenated().to_string(),
+            device_id: x.device_id,
+            size_bytes: x.size_bytes,
+            tenant: "default".to_string(),
+            client_pid: None,
+            claimed: x.claimed,
+            created_at: Timestamp(x.created_at),
+            expires_at: Timestamp(x.expires_at),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -47,11 +47,13 @@ pub enum ErrorCode {
     /// Extension (not in the contract's table): the session or HTTP client already has as many
     /// requests in flight as allowed (`--max-in-flight`); this one was not carried out.
     TooManyRequests,
+    /// v1.1 (section 8.7): an unknown or ended `export_id`.
+    ExportNotFound,
 }
 
 impl ErrorCode {
     /// Every code, in the order of the contract's table, then this version's extensions.
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 21] = [
         ErrorCode::InvalidRequest,
         ErrorCode::RequestTooLarge,
         ErrorCode::UnknownAction,
@@ -72,6 +74,7 @@ impl ErrorCode {
         ErrorCode::MethodNotAllowed,
         ErrorCode::InternalError,
         ErrorCode::TooManyRequests,
+        ErrorCode::ExportNotFound,
     ];
 
     /// The code as it appears in `error_code`.
@@ -97,6 +100,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             ErrorCode::InternalError => "INTERNAL_ERROR",
             ErrorCode::TooManyRequests => "TOO_MANY_REQUESTS",
+            ErrorCode::ExportNotFound => "EXPORT_NOT_FOUND",
         }
     }
 
@@ -112,7 +116,8 @@ impl ErrorCode {
             | ErrorCode::AllocationNotFound
             | ErrorCode::TransferNotFound
             | ErrorCode::ModelNotFound
-            | ErrorCode::LeaseNotFound => 404,
+            | ErrorCode::LeaseNotFound
+            | ErrorCode::ExportNotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::AllocationInUse | ErrorCode::ModelInUse => 409,
             ErrorCode::RequestTooLarge => 413,
@@ -193,6 +198,7 @@ mod tests {
                 ("METHOD_NOT_ALLOWED", 405),
                 ("INTERNAL_ERROR", 500),
                 ("TOO_MANY_REQUESTS", 429),
+                ("EXPORT_NOT_FOUND", 404),
             ]
         );
     }

@@ -9,9 +9,11 @@ mod de;
 pub mod enums;
 pub mod envelope;
 pub mod error;
+pub mod exports;
 pub mod shapes;
 pub mod trace;
 
 pub use enums::*;
 pub use error::{ErrorCode, ProtocolError};
+pub use exports::*;
 pub use shapes::*;

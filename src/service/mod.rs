@@ -5,6 +5,7 @@
 //! defragment or an optimize doing its work); the transports run those off the reading thread.
 
 mod allocate;
+mod exports;
 mod model_files;
 mod models;
 pub mod requests;
@@ -89,6 +90,10 @@ pub struct MemoryService {
     /// load ends).
     room: Arc<RoomSignal>,
     shutting_down: AtomicBool,
+    /// Live exports (`memory.export`): what they pin, their secrets.
+    exports: Mutex<crate::managers::exports::ExportTable>,
+    /// Where claims are served (set by the transport that serves them).
+    claim_socket: Mutex<Option<PathBuf>>,
 }
 
 /// See [`MemoryService::with_model_load_hook`].
@@ -129,6 +134,8 @@ impl MemoryService {
             max_waiting: DEFAULT_MAX_WAITING,
             room,
             shutting_down: AtomicBool::new(false),
+            exports: Mutex::default(),
+            claim_socket: Mutex::new(None),
         }
     }
 
@@ -245,6 +252,7 @@ impl MemoryService {
     pub fn shut_down(&self) -> u64 {
         self.begin_shutdown();
         self.threads.stop();
+        self.end_all_exports();
         let released = self.release_all();
         self.close();
         released
@@ -350,6 +358,7 @@ impl MemoryService {
                 Some(id) => Some(e.device_index(id)?),
                 None => None,
             };
+            self.check_not_exported(&req.allocation_id)?;
             e.deallocate(&req.allocation_id, device)?
         };
         Ok(DeallocateResponse {
@@ -365,6 +374,19 @@ impl MemoryService {
         let cleared = {
             let mut e = self.engine.lock();
             let d = e.device_index(&req.device_id)?;
+            // A clear frees exported allocations too: their exports end first.
+            let cleared: Vec<Uuid> = self
+                .exported_allocations()
+                .into_iter()
+                .filter(|id| {
+                    e.allocation_by_id(id).is_some_and(|a| {
+                        a.device_id == req.device_id
+                            && a.owner == "client"
+                            && (req.force || !a.persistent)
+                    })
+                })
+                .collect();
+            self.end_exports_holding(&cleared);
             e.clear(d, req.force)
         };
         Ok(ClearResponse {
@@ -409,6 +431,7 @@ impl MemoryService {
                 let bytes = e.defragment_pass_bytes(d);
                 let mut fixed = fixed.to_vec();
                 fixed.extend(self.models.lock().leased_allocations());
+                fixed.extend(self.exported_allocations());
                 let pass = e.defragment_pass(d, bytes, &fixed);
                 // Waiting requests go first between passes.
                 MutexGuard::unlock_fair(e);
@@ -455,11 +478,13 @@ impl MemoryService {
         use MemoryOptimizationType as T;
         let started = Instant::now();
         let usage_before = self.check_device(&req.device_id)?;
-        let preserve: Vec<Uuid> = req
+        let mut preserve: Vec<Uuid> = req
             .preserve_allocations
             .iter()
             .filter_map(|id| Uuid::parse_str(id).ok())
             .collect();
+        // Exported allocations are neither freed nor moved.
+        preserve.extend(self.exported_allocations());
         let mut actions = Vec::new();
         let t = req.optimization_type;
         let footprint_before = self.footprint(&req.device_id)?;

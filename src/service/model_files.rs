@@ -183,6 +183,10 @@ pub(crate) struct ModelFile {
 /// One tensor of a header: its name and where its bytes are in the file.
 pub(crate) struct Tensor {
     pub(crate) name: String,
+    /// Its dtype as the header writes it (`F16`, `BF16`, `F32`, …).
+    pub(crate) dtype: String,
+    /// Its dimensions, from the header.
+    pub(crate) shape: Vec<u64>,
     /// Offset of its first byte in the file.
     pub(crate) start: u64,
     /// Its length in bytes.
@@ -284,6 +288,8 @@ impl ModelFile {
             }
             end = e;
             tensors.push(Tensor {
+                dtype: info.dtype.to_string(),
+                shape: info.shape.iter().map(|&d| d as u64).collect(),
                 name,
                 start: data_start + s,
                 len: e - s,

@@ -9,7 +9,7 @@ use super::requests::{
 };
 use crate::backends::BackendError;
 use crate::managers::allocations::EngineError;
-use crate::managers::models::Model;
+use crate::managers::models::{Model, ModelTensor};
 use crate::managers::{AllocationSpec, Owner};
 use crate::protocol::{
     ErrorCode, MemoryAllocationType, ModelAcquireResponse, ModelInfo, ModelOptimizeResponse,
@@ -69,6 +69,7 @@ impl MemoryService {
                 resident_device_id: req.device_id.clone(),
                 state: ModelState::Loading,
                 allocations: Vec::new(),
+                tensors: Vec::new(),
                 size_bytes: 0,
                 tensor_count: 0,
                 loaded_at: now,
@@ -78,7 +79,8 @@ impl MemoryService {
             });
         }
         let mut made = Vec::new();
-        let result = self.copy_tensors(req, &file, device, &mut made);
+        let mut listed = Vec::new();
+        let result = self.copy_tensors(req, &file, device, &mut made, &mut listed);
         // However the load ends, an acquire waiting for it wakes (after the table's lock, below,
         // is let go: locals drop in reverse order).
         struct Ended<'a>(&'a crate::managers::room::RoomSignal);
@@ -107,6 +109,7 @@ impl MemoryService {
                 };
                 m.state = ModelState::Loaded;
                 m.allocations = made;
+                m.tensors = listed;
                 m.size_bytes = size;
                 m.tensor_count = count;
                 m.loaded_at = self.now();
@@ -143,6 +146,7 @@ impl MemoryService {
         file: &ModelFile,
         device: usize,
         made: &mut Vec<Uuid>,
+        listed: &mut Vec<ModelTensor>,
     ) -> Result<(u64, u64), ProtocolError> {
         let tensors = file.header()?;
         let owner = Owner::Model(req.model_name.as_str().into());
@@ -188,6 +192,13 @@ impl MemoryService {
         let mut count = 0u64;
         for tensor in &tensors {
             count += 1;
+            listed.push(ModelTensor {
+                name: tensor.name.clone(),
+                dtype: tensor.dtype.clone(),
+                shape: tensor.shape.clone(),
+                size_bytes: tensor.len,
+                allocation: None,
+            });
             if tensor.len == 0 {
                 continue;
             }
@@ -218,6 +229,9 @@ impl MemoryService {
                 }
             };
             made.push(id);
+            if let Some(t) = listed.last_mut() {
+                t.allocation = Some(id);
+            }
             let reader = file.reader(tensor);
             match engine.write_with(&id.to_string(), 0, tensor.len, &reader) {
                 Ok(()) => {}
@@ -423,6 +437,7 @@ impl MemoryService {
     /// Unloads a model whatever its leases; returns the bytes freed.
     pub(super) fn drop_model(&self, name: &str) -> Option<u64> {
         let model = self.models.lock().remove(name)?;
+        self.end_exports_of_model(name);
         let mut freed = 0;
         {
             let mut engine = self.engine.lock();
@@ -613,9 +628,13 @@ impl MemoryService {
                     ),
                 ));
             }
-            models
+            let model = models
                 .remove(&req.model_name)
-                .ok_or_else(|| not_found(&req.model_name))?
+                .ok_or_else(|| not_found(&req.model_name))?;
+            // With force, its exports end first (without force a leased, so exported,
+            // model was refused above).
+            self.end_exports_of_model(&req.model_name);
+            model
         };
         let mut freed = 0;
         {
@@ -742,6 +761,8 @@ impl MemoryService {
             m.last_used_at = self.now();
         }
         drop(models);
+        // The exports made under the lease end with it.
+        self.end_exports_of_lease(&lease);
         // An unleased model may be evicted: a load or an acquire waiting for room may now fit.
         self.room.raise();
         Ok(ModelReleaseResponse {

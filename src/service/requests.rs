@@ -222,3 +222,23 @@ pub struct ModelOptimizeRequest {
     /// FitBudget's target.
     pub target_bytes: Option<u64>,
 }
+
+/// What `memory.export` takes: an allocation, or a model under a lease.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExportRequest {
+    /// The allocation to export (exclusive with `model_name`).
+    pub allocation_id: Option<String>,
+    /// The model to export (with `lease_id`).
+    pub model_name: Option<String>,
+    /// The lease the model export is made under; the export ends with it.
+    pub lease_id: Option<String>,
+    /// How long the secret may be claimed, in seconds (default 60).
+    pub claim_seconds: f64,
+}
+
+/// A request whose only field is `export_id` (`memory.unexport`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExportIdRequest {
+    /// The export.
+    pub export_id: String,
+}

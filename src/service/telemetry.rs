@@ -178,7 +178,9 @@ impl MemoryService {
                         bytes: m.size_bytes,
                     })
                     .collect();
-                (idle, models.leased_allocations())
+                let mut fixed = models.leased_allocations();
+                fixed.extend(self.exported_allocations());
+                (idle, fixed)
             };
             let mut e = self.engine.lock();
             let telemetry = e.telemetry(d, self.pressure_hold_ms);

@@ -75,6 +75,10 @@ impl MemoryService {
             let mut e = self.engine.lock();
             let src = e.device_index(&req.source_device_id)?;
             let dst = e.device_index(&req.destination_device_id)?;
+            if req.mode == TransferMode::Move {
+                // A move frees the source: not while an export holds it (a copy only reads).
+                self.check_not_exported(&req.allocation_id)?;
+            }
             e.begin_transfer(&req.allocation_id, src, dst, self.now())?
         };
         let copy = req.mode == TransferMode::Copy;

@@ -2,6 +2,7 @@
 //! action, `data`) or a REST route into a typed request, hand it to dispatch and write the
 //! answers; what each action does is `api`'s.
 
+pub mod claim;
 pub mod framing;
 pub mod http;
 pub mod lines;

@@ -190,6 +190,9 @@ pub async fn serve(
     let local = listener.local_addr()?;
     check_listen_address(&local, options.token.is_some())
         .map_err(|m| std::io::Error::new(std::io::ErrorKind::PermissionDenied, m))?;
+    let claim = super::claim::ClaimServer::start(&service, &tokio::runtime::Handle::current())
+        .map_err(|e| tracing::warn!("no claim socket, so no exports: {e}"))
+        .ok();
     let stopping = Arc::clone(&service);
     let signal = async move {
         shutdown.await;
@@ -203,6 +206,7 @@ pub async fn serve(
     )
     .await;
     let released = service.shut_down();
+    drop(claim);
     tracing::info!("released {released} allocations");
     Ok(())
 }

@@ -171,6 +171,8 @@ pub struct Worker {
     /// Held by the reader while it handles a batch, so a signal never cuts one in half.
     batch: Mutex<()>,
     finished: Once,
+    /// Where exports are claimed; stopped (and removed) after the service is shut down.
+    claim: Mutex<Option<super::claim::ClaimServer>>,
 }
 
 impl Worker {
@@ -185,6 +187,9 @@ impl Worker {
         let backlog = Arc::new(Backlog::default());
         let (tx, rx) = mpsc::channel::<Vec<u8>>();
         let (out, b) = (Arc::clone(&output), Arc::clone(&backlog));
+        let claim = super::claim::ClaimServer::start(dispatcher.service(), &runtime)
+            .map_err(|e| tracing::warn!("no claim socket, so no exports: {e}"))
+            .ok();
         let writer = std::thread::Builder::new()
             .name("memcoord-writer".into())
             .spawn(move || {
@@ -205,6 +210,7 @@ impl Worker {
             stopping: AtomicBool::new(false),
             batch: Mutex::new(()),
             finished: Once::new(),
+            claim: Mutex::new(claim),
         })
     }
 
@@ -374,6 +380,12 @@ impl Worker {
                 let _ = w.join();
             }
             let released = service.shut_down();
+            drop(
+                self.claim
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take(),
+            );
             tracing::info!("released {released} allocations; exiting");
         });
     }

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 #![allow(unsafe_code)] // test code: libc calls and memory maps of its own
 
+pub mod claim;
 pub mod faulty;
 pub mod inproc;
 

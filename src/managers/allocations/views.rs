@@ -212,3 +212,24 @@ impl AllocationEngine {
                 .sum::<usize>()
     }
 }
+
+impl AllocationEngine {
+    /// The file another process maps a device's memory through, with the device's page size:
+    /// shareable host memory (`shm`) only; offsets in the file are placements' offsets.
+    pub fn shared_file(&self, device: usize) -> Option<(std::sync::Arc<std::fs::File>, u64)> {
+        let backend = self.devices[device].arena.backend();
+        backend.shared_file().map(|f| (f, backend.page_size()))
+    }
+
+    /// The kind of memory a device has.
+    pub fn memory_type(&self, device: usize) -> crate::domain::MemoryType {
+        self.devices[device].arena.backend().memory_type()
+    }
+}
+
+impl AllocationEngine {
+    /// Whether an allocation is in a transfer or still having its pages backed.
+    pub fn is_busy(&self, id: &Uuid) -> bool {
+        self.records.get(id).is_some_and(|r| r.busy)
+    }
+}
