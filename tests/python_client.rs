@@ -49,6 +49,11 @@ fn python_client_tests_pass_against_the_binary() {
             "the Python tests of {module} did not run:\n{stderr}"
         );
     }
+    // This binary has exports: the tests against them must have run, not skipped.
+    assert!(
+        !stderr.contains("no memory.export yet"),
+        "the export tests skipped against a binary that has memory.export:\n{stderr}"
+    );
     // What cannot run here (no GPU, no numpy, no torch) is skipped, and says so.
     for line in stderr.lines().filter(|l| l.contains("SKIPPED")) {
         eprintln!("{line}");

@@ -142,20 +142,21 @@ class ExportsAgainstTheWorker(unittest.TestCase):
 
     def test_exported_allocation_stays_put_through_a_defragment(self) -> None:
         c = self.c
-        ids = [c.allocate("shm", MiB, purpose=f"frag{i}")["allocation"] for i in range(6)]
-        target = ids[4]
+        ids = [c.allocate("shm", MiB, purpose=f"frag{i}")["allocation"] for i in range(8)]
+        target, movable = ids[4], ids[1]
         pattern = random.Random(5).randbytes(MiB)
         with open(target["handle"]["path"], "r+b") as f:
             f.seek(target["handle"]["offset"])
             f.write(pattern)
         info = c.export(allocation_id=target["allocation_id"])
         with shm.attach(info) as m:
-            for x in ids[:4]:
-                c.deallocate(x["allocation_id"])
+            for i in (0, 2, 3, 5):  # holes before and after both
+                c.deallocate(ids[i]["allocation_id"])
             d = c.defragment("shm")
-            self.assertGreaterEqual(d["moved_count"], 1, "the allocation after the export could move")
+            self.assertGreaterEqual(d["moved_count"], 1, "the allocations around the export move")
             after = {x["allocation_id"]: x for x in c.get_allocations("shm")["allocations"]}
             self.assertEqual(after[target["allocation_id"]]["handle"], target["handle"], "the exported allocation did not move")
+            self.assertNotEqual(after[movable["allocation_id"]]["handle"], movable["handle"], "its neighbour did")
             self.assertTrue(m.memoryview() == pattern, "the importer still sees its bytes")
             # In place both ways: a write here is in memcoord's file at the allocation's place.
             mv = m.memoryview()
