@@ -258,6 +258,29 @@ fn a_worker_process_is_claimed_from_here_and_removes_its_socket_at_eof_and_on_si
 }
 
 #[test]
+fn a_worker_killed_with_sigkill_leaves_its_directory_and_the_next_one_removes_it() {
+    let run = RuntimeDir::new("kill");
+    let mut w = spawned_worker(&run);
+    let info = exported(&mut w, 4096, 8);
+    w.kill();
+    let left = PathBuf::from(&info.socket_path);
+    assert!(left.exists(), "SIGKILL gives no chance to clean up");
+    // Something that is not a claim socket's directory stays, whatever its name.
+    let other = run.0.join("memcoord-1-x");
+    std::fs::create_dir(&other).unwrap();
+    let mut next = spawned_worker(&run);
+    let mine = exported(&mut next, 4096, 9);
+    assert!(
+        !left.parent().unwrap().exists(),
+        "the stale directory is removed"
+    );
+    assert!(other.exists());
+    assert!(Path::new(&mine.socket_path).exists());
+    assert!(next.close(Duration::from_secs(20)).success());
+    assert_eq!(run.entries(), 1, "only the unrelated directory is left");
+}
+
+#[test]
 fn a_server_process_removes_its_claim_socket_on_sigterm() {
     let run = RuntimeDir::new("serve");
     let s = Server::spawn_with(

@@ -9,7 +9,9 @@
 //! ([`ClaimServer::start`]) and stop it after the service is shut down; the socket and its
 //! directory are removed then. The directory is `$XDG_RUNTIME_DIR/memcoord-<pid>-<n>` (the
 //! system's temporary directory when that is not set, or `/tmp` when either would make the
-//! socket's path longer than a socket address holds) and the socket `claim.sock` in it.
+//! socket's path longer than a socket address holds) and the socket `claim.sock` in it. Starting
+//! one removes the directories that processes killed before they could remove theirs left
+//! there.
 //!
 //! A client cannot hold the service up: connections are read on the async runtime, not on the
 //! threads that answer requests; a client gets [`CLAIM_IO_TIMEOUT`] for its whole line (one
@@ -71,9 +73,48 @@ fn private_dir() -> io::Result<PathBuf> {
         let n = SOCKETS.fetch_add(1, Ordering::Relaxed);
         let dir = base.join(format!("memcoord-{}-{n}", std::process::id()));
         match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => return Ok(dir),
+            Ok(()) => {
+                remove_stale(&base, &dir);
+                return Ok(dir);
+            }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Removes what the claim sockets of memcoord processes that are gone left in `base` (a process
+/// killed with SIGKILL leaves its directory): directories `memcoord-<pid>-<n>` of pids that no
+/// longer run (no `/proc/<pid>`), owned by the owner of `ours`, holding nothing but `claim.sock`
+/// (a directory with anything else in it stays).
+fn remove_stale(base: &Path, ours: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(mine), true) = (std::fs::metadata(ours), Path::new("/proc/self").exists()) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some((pid, n)) = name
+            .to_str()
+            .and_then(|x| x.strip_prefix("memcoord-"))
+            .and_then(|x| x.split_once('-'))
+        else {
+            continue;
+        };
+        if !digits(pid) || !digits(n) || Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        let dir = entry.path();
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() && m.uid() == mine.uid() => {
+                let _ = std::fs::remove_file(dir.join("claim.sock"));
+                let _ = std::fs::remove_dir(&dir);
+            }
+            _ => {}
         }
     }
 }
