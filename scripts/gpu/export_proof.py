@@ -371,7 +371,7 @@ def main() -> int:
         children.append(c)
         return c
 
-    client = memcoord.Client.spawn(args.memcoord, ["--budget", f"cuda:0={args.budget}", "--model-root", tmp.name], stderr="inherit", timeout=600)
+    client = memcoord.Client.spawn(args.memcoord, ["--budget", f"cuda:0={args.budget}", "--model-root", tmp.name], stderr="devnull", timeout=600)
     try:
         before = [client.allocate("cuda:0", 128 * MiB, purpose="proof-before")["allocation"]["allocation_id"] for _ in range(8)]
         t0 = time.perf_counter()
@@ -385,7 +385,7 @@ def main() -> int:
         r("### Attach in a second process vs safetensors.torch.load_file")
         a = child()
         a("ctx")
-        runs, exports = [], []
+        runs: List[Dict[str, Any]] = []
         ref: Optional[Dict[str, List[int]]] = None
         for i in range(args.runs):
             ex = client.export(model_name="sdxl", lease_id=lease)
