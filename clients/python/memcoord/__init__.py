@@ -5,7 +5,9 @@
   action, :meth:`Client.export` among them.
 - :func:`claim`: claim an export over its Unix socket (descriptors by SCM_RIGHTS).
 - :mod:`memcoord.shm`, :mod:`memcoord.cuda`: map an export's bytes into this process, no copy.
-- :mod:`memcoord.torch`: a served model as ``{name: torch.Tensor}`` for ``load_state_dict(assign=True)``.
+- :mod:`memcoord.torch`: a served model as ``{name: torch.Tensor}`` for ``load_state_dict(assign=True)``
+  (:func:`memcoord.torch.state_dict` takes the lease and the export itself; :func:`memcoord.torch.attach`
+  maps an export someone else made); ``release()`` unmaps.
 
 No required dependency: numpy and torch are imported only by the helpers that need them.
 """
