@@ -500,6 +500,8 @@ def main() -> int:
         c2 = child()
         c2("ctx")
         c2("attach", export=ex6.raw)
+        layout = lambda e: [(x.allocation_id, x.offset, x.size_bytes) for x in e.allocations]  # noqa: E731
+        r.verdict(layout(ex6) == layout(ex5), "an export made after the defragment lays the model's allocations out as the one made before")
         seen = c2("peek", name=first, n=4)["hex"]
         a("poke", name=first, hex=old)
         r.verdict(seen == "a5a5c3c3", f"not moved: bytes written by the attached child after the defragment are read by a newly attached one ({seen})")
