@@ -3,7 +3,9 @@
 #
 #   scripts/gpu-check.sh build   here (Rust toolchain): builds the binaries into gpu-bundle/
 #   scripts/gpu-check.sh run     on the GPU machine (carry gpu-bundle): runs the GPU tests, the
-#                                GPU benchmarks and a full-scale trace replay on cuda:0, and
+#                                GPU benchmarks, a full-scale trace replay on cuda:0, the Python
+#                                client's tests and issue 14's export proof (scripts/gpu/export_proof.py:
+#                                needs python3 with torch; safetensors for its comparison), and
 #                                writes the report to $OUT/gpu-report.md (or ./gpu-report.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +26,10 @@ build)
   cp "$(cargo test --release --no-run --test gpu --message-format=json 2>/dev/null | exe_of gpu)" gpu-bundle/gpu-tests
   cp "$(cargo bench --no-run --bench gpu --message-format=json 2>/dev/null | exe_of gpu)" gpu-bundle/gpu-bench
   cp assets/traces/sdxl-inference.jsonl gpu-bundle/
+  mkdir -p gpu-bundle/python
+  cp -r clients/python/memcoord clients/python/memcoord_client.py clients/python/tests gpu-bundle/python/
+  cp scripts/gpu/export_proof.py gpu-bundle/
+  find gpu-bundle/python -name __pycache__ -prune -exec rm -rf {} +
   strip gpu-bundle/memcoord gpu-bundle/gpu-tests gpu-bundle/gpu-bench
   du -sh gpu-bundle
   ;;
@@ -97,6 +103,11 @@ PY
     echo '```'
     "$b/memcoord" replay "$b/sdxl-inference.jsonl" --device cuda:0 --budget cuda:0=100GiB --json 2>&1 || true
     echo '```'
+    echo "## Python client tests on the GPU (cuda.attach against the real driver)"
+    echo '```'
+    MEMCOORD_BIN="$b/memcoord" python3 -m unittest discover -s "$b/python/tests" -v 2>&1 || echo "PYTHON CLIENT TESTS FAILED"
+    echo '```'
+    PYTHONUNBUFFERED=1 python3 "$b/export_proof.py" --memcoord "$b/memcoord" --client-dir "$b/python" || echo "EXPORT PROOF FAILED"
   } 2>&1 | tee "$report"
   ;;
 *)
