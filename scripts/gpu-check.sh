@@ -26,8 +26,8 @@ build)
   cp "$(cargo test --release --no-run --test gpu --message-format=json 2>/dev/null | exe_of gpu)" gpu-bundle/gpu-tests
   cp "$(cargo bench --no-run --bench gpu --message-format=json 2>/dev/null | exe_of gpu)" gpu-bundle/gpu-bench
   cp assets/traces/sdxl-inference.jsonl gpu-bundle/
-  mkdir -p gpu-bundle/python
-  cp -r clients/python/memcoord clients/python/memcoord_client.py clients/python/tests gpu-bundle/python/
+  cp -r clients/python gpu-bundle/python
+  cp scripts/gpu-check.sh gpu-bundle/
   cp scripts/gpu/export_proof.py gpu-bundle/
   find gpu-bundle/python -name __pycache__ -prune -exec rm -rf {} +
   strip gpu-bundle/memcoord gpu-bundle/gpu-tests gpu-bundle/gpu-bench

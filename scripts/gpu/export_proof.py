@@ -317,7 +317,8 @@ def med(xs: List[float]) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--memcoord", required=True, help="the memcoord binary (release)")
+    # Not required by argparse: a child (--child) needs no binary; the parent checks below.
+    ap.add_argument("--memcoord", help="the memcoord binary (release)")
     ap.add_argument("--client-dir", default=os.path.join(HERE, "..", "..", "clients", "python"),
                     help="the folder holding the memcoord Python package")
     ap.add_argument("--size-gib", type=float, default=2.5)
@@ -330,6 +331,8 @@ def main() -> int:
     if args.child:
         child_main()
         return 0
+    if not args.memcoord:
+        ap.error("--memcoord is required (the release memcoord binary)")
 
     r = Report()
     r("## Exports: a model shared in place with other processes (issue 14)")

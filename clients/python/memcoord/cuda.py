@@ -8,12 +8,12 @@ Through the CUDA driver (``libcuda.so.1``, via ctypes; no toolkit, no torch need
    the ordinal N of ``cuda:N``. Its primary context (the one PyTorch uses) is retained and pushed
    current while mapping and unmapping.
 2. For each claimed descriptor, once: ``cuMemImportFromShareableHandle(fd,
-   CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR)``. Several segments may stand for parts of one physical
-   allocation (each arrives with its own descriptor); each descriptor is imported once and its
-   handle released on close. The descriptors are closed once imported.
+   CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR)``. memcoord sends each physical allocation whole, with
+   ``file_offset`` 0 (the driver maps one only from its start); each descriptor is imported once
+   and its handle released on close. The descriptors are closed once imported.
 3. ``cuMemAddressReserve`` of the export's range, then for each segment
-   ``cuMemMap(base + offset, size_bytes, file_offset, handle)`` (``file_offset`` is where the
-   segment starts inside the physical allocation), then ``cuMemSetAccess`` read/write for the GPU
+   ``cuMemMap(base + offset, size_bytes, file_offset, handle)`` (``file_offset``, 0 from memcoord, is
+   passed on as the driver's offset into the physical allocation), then ``cuMemSetAccess`` read/write for the GPU
    over each run of back-to-back segments. Offsets and sizes are multiples of the GPU's mapping
    granularity (2 MiB on an H200); anything else is refused before a call is made.
 

@@ -206,9 +206,11 @@ impl Gpu {
             });
     }
 
-    /// Descriptors for another process to map `[offset, offset + len)` (whole granules): one
-    /// per run of the range held by one physical allocation, with the run's place in the
-    /// range and in the allocation. `Ok(None)` where the driver cannot export.
+    /// Descriptors for another process to map `[offset, offset + len)`: one per physical
+    /// allocation under the range, each whole (its place in the arena, and `file_offset` 0),
+    /// so the pieces may reach past the range. Whole, because the driver maps a physical
+    /// allocation only from its start: `cuMemMap` at a non-zero offset into one is
+    /// `CUDA_ERROR_NOT_SUPPORTED` (H200, driver 580). `Ok(None)` where the driver cannot export.
     pub(super) fn share(
         &self,
         offset: u64,
@@ -218,7 +220,7 @@ impl Gpu {
             return Ok(None);
         }
         let g = self.granularity;
-        let pieces: Vec<Piece> = self
+        let mut pieces: Vec<Piece> = self
             .chunks
             .pieces(offset / g, (offset + len).div_ceil(g))
             .ok_or_else(|| BackendError::Device {
@@ -226,6 +228,7 @@ impl Gpu {
                 what: "exporting",
                 message: "part of the range is not backed".into(),
             })?;
+        pieces.dedup_by_key(|p| p.chunk.first);
         let mut out = Vec::with_capacity(pieces.len());
         for p in pieces {
             let mut fd: std::ffi::c_int = -1;
@@ -246,10 +249,10 @@ impl Gpu {
             // SAFETY: the driver handed us a new descriptor that nothing else owns.
             let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
             out.push(SharedPiece {
-                offset: p.first * g,
-                len: (p.end - p.first) * g,
+                offset: p.chunk.first * g,
+                len: p.chunk.count * g,
                 file: std::sync::Arc::new(file),
-                file_offset: (p.first - p.chunk.first) * g,
+                file_offset: 0,
             });
         }
         Ok(Some(out))

@@ -5,6 +5,15 @@ use crate::domain::{ExportedAllocation, Segment, plan_segments};
 use std::fs::File;
 use std::sync::Arc;
 
+/// A backend that shared a range without covering a byte of it (a bug, said plainly).
+fn not_covered(device: &str, at: u64) -> crate::backends::BackendError {
+    crate::backends::BackendError::Device {
+        device: device.to_string(),
+        what: "exporting",
+        message: format!("no shared piece covers offset {at}"),
+    }
+}
+
 /// Allocations laid out for another process to map ([`AllocationEngine::share`]).
 #[derive(Debug)]
 pub struct Shared {
@@ -230,37 +239,67 @@ impl AllocationEngine {
 
 impl AllocationEngine {
     /// How another process maps allocations of `device` given as `(id, offset, size)`: their
-    /// ranges widened to whole pages and merged ([`plan_segments`]), then cut where the
-    /// backend's pieces change file (a GPU's physical allocations). Returns the segments,
-    /// each with the file its descriptor opens, the allocations' places in the export's byte
-    /// range and its length; `Ok(None)` when the device's memory is not shareable.
+    /// ranges widened to whole pages and merged ([`plan_segments`]), then handed to the backend,
+    /// which says what holds them ([`crate::backends::Backend::share`]): for `shm` exactly those
+    /// ranges of its file; for a GPU the whole physical allocations under them (its driver maps
+    /// a physical allocation only from its start), which may reach past the ranges and be
+    /// shared by several of them. The pieces, each once, in address order, are laid back to back
+    /// as the export's segments; an allocation's place in the byte range is its piece's segment
+    /// plus its distance into the piece (an allocation spanning pieces spans adjacent ones,
+    /// which follow each other there too). Returns the segments with the file each descriptor
+    /// opens, the allocations' places and the range's length; `Ok(None)` when the device's
+    /// memory is not shareable.
     pub fn share(
         &self,
         device: usize,
         placed: &[(Uuid, u64, u64)],
     ) -> Result<Option<Shared>, EngineError> {
         let backend = self.devices[device].arena.backend();
-        let (merged, allocations, size) = plan_segments(placed, backend.page_size());
-        let mut segments = Vec::with_capacity(merged.len());
+        let (merged, _, _) = plan_segments(placed, backend.page_size());
+        let mut pieces: std::collections::BTreeMap<u64, crate::backends::SharedPiece> =
+            std::collections::BTreeMap::new();
         for m in merged {
-            let Some(pieces) = backend.share(m.file_offset, m.size_bytes)? else {
+            let Some(got) = backend.share(m.file_offset, m.size_bytes)? else {
                 return Ok(None);
             };
-            for piece in pieces {
-                segments.push((
-                    Segment {
-                        offset: m.offset + (piece.offset - m.file_offset),
-                        size_bytes: piece.len,
-                        file_offset: piece.file_offset,
-                    },
-                    piece.file,
-                ));
+            for piece in got {
+                pieces.entry(piece.offset).or_insert(piece);
             }
+        }
+        let mut segments = Vec::with_capacity(pieces.len());
+        // (piece start, piece end, segment offset), in address order.
+        let mut starts = Vec::with_capacity(pieces.len());
+        let mut cursor = 0u64;
+        for piece in pieces.into_values() {
+            starts.push((piece.offset, piece.offset + piece.len, cursor));
+            segments.push((
+                Segment {
+                    offset: cursor,
+                    size_bytes: piece.len,
+                    file_offset: piece.file_offset,
+                },
+                piece.file,
+            ));
+            cursor += piece.len;
+        }
+        let mut allocations = Vec::with_capacity(placed.len());
+        for &(id, at, size) in placed {
+            let k = starts.partition_point(|&(start, _, _)| start <= at);
+            let (start, _, segment) = k
+                .checked_sub(1)
+                .map(|k| starts[k])
+                .filter(|&(_, end, _)| at < end)
+                .ok_or_else(|| EngineError::Backend(not_covered(backend.device_id(), at)))?;
+            allocations.push(ExportedAllocation {
+                allocation_id: id,
+                offset: segment + (at - start),
+                size_bytes: size,
+            });
         }
         Ok(Some(Shared {
             segments,
             allocations,
-            size_bytes: size,
+            size_bytes: cursor,
         }))
     }
 
