@@ -48,9 +48,10 @@ impl MemoryService {
         self.claim_socket.lock().clone()
     }
 
-    /// `memory.export`: an `shm` allocation, or a model resident on `shm` under one of its
-    /// leases, laid out as page-aligned segments of the shared-memory file
-    /// ([`plan_segments`]), with a secret good for one claim until `claim_seconds` from now.
+    /// `memory.export`: an `shm` or GPU allocation, or a model resident there under one of its
+    /// leases, laid out as segments another process maps
+    /// ([`AllocationEngine::share`](crate::managers::AllocationEngine::share)), with a secret
+    /// good for one claim until `claim_seconds` from now.
     pub fn export(&self, req: &ExportRequest) -> Result<ExportInfo, ProtocolError> {
         let socket = self.claim_socket().ok_or_else(|| {
             ProtocolError::invalid_parameter(
