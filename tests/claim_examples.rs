@@ -10,7 +10,7 @@ mod common;
 
 use common::claim::{Mapped, claim_export};
 use common::inproc::InProcessWorker;
-use common::{Allocate, Deallocate, ModelAcquire, ModelLoad, Requests, write_model};
+use common::{Allocate, Deallocate, GetUsage, ModelAcquire, ModelLoad, Requests, write_model};
 use memcoord::api::actions::export::Export;
 use memcoord::protocol::ExportInfo;
 use serde_json::json;
@@ -49,12 +49,14 @@ impl Drop for Scratch {
     }
 }
 
-/// A worker whose `shm` has holes of three pages between allocations, with a model of five
-/// 10 KiB tensors loaded into them and leased; returns the worker, the lease and the model
-/// file's tensor bytes in file order.
+/// A worker whose `shm` budget is full but for holes of 5 MiB between allocations, with a model
+/// of five 4 MiB tensors loaded into them and leased; returns the worker, the lease and the model
+/// file's tensor bytes in file order. A model is placed as one region where a free range holds
+/// it; here none does (the arena's range beyond the budget is 16 MiB), so its tensors go into the
+/// holes one by one and its export has several segments.
 fn fragmented_model(root: &Path) -> (InProcessWorker, String, Vec<u8>) {
     let names = ["t0", "t1", "t2", "t3", "t4"];
-    let tensors: Vec<(&str, usize)> = names.iter().map(|n| (*n, 2560)).collect();
+    let tensors: Vec<(&str, usize)> = names.iter().map(|n| (*n, 1 << 20)).collect();
     let bytes = write_model(&root.join("m.safetensors"), &tensors);
     let dir = root.to_path_buf();
     let mut w =
@@ -62,13 +64,17 @@ fn fragmented_model(root: &Path) -> (InProcessWorker, String, Vec<u8>) {
     let made: Vec<String> = (0..12)
         .map(|_| {
             w.send::<Allocate>(
-                json!({"device_id": "shm", "size_bytes": 3 * 4096, "alignment": 4096}),
+                json!({"device_id": "shm", "size_bytes": 5 << 20, "alignment": 4096}),
             )
             .unwrap()
             .allocation
             .allocation_id
         })
         .collect();
+    let usage = w.send::<GetUsage>(json!({"device_id": "shm"})).unwrap();
+    let rest = usage.budget_bytes - usage.allocated_bytes - usage.reservation_bytes;
+    w.send::<Allocate>(json!({"device_id": "shm", "size_bytes": rest}))
+        .unwrap();
     for id in made.iter().step_by(2) {
         w.send::<Deallocate>(json!({"allocation_id": id})).unwrap();
     }
