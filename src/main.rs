@@ -420,8 +420,10 @@ struct DeviceArgs {
     #[arg(long, value_name = "SIZE")]
     pinned_pool: Option<String>,
     /// Permissions of the `shm` file, in octal. Default 0600: only this user's processes can
-    /// map allocations; 0660 lets the file's group map them too (clients running as another
-    /// user in that group).
+    /// map allocations by their handle's path (anyone who can open the file reads every `shm`
+    /// allocation: model weights, client data); 0640 lets the file's group read them, 0660 write
+    /// them too. At most 0664: world-writable modes and execute bits are refused. Exports need
+    /// none of this: a claim passes the file's descriptor.
     #[arg(long, value_name = "MODE")]
     shm_mode: Option<String>,
 }
