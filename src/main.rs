@@ -227,6 +227,8 @@ struct ServiceArgs {
     pressure_hold_seconds: f64,
     /// Keep persistent `shm` allocations in this directory so they outlive the worker (even
     /// killed): the next worker with the same directory adopts them (same ids, bytes, handles).
+    /// Made 0700 (its files 0600); an existing one open to others is tightened to 0700, one
+    /// that others may write to is refused.
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
     /// The most requests that may wait for memory on one device at once; more are answered

@@ -50,7 +50,8 @@ impl MemoryService {
 
     /// `memory.export`: an `shm` allocation, or a model resident on `shm` under one of its
     /// leases, laid out as page-aligned segments of the shared-memory file
-    /// ([`plan_segments`]), with a secret good for one claim until `claim_seconds` from now.
+    /// ([`plan_segments`](crate::domain::plan_segments)), with a secret good for one claim
+    /// until `claim_seconds` from now.
     pub fn export(&self, req: &ExportRequest) -> Result<ExportInfo, ProtocolError> {
         let socket = self.claim_socket().ok_or_else(|| {
             ProtocolError::invalid_parameter(
