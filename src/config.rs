@@ -160,21 +160,18 @@ impl Settings {
         Ok(s)
     }
 
-    /// Sets the `shm` file's permissions from octal text (`0660`): at most `0666`, and the
-    /// owner can always read and write.
+    /// Sets the `shm` file's permissions from octal text (`0640`, `0660`, `0o660`): read and
+    /// write for the owner, and at most read and write for the group and read for others. A
+    /// world-writable mode, execute bits or the setuid, setgid and sticky bits are refused: whoever
+    /// can open the file reads (and with write, changes) every `shm` allocation, model weights
+    /// and client data alike.
     pub fn set_shm_mode(&mut self, text: &str) -> Result<(), ConfigError> {
-        let bad = || {
+        self.shm_mode = parse_shm_mode(text).map_err(|why| {
             ConfigError::Budget(format!(
-                "--shm-mode `{text}` is not a file mode in octal between 0600 and 0666 \
-                 (e.g. 0660 to let the group map allocations)"
+                "--shm-mode `{text}`: {why} (allowed: 0600, the default, up to 0664; \
+                 e.g. 0640 to let the group read allocations, 0660 to let it write them too)"
             ))
-        };
-        let mode =
-            u32::from_str_radix(text.trim().trim_start_matches("0o"), 8).map_err(|_| bad())?;
-        if mode & !0o666 != 0 || mode & 0o600 != 0o600 {
-            return Err(bad());
-        }
-        self.shm_mode = mode;
+        })?;
         Ok(())
     }
 
@@ -387,8 +384,73 @@ impl Settings {
     }
 }
 
+/// The mode `--shm-mode` text stands for, or why it is refused.
+fn parse_shm_mode(text: &str) -> Result<u32, &'static str> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
+    {
+        return Err("not a file mode in octal");
+    }
+    let mode = u32::from_str_radix(digits, 8).map_err(|_| "not a file mode in octal")?;
+    if mode & 0o7000 != 0 {
+        return Err("setuid, setgid and sticky bits have no place on a memory file");
+    }
+    if mode & 0o111 != 0 {
+        return Err("execute bits have no place on a memory file");
+    }
+    if mode & 0o002 != 0 {
+        return Err("world-writable: every local user could change model weights and client data");
+    }
+    if mode & 0o600 != 0o600 {
+        return Err("the owner (memcoord itself) must be able to read and write it");
+    }
+    Ok(mode)
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn shm_modes_widen_within_limits() {
+        for (text, mode) in [
+            ("0600", 0o600),
+            ("600", 0o600),
+            ("0640", 0o640),
+            ("0o660", 0o660),
+            ("0664", 0o664),
+            ("0644", 0o644),
+        ] {
+            assert_eq!(parse_shm_mode(text), Ok(mode), "{text}");
+        }
+        for (text, why) in [
+            ("0666", "world-writable"),
+            ("0602", "world-writable"),
+            ("0777", "execute"),
+            ("0700", "execute"),
+            ("0610", "execute"),
+            ("4600", "setuid"),
+            ("0400", "owner"),
+            ("0060", "owner"),
+            ("", "octal"),
+            ("0680", "octal"),
+            ("+660", "octal"),
+            ("06600", "octal"),
+            ("rw-", "octal"),
+        ] {
+            let err = parse_shm_mode(text).unwrap_err();
+            assert!(err.contains(why), "{text}: {err}");
+        }
+        let mut s = Settings::default();
+        assert_eq!(s.shm_mode, 0o600);
+        let err = s.set_shm_mode("0666").unwrap_err().to_string();
+        assert!(
+            err.contains("--shm-mode `0666`") && err.contains("0660"),
+            "{err}"
+        );
+        assert_eq!(s.shm_mode, 0o600, "a refused mode changes nothing");
+        s.set_shm_mode("0660").unwrap();
+        assert_eq!(s.shm_mode, 0o660);
+    }
     use super::*;
 
     #[test]

@@ -227,6 +227,8 @@ struct ServiceArgs {
     pressure_hold_seconds: f64,
     /// Keep persistent `shm` allocations in this directory so they outlive the worker (even
     /// killed): the next worker with the same directory adopts them (same ids, bytes, handles).
+    /// Made 0700 (its files 0600); an existing one open to others is tightened to 0700, one
+    /// that others may write to is refused.
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
     /// The most requests that may wait for memory on one device at once; more are answered
@@ -420,8 +422,10 @@ struct DeviceArgs {
     #[arg(long, value_name = "SIZE")]
     pinned_pool: Option<String>,
     /// Permissions of the `shm` file, in octal. Default 0600: only this user's processes can
-    /// map allocations; 0660 lets the file's group map them too (clients running as another
-    /// user in that group).
+    /// map allocations by their handle's path (anyone who can open the file reads every `shm`
+    /// allocation: model weights, client data); 0640 lets the file's group read them, 0660 write
+    /// them too. At most 0664: world-writable modes and execute bits are refused. Exports need
+    /// none of this: a claim passes the file's descriptor.
     #[arg(long, value_name = "MODE")]
     shm_mode: Option<String>,
 }

@@ -324,7 +324,7 @@ fn mode(path: &Path) -> u32 {
 
 /// Item 9: shm files, the state file and the state directory are the owner's only by default
 /// (they were 0644: every local user could read client data); `--shm-mode` widens the shm file
-/// on purpose, within 0600..0666.
+/// on purpose, within 0600..0664 (never world-writable).
 #[test]
 fn state_and_shm_files_are_private() {
     let dir = state_dir("durable-modes");
@@ -346,12 +346,18 @@ fn state_and_shm_files_are_private() {
     let (_, path, _) = filled_shm(&mut w, MIB, false, 83);
     assert_eq!(mode(Path::new(&path)), 0o660, "{path}");
     drop(w);
-    let out = Command::new(BIN)
-        .args(["worker", "--no-gpu", "--shm-mode", "0777"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--shm-mode") && err.contains("0660"), "{err}");
+    // Execute bits and world-writable modes are refused before anything starts.
+    for (refused, why) in [("0777", "execute"), ("0666", "world-writable")] {
+        let out = Command::new(BIN)
+            .args(["worker", "--no-gpu", "--shm-mode", refused])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{refused}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--shm-mode") && err.contains(why) && err.contains("0660"),
+            "{err}"
+        );
+    }
 }

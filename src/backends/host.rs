@@ -9,6 +9,7 @@ use super::{
 use crate::domain::{Handle, MemoryType};
 use memmap2::{Advice, MmapMut, MmapOptions, UncheckedAdvice};
 use std::fs::{File, OpenOptions};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -443,7 +444,21 @@ fn write_owner_note(shm_file: &Path, owner: &Path) -> std::io::Result<()> {
     let note = owner_note(shm_file);
     let mut tmp = note.as_os_str().to_owned();
     tmp.push(format!(".{}.tmp", std::process::id()));
-    std::fs::write(&tmp, owner.as_os_str().as_encoded_bytes())?;
+    // 0600 like the file it describes: where a state directory lies is this user's business.
+    let written = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            f.write_all(owner.as_os_str().as_encoded_bytes())
+        });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     std::fs::rename(&tmp, &note).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })

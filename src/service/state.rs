@@ -25,7 +25,7 @@ use crate::protocol::MemoryAllocationType;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
@@ -109,6 +109,12 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File, StateError> {
             path: path.display().to_string(),
             source,
         })?;
+    // 0600 also for a lock file an older worker made with the umask's mode.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|source| StateError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::Error(source)) => {
@@ -134,23 +140,83 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File, StateError> {
     Ok(file)
 }
 
-/// Creates `dir` (and its parents) if missing; the directory itself is made 0700: it holds the
-/// record of every persistent allocation. An existing directory keeps its mode.
+/// Creates `dir` (and its parents) if missing, mode 0700 whatever the umask (it can only take
+/// bits away): the directory holds the record of every persistent allocation.
+///
+/// An existing directory is checked. Writable by its group or others (mode `0775`, `0777`, a
+/// shared directory like /tmp), it is refused: another local user could put a `state.json` of
+/// their own there and make the worker adopt allocations it never made. Readable or searchable
+/// by them (`0755`), it is tightened to 0700, with a warning in the log; where that fails (not
+/// the owner) the warning says so, and the files themselves stay 0600.
 pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
+    let meta = match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            match std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+            {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+            std::fs::metadata(dir)?
+        }
+        other => other?,
+    };
+    if !meta.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotADirectory,
+            "not a directory",
+        ));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        let who = match mode & 0o022 {
+            0o020 => "its group",
+            0o002 => "every local user",
+            _ => "its group and every local user",
+        };
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "the directory is writable by {who} (mode {mode:04o}), who could replace \
+                 state.json and make this worker adopt allocations it never made; give the \
+                 worker a directory of its own (`mkdir -m 700 DIR`, or `chmod 700` this one)"
+            ),
+        ));
+    }
+    if mode & 0o077 != 0 {
+        let tight = mode & !0o077;
+        match std::fs::set_permissions(dir, std::fs::Permissions::from_mode(tight)) {
+            Ok(()) => tracing::warn!(
+                "--state-dir {}: tightened from mode {mode:04o} to {tight:04o}: it holds the \
+                 record of every persistent allocation, for this user only",
+                dir.display()
+            ),
+            Err(e) => tracing::warn!(
+                "--state-dir {} is mode {mode:04o}, open to other local users, and could not \
+                 be tightened to 0700 ({e}); its files stay 0600, but run `chmod 700` on it",
+                dir.display()
+            ),
+        }
+    }
+    Ok(())
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     {
-        // The owner's only: the file names every persistent allocation and where it lies.
+        // The owner's only from its first byte: created with mode 0600 (the umask can only take
+        // bits away), never widened then narrowed. A temporary file left by a crash, which may
+        // have another mode, is removed first, so this one is always new.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
         f.write_all(bytes)?;
