@@ -329,7 +329,13 @@ fn main() {
             offs.push(info.size_bytes as f64 / t.elapsed().as_secs_f64() / 1e9);
             assert_eq!(r.offloaded, vec!["big".to_string()]);
             let t = Instant::now();
-            let lease = svc.model_acquire(&unload("big")).unwrap();
+            let lease = svc
+                .model_acquire(&memcoord::api::ModelAcquireRequest {
+                    model_name: "big".into(),
+                    timeout_seconds: 30.0,
+                    ttl_seconds: None,
+                })
+                .unwrap();
             backs.push(info.size_bytes as f64 / t.elapsed().as_secs_f64() / 1e9);
             svc.model_release(&memcoord::api::LeaseRequest {
                 lease_id: lease.lease_id,

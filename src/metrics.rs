@@ -388,6 +388,13 @@ impl Collector for Snapshot {
         )?;
         family(
             &mut e,
+            "leases_expired",
+            "Model leases released because their time limit (ttl_seconds) ran out.",
+            None,
+            [(Labels::new(), ConstCounter::new(t.leases_expired_total))],
+        )?;
+        family(
+            &mut e,
             "model_state",
             "1 for the state a model is in.",
             None,

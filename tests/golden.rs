@@ -121,6 +121,8 @@ const TIMES: &[&str] = &[
     "completed_at",
     "loaded_at",
     "last_used_at",
+    "acquired_at",
+    "expires_at",
     "at",
 ];
 
@@ -298,8 +300,21 @@ fn script() -> Vec<(&'static str, Value)> {
         ("memory.model_status", json!({"device_id": "cpu"})),
         ("memory.model_acquire", json!({"model_name": "m"})),
         ("memory.model_unload", json!({"model_name": "m"})),
+        ("memory.model_renew", json!({"lease_id": "$L1"})),
+        (
+            "memory.model_renew",
+            json!({"lease_id": "$L1", "ttl_seconds": 0}),
+        ),
+        (
+            "memory.model_renew",
+            json!({"lease_id": "$L1", "ttl_seconds": 120}),
+        ),
         ("memory.model_release", json!({"lease_id": "$L1"})),
         ("memory.model_release", json!({"lease_id": "$L1"})),
+        (
+            "memory.model_renew",
+            json!({"lease_id": "$L1", "ttl_seconds": 120}),
+        ),
         (
             "memory.model_optimize",
             json!({"strategy": "UnloadIdle", "idle_seconds": 0}),

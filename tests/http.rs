@@ -173,6 +173,15 @@ fn every_route_answers_as_its_openapi_document_says() {
         None,
     );
     let lease_id = lease["lease_id"].as_str().unwrap().to_string();
+    // Over HTTP a lease has a time limit by default (300 s); a renew gives a new one.
+    assert!(lease["expires_at"].is_string(), "{lease}");
+    let renewed = call(
+        "POST",
+        "/v1/leases/{lease_id}/renew",
+        &format!("/v1/leases/{lease_id}/renew"),
+        Some(json!({"ttl_seconds": 60})),
+    );
+    assert_eq!(renewed["lease_id"], lease_id.as_str());
     let ms = call("GET", "/v1/models", "/v1/models?model_name=unet", None);
     assert_eq!(ms["models"].as_array().unwrap().len(), 1);
     call(

@@ -130,6 +130,7 @@ pub struct Context<'a> {
     service: &'a Arc<MemoryService>,
     started: Instant,
     admit: Option<Admit<'a>>,
+    defaults: super::TransportDefaults,
 }
 
 impl<'a> Context<'a> {
@@ -143,7 +144,20 @@ impl<'a> Context<'a> {
             service,
             started,
             admit,
+            defaults: super::TransportDefaults::STREAM,
         }
+    }
+
+    /// The same context with the defaults of the transport the request came by (default:
+    /// [`TransportDefaults::STREAM`](super::TransportDefaults::STREAM)).
+    pub fn with_defaults(mut self, defaults: super::TransportDefaults) -> Self {
+        self.defaults = defaults;
+        self
+    }
+
+    /// The defaults of the transport the request came by (see [`super::defaults`]).
+    pub fn defaults(&self) -> super::TransportDefaults {
+        self.defaults
     }
 
     /// The service.

@@ -13,12 +13,14 @@
 
 pub mod client;
 pub mod context;
+pub mod defaults;
 pub mod parse;
 pub mod query;
 
 pub use context::{
     Admit, Answer, Context, InFlightLimit, InFlightTicket, Reply, catching_panics, internal_error,
 };
+pub use defaults::TransportDefaults;
 
 use crate::protocol::ProtocolError;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
@@ -266,6 +268,7 @@ actions! {
     ModelUnload in model_unload,
     ModelAcquire in model_acquire,
     ModelRelease in model_release,
+    ModelRenew in model_renew,
     ModelStatus in model_status,
     ModelOptimize in model_optimize,
     GetPressure in get_pressure,
@@ -288,9 +291,11 @@ pub use actions::get_pressure::OptionalDeviceRequest;
 pub use actions::get_status::GetStatusRequest;
 pub use actions::get_transfer::TransferIdRequest;
 pub use actions::get_usage::DeviceRequest;
+pub use actions::model_acquire::ModelAcquireRequest;
 pub use actions::model_load::ModelLoadRequest;
 pub use actions::model_optimize::{ModelOptimizeRequest, ModelStrategy};
 pub use actions::model_release::LeaseRequest;
+pub use actions::model_renew::RenewRequest;
 pub use actions::model_status::ModelStatusRequest;
 pub use actions::model_unload::ModelRequest;
 pub use actions::optimize::OptimizeRequest;

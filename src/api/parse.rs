@@ -13,6 +13,8 @@ use serde_json::value::RawValue;
 pub const MAX_ALIGNMENT: u64 = 1 << 30;
 /// The longest `timeout_seconds`.
 pub const MAX_TIMEOUT_SECONDS: f64 = 3600.0;
+/// The longest lease time limit (`ttl_seconds`): 30 days.
+pub const MAX_TTL_SECONDS: f64 = 30.0 * 24.0 * 3600.0;
 /// The largest page `memory.get_allocations` returns.
 pub const MAX_PAGE: u64 = 100_000;
 
@@ -69,6 +71,19 @@ pub fn check_timeout(value: Option<f64>, default: f64) -> Result<f64, ProtocolEr
         )));
     }
     Ok(v)
+}
+
+/// Checks an optional `ttl_seconds` (a lease's time limit): more than 0, at most
+/// [`MAX_TTL_SECONDS`] (30 days).
+pub fn check_ttl(value: Option<f64>) -> Result<Option<f64>, ProtocolError> {
+    match value {
+        None => Ok(None),
+        Some(v) if v.is_finite() && v > 0.0 && v <= MAX_TTL_SECONDS => Ok(Some(v)),
+        Some(v) => Err(ProtocolError::invalid_parameter(format!(
+            "field `ttl_seconds` must be a number of seconds more than 0 and at most 2592000 \
+             (30 days), got {v}; leave it out (or null) for no time limit"
+        ))),
+    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use memcoord::api::client::Client;
 use memcoord::api::{
     ActionSpec, DeviceRequest, GetAllocationsRequest, ModelStatusRequest, OptionalDeviceRequest,
 };
-use memcoord::protocol::Timestamp;
+use memcoord::protocol::{LeaseInfo, Timestamp};
 use memcoord::service::MemoryService;
 use memcoord::units::format_bytes;
 use serde::Serialize;
@@ -211,6 +211,22 @@ pub fn allocs(src: &Source, device: Option<&str>, limit: u64) -> Result<(Value, 
     Ok((json!({"total_count": total, "allocations": all}), out))
 }
 
+/// When a model's leases run out: `-` with none, `never` while one has no time limit, else
+/// the latest deadline (the model is held until then unless they are renewed).
+fn lease_expiry(leases: &[LeaseInfo]) -> String {
+    if leases.is_empty() {
+        return "-".to_string();
+    }
+    if leases.iter().any(|l| l.expires_at.is_none()) {
+        return "never".to_string();
+    }
+    leases
+        .iter()
+        .filter_map(|l| l.expires_at.as_ref())
+        .max()
+        .map_or_else(|| "-".to_string(), time)
+}
+
 /// `memcoord models`.
 pub fn models(src: &Source) -> Result<(Value, String), String> {
     let m = src.ask::<ModelStatus>(&ModelStatusRequest {
@@ -229,6 +245,8 @@ pub fn models(src: &Source) -> Result<(Value, String), String> {
                 bytes(m.size_bytes),
                 m.tensor_count.to_string(),
                 time(&m.last_used_at),
+                m.leases.len().to_string(),
+                lease_expiry(&m.leases),
             ]
         })
         .collect();
@@ -241,6 +259,8 @@ pub fn models(src: &Source) -> Result<(Value, String), String> {
             "SIZE",
             "TENSORS",
             "LAST USED",
+            "LEASES",
+            "LEASE EXPIRES",
         ],
         &rows,
     );

@@ -5,7 +5,7 @@
 //! does, and whether it waits, is its own file's business (`api/actions/`); the envelope
 //! (`request_id`, JSON lines, HTTP bodies) is the transports'.
 
-use crate::api::{Action, Context, Request, Response};
+use crate::api::{Action, Context, Request, Response, TransportDefaults};
 pub use crate::api::{
     Admit, Answer, InFlightLimit, InFlightTicket, Reply, catching_panics, internal_error,
 };
@@ -21,12 +21,23 @@ use std::time::Instant;
 #[derive(Clone)]
 pub struct Dispatcher {
     service: Arc<MemoryService>,
+    defaults: TransportDefaults,
 }
 
 impl Dispatcher {
-    /// A dispatcher over a service.
+    /// A dispatcher over a service, for a stream transport ([`TransportDefaults::STREAM`]).
     pub fn new(service: Arc<MemoryService>) -> Self {
-        Dispatcher { service }
+        Dispatcher {
+            service,
+            defaults: TransportDefaults::STREAM,
+        }
+    }
+
+    /// The same dispatcher with the defaults of its transport (HTTP:
+    /// [`TransportDefaults::HTTP`]), given to every request's context.
+    pub fn with_defaults(mut self, defaults: TransportDefaults) -> Self {
+        self.defaults = defaults;
+        self
     }
 
     /// The service.
@@ -67,7 +78,8 @@ impl Dispatcher {
             }
             match request() {
                 Ok(request) => {
-                    let cx = Context::new(&self.service, started, admit);
+                    let cx =
+                        Context::new(&self.service, started, admit).with_defaults(self.defaults);
                     request.handle(&cx)
                 }
                 Err(e) => Reply::Now(Err(e)),

@@ -17,6 +17,6 @@ pub use kinds::{
 };
 pub use trace::TraceOp;
 pub use views::{
-    AllocationView, DeviceInfo, Fragmentation, Handle, ModelView, PressureView, TransferRecord,
-    UsageStats,
+    AllocationView, DeviceInfo, Fragmentation, Handle, LeaseView, ModelView, PressureView,
+    TransferRecord, UsageStats,
 };

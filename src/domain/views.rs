@@ -162,6 +162,19 @@ pub struct ModelView {
     pub keep_alive_seconds: Option<f64>,
     /// How long the load took.
     pub load_time_ms: f64,
+    /// Its live leases, oldest first.
+    pub leases: Vec<LeaseView>,
+}
+
+/// One lease of a model, as the model table reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseView {
+    /// Its id.
+    pub lease_id: uuid::Uuid,
+    /// When it was taken.
+    pub acquired_at: SystemTime,
+    /// When it ends unless renewed (`None`: when released).
+    pub expires_at: Option<SystemTime>,
 }
 
 /// A transfer of an allocation between devices, as it stands.

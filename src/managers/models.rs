@@ -1,10 +1,10 @@
 //! Models: which named weights are loaded where, as which allocations, and who leases them.
 //! Plain data; the service reads the files and the engine holds the bytes.
 
-use crate::domain::{ModelState, ModelView};
+use crate::domain::{LeaseView, ModelState, ModelView};
 use rustc_hash::FxHashMap;
 use std::path::PathBuf;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 use uuid::Uuid;
 
 /// One loaded (or loading) model.
@@ -42,7 +42,7 @@ pub struct Model {
 }
 
 impl Model {
-    /// What `memory.model_*` report of it.
+    /// What `memory.model_*` report of it, its leases left out (see [`ModelTable::info`]).
     pub fn info(&self) -> ModelView {
         ModelView {
             model_name: self.name.clone(),
@@ -56,6 +56,7 @@ impl Model {
             last_used_at: self.last_used_at,
             keep_alive_seconds: self.keep_alive_seconds,
             load_time_ms: self.load_time_ms,
+            leases: Vec::new(),
         }
     }
 }
@@ -75,11 +76,46 @@ pub struct ModelTensor {
     pub allocation: Option<Uuid>,
 }
 
+/// One lease: a model held in place (never evicted, offloaded or moved) until it is released
+/// or, with a time limit, until its deadline passes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lease {
+    /// The model it holds.
+    pub model: String,
+    /// When it was taken (wall time).
+    pub acquired_at: SystemTime,
+    /// Its time limit, if any.
+    pub limit: Option<LeaseLimit>,
+}
+
+/// When a lease with a time limit ends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LeaseLimit {
+    /// The time limit it was last given (acquired or renewed with).
+    pub ttl: Duration,
+    /// Its deadline on the service's monotonic clock (milliseconds): what expiry is judged by.
+    pub deadline_millis: u64,
+    /// The same deadline as wall time (what the protocol shows).
+    pub expires_at: SystemTime,
+}
+
+impl LeaseLimit {
+    /// A limit of `ttl` from now (`now_millis` on the monotonic clock, read at `now_wall`).
+    pub fn from_now(ttl: Duration, now_millis: u64, now_wall: SystemTime) -> Self {
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        LeaseLimit {
+            ttl,
+            deadline_millis: now_millis.saturating_add(ms),
+            expires_at: now_wall + ttl,
+        }
+    }
+}
+
 /// Every model and every lease.
 #[derive(Default)]
 pub struct ModelTable {
     models: FxHashMap<String, Model>,
-    leases: FxHashMap<Uuid, String>,
+    leases: FxHashMap<Uuid, Lease>,
 }
 
 impl ModelTable {
@@ -100,7 +136,7 @@ impl ModelTable {
 
     /// Removes a model and its leases.
     pub fn remove(&mut self, name: &str) -> Option<Model> {
-        self.leases.retain(|_, m| m != name);
+        self.leases.retain(|_, l| l.model != name);
         self.models.remove(name)
     }
 
@@ -111,26 +147,82 @@ impl ModelTable {
         v
     }
 
-    /// How many leases a model has.
-    pub fn lease_count(&self, name: &str) -> usize {
-        self.leases.values().filter(|m| *m == name).count()
+    /// What `memory.model_*` report of a model, its leases included.
+    pub fn info(&self, m: &Model) -> ModelView {
+        let mut view = m.info();
+        let mut leases: Vec<(&Uuid, &Lease)> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.model == m.name)
+            .collect();
+        leases.sort_by_key(|(id, l)| (l.acquired_at, **id));
+        view.leases = leases
+            .into_iter()
+            .map(|(id, l)| LeaseView {
+                lease_id: *id,
+                acquired_at: l.acquired_at,
+                expires_at: l.limit.map(|x| x.expires_at),
+            })
+            .collect();
+        view
     }
 
-    /// Leases a model; returns the lease id.
-    pub fn lease(&mut self, name: &str) -> Uuid {
+    /// How many leases a model has.
+    pub fn lease_count(&self, name: &str) -> usize {
+        self.leases.values().filter(|l| l.model == name).count()
+    }
+
+    /// Leases a model, taken at `now` (wall time) with an optional time limit; returns the
+    /// lease id.
+    pub fn lease(&mut self, name: &str, now: SystemTime, limit: Option<LeaseLimit>) -> Uuid {
         let id = Uuid::new_v4();
-        self.leases.insert(id, name.to_string());
+        self.leases.insert(
+            id,
+            Lease {
+                model: name.to_string(),
+                acquired_at: now,
+                limit,
+            },
+        );
         id
+    }
+
+    /// A lease.
+    pub fn lease_of(&self, lease: &Uuid) -> Option<&Lease> {
+        self.leases.get(lease)
     }
 
     /// The model a lease is on.
     pub fn lease_model(&self, lease: &Uuid) -> Option<&str> {
-        self.leases.get(lease).map(String::as_str)
+        self.leases.get(lease).map(|l| l.model.as_str())
+    }
+
+    /// Gives a lease a new time limit; returns it, or `None` for an unknown lease.
+    pub fn renew(&mut self, lease: &Uuid, limit: LeaseLimit) -> Option<&Lease> {
+        let l = self.leases.get_mut(lease)?;
+        l.limit = Some(limit);
+        Some(l)
+    }
+
+    /// Leases whose deadline is at or before `now_millis` (the monotonic clock), oldest
+    /// deadline first.
+    pub fn expired_leases(&self, now_millis: u64) -> Vec<Uuid> {
+        let mut v: Vec<(u64, Uuid)> = self
+            .leases
+            .iter()
+            .filter_map(|(id, l)| {
+                l.limit
+                    .filter(|x| x.deadline_millis <= now_millis)
+                    .map(|x| (x.deadline_millis, *id))
+            })
+            .collect();
+        v.sort_unstable();
+        v.into_iter().map(|(_, id)| id).collect()
     }
 
     /// Ends a lease; returns the model's name.
     pub fn release(&mut self, lease: &Uuid) -> Option<String> {
-        self.leases.remove(lease)
+        self.leases.remove(lease).map(|l| l.model)
     }
 
     /// Whether a model's keep-alive has run out.

@@ -2,11 +2,11 @@
 //! strings, times as [`Timestamp`], suggested requests as an action and its `data`.
 
 use super::shapes::{
-    MemoryAllocation, MemoryFragmentation, MemoryHandle, MemoryInfo, MemoryPressure,
+    LeaseInfo, MemoryAllocation, MemoryFragmentation, MemoryHandle, MemoryInfo, MemoryPressure,
     MemoryTransfer, MemoryUsageStats, ModelInfo, Recommendation, RecommendedRequest, Timestamp,
 };
 use crate::domain::{
-    Advice, AllocationView, DeviceInfo, Fragmentation, Handle, ModelView, PressureView,
+    Advice, AllocationView, DeviceInfo, Fragmentation, Handle, LeaseView, ModelView, PressureView,
     SuggestedRequest, TransferRecord, UsageStats,
 };
 use serde_json::json;
@@ -116,6 +116,17 @@ impl From<ModelView> for ModelInfo {
             last_used_at: Timestamp(m.last_used_at),
             keep_alive_seconds: m.keep_alive_seconds,
             load_time_ms: m.load_time_ms,
+            leases: m.leases.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<LeaseView> for LeaseInfo {
+    fn from(l: LeaseView) -> Self {
+        LeaseInfo {
+            lease_id: l.lease_id.hyphenated().to_string(),
+            acquired_at: Timestamp(l.acquired_at),
+            expires_at: l.expires_at.map(Timestamp),
         }
     }
 }

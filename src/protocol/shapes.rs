@@ -485,6 +485,20 @@ pub struct ModelInfo {
     pub keep_alive_seconds: Option<f64>,
     /// How long the load took.
     pub load_time_ms: f64,
+    /// Its live leases, oldest first (v1.1).
+    #[serde(default)]
+    pub leases: Vec<LeaseInfo>,
+}
+
+/// One lease of a model (v1.1, contract section 8.5).
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct LeaseInfo {
+    /// The lease.
+    pub lease_id: String,
+    /// When it was taken.
+    pub acquired_at: Timestamp,
+    /// When it ends unless renewed; null: when released.
+    pub expires_at: Option<Timestamp>,
 }
 
 /// `memory.model_unload`.
@@ -501,8 +515,20 @@ pub struct ModelUnloadResponse {
 pub struct ModelAcquireResponse {
     /// The lease, to release later.
     pub lease_id: String,
+    /// When the lease ends unless renewed (`memory.model_renew`); null: when released (v1.1).
+    #[serde(default)]
+    pub expires_at: Option<Timestamp>,
     /// The model.
     pub model: ModelInfo,
+}
+
+/// `memory.model_renew` (v1.1).
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ModelRenewResponse {
+    /// The lease renewed.
+    pub lease_id: String,
+    /// When it ends now unless renewed again.
+    pub expires_at: Timestamp,
 }
 
 /// `memory.model_release`.

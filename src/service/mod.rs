@@ -6,6 +6,7 @@
 
 mod allocate;
 mod exports;
+mod leases;
 mod model_files;
 mod models;
 pub mod requests;
@@ -94,6 +95,8 @@ pub struct MemoryService {
     exports: Mutex<crate::managers::exports::ExportTable>,
     /// Where claims are served (set by the transport that serves them).
     claim_socket: Mutex<Option<PathBuf>>,
+    /// Leases released because their time limit ran out, since the start.
+    leases_expired: std::sync::atomic::AtomicU64,
 }
 
 /// See [`MemoryService::with_model_load_hook`].
@@ -136,6 +139,7 @@ impl MemoryService {
             shutting_down: AtomicBool::new(false),
             exports: Mutex::default(),
             claim_socket: Mutex::new(None),
+            leases_expired: Default::default(),
         }
     }
 
@@ -217,8 +221,10 @@ impl MemoryService {
         self.threads.spawn(name, move |_| work());
     }
 
-    /// Starts a thread that unloads models idle past their keep-alive, once a second, until
-    /// shutdown ([`MemoryService::shut_down`] stops it and waits for it).
+    /// Starts the sweeper: a thread that, once a second until shutdown, releases leases past
+    /// their time limit ([`MemoryService::sweep_expired_leases`]: within a second of their
+    /// deadline) and unloads models idle past their keep-alive ([`MemoryService::shut_down`]
+    /// stops it and waits for it).
     pub fn start_keep_alive_sweeper(self: &Arc<Self>) {
         let service = Arc::downgrade(self);
         self.threads.spawn("memcoord-keep-alive", move |stop| {
@@ -226,6 +232,9 @@ impl MemoryService {
                 let Some(s) = service.upgrade() else { break };
                 if s.is_shutting_down() {
                     break;
+                }
+                for (lease, name) in s.sweep_expired_leases() {
+                    tracing::info!("lease {lease} on model {name} expired: released");
                 }
                 for name in s.sweep_keep_alive() {
                     tracing::info!("unloaded model {name}: idle past its keep-alive");

@@ -4,22 +4,21 @@
 use super::MemoryService;
 use super::model_files::ModelFile;
 use super::requests::{
-    LeaseRequest, ModelLoadRequest, ModelOptimizeRequest, ModelRequest, ModelStatusRequest,
-    ModelStrategy,
+    ModelLoadRequest, ModelOptimizeRequest, ModelRequest, ModelStatusRequest, ModelStrategy,
 };
 use crate::backends::BackendError;
 use crate::managers::allocations::EngineError;
 use crate::managers::models::{Model, ModelTensor};
 use crate::managers::{AllocationSpec, Owner};
 use crate::protocol::{
-    ErrorCode, MemoryAllocationType, ModelAcquireResponse, ModelInfo, ModelOptimizeResponse,
-    ModelReleaseResponse, ModelState, ModelStatusResponse, ModelUnloadResponse, ProtocolError,
+    ErrorCode, MemoryAllocationType, ModelInfo, ModelOptimizeResponse, ModelState,
+    ModelStatusResponse, ModelUnloadResponse, ProtocolError,
 };
 use crate::units::format_bytes;
 use std::time::Instant;
 use uuid::Uuid;
 
-fn not_found(name: &str) -> ProtocolError {
+pub(super) fn not_found(name: &str) -> ProtocolError {
     ProtocolError::new(ErrorCode::ModelNotFound, format!("Model {name} not found"))
 }
 
@@ -58,7 +57,10 @@ impl MemoryService {
                     ));
                 }
                 m.last_used_at = self.now();
-                return Ok(m.info().into());
+                let m = models
+                    .get(&req.model_name)
+                    .ok_or_else(|| not_found(&req.model_name))?;
+                return Ok(models.info(m).into());
             }
             let now = self.now();
             models.insert(Model {
@@ -413,7 +415,7 @@ impl MemoryService {
         self.relocate_model(name, "cpu", ModelState::Offloaded)
     }
 
-    fn relocate_model(
+    pub(super) fn relocate_model(
         &self,
         name: &str,
         to: &str,
@@ -673,128 +675,6 @@ impl MemoryService {
         })
     }
 
-    /// `memory.model_acquire` when it needs no waiting (the model is loaded and home): the
-    /// lease at once, in arrival order. `None`: call [`MemoryService::model_acquire`].
-    pub fn model_acquire_now(
-        &self,
-        req: &ModelRequest,
-    ) -> Option<Result<ModelAcquireResponse, ProtocolError>> {
-        let _recorded = self.recording();
-        let mut models = self.models.lock();
-        let Some(m) = models.get(&req.model_name) else {
-            return Some(Err(not_found(&req.model_name)));
-        };
-        if m.state != ModelState::Loaded {
-            return None;
-        }
-        let lease = models.lease(&req.model_name);
-        let m = models.get_mut(&req.model_name)?;
-        m.last_used_at = self.now();
-        Some(Ok(ModelAcquireResponse {
-            lease_id: lease.hyphenated().to_string(),
-            model: m.info().into(),
-        }))
-    }
-
-    /// `memory.model_acquire`: a lease; a leased model is never evicted or offloaded.
-    pub fn model_acquire(&self, req: &ModelRequest) -> Result<ModelAcquireResponse, ProtocolError> {
-        let _recorded = self.recording();
-        let (state, home, size) = {
-            let models = self.models.lock();
-            let m = models
-                .get(&req.model_name)
-                .ok_or_else(|| not_found(&req.model_name))?;
-            (m.state, m.device_id.clone(), m.size_bytes)
-        };
-        let (mut state, home, size) = (state, home, size);
-        // A model still loading is waited for, up to the timeout.
-        let deadline = Instant::now() + std::time::Duration::from_secs_f64(req.timeout_seconds);
-        while state == ModelState::Loading {
-            let seen = self.room.generation();
-            if Instant::now() >= deadline || self.is_shutting_down() {
-                return Err(ProtocolError::new(
-                    ErrorCode::ModelInUse,
-                    format!("model {} is still loading", req.model_name),
-                ));
-            }
-            // A load that ends, either way, raises the room signal.
-            self.room.wait_until(seen, deadline);
-            state = self
-                .models
-                .lock()
-                .get(&req.model_name)
-                .ok_or_else(|| not_found(&req.model_name))?
-                .state;
-        }
-        if state == ModelState::Offloaded {
-            // Bring it back first, making room from other idle models.
-            let device = self.engine.lock().device_index(&home)?;
-            let budget = self.model_budget(&home);
-            let fits =
-                self.wait_for_room(&home, device, size, Some(budget), req.timeout_seconds)?;
-            let restored = if fits {
-                self.relocate_model(&req.model_name, &home, ModelState::Loaded)
-                    .map(|_| ())
-                    .map_err(|e| e.message)
-            } else {
-                Err(format!(
-                    "no room for {} within its model budget of {}",
-                    format_bytes(size),
-                    format_bytes(budget)
-                ))
-            };
-            restored.map_err(|why| {
-                ProtocolError::new(
-                    ErrorCode::OutOfMemory,
-                    format!(
-                        "model {} cannot come back to {home}: {why}; {}",
-                        req.model_name,
-                        self.holders(&home)
-                    ),
-                )
-            })?;
-        }
-        let mut models = self.models.lock();
-        if models.get(&req.model_name).is_none() {
-            return Err(not_found(&req.model_name));
-        }
-        let lease = models.lease(&req.model_name);
-        let m = models
-            .get_mut(&req.model_name)
-            .ok_or_else(|| not_found(&req.model_name))?;
-        m.last_used_at = self.now();
-        Ok(ModelAcquireResponse {
-            lease_id: lease.hyphenated().to_string(),
-            model: m.info().into(),
-        })
-    }
-
-    /// `memory.model_release`.
-    pub fn model_release(&self, req: &LeaseRequest) -> Result<ModelReleaseResponse, ProtocolError> {
-        let _recorded = self.recording();
-        let gone = || {
-            ProtocolError::new(
-                ErrorCode::LeaseNotFound,
-                format!("Lease {} not found", req.lease_id),
-            )
-        };
-        let lease = Uuid::parse_str(&req.lease_id).map_err(|_| gone())?;
-        let mut models = self.models.lock();
-        let name = models.release(&lease).ok_or_else(gone)?;
-        if let Some(m) = models.get_mut(&name) {
-            m.last_used_at = self.now();
-        }
-        drop(models);
-        // The exports made under the lease end with it.
-        self.end_exports_of_lease(&lease);
-        // An unleased model may be evicted: a load or an acquire waiting for room may now fit.
-        self.room.raise();
-        Ok(ModelReleaseResponse {
-            lease_id: req.lease_id.clone(),
-            model_name: name,
-        })
-    }
-
     /// `memory.model_status`.
     pub fn model_status(
         &self,
@@ -821,7 +701,7 @@ impl MemoryService {
             .into_iter()
             .filter(|m| req.device_id.as_deref().is_none_or(|d| d == m.device_id))
             .filter(|m| req.model_name.as_deref().is_none_or(|n| n == m.name))
-            .map(|m| m.info().into())
+            .map(|m| models.info(m).into())
             .collect();
         Ok(ModelStatusResponse {
             model_bytes: infos.iter().map(|m| m.size_bytes).sum(),

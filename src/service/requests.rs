@@ -172,7 +172,7 @@ pub struct ModelLoadRequest {
     pub timeout_seconds: f64,
 }
 
-/// What `memory.model_unload` and `memory.model_acquire` take.
+/// What `memory.model_unload` takes.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelRequest {
     /// The model.
@@ -181,6 +181,28 @@ pub struct ModelRequest {
     pub force: bool,
     /// Acquire: how long to wait for room to bring it back (0..3600, default 30).
     pub timeout_seconds: f64,
+}
+
+/// What `memory.model_acquire` takes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelAcquireRequest {
+    /// The model.
+    pub model_name: String,
+    /// How long to wait for room to bring it back (0..3600, default 30).
+    pub timeout_seconds: f64,
+    /// The lease's time limit in seconds; `None`: until released. The api fills in the
+    /// transport's default (HTTP: 300) when the request gives none.
+    pub ttl_seconds: Option<f64>,
+}
+
+/// What `memory.model_renew` takes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RenewRequest {
+    /// The lease.
+    pub lease_id: String,
+    /// Its new time limit in seconds, from now; `None`: the limit it was last given (else
+    /// the transport's default, filled in by the api; else INVALID_PARAMETER).
+    pub ttl_seconds: Option<f64>,
 }
 
 /// What `memory.model_release` takes.

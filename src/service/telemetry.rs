@@ -46,6 +46,8 @@ pub struct Telemetry {
     pub models: Vec<ModelTelemetry>,
     /// Transfers by status since the start: (status name, count).
     pub transfers: Vec<(&'static str, u64)>,
+    /// Leases released because their time limit ran out, since the start.
+    pub leases_expired_total: u64,
 }
 
 /// A history's samples as the protocol writes them: monotonic milliseconds turned into wall
@@ -270,7 +272,7 @@ impl MemoryService {
                 .all()
                 .into_iter()
                 .map(|m| DashboardModel {
-                    info: m.info().into(),
+                    info: models.info(m).into(),
                     leases: models.lease_count(&m.name) as u64,
                 })
                 .collect()
@@ -313,6 +315,7 @@ impl MemoryService {
             devices,
             models,
             transfers,
+            leases_expired_total: self.leases_expired_total(),
         }
     }
 }

@@ -89,7 +89,7 @@ impl HttpState {
     /// requests in flight.
     pub fn new(service: Arc<MemoryService>, token: Option<String>, body_limit: usize) -> Self {
         HttpState {
-            dispatcher: Dispatcher::new(service),
+            dispatcher: Dispatcher::new(service).with_defaults(crate::api::TransportDefaults::HTTP),
             token,
             body_limit,
             body_timeout: DEFAULT_BODY_TIMEOUT,

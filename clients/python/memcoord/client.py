@@ -23,7 +23,8 @@ import subprocess
 import threading
 import urllib.parse
 import uuid
-from typing import Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 from ._errors import MemcoordError
 from .types import ExportInfo
@@ -88,7 +89,8 @@ class Client:
     :param unix_path: a Unix socket of ``memcoord serve|worker --unix PATH``.
     :param url: the base URL of ``memcoord serve`` (``http://127.0.0.1:7077``).
     :param token: over HTTP, the bearer token (``Authorization: Bearer``); over a socket or stdio it
-        is sent in a ``memory.hello`` request first (tenants, PROTOCOL 8.2).
+        is sent in a ``memory.hello`` request first (tenants, PROTOCOL 8.2). A server without
+        ``memory.hello`` (it answers UNKNOWN_ACTION) is used without it: :attr:`session` is then None.
     :param timeout: the default seconds :meth:`call` and the typed helpers wait for an answer.
 
     Use it as a context manager, or call :meth:`close`.
@@ -151,8 +153,19 @@ class Client:
                 raise ValueError(f"url must be http://HOST:PORT or https://HOST:PORT, got {url!r}")
             self.url = url.rstrip("/")
             self._http = parsed
+        #: ``memory.hello``'s answer ({session_id, tenant}) when a token was sent over a stream.
+        self.session: Optional[Json] = None
         if token is not None and self.url is None:
-            self.call("memory.hello", {"token": token})
+            try:
+                self.session = self.call("memory.hello", {"token": token})
+            except MemcoordError as e:
+                if e.code != "UNKNOWN_ACTION":
+                    self.close()
+                    raise
+                # A server older than memory.hello: no tenants there, carry on without.
+            except BaseException:
+                self.close()
+                raise
 
     @classmethod
     def spawn(
@@ -555,7 +568,12 @@ class Client:
     def model_acquire(
         self, model_name: str, *, timeout_seconds: Optional[float] = None, ttl_seconds: Optional[float] = None
     ) -> Json:
-        """``memory.model_acquire`` → {lease_id, model: ModelInfo} (v1.1 adds ``expires_at``). ``ttl_seconds`` is v1.1 (8.5)."""
+        """``memory.model_acquire`` → {lease_id, expires_at, model: ModelInfo}.
+
+        ``ttl_seconds`` (v1.1, 8.5): the lease ends by itself that many seconds from now unless
+        renewed (:meth:`model_renew`); ``expires_at`` says when (null: no limit). Left None, a lease
+        over stdio or a Unix socket lasts until released or the session ends; over HTTP, 300 s.
+        """
         return self._act(
             "memory.model_acquire",
             {"model_name": model_name, "timeout_seconds": timeout_seconds, "ttl_seconds": ttl_seconds},
@@ -607,9 +625,54 @@ class Client:
         """``memory.list_sessions`` (8.1) → the list of session dicts."""
         return list(self._act("memory.list_sessions", {})["sessions"])
 
-    def model_renew(self, lease_id: str, ttl_seconds: float) -> Json:
-        """``memory.model_renew`` (8.5) → {lease_id, expires_at}."""
+    def model_renew(self, lease_id: str, ttl_seconds: Optional[float] = None) -> Json:
+        """``memory.model_renew`` (8.5) → {lease_id, expires_at}: the lease ends ``ttl_seconds`` from now.
+
+        Left None, the lease gets the time limit it was last given again (a heartbeat). An unknown
+        or expired lease raises :class:`MemcoordError` ``LEASE_NOT_FOUND``.
+        """
         return self._act("memory.model_renew", {"lease_id": lease_id, "ttl_seconds": ttl_seconds})
+
+    # -- scoped helpers ----------------------------------------------------------------------
+
+    def _end_quietly(self, action: str, data: Json, gone_code: str) -> None:
+        """Ends what a ``with`` block held. Already gone (freed or released in the block, a lease
+        that expired) is fine, and so is a stream that closed (the session's end released it)."""
+        try:
+            self._act(action, data)
+        except MemcoordError as e:
+            if e.code != gone_code:
+                raise
+        except ConnectionError:
+            if self.url is not None:
+                raise
+
+    @contextmanager
+    def allocation(self, device_id: str, size_bytes: int, **options: Any) -> Iterator[Json]:
+        """``with client.allocation("shm", n, purpose="kv") as a:`` → the ``MemoryAllocation`` dict
+        (``a["allocation_id"]``, ``a["handle"]``…), deallocated when the block ends, however it ends.
+
+        ``options`` are :meth:`allocate`'s keyword arguments.
+        """
+        made = self.allocate(device_id, size_bytes, **options)["allocation"]
+        try:
+            yield made
+        finally:
+            self._end_quietly("memory.deallocate", {"allocation_id": made["allocation_id"]}, "ALLOCATION_NOT_FOUND")
+
+    @contextmanager
+    def lease(
+        self, model_name: str, *, ttl_seconds: Optional[float] = None, timeout_seconds: Optional[float] = None
+    ) -> Iterator[Json]:
+        """``with client.lease("unet") as l:`` → :meth:`model_acquire`'s answer (``l["lease_id"]``,
+        ``l["expires_at"]``, ``l["model"]``), released when the block ends, however it ends (a lease
+        that expired meanwhile is fine). Renew a long one with :meth:`model_renew`.
+        """
+        got = self.model_acquire(model_name, ttl_seconds=ttl_seconds, timeout_seconds=timeout_seconds)
+        try:
+            yield got
+        finally:
+            self._end_quietly("memory.model_release", {"lease_id": got["lease_id"]}, "LEASE_NOT_FOUND")
 
     def export(
         self,

@@ -105,6 +105,45 @@ class TypedHelpersStdioTest(unittest.TestCase):
         self.assertEqual(c.analytics("cpu", window_seconds=60)[0]["window_seconds"], 60)
         self.assertIsInstance(c.optimization_recs(), list)
 
+    def test_leases_with_a_time_limit_and_scoped_helpers(self) -> None:
+        c = self.c
+        c.model_load("m", "m.safetensors", "cpu")
+        # Over stdio a lease without ttl_seconds has no time limit.
+        with c.lease("m") as unlimited:
+            self.assertIsNone(unlimited["expires_at"])
+            with c.lease("m", ttl_seconds=120) as timed:
+                self.assertIsInstance(timed["expires_at"], str)
+                leases = c.model_status(model_name="m")["models"][0]["leases"]
+                self.assertEqual({l["lease_id"] for l in leases}, {unlimited["lease_id"], timed["lease_id"]})
+                renewed = c.model_renew(timed["lease_id"], 600)
+                self.assertEqual(renewed["lease_id"], timed["lease_id"])
+                self.assertGreater(renewed["expires_at"], timed["expires_at"])
+                again = c.model_renew(timed["lease_id"])  # the limit it was last given, from now
+                self.assertGreaterEqual(again["expires_at"], renewed["expires_at"])
+                with self.assertRaises(MemcoordError) as cm:
+                    c.model_acquire("m", ttl_seconds=0)
+                self.assertEqual(cm.exception.code, "INVALID_PARAMETER")
+                self.assertIn("ttl_seconds", cm.exception.message)
+            # Released on leaving the block, and a release inside it is fine too.
+            self.assertEqual(len(c.model_status(model_name="m")["models"][0]["leases"]), 1)
+            c.model_release(unlimited["lease_id"])
+        self.assertEqual(c.model_status(model_name="m")["models"][0]["leases"], [])
+        with self.assertRaises(MemcoordError) as cm:
+            c.model_renew(timed["lease_id"], 5)
+        self.assertEqual((cm.exception.code, cm.exception.status), ("LEASE_NOT_FOUND", 404))
+
+        before = c.get_usage("shm")["allocated_bytes"]
+        with self.assertRaises(RuntimeError):
+            with c.allocation("shm", 2 * MiB, purpose="scoped") as a:
+                self.assertEqual(a["size_bytes"], 2 * MiB)
+                self.assertEqual(a["purpose"], "scoped")
+                self.assertEqual(c.get_usage("shm")["allocated_bytes"], before + 2 * MiB)
+                raise RuntimeError("the block fails: the allocation is freed all the same")
+        self.assertEqual(c.get_usage("shm")["allocated_bytes"], before)
+        with c.allocation("cpu", MiB) as b:
+            c.deallocate(b["allocation_id"])  # freed in the block: leaving it is still fine
+        c.model_unload("m")
+
     def test_error_fields(self) -> None:
         with self.assertRaises(MemcoordError) as cm:
             self.c.allocate("nope", 4096)
@@ -121,8 +160,14 @@ class HttpClientTest(unittest.TestCase):
     """``Client(url=...)`` against a real ``memcoord serve`` on a free loopback port."""
 
     def setUp(self) -> None:
+        self.tmp = tempfile.TemporaryDirectory()
+        self.model_dir = self.tmp.name
+        blob, _, _ = safetensors_bytes(sample_tensors())
+        with open(os.path.join(self.model_dir, "m.safetensors"), "wb") as f:
+            f.write(blob)
+        self.addCleanup(self.tmp.cleanup)
         self.proc = subprocess.Popen(
-            [find_binary(), "serve", "--listen", "127.0.0.1:0", *WORKER_ARGS],
+            [find_binary(), "serve", "--listen", "127.0.0.1:0", *WORKER_ARGS, "--model-root", self.model_dir],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         assert self.proc.stderr is not None
@@ -164,6 +209,14 @@ class HttpClientTest(unittest.TestCase):
             self.assertEqual((cm.exception.code, cm.exception.status), ("INVALID_DEVICE", 404))
             c.send_raw(b"not json")
             self.assertEqual(c.unmatched.get(timeout=5)["error_code"], "INVALID_REQUEST")
+
+    def test_leases_over_http_have_a_time_limit_by_default(self) -> None:
+        with Client(url=self.url) as c:
+            c.model_load("m", "m.safetensors", "cpu")
+            with c.lease("m") as l:
+                self.assertIsInstance(l["expires_at"], str, "over HTTP a lease lasts 300 s by default")
+                self.assertIsInstance(c.model_renew(l["lease_id"])["expires_at"], str)
+            self.assertEqual(c.model_status(model_name="m")["models"][0]["leases"], [])
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ class FakeNdjsonServer:
     """Accepts one connection; answers requests by action. ``memory.allocate`` is held until a
     ``memory.get_usage`` has been answered, so answers go out of order."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, knows_hello: bool = True) -> None:
         self.path = path
+        self.knows_hello = knows_hello
         self.received: List[Dict[str, Any]] = []
         self.raw_lines: List[bytes] = []
         self.eof_seen = threading.Event()
@@ -73,7 +74,7 @@ class FakeNdjsonServer:
             for h in held:
                 conn.sendall(envelope(h["request_id"], {"device_id": "cpu", "allocation": {"allocation_id": "a1"}, "success": True}))
             return
-        if action == "memory.hello":
+        if action == "memory.hello" and self.knows_hello:
             conn.sendall(envelope(rid, {"session_id": "s1", "tenant": "render"}))
             return
         if action == "memory.export":
@@ -108,6 +109,7 @@ class UnixClientTest(unittest.TestCase):
 
     def test_concurrent_requests_matched_out_of_order(self) -> None:
         with Client(unix_path=self.server.path, token="tok") as c:
+            self.assertEqual(c.session, {"session_id": "s1", "tenant": "render"})
             self.assertEqual(self.server.received[0]["action"], "memory.hello")
             self.assertEqual(self.server.received[0]["data"], {"token": "tok"})
             pending = c.submit("memory.allocate", {"device_id": "cpu", "size_bytes": 4096})
@@ -122,6 +124,15 @@ class UnixClientTest(unittest.TestCase):
             self.assertEqual(len(ids), len(set(ids)))
             self.assertEqual(self.server.received[-1], {"request_id": ids[-1], "action": "memory.get_usage", "data": {"device_id": "cpu"}})
             self.assertTrue(all(line.endswith(b"\n") and line.count(b"\n") == 1 for line in self.server.raw_lines))
+
+    def test_a_token_to_a_server_without_hello_is_tolerated(self) -> None:
+        self.server.close()
+        path = os.path.join(self.tmp.name, "old.sock")
+        self.server = FakeNdjsonServer(path, knows_hello=False)
+        with Client(unix_path=path, token="tok") as c:
+            self.assertIsNone(c.session, "no memory.hello there: no session answer")
+            self.assertEqual(self.server.received[0]["action"], "memory.hello")
+            self.assertEqual(c.get_usage("cpu"), {"device_id": "cpu", "allocated_bytes": 0})
 
     def test_errors_and_unmatched(self) -> None:
         with Client(unix_path=self.server.path) as c:
