@@ -174,6 +174,8 @@ pub fn allocs(src: &Source, device: Option<&str>, limit: u64) -> Result<(Value, 
             allocation_type: None,
             purpose: None,
             owner: None,
+            tenant: None,
+            client_pid: None,
             offset: 0,
             limit,
         })?;

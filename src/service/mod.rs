@@ -9,6 +9,7 @@ mod exports;
 mod model_files;
 mod models;
 pub mod requests;
+mod sessions;
 mod state;
 mod telemetry;
 mod transfers;
@@ -16,6 +17,7 @@ mod transfers;
 pub use state::{StateError, StateWrittenHook, create_private_dir};
 
 pub use allocate::{LARGE_ALLOCATION_BYTES, TryAllocate};
+pub use sessions::SessionEnded;
 pub use telemetry::{ModelTelemetry, Telemetry};
 pub use transfers::StartedTransfer;
 
@@ -94,6 +96,8 @@ pub struct MemoryService {
     exports: Mutex<crate::managers::exports::ExportTable>,
     /// Where claims are served (set by the transport that serves them).
     claim_socket: Mutex<Option<PathBuf>>,
+    /// The live sessions and the leases and exports each made.
+    sessions: Mutex<crate::managers::sessions::SessionTable>,
 }
 
 /// See [`MemoryService::with_model_load_hook`].
@@ -136,6 +140,7 @@ impl MemoryService {
             shutting_down: AtomicBool::new(false),
             exports: Mutex::default(),
             claim_socket: Mutex::new(None),
+            sessions: Mutex::default(),
         }
     }
 
@@ -340,6 +345,8 @@ impl MemoryService {
             kind: req.allocation_type,
             purpose: req.purpose.clone(),
             owner: req.owner.clone(),
+            tenant: req.tenant.clone(),
+            client_pid: req.client_pid,
         };
         let (total_count, allocations) = e.allocations(d, &filter, req.offset, req.limit);
         Ok(GetAllocationsResponse {
