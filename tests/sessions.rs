@@ -2,6 +2,7 @@
 //! and what a session holds (its non-persistent allocations, its leases) is released when it
 //! ends, however it ends: the client closing, or the client process SIGKILLed.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 mod common;
 
 use common::inproc::settings;
