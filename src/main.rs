@@ -117,6 +117,11 @@ enum Command {
         #[command(flatten)]
         target: TargetArgs,
     },
+    /// Sessions (stdio, Unix-socket connections) per process, with what each holds.
+    Sessions {
+        #[command(flatten)]
+        target: TargetArgs,
+    },
     /// Memory pressure per device.
     Pressure {
         #[command(flatten)]
@@ -690,6 +695,7 @@ fn run(cli: Cli) -> Result<(), String> {
         } => target.show(|src| cli::allocs(src, device.as_deref(), limit)),
         Command::Models { target } => target.show(cli::models),
         Command::Pressure { target } => target.show(cli::pressure),
+        Command::Sessions { target } => target.show(cli::sessions),
         Command::Top {
             target,
             interval,

@@ -381,3 +381,50 @@ time.sleep(600)
     assert!(w.close(Duration::from_secs(10)).success());
     assert!(!sock.exists(), "the socket file is removed at exit");
 }
+
+/// `memcoord serve --listen … --unix PATH`: the socket beside HTTP; `memcoord sessions` and
+/// `memcoord allocs` show the connection's process; SIGTERM removes the socket.
+#[test]
+fn serve_with_a_socket_beside_http_shows_sessions_in_the_cli() {
+    let dir = Dir::new("serve");
+    let sock = dir.0.join("mc.sock");
+    let mut server = common::Server::spawn(&[
+        "--budget",
+        "cpu=64MiB",
+        "--budget",
+        "shm=64MiB",
+        "--unix",
+        sock.to_str().unwrap(),
+        "--unix-mode",
+        "660",
+    ]);
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "--unix-mode widens the socket");
+    let mut c = Client::connect(&sock);
+    let a = c.request(
+        "memory.allocate",
+        json!({"device_id": "shm", "size_bytes": 65536}),
+    );
+    assert_eq!(a["success"], true, "{a}");
+    let url = format!("http://127.0.0.1:{}", server.port);
+    let pid = std::process::id().to_string();
+    let run = |args: &[&str]| {
+        let out = Command::new(common::BIN).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let table = run(&["sessions", "--url", &url]);
+    assert!(table.starts_with("SESSION"), "{table}");
+    assert!(table.contains(&pid) && table.contains("unix"), "{table}");
+    let v: Value = serde_json::from_str(&run(&["sessions", "--url", &url, "--json"])).unwrap();
+    assert_eq!(v["sessions"][0]["allocated_bytes"], 65536);
+    let allocs = run(&["allocs", "--url", &url, "--device", "shm"]);
+    assert!(allocs.contains("PID") && allocs.contains(&pid), "{allocs}");
+    server.signal(15);
+    assert!(server.wait_exit(Duration::from_secs(10)).success());
+    assert!(!sock.exists(), "the socket file is removed at stop");
+}
