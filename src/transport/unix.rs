@@ -1,7 +1,7 @@
 //! The Unix-domain socket (`--unix PATH` on `memcoord worker` and `memcoord serve`; the
 //! contract's section 8.1): each connection speaks exactly the stdio framing (NDJSON,
 //! concurrent, out of order, the same limits and `--max-in-flight`), served by its own
-//! [`Worker`](super::stdio::Worker), and is one session: the peer's pid (SO_PEERCRED) is its
+//! [`Worker`], and is one session: the peer's pid (SO_PEERCRED) is its
 //! `client_pid`, and when the connection ends (EOF, the client dies, the connection drops)
 //! what the session holds is released
 //! ([`MemoryService::end_session`](crate::service::MemoryService::end_session)).
