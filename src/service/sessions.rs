@@ -26,7 +26,7 @@ pub struct SessionEnded {
 
 impl MemoryService {
     /// Opens a session; its requests carry the returned caller (the transport gives it to
-    /// its dispatcher: [`crate::dispatch::Dispatcher::with_caller`]).
+    /// its dispatcher: `Dispatcher::with_caller`).
     pub fn open_session(
         &self,
         transport: SessionTransport,
