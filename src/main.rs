@@ -42,15 +42,20 @@ enum Command {
         /// A file holding the bearer token /metrics then requires (/healthz does not).
         #[arg(long, value_name = "FILE", requires = "metrics_addr")]
         token_file: Option<PathBuf>,
+        #[command(flatten)]
+        unix: UnixArgs,
     },
     /// Serve the protocol over HTTP: POST /v1/command, REST routes, the dashboard at /,
     /// /metrics, /healthz and /v1/openapi.json.
     Serve {
         #[command(flatten)]
         service: ServiceArgs,
-        /// The address to listen on. Any address but loopback needs --token-file.
-        #[arg(long, value_name = "ADDR:PORT", default_value = memcoord::transport::http::DEFAULT_LISTEN)]
-        listen: String,
+        /// The address to listen on. Any address but loopback needs --token-file. Default
+        /// 127.0.0.1:8080, unless --unix is given alone: then only the socket is served.
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: Option<String>,
+        #[command(flatten)]
+        unix: UnixArgs,
         /// A file holding the bearer token every route but /healthz then requires.
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
@@ -109,6 +114,11 @@ enum Command {
     },
     /// Models: state, home and resident device, bytes.
     Models {
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Sessions (stdio, Unix-socket connections) per process, with what each holds.
+    Sessions {
         #[command(flatten)]
         target: TargetArgs,
     },
@@ -207,6 +217,43 @@ impl TargetArgs {
             println!("\nnote: {note}");
         }
         Ok(())
+    }
+}
+
+/// The Unix-domain socket served beside stdio or HTTP (worker and serve alike).
+#[derive(Args)]
+struct UnixArgs {
+    /// Also serve the protocol on this Unix-domain socket: NDJSON as on stdio, each
+    /// connection a session whose holdings are released when it ends. Removed at exit.
+    #[arg(long, value_name = "PATH")]
+    unix: Option<PathBuf>,
+    /// The socket file's mode, in octal (default 600: only this user may connect).
+    #[arg(long, value_name = "OCTAL", requires = "unix", default_value = "600")]
+    unix_mode: String,
+}
+
+impl UnixArgs {
+    /// Binds the socket, if one was asked for.
+    fn bind(
+        &self,
+        dispatcher: &Dispatcher,
+        runtime: &tokio::runtime::Runtime,
+        options: &WorkerOptions,
+    ) -> Result<Option<memcoord::transport::unix::UnixServer>, String> {
+        let Some(path) = &self.unix else {
+            return Ok(None);
+        };
+        let mode = memcoord::transport::unix::parse_mode(&self.unix_mode)?;
+        let server = memcoord::transport::unix::UnixServer::bind(
+            path,
+            mode,
+            dispatcher,
+            runtime.handle(),
+            options,
+        )
+        .map_err(|e| format!("--unix: {e}"))?;
+        eprintln!("memcoord: serving on unix:{}", path.display());
+        Ok(Some(server))
     }
 }
 
@@ -464,6 +511,7 @@ fn run(cli: Cli) -> Result<(), String> {
             max_line_bytes,
             metrics_addr,
             token_file,
+            unix,
         } => {
             let token = token_file
                 .as_deref()
@@ -498,7 +546,9 @@ fn run(cli: Cli) -> Result<(), String> {
                 .map_err(|e| format!("--metrics-addr {addr}: {e}"))?;
                 eprintln!("memcoord: metrics on http://{bound}/metrics");
             }
-            stdio::run(Dispatcher::new(service), &runtime, &options, &shutdown)
+            let dispatcher = Dispatcher::new(service);
+            let unix = unix.bind(&dispatcher, &runtime, &options)?;
+            stdio::run(dispatcher, &runtime, &options, &shutdown, unix)
                 .map_err(|e| format!("worker failed: {e}"))?;
             runtime.shutdown_background();
             Ok(())
@@ -506,6 +556,7 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Serve {
             service,
             listen,
+            unix,
             token_file,
             max_body_bytes,
             header_timeout_seconds,
@@ -515,9 +566,16 @@ fn run(cli: Cli) -> Result<(), String> {
                 .as_deref()
                 .map(memcoord::transport::http::read_token_file)
                 .transpose()?;
+            let listen = match (listen, &unix.unix) {
+                (Some(l), _) => Some(l),
+                (None, Some(_)) => None,
+                (None, None) => Some(memcoord::transport::http::DEFAULT_LISTEN.to_string()),
+            };
             // Refused before anything starts: off loopback, a token is required.
-            memcoord::transport::http::check_listen_text(&listen, token.is_some())
-                .map_err(|m| format!("serve: {m}"))?;
+            if let Some(listen) = &listen {
+                memcoord::transport::http::check_listen_text(listen, token.is_some())
+                    .map_err(|m| format!("serve: {m}"))?;
+            }
             let timeouts = memcoord::transport::server::Timeouts {
                 header: timeout_option("--header-timeout-seconds", header_timeout_seconds)?,
                 body: timeout_option("--body-timeout-seconds", body_timeout_seconds)?,
@@ -533,6 +591,30 @@ fn run(cli: Cli) -> Result<(), String> {
                 max_in_flight,
                 timeouts,
             };
+            let lines = WorkerOptions {
+                max_line_bytes: settings.max_line_bytes,
+                max_in_flight,
+            };
+            let sockets = unix.bind(&Dispatcher::new(Arc::clone(&service)), &runtime, &lines)?;
+            let Some(listen) = listen else {
+                memcoord::transport::unix::serve_alone(
+                    runtime.handle(),
+                    &service,
+                    sockets,
+                    &shutdown,
+                );
+                runtime.shutdown_background();
+                return Ok(());
+            };
+            // The socket's sessions end (what they hold released) before the service stops.
+            let (stopping, stop) = (Arc::clone(&service), shutdown.clone());
+            let stopped = async move {
+                stop.wait().await;
+                stopping.begin_shutdown();
+                if let Some(s) = sockets {
+                    let _ = tokio::task::spawn_blocking(move || s.stop()).await;
+                }
+            };
             let result = runtime.block_on(async {
                 let listener = tokio::net::TcpListener::bind(&listen).await?;
                 let local = listener.local_addr()?;
@@ -546,8 +628,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         ""
                     }
                 );
-                memcoord::transport::server::serve(listener, service, options, shutdown.wait())
-                    .await
+                memcoord::transport::server::serve(listener, service, options, stopped).await
             });
             runtime.shutdown_background();
             result.map_err(|e| format!("serve: {e}"))
@@ -618,6 +699,7 @@ fn run(cli: Cli) -> Result<(), String> {
         } => target.show(|src| cli::allocs(src, device.as_deref(), limit)),
         Command::Models { target } => target.show(cli::models),
         Command::Pressure { target } => target.show(cli::pressure),
+        Command::Sessions { target } => target.show(cli::sessions),
         Command::Top {
             target,
             interval,

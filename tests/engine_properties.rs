@@ -111,6 +111,7 @@ proptest! {
                         purpose: String::new(),
                         persistent,
                         owner: Owner::Client,
+                        holder: memcoord::domain::Caller::anonymous(),
                     };
                     let before = e.usage(0);
                     match e.try_allocate(0, &spec, SystemTime::now()) {
@@ -171,6 +172,7 @@ proptest! {
                 purpose: String::new(),
                 persistent: i % 3 == 0,
                 owner: Owner::Client,
+                holder: memcoord::domain::Caller::anonymous(),
             };
             ids.push((e.try_allocate(0, &spec, SystemTime::now()).unwrap(), i % 3 == 0));
         }

@@ -129,6 +129,8 @@ const TIMES: &[&str] = &[
 /// Keys whose values depend on the host (its memory, its clock, the CPU's speed).
 const HOST: &[&str] = &[
     "total_memory",
+    // The test process's pid (the stdio session's client).
+    "client_pid",
     "used_memory",
     "usage_percentage",
     "health",

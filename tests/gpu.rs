@@ -260,6 +260,8 @@ fn a_model_loaded_onto_the_gpu_equals_its_file() {
             allocation_type: None,
             purpose: None,
             owner: Some("model:m".into()),
+            tenant: None,
+            client_pid: None,
             offset: 0,
             limit: 100_000,
         })

@@ -255,6 +255,11 @@ fn every_route_answers_as_its_openapi_document_says() {
     );
     let listed = call("GET", "/v1/exports", "/v1/exports", None);
     assert_eq!(listed["exports"][0]["export_id"], x["export_id"]);
+    // HTTP has no sessions: none are listed, and its allocations name no process.
+    let sessions = call("GET", "/v1/sessions", "/v1/sessions", None);
+    assert_eq!(sessions["sessions"], json!([]));
+    assert_eq!(shared["allocation"]["client_pid"], Value::Null);
+    assert_eq!(shared["allocation"]["tenant"], "default");
     let export_id = x["export_id"].as_str().unwrap().to_string();
     let ended = call(
         "DELETE",

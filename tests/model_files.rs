@@ -138,6 +138,8 @@ fn verify(s: &MemoryService, device: &str, name: &str, want: &HashMap<String, Ve
             allocation_type: None,
             purpose: None,
             owner: Some(format!("model:{name}")),
+            tenant: None,
+            client_pid: None,
             offset: 0,
             limit: 1000,
         })

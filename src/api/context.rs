@@ -2,6 +2,7 @@
 //! bound on requests in flight, the owned background work) and a [`Reply`] (answered at once,
 //! or a future for a request that waits).
 
+use crate::domain::Caller;
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::service::MemoryService;
 use std::future::Future;
@@ -131,6 +132,7 @@ pub struct Context<'a> {
     started: Instant,
     admit: Option<Admit<'a>>,
     defaults: super::TransportDefaults,
+    caller: Option<&'a Arc<Caller>>,
 }
 
 impl<'a> Context<'a> {
@@ -145,6 +147,21 @@ impl<'a> Context<'a> {
             started,
             admit,
             defaults: super::TransportDefaults::STREAM,
+            caller: None,
+        }
+    }
+
+    /// The same context for a request from `caller` (default: [`Caller::anonymous`]).
+    pub fn with_caller(mut self, caller: &'a Arc<Caller>) -> Self {
+        self.caller = Some(caller);
+        self
+    }
+
+    /// Who made the request: its session, process and tenant.
+    pub fn caller(&self) -> Arc<Caller> {
+        match self.caller {
+            Some(c) => Arc::clone(c),
+            None => Caller::anonymous(),
         }
     }
 

@@ -277,6 +277,7 @@ actions! {
     Export in export,
     Unexport in unexport,
     ListExports in list_exports,
+    ListSessions in list_sessions,
 }
 
 // The checked requests (defined in `service::requests`, parsed in the action files), where

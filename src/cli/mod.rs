@@ -1,11 +1,12 @@
-//! The read-only CLI views (`status`, `devices`, `allocs`, `models`, `pressure`, `top`): each
+//! The read-only CLI views (`status`, `devices`, `allocs`, `models`, `sessions`, `pressure`,
+//! `top`): each
 //! asks the protocol (in process, or a `memcoord serve` at `--url`) and prints a table for
 //! people or the answer's JSON for scripts. All figures come from protocol answers, so what the
 //! CLI shows is what a host sees.
 
 use memcoord::api::actions::{
     get_allocations::GetAllocations, get_pressure::GetPressure, get_usage::GetUsage,
-    list_devices::ListDevices, model_status::ModelStatus,
+    list_devices::ListDevices, list_sessions::ListSessions, model_status::ModelStatus,
 };
 use memcoord::api::client::Client;
 use memcoord::api::{
@@ -174,6 +175,8 @@ pub fn allocs(src: &Source, device: Option<&str>, limit: u64) -> Result<(Value, 
             allocation_type: None,
             purpose: None,
             owner: None,
+            tenant: None,
+            client_pid: None,
             offset: 0,
             limit,
         })?;
@@ -186,6 +189,7 @@ pub fn allocs(src: &Source, device: Option<&str>, limit: u64) -> Result<(Value, 
                 bytes(a.size_bytes),
                 a.purpose.clone(),
                 a.owner.clone(),
+                a.client_pid.map(|p| p.to_string()).unwrap_or_default(),
                 if a.persistent { "yes" } else { "" }.to_string(),
                 time(&a.created_at),
             ]);
@@ -200,6 +204,7 @@ pub fn allocs(src: &Source, device: Option<&str>, limit: u64) -> Result<(Value, 
             "SIZE",
             "PURPOSE",
             "OWNER",
+            "PID",
             "PERSISTENT",
             "CREATED",
         ],
@@ -270,6 +275,44 @@ pub fn models(src: &Source) -> Result<(Value, String), String> {
         bytes(m.model_budget_bytes)
     ));
     Ok((to_json(&m), out))
+}
+
+/// `memcoord sessions`: every live session (stdio, each Unix-socket connection), per
+/// process, with what it holds.
+pub fn sessions(src: &Source) -> Result<(Value, String), String> {
+    let s = src.ask::<ListSessions>(&())?;
+    let rows: Vec<Vec<String>> = s
+        .sessions
+        .iter()
+        .map(|s| {
+            vec![
+                s.session_id.clone(),
+                s.client_pid.map(|p| p.to_string()).unwrap_or_default(),
+                s.transport.clone(),
+                s.tenant.clone(),
+                s.allocation_count.to_string(),
+                bytes(s.allocated_bytes),
+                s.lease_count.to_string(),
+                s.export_count.to_string(),
+                time(&s.started_at),
+            ]
+        })
+        .collect();
+    let out = table(
+        &[
+            "SESSION",
+            "PID",
+            "TRANSPORT",
+            "TENANT",
+            "ALLOCS",
+            "BYTES",
+            "LEASES",
+            "EXPORTS",
+            "STARTED",
+        ],
+        &rows,
+    );
+    Ok((to_json(&s), out))
 }
 
 /// `memcoord pressure`.

@@ -9,6 +9,7 @@ use crate::api::{Action, Context, Request, Response, TransportDefaults};
 pub use crate::api::{
     Admit, Answer, InFlightLimit, InFlightTicket, Reply, catching_panics, internal_error,
 };
+use crate::domain::Caller;
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::service::MemoryService;
 use serde_json::value::RawValue;
@@ -22,6 +23,8 @@ use std::time::Instant;
 pub struct Dispatcher {
     service: Arc<MemoryService>,
     defaults: TransportDefaults,
+    /// Who its requests come from (the session of the transport that holds this dispatcher).
+    caller: Arc<Caller>,
 }
 
 impl Dispatcher {
@@ -30,6 +33,7 @@ impl Dispatcher {
         Dispatcher {
             service,
             defaults: TransportDefaults::STREAM,
+            caller: Caller::anonymous(),
         }
     }
 
@@ -38,6 +42,20 @@ impl Dispatcher {
     pub fn with_defaults(mut self, defaults: TransportDefaults) -> Self {
         self.defaults = defaults;
         self
+    }
+
+    /// The same service, for requests from `caller` (a transport makes one per session).
+    pub fn with_caller(&self, caller: Arc<Caller>) -> Self {
+        Dispatcher {
+            service: Arc::clone(&self.service),
+            defaults: self.defaults,
+            caller,
+        }
+    }
+
+    /// Who its requests come from.
+    pub fn caller(&self) -> &Arc<Caller> {
+        &self.caller
     }
 
     /// The service.
@@ -78,17 +96,49 @@ impl Dispatcher {
             }
             match request() {
                 Ok(request) => {
-                    let cx =
-                        Context::new(&self.service, started, admit).with_defaults(self.defaults);
+                    let cx = Context::new(&self.service, started, admit)
+                        .with_defaults(self.defaults)
+                        .with_caller(&self.caller);
                     request.handle(&cx)
                 }
                 Err(e) => Reply::Now(Err(e)),
             }
         }));
-        match handled {
+        let reply = match handled {
             Ok(Reply::Now(answer)) => Reply::Now(answer),
             Ok(Reply::Later(answer)) => Reply::Later(catching_panics(answer)),
             Err(_) => Reply::Now(Err(internal_error())),
+        };
+        if self.caller.session.is_none() {
+            return reply;
         }
+        // A session owns the leases and exports it makes: noted here, released when it ends.
+        match reply {
+            Reply::Now(answer) => {
+                note_holding(&self.service, &self.caller, &answer);
+                Reply::Now(answer)
+            }
+            Reply::Later(answer) => {
+                let (service, caller) = (Arc::clone(&self.service), Arc::clone(&self.caller));
+                Reply::later(async move {
+                    let answer = answer.await;
+                    note_holding(&service, &caller, &answer);
+                    answer
+                })
+            }
+        }
+    }
+}
+
+/// Notes a lease or an export a session's request made, so the session's end releases it.
+fn note_holding(
+    service: &MemoryService,
+    caller: &Caller,
+    answer: &Result<Response, ProtocolError>,
+) {
+    match answer {
+        Ok(Response::ModelAcquire(r)) => service.note_lease(caller, &r.lease_id),
+        Ok(Response::Export(r)) => service.note_export(caller, &r.export_id),
+        _ => {}
     }
 }

@@ -4,12 +4,14 @@
 //! imports `protocol` or a JSON library.
 
 mod advice;
+mod caller;
 mod exports;
 mod kinds;
 mod trace;
 mod views;
 
 pub use advice::{Advice, SuggestedRequest};
+pub use caller::{Caller, DEFAULT_TENANT, SessionId, SessionTransport};
 pub use exports::{ExportView, ExportedAllocation, Segment, TensorView, plan_segments};
 pub use kinds::{
     AllocationId, DeviceId, MemoryAllocationType, MemoryHealthStatus, MemoryOptimizationType,

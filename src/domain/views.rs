@@ -37,6 +37,10 @@ pub struct AllocationView {
     pub persistent: bool,
     /// `client`, or `model:<name>`.
     pub owner: String,
+    /// The tenant of the request that made it.
+    pub tenant: String,
+    /// The process that asked for it, when known (Unix socket, stdio).
+    pub client_pid: Option<u32>,
     /// When it was made.
     pub created_at: SystemTime,
     /// Shareable memory only: where another process maps it.

@@ -13,6 +13,7 @@ pub mod pressure;
 pub mod records;
 pub mod replay;
 pub mod room;
+pub mod sessions;
 pub mod tally;
 pub mod tlsf;
 pub mod transfers;

@@ -31,6 +31,8 @@ impl From<AllocationView> for MemoryAllocation {
             purpose: a.purpose,
             persistent: a.persistent,
             owner: a.owner,
+            tenant: a.tenant,
+            client_pid: a.client_pid,
             created_at: Timestamp(a.created_at),
             handle: a.handle.map(MemoryHandle::from),
         }

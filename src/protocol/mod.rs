@@ -10,10 +10,12 @@ pub mod enums;
 pub mod envelope;
 pub mod error;
 pub mod exports;
+pub mod sessions;
 pub mod shapes;
 pub mod trace;
 
 pub use enums::*;
 pub use error::{ErrorCode, ProtocolError};
 pub use exports::*;
+pub use sessions::*;
 pub use shapes::*;

@@ -284,6 +284,12 @@ pub struct MemoryAllocation {
     pub persistent: bool,
     /// `client`, or `model:<name>`.
     pub owner: String,
+    /// The tenant of the request that made it (`default` without tenants).
+    #[serde(default)]
+    pub tenant: String,
+    /// The process that asked for it: the peer's pid on a Unix socket, the parent's on stdio;
+    /// null over HTTP and for a model's allocations.
+    pub client_pid: Option<u32>,
     /// When it was made.
     pub created_at: Timestamp,
     /// `shm` only: where another process maps it.

@@ -4,6 +4,9 @@
 use super::*;
 
 /// The result of trying to allocate without waiting.
+// Returned once per request and matched at once, never stored: boxing would cost an
+// allocation on the hot path for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum TryAllocate {
     /// Done (or failed for good).
     Ready(Result<AllocateMemoryResponse, ProtocolError>),
@@ -74,6 +77,7 @@ impl MemoryService {
             purpose: req.purpose.clone(),
             persistent: req.persistent,
             owner: Owner::Client,
+            holder: Arc::clone(&req.holder),
         }
     }
 

@@ -10,6 +10,7 @@ mod leases;
 mod model_files;
 mod models;
 pub mod requests;
+mod sessions;
 mod state;
 mod telemetry;
 mod transfers;
@@ -17,6 +18,7 @@ mod transfers;
 pub use state::{StateError, StateWrittenHook, create_private_dir};
 
 pub use allocate::{LARGE_ALLOCATION_BYTES, TryAllocate};
+pub use sessions::SessionEnded;
 pub use telemetry::{ModelTelemetry, Telemetry};
 pub use transfers::StartedTransfer;
 
@@ -97,6 +99,8 @@ pub struct MemoryService {
     claim_socket: Mutex<Option<PathBuf>>,
     /// Leases released because their time limit ran out, since the start.
     leases_expired: std::sync::atomic::AtomicU64,
+    /// The live sessions and the leases and exports each made.
+    sessions: Mutex<crate::managers::sessions::SessionTable>,
 }
 
 /// See [`MemoryService::with_model_load_hook`].
@@ -140,6 +144,7 @@ impl MemoryService {
             exports: Mutex::default(),
             claim_socket: Mutex::new(None),
             leases_expired: Default::default(),
+            sessions: Mutex::default(),
         }
     }
 
@@ -349,6 +354,8 @@ impl MemoryService {
             kind: req.allocation_type,
             purpose: req.purpose.clone(),
             owner: req.owner.clone(),
+            tenant: req.tenant.clone(),
+            client_pid: req.client_pid,
         };
         let (total_count, allocations) = e.allocations(d, &filter, req.offset, req.limit);
         Ok(GetAllocationsResponse {

@@ -197,6 +197,7 @@ impl MemoryService {
             purpose: tensor.name.clone(),
             persistent: false,
             owner: owner.clone(),
+            holder: crate::domain::Caller::anonymous(),
         };
         // Memory other processes may map (shm, GPUs) takes the model as one region, its
         // tensors back to back: an export of it is then a few segments (on a GPU, a few

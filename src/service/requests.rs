@@ -8,8 +8,9 @@
 //! them directly. `Serialize` writes one back as the action's `data` (the typed client).
 //! An action that needs a new input adds its type here, or reuses one.
 
-use crate::domain::{MemoryAllocationType, MemoryOptimizationType, TransferMode};
+use crate::domain::{Caller, MemoryAllocationType, MemoryOptimizationType, TransferMode};
 use serde::Serialize;
+use std::sync::Arc;
 
 /// What `memory.allocate` takes.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -28,6 +29,9 @@ pub struct AllocateRequest {
     pub persistent: bool,
     /// How long to wait for room, 0..3600 seconds (default 30).
     pub timeout_seconds: f64,
+    /// Who asks (set by the action from its context; not part of `data`).
+    #[serde(skip)]
+    pub holder: Arc<Caller>,
 }
 
 impl AllocateRequest {
@@ -42,6 +46,7 @@ impl AllocateRequest {
             purpose: String::new(),
             persistent: false,
             timeout_seconds: 30.0,
+            holder: Caller::anonymous(),
         }
     }
 }
@@ -95,6 +100,10 @@ pub struct GetAllocationsRequest {
     pub purpose: Option<String>,
     /// Only allocations with exactly this owner.
     pub owner: Option<String>,
+    /// Only allocations of this tenant.
+    pub tenant: Option<String>,
+    /// Only allocations asked for by this process.
+    pub client_pid: Option<u32>,
     /// Skip this many (oldest first).
     pub offset: u64,
     /// Return at most this many.

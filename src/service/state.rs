@@ -324,6 +324,7 @@ impl MemoryService {
                             purpose: a.purpose,
                             persistent: true,
                             owner: Owner::Client,
+                            holder: crate::domain::Caller::anonymous(),
                         },
                         created_us: a.created_us,
                     })

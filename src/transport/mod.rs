@@ -9,5 +9,6 @@ pub mod lines;
 pub mod openapi;
 pub mod server;
 pub mod stdio;
+pub mod unix;
 
 pub use crate::runtime::Shutdown;

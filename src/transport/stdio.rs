@@ -171,25 +171,77 @@ pub struct Worker {
     /// Held by the reader while it handles a batch, so a signal never cuts one in half.
     batch: Mutex<()>,
     finished: Once,
-    /// Where exports are claimed; stopped (and removed) after the service is shut down.
-    claim: Mutex<Option<super::claim::ClaimServer>>,
+    /// What ends with this worker: the whole service (stdio) or one session (a connection).
+    role: Role,
+}
+
+/// What a [`Worker`] ends when it finishes.
+enum Role {
+    /// The stdio worker: the service is shut down.
+    Process {
+        /// Where exports are claimed; stopped (and removed) after the service is shut down.
+        claim: Mutex<Option<super::claim::ClaimServer>>,
+        /// The Unix socket served beside stdio; stopped (its sessions ended) before the
+        /// service is shut down.
+        unix: Mutex<Option<super::unix::UnixServer>>,
+    },
+    /// One Unix-socket connection: its session is ended (what it holds released).
+    Session,
 }
 
 impl Worker {
-    /// Starts a worker writing responses to `output`.
+    /// Starts the stdio worker writing responses to `output`: its input is one session
+    /// (of the process `client_pid`, the parent), and when it finishes the service is shut down.
     pub fn start<W: Write + Send + 'static>(
         dispatcher: Dispatcher,
         runtime: tokio::runtime::Handle,
         output: W,
+        client_pid: Option<u32>,
+    ) -> Arc<Worker> {
+        let claim = super::claim::ClaimServer::start(dispatcher.service(), &runtime)
+            .map_err(|e| tracing::warn!("no claim socket, so no exports: {e}"))
+            .ok();
+        let caller = dispatcher
+            .service()
+            .open_session(crate::domain::SessionTransport::Stdio, client_pid);
+        let role = Role::Process {
+            claim: Mutex::new(claim),
+            unix: Mutex::new(None),
+        };
+        Self::with_role(dispatcher.with_caller(caller), runtime, output, role)
+    }
+
+    /// Starts a worker for one session (a Unix-socket connection) whose requests come from
+    /// `dispatcher`'s caller: when it finishes, the session ends and what it holds is released.
+    pub fn start_session<W: Write + Send + 'static>(
+        dispatcher: Dispatcher,
+        runtime: tokio::runtime::Handle,
+        output: W,
+    ) -> Arc<Worker> {
+        Self::with_role(dispatcher, runtime, output, Role::Session)
+    }
+
+    /// Serves `server` beside stdio: it is stopped (its sessions ended) before the service is
+    /// shut down. Only the stdio worker has one.
+    pub fn serve_unix(&self, server: super::unix::UnixServer) {
+        if let Role::Process { unix, .. } = &self.role {
+            *unix
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(server);
+        }
+    }
+
+    fn with_role<W: Write + Send + 'static>(
+        dispatcher: Dispatcher,
+        runtime: tokio::runtime::Handle,
+        output: W,
+        role: Role,
     ) -> Arc<Worker> {
         let output: Arc<Mutex<Option<Box<dyn Write + Send>>>> =
             Arc::new(Mutex::new(Some(Box::new(output))));
         let backlog = Arc::new(Backlog::default());
         let (tx, rx) = mpsc::channel::<Vec<u8>>();
         let (out, b) = (Arc::clone(&output), Arc::clone(&backlog));
-        let claim = super::claim::ClaimServer::start(dispatcher.service(), &runtime)
-            .map_err(|e| tracing::warn!("no claim socket, so no exports: {e}"))
-            .ok();
         let writer = std::thread::Builder::new()
             .name("memcoord-writer".into())
             .spawn(move || {
@@ -210,7 +262,7 @@ impl Worker {
             stopping: AtomicBool::new(false),
             batch: Mutex::new(()),
             finished: Once::new(),
-            claim: Mutex::new(claim),
+            role,
         })
     }
 
@@ -358,14 +410,47 @@ impl Worker {
         self.finish();
     }
 
-    /// Requests waiting for memory are answered SHUTTING_DOWN, every other in-flight request
-    /// is answered, responses are flushed, and the service is shut down
-    /// ([`MemoryService::shut_down`](crate::service::MemoryService::shut_down)). Runs once.
+    /// The stdio worker: requests waiting for memory are answered SHUTTING_DOWN, every other
+    /// in-flight request is answered, responses are flushed, the Unix socket beside it is
+    /// stopped and the service is shut down
+    /// ([`MemoryService::shut_down`](crate::service::MemoryService::shut_down)). A session's
+    /// worker: its in-flight requests are answered, then its session ends
+    /// ([`MemoryService::end_session`](crate::service::MemoryService::end_session)). Runs once.
     pub fn finish(&self) {
         self.finished.call_once(|| {
             let service = self.dispatcher.service();
+            let Role::Process { claim, unix } = &self.role else {
+                self.in_flight.wait_idle();
+                self.close_output();
+                if let Some(session) = self.dispatcher.caller().session {
+                    service.end_session(session);
+                }
+                return;
+            };
             service.begin_shutdown();
             self.in_flight.wait_idle();
+            let unix = unix
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(unix) = unix {
+                unix.stop();
+            }
+            self.close_output();
+            let released = service.shut_down();
+            drop(
+                claim
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take(),
+            );
+            tracing::info!("released {released} allocations; exiting");
+        });
+    }
+
+    /// Lets the writer thread write what is queued, and waits for it.
+    fn close_output(&self) {
+        {
             // Closing the channel lets the writer thread write what is queued and end.
             self.to_writer
                 .lock()
@@ -379,15 +464,7 @@ impl Worker {
             {
                 let _ = w.join();
             }
-            let released = service.shut_down();
-            drop(
-                self.claim
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .take(),
-            );
-            tracing::info!("released {released} allocations; exiting");
-        });
+        }
     }
 }
 
@@ -400,7 +477,7 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
     output: W,
     options: &WorkerOptions,
 ) {
-    let worker = Worker::start(dispatcher, runtime, output);
+    let worker = Worker::start(dispatcher, runtime, output, None);
     worker.serve(input, options);
 }
 
@@ -410,11 +487,15 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
 ///
 /// The reader runs on its own thread: a read of stdin cannot be interrupted, so after a signal
 /// it is left blocked there while the process ends.
+///
+/// `unix`: a Unix socket served beside stdio, stopped (its sessions ended) before the service
+/// is shut down.
 pub fn run(
     dispatcher: Dispatcher,
     runtime: &tokio::runtime::Runtime,
     options: &WorkerOptions,
     shutdown: &crate::runtime::Shutdown,
+    unix: Option<super::unix::UnixServer>,
 ) -> io::Result<()> {
     /// Triggers the shutdown when the reader ends, however it ends (a panic included), so
     /// `run` never waits for a reader that is gone.
@@ -424,7 +505,11 @@ pub fn run(
             self.0.trigger();
         }
     }
-    let worker = Worker::start(dispatcher, runtime.handle().clone(), io::stdout());
+    let parent = Some(std::os::unix::process::parent_id());
+    let worker = Worker::start(dispatcher, runtime.handle().clone(), io::stdout(), parent);
+    if let Some(unix) = unix {
+        worker.serve_unix(unix);
+    }
     let (reader, options, eof) = (Arc::clone(&worker), options.clone(), shutdown.clone());
     let reading = std::thread::Builder::new()
         .name("memcoord-stdin".into())

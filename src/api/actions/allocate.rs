@@ -57,6 +57,7 @@ impl AllocateRequest {
             purpose: w.purpose.unwrap_or_default(),
             persistent: w.persistent.unwrap_or(false),
             timeout_seconds: check_timeout(w.timeout_seconds, 30.0)?,
+            holder: crate::domain::Caller::anonymous(),
         })
     }
 }
@@ -75,7 +76,8 @@ impl ActionSpec for Allocate {
         AllocateRequest::parse(data)
     }
 
-    fn handle(cx: &Context<'_>, req: AllocateRequest) -> Reply<AllocateMemoryResponse> {
+    fn handle(cx: &Context<'_>, mut req: AllocateRequest) -> Reply<AllocateMemoryResponse> {
+        req.holder = cx.caller();
         let s = cx.service();
         let started = cx.started();
         let (req, large) = match s.try_allocate(req, started) {

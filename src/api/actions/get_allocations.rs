@@ -22,6 +22,8 @@ struct GetAllocationsWire {
     allocation_type: Option<MemoryAllocationType>,
     purpose: Option<String>,
     owner: Option<String>,
+    tenant: Option<String>,
+    client_pid: Option<u32>,
     #[schemars(range(min = 0))]
     offset: Option<i64>,
     #[schemars(range(min = 0, max = 100000))]
@@ -49,6 +51,8 @@ impl GetAllocationsRequest {
             allocation_type: w.allocation_type,
             purpose: w.purpose,
             owner: w.owner,
+            tenant: w.tenant,
+            client_pid: w.client_pid,
             offset: offset as u64,
             limit: limit as u64,
         })

@@ -141,6 +141,8 @@ pub(super) struct Record {
     pub(super) placement: Option<Placement>,
     pub(super) purpose: Box<str>,
     pub(super) owner: Owner,
+    /// Who asked for it (shared by every allocation of one session).
+    pub(super) holder: Arc<Caller>,
     pub(super) device: u16,
     pub(super) kind: MemoryAllocationType,
     pub(super) persistent: bool,
@@ -213,6 +215,7 @@ impl Record {
             purpose: self.purpose.to_string(),
             persistent: self.persistent,
             owner: self.owner.clone(),
+            holder: Arc::clone(&self.holder),
         }
     }
 

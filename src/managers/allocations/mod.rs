@@ -11,7 +11,8 @@ use super::room::RoomSignal;
 use super::tally::{Entry, TYPE_COUNT, Tally};
 use crate::backends::{Backend, BackendError};
 use crate::domain::{
-    AllocationView, DeviceInfo, Fragmentation, MemoryAllocationType, PressureView, UsageStats,
+    AllocationView, Caller, DeviceInfo, Fragmentation, MemoryAllocationType, PressureView,
+    UsageStats,
 };
 use crate::units::format_bytes;
 use std::sync::Arc;

@@ -151,6 +151,7 @@ impl AllocationEngine {
                 placement: Some(placement),
                 purpose: a.spec.purpose.as_str().into(),
                 owner: Owner::Client,
+                holder: Arc::clone(&a.spec.holder),
                 device: device as u16,
                 kind: a.spec.kind,
                 persistent: true,

@@ -241,6 +241,7 @@ impl AllocationEngine {
             placement,
             purpose: spec.purpose.as_str().into(),
             owner: spec.owner.clone(),
+            holder: Arc::clone(&spec.holder),
             device: device as u16,
             kind: spec.kind,
             persistent: spec.persistent,

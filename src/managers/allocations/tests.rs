@@ -19,6 +19,7 @@ fn spec(size: u64, kind: MemoryAllocationType) -> AllocationSpec {
         purpose: String::new(),
         persistent: false,
         owner: Owner::Client,
+        holder: crate::domain::Caller::anonymous(),
     }
 }
 

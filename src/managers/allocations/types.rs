@@ -115,6 +115,8 @@ pub struct AllocationSpec {
     pub persistent: bool,
     /// Who holds it.
     pub owner: Owner,
+    /// Who asked for it: its session, process and tenant.
+    pub holder: Arc<Caller>,
 }
 
 impl AllocationSpec {
@@ -127,6 +129,7 @@ impl AllocationSpec {
             purpose: String::new(),
             persistent: false,
             owner: Owner::Client,
+            holder: Caller::anonymous(),
         }
     }
 }
@@ -177,6 +180,10 @@ pub struct AllocationFilter {
     pub purpose: Option<String>,
     /// Only this owner (`client`, `model:<name>`).
     pub owner: Option<String>,
+    /// Only this tenant's.
+    pub tenant: Option<String>,
+    /// Only those asked for by this process.
+    pub client_pid: Option<u32>,
 }
 
 /// What one defragmentation pass did.

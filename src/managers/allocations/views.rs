@@ -1,7 +1,7 @@
 //! Views: allocations, usage, fragmentation and device figures as plain-data views (`domain`).
 
 use super::*;
-use crate::domain::{ExportedAllocation, Segment, plan_segments};
+use crate::domain::{ExportedAllocation, Segment, SessionId, plan_segments};
 use std::fs::File;
 use std::sync::Arc;
 
@@ -38,12 +38,42 @@ impl AllocationEngine {
             purpose: r.purpose.to_string(),
             persistent: r.persistent,
             owner: r.owner.wire(),
+            tenant: r.holder.tenant.to_string(),
+            client_pid: r.holder.client_pid,
             created_at: UNIX_EPOCH + Duration::from_micros(r.created_us),
             handle: r
                 .placement
                 .as_ref()
                 .and_then(|p| dev.arena(r.pool).backend().handle(p.offset())),
         }
+    }
+
+    /// The client allocations a session asked for that end with it (not persistent), as
+    /// hyphenated ids.
+    pub fn held_by(&self, session: &SessionId) -> Vec<String> {
+        self.records
+            .iter()
+            .filter(|r| {
+                r.owner == Owner::Client
+                    && !r.persistent
+                    && r.holder.session.as_ref() == Some(session)
+            })
+            .map(|r| r.id.hyphenated().to_string())
+            .collect()
+    }
+
+    /// Per session, the count and bytes of the live client allocations it asked for
+    /// (persistent ones included), in one pass.
+    pub fn session_holdings(&self) -> rustc_hash::FxHashMap<SessionId, (u64, u64)> {
+        let mut by = rustc_hash::FxHashMap::default();
+        for r in self.records.iter() {
+            if let (Owner::Client, Some(s), false) = (&r.owner, r.holder.session, r.hidden) {
+                let e: &mut (u64, u64) = by.entry(s).or_default();
+                e.0 += 1;
+                e.1 += r.size;
+            }
+        }
+        by
     }
 
     /// One allocation as a view.
@@ -74,6 +104,13 @@ impl AllocationEngine {
                     && filter.kind.is_none_or(|k| k == r.kind)
                     && filter.purpose.as_deref().is_none_or(|p| p == &*r.purpose)
                     && filter.owner.as_deref().is_none_or(|o| r.owner.matches(o))
+                    && filter
+                        .tenant
+                        .as_deref()
+                        .is_none_or(|t| t == &*r.holder.tenant)
+                    && filter
+                        .client_pid
+                        .is_none_or(|p| r.holder.client_pid == Some(p))
             })
             .collect();
         matching.sort_unstable_by_key(|r| r.seq);

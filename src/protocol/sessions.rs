@@ -1,0 +1,34 @@
+//! The wire shapes of sessions (the contract's section 8.1): `memory.list_sessions`.
+
+use super::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// One live session: a stdio worker's stdin, or one Unix-socket connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct SessionInfo {
+    /// Lowercase hyphenated UUID v4.
+    pub session_id: String,
+    /// Its tenant (`default` without tenants).
+    pub tenant: String,
+    /// The client's process: the peer's pid on a Unix socket, the parent's on stdio.
+    pub client_pid: Option<u32>,
+    /// `stdio` or `unix`.
+    pub transport: String,
+    /// When it began.
+    pub started_at: Timestamp,
+    /// Its live client allocations (persistent ones included).
+    pub allocation_count: u64,
+    /// Their bytes.
+    pub allocated_bytes: u64,
+    /// Its live model leases.
+    pub lease_count: u64,
+    /// Its live exports.
+    pub export_count: u64,
+}
+
+/// `memory.list_sessions`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ListSessionsResponse {
+    /// Every live session, oldest first.
+    pub sessions: Vec<SessionInfo>,
+}
