@@ -13,6 +13,7 @@ pub mod requests;
 mod sessions;
 mod state;
 mod telemetry;
+mod tenants;
 mod transfers;
 
 pub use state::{StateError, StateWrittenHook, create_private_dir};
@@ -63,6 +64,7 @@ impl From<EngineError> for ProtocolError {
             EngineError::OutOfRange(_) => ErrorCode::InvalidParameter,
             EngineError::InvalidTransfer(_) => ErrorCode::InvalidTransferParams,
             EngineError::InUse(_) => ErrorCode::AllocationInUse,
+            EngineError::QuotaExceeded { .. } => ErrorCode::QuotaExceeded,
         };
         ProtocolError::new(code, e.to_string())
     }
@@ -101,6 +103,8 @@ pub struct MemoryService {
     leases_expired: std::sync::atomic::AtomicU64,
     /// The live sessions and the leases and exports each made.
     sessions: Mutex<crate::managers::sessions::SessionTable>,
+    /// Declared tenants and their quotas (section 8.2; none by default).
+    tenants: Arc<crate::domain::Tenants>,
 }
 
 /// See [`MemoryService::with_model_load_hook`].
@@ -145,6 +149,7 @@ impl MemoryService {
             claim_socket: Mutex::new(None),
             leases_expired: Default::default(),
             sessions: Mutex::default(),
+            tenants: Arc::default(),
         }
     }
 
