@@ -347,6 +347,18 @@ fn a_tenant_cannot_see_free_transfer_or_export_another_tenants_allocation() {
     assert_eq!(filtered["total_count"], 0);
     let status = ok(chat.request("memory.get_status", json!({"device_id": "shm"})));
     assert_eq!(status["allocations"], json!([]));
+    // A clear by another tenant frees only that tenant's own.
+    let mine = ok(allocate(&mut chat, "shm", 4 * KIB, "General"));
+    let cleared = ok(chat.request("memory.clear", json!({"device_id": "shm"})));
+    assert_eq!(cleared["cleared_count"], 1);
+    assert_eq!(cleared["freed_bytes"], 4 * KIB);
+    refused(
+        &chat.request(
+            "memory.deallocate",
+            json!({"allocation_id": mine["allocation"]["allocation_id"]}),
+        ),
+        "ALLOCATION_NOT_FOUND",
+    );
     // Its bytes are as render wrote them.
     assert!(mapped[offset..offset + bytes.len()] == bytes[..]);
 

@@ -391,6 +391,16 @@ impl MemoryService {
 
     /// `memory.clear`.
     pub fn clear(&self, req: &ClearRequest) -> Result<ClearResponse, ProtocolError> {
+        self.clear_of(req, None)
+    }
+
+    /// `memory.clear` of one tenant's allocations only (`None`: everyone's): what a tenant's
+    /// clear frees, as it may release only what it owns.
+    pub fn clear_of(
+        &self,
+        req: &ClearRequest,
+        tenant: Option<&str>,
+    ) -> Result<ClearResponse, ProtocolError> {
         let _recorded = self.recording();
         let cleared = {
             let mut e = self.engine.lock();
@@ -404,11 +414,12 @@ impl MemoryService {
                         a.device_id == req.device_id
                             && a.owner == "client"
                             && (req.force || !a.persistent)
+                            && tenant.is_none_or(|t| a.tenant == t)
                     })
                 })
                 .collect();
             self.end_exports_holding(&cleared);
-            e.clear(d, req.force)
+            e.clear_of(d, req.force, tenant)
         };
         Ok(ClearResponse {
             device_id: req.device_id.clone(),

@@ -237,10 +237,18 @@ impl AllocationEngine {
 
     /// Frees every client allocation on a device; persistent ones only with `force`.
     pub fn clear(&mut self, device: usize, force: bool) -> Cleared {
+        self.clear_of(device, force, None)
+    }
+
+    /// [`AllocationEngine::clear`] of one tenant's allocations only (`None`: everyone's).
+    pub fn clear_of(&mut self, device: usize, force: bool, tenant: Option<&str>) -> Cleared {
         let mut cleared = Cleared::default();
         let mut victims = Vec::new();
         for r in self.records.iter() {
             if r.device as usize != device || r.owner != Owner::Client || r.busy {
+                continue;
+            }
+            if tenant.is_some_and(|t| *r.holder.tenant != *t) {
                 continue;
             }
             if r.persistent && !force {
