@@ -303,6 +303,7 @@ fn quotas_hold_to_the_byte_on_every_device_with_models_and_reservations() {
 #[test]
 fn a_tenant_cannot_see_free_transfer_or_export_another_tenants_allocation() {
     let dir = Dir::new("see");
+    write_model(&dir.0.join("m.safetensors"), &[("w", 1024)]);
     let path = dir.0.join("mc.sock");
     let (_service, _server, _rt) = socket(service(&dir.0), &path);
     let mut render = Client::hello(&path, "t-render", "render");
@@ -379,6 +380,32 @@ fn a_tenant_cannot_see_free_transfer_or_export_another_tenants_allocation() {
         &render.request("memory.deallocate", json!({"allocation_id": id})),
         "ALLOCATION_NOT_FOUND",
     );
+
+    // Models are shared: both acquire the one render loaded; each lease is its taker's alone.
+    ok(render.request(
+        "memory.model_load",
+        json!({"model_name": "m", "path": "m.safetensors", "device_id": "shm"}),
+    ));
+    let lease = ok(render.request("memory.model_acquire", json!({"model_name": "m"})));
+    let theirs = ok(chat.request("memory.model_acquire", json!({"model_name": "m"})));
+    let lease_id = lease["lease_id"].as_str().unwrap();
+    let m = refused(
+        &chat.request("memory.model_release", json!({"lease_id": lease_id})),
+        "LEASE_NOT_FOUND",
+    );
+    assert_eq!(m, format!("Lease {lease_id} not found"));
+    refused(
+        &chat.request(
+            "memory.model_renew",
+            json!({"lease_id": lease_id, "ttl_seconds": 60}),
+        ),
+        "LEASE_NOT_FOUND",
+    );
+    ok(chat.request(
+        "memory.model_release",
+        json!({"lease_id": theirs["lease_id"]}),
+    ));
+    ok(render.request("memory.model_release", json!({"lease_id": lease_id})));
 
     // A token nobody has changes nothing: the session stays `default`'s.
     let mut other = Client::connect(&path);

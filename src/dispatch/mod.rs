@@ -116,7 +116,7 @@ impl Dispatcher {
             Ok(Reply::Later(answer)) => Reply::Later(catching_panics(answer)),
             Err(_) => Reply::Now(Err(internal_error())),
         };
-        if caller.session.is_none() {
+        if caller.session.is_none() && !self.service.tenants().declared() {
             return reply;
         }
         // A session owns the leases and exports it makes: noted here, released when it ends.
@@ -144,8 +144,14 @@ fn note_holding(
     answer: &Result<Response, ProtocolError>,
 ) {
     match answer {
-        Ok(Response::ModelAcquire(r)) => service.note_lease(caller, &r.lease_id),
-        Ok(Response::Export(r)) => service.note_export(caller, &r.export_id),
+        Ok(Response::ModelAcquire(r)) => {
+            service.note_owner(caller, &r.lease_id);
+            service.note_lease(caller, &r.lease_id);
+        }
+        Ok(Response::Export(r)) => {
+            service.note_owner(caller, &r.export_id);
+            service.note_export(caller, &r.export_id);
+        }
         _ => {}
     }
 }

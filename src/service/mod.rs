@@ -105,6 +105,8 @@ pub struct MemoryService {
     sessions: Mutex<crate::managers::sessions::SessionTable>,
     /// Declared tenants and their quotas (section 8.2; none by default).
     tenants: Arc<crate::domain::Tenants>,
+    /// The tenant of each live lease and export, with tenants declared (`service/tenants.rs`).
+    owners: Mutex<rustc_hash::FxHashMap<Uuid, Arc<str>>>,
 }
 
 /// See [`MemoryService::with_model_load_hook`].
@@ -150,6 +152,7 @@ impl MemoryService {
             leases_expired: Default::default(),
             sessions: Mutex::default(),
             tenants: Arc::default(),
+            owners: Mutex::default(),
         }
     }
 

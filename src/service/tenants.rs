@@ -6,6 +6,10 @@ use super::MemoryService;
 use crate::domain::{Caller, SessionId, Tenants, may_see};
 use crate::protocol::{ErrorCode, ProtocolError};
 use std::sync::Arc;
+use uuid::Uuid;
+
+/// Past this many noted leases and exports, those that ended are forgotten.
+const PRUNE_OWNERS_AT: usize = 1024;
 
 impl MemoryService {
     /// The same service with tenants declared: their quotas apply to every allocation and
@@ -48,5 +52,39 @@ impl MemoryService {
         if let Some(s) = self.sessions.lock().get_mut(session) {
             s.caller = caller;
         }
+    }
+
+    /// Notes the tenant of a lease or export `caller` just made (with tenants declared), so
+    /// that no other tenant releases, renews or ends it.
+    pub fn note_owner(&self, caller: &Caller, id: &str) {
+        let Ok(id) = Uuid::parse_str(id) else {
+            return;
+        };
+        if !self.tenants.declared() {
+            return;
+        }
+        let mut owners = self.owners.lock();
+        if owners.len() >= PRUNE_OWNERS_AT {
+            let models = self.models.lock();
+            let exports = self.exports.lock();
+            let live: std::collections::HashSet<Uuid> = exports.all().map(|x| x.id).collect();
+            owners.retain(|id, _| models.lease_of(id).is_some() || live.contains(id));
+        }
+        owners.insert(id, Arc::clone(&caller.tenant));
+    }
+
+    /// Whether `caller` may act on the lease or export `id`: it is its own, it is the
+    /// operator, or nobody noted it (no tenants, or an unknown id: the action says so itself).
+    pub fn owns(&self, caller: &Caller, id: &str) -> bool {
+        if self.sees_all(caller) {
+            return true;
+        }
+        let Ok(id) = Uuid::parse_str(id) else {
+            return true;
+        };
+        self.owners
+            .lock()
+            .get(&id)
+            .is_none_or(|owner| may_see(&caller.tenant, owner))
     }
 }
