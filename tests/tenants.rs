@@ -439,6 +439,18 @@ fn hello_over_stdio_sets_the_tenant_of_the_session() {
         u["tenant_bytes"],
         json!({"default": 4 * KIB, "render": 4 * KIB})
     );
+    // A token wrong for the worker: refused, the session stays `render`'s.
+    refused(
+        &w.request("memory.hello", json!({"token": "nope"})),
+        "UNAUTHORIZED",
+    );
+    let a = ok(allocate(&mut w, "cpu", 4 * KIB, "General"));
+    assert_eq!(a["allocation"]["tenant"], "render");
+
+    // Without tenants, any token is `default`'s: nothing to check it against.
+    let mut plain = InProcessWorker::start("64MiB", "64MiB");
+    let hello = ok(plain.request("memory.hello", json!({"token": "anything"})));
+    assert_eq!(hello["tenant"], "default");
 }
 
 #[test]

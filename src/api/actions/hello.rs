@@ -2,7 +2,8 @@
 //! or a Unix socket, the session's requests belong to the token's tenant from then on (what it
 //! made before stays its earlier tenant's). Over HTTP, where each request carries its own
 //! bearer token, it only says whose the token is. A token nobody has is UNAUTHORIZED and
-//! changes nothing. Answered at once.
+//! changes nothing. Without tenants declared, any token is answered with the tenant
+//! `default` (there is nothing to check it against). Answered at once.
 
 use crate::api::parse::{non_empty, parse_data};
 use crate::api::{ActionSpec, Context, Reply, Route};
@@ -53,15 +54,21 @@ impl ActionSpec for Hello {
 
     fn handle(cx: &Context<'_>, r: HelloRequest) -> Reply<HelloResponse> {
         let tenants = cx.service().tenants();
-        let Some(tenant) = tenants.by_token(&r.token) else {
-            let why = if tenants.declared() {
-                "the token is no tenant's: send the token of your tenant's token_file (the \
-                 config file's [tenants.NAME]) or the operator's (--token-file)"
-            } else {
-                "no tenants are declared on this worker (the config file's [tenants.NAME]): \
-                 every request belongs to the tenant `default`; leave memory.hello out"
-            };
-            return Reply::Now(Err(ProtocolError::new(ErrorCode::Unauthorized, why)));
+        // Without tenants there is no token to check: every request is `default`'s, and a
+        // client that sends one anyway (the Python client's `token=`) carries on as before.
+        let tenant = if tenants.declared() {
+            match tenants.by_token(&r.token) {
+                Some(t) => t,
+                None => {
+                    return Reply::Now(Err(ProtocolError::new(
+                        ErrorCode::Unauthorized,
+                        "the token is no tenant's: send the token of your tenant's token_file \
+                         (the config file's [tenants.NAME]) or the operator's (--token-file)",
+                    )));
+                }
+            }
+        } else {
+            std::sync::Arc::from(crate::domain::DEFAULT_TENANT)
         };
         let caller = cx.set_tenant(tenant);
         Reply::Now(Ok(HelloResponse {
