@@ -179,9 +179,9 @@ impl TargetArgs {
             }
             None => {
                 let settings = self.devices.settings().map_err(|e| e.to_string())?;
-                Ok(cli::Source::local(
-                    service(&settings).map_err(|e| e.to_string())?,
-                ))
+                Ok(cli::Source::local(Arc::new(MemoryService::new(
+                    settings.devices().map_err(|e| e.to_string())?,
+                ))))
             }
         }
     }
@@ -295,16 +295,16 @@ struct ServiceArgs {
     advice: AdviceArgs,
 }
 
+/// What [`ServiceArgs::start`] starts.
+type Started = (Settings, Arc<MemoryService>, Threads);
+
 impl ServiceArgs {
     /// The settings, a running service (keep-alive sweeper and sampler started, owned by the
-    /// service) and the threads of this command (a progress display), stopped when dropped.
-    /// `operator_token` (`--token-file`'s) is the tenant `admin` when tenants are declared.
-    fn start(
-        &self,
-        operator_token: Option<&str>,
-    ) -> Result<(Settings, Arc<MemoryService>, Threads), String> {
+    /// service; `token`, --token-file's, is tenant `admin`) and the threads of this command (a
+    /// progress display), stopped when dropped.
+    fn start(&self, token: Option<&str>) -> Result<Started, String> {
         let mut settings = self.devices.settings().map_err(|e| e.to_string())?;
-        let tenants = memcoord::domain::Tenants::new(settings.tenants.clone(), operator_token)
+        let tenants = memcoord::domain::Tenants::new(settings.tenants.clone(), token)
             .map_err(|e| format!("tenants: {e}"))?;
         if let Some(dir) = &self.state_dir {
             memcoord::service::create_private_dir(dir)
@@ -505,10 +505,6 @@ impl DeviceArgs {
         }
         Ok(s)
     }
-}
-
-fn service(settings: &Settings) -> Result<Arc<MemoryService>, ConfigError> {
-    Ok(Arc::new(MemoryService::new(settings.devices()?)))
 }
 
 fn run(cli: Cli) -> Result<(), String> {
