@@ -277,6 +277,7 @@ fn main() {
             device_id: "cuda:0".into(),
             keep_alive_seconds: None,
             timeout_seconds: 0.0,
+            holder: memcoord::domain::Caller::anonymous(),
         };
         let unload = |name: &str| memcoord::api::ModelRequest {
             model_name: name.into(),

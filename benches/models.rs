@@ -56,6 +56,7 @@ fn main() {
         device_id: "cpu".into(),
         keep_alive_seconds: None,
         timeout_seconds: 0.0,
+        holder: memcoord::domain::Caller::anonymous(),
     };
     let unload = ModelRequest {
         model_name: "m".into(),

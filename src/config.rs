@@ -4,6 +4,7 @@ use crate::backends::{
     Backend, CpuBackend, DEFAULT_SHM_MODE, MemoryLimit, ShmBackend, cgroup_memory_limit, cuda,
     meminfo, remove_stale_shm_files, tmpfs_capacity,
 };
+use crate::domain::{ADMIN_TENANT, DEFAULT_TENANT, TenantSpec};
 use crate::managers::DeviceSetup;
 use crate::units::{format_bytes, parse_size};
 use serde::Deserialize;
@@ -55,6 +56,17 @@ struct ConfigFile {
     budgets: BTreeMap<String, SizeValue>,
     max_line_bytes: Option<SizeValue>,
     shm_dir: Option<PathBuf>,
+    #[serde(default)]
+    tenants: BTreeMap<String, TenantFile>,
+}
+
+/// One `[tenants.NAME]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantFile {
+    token_file: Option<PathBuf>,
+    #[serde(default)]
+    quota: BTreeMap<String, SizeValue>,
 }
 
 /// The worker's settings.
@@ -80,6 +92,8 @@ pub struct Settings {
     /// host memory (`cpu` and `shm` pages alike) is charged to: it caps the default `cpu` and
     /// `shm` budgets, and a budget above it is refused. `None`: no limit.
     pub memory_limit: Option<MemoryLimit>,
+    /// Declared tenants (`[tenants.NAME]`), their tokens read (section 8.2); empty: none.
+    pub tenants: BTreeMap<String, TenantSpec>,
 }
 
 /// The default pinned pool beside a GPU.
@@ -96,6 +110,7 @@ impl Default for Settings {
             pinned_pool: None,
             shm_mode: DEFAULT_SHM_MODE,
             memory_limit: cgroup_memory_limit(),
+            tenants: BTreeMap::new(),
         }
     }
 }
@@ -107,6 +122,60 @@ fn size_value(v: &SizeValue, what: &str) -> Result<u64, ConfigError> {
             parse_size(t).map_err(|e| ConfigError::Budget(format!("{what}: {e}")))
         }
     }
+}
+
+/// A `[tenants.NAME]` table checked, its token file read (trimmed). Only `default` may go
+/// without a token file (it is the tenant of requests that carry no token).
+fn tenant_spec(name: &str, t: &TenantFile) -> Result<TenantSpec, String> {
+    let valid_name = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if !valid_name {
+        return Err(format!(
+            "[tenants.{name}]: a tenant's name is letters, digits, `-`, `_` and `.`"
+        ));
+    }
+    if name == ADMIN_TENANT {
+        return Err(format!(
+            "[tenants.{ADMIN_TENANT}]: `{ADMIN_TENANT}` is the operator (the token of \
+             --token-file); give the tenant another name"
+        ));
+    }
+    let token = match &t.token_file {
+        Some(file) => {
+            let text = std::fs::read_to_string(file).map_err(|e| {
+                format!(
+                    "[tenants.{name}] token_file {}: cannot read it: {e}",
+                    file.display()
+                )
+            })?;
+            let token = text.trim();
+            if token.is_empty() {
+                return Err(format!(
+                    "[tenants.{name}] token_file {}: the file is empty; write the tenant's \
+                     token in it",
+                    file.display()
+                ));
+            }
+            Some(token.to_string())
+        }
+        None if name == DEFAULT_TENANT => None,
+        None => {
+            return Err(format!(
+                "[tenants.{name}]: token_file is missing (the file that holds the tenant's \
+                 bearer token); only [tenants.{DEFAULT_TENANT}] goes without one"
+            ));
+        }
+    };
+    let mut quota = BTreeMap::new();
+    for (device, size) in &t.quota {
+        check_device(device).map_err(|e| format!("[tenants.{name}] quota: {e}"))?;
+        let bytes = size_value(size, &format!("[tenants.{name}] quota of {device}"))
+            .map_err(|e| e.to_string())?;
+        quota.insert(device.clone(), bytes);
+    }
+    Ok(TenantSpec { token, quota })
 }
 
 fn check_device(device: &str) -> Result<(), ConfigError> {
@@ -156,6 +225,25 @@ impl Settings {
         }
         if let Some(dir) = file.shm_dir {
             s.shm_dir = dir;
+        }
+        let mut tokens: BTreeMap<String, String> = BTreeMap::new();
+        for (name, t) in &file.tenants {
+            let spec = tenant_spec(name, t).map_err(|message| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            })?;
+            if let Some(token) = &spec.token
+                && let Some(other) = tokens.insert(token.clone(), name.clone())
+            {
+                return Err(ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "tenants `{other}` and `{name}` have the same token: give each tenant \
+                         its own token file with a different token"
+                    ),
+                });
+            }
+            s.tenants.insert(name.clone(), spec);
         }
         Ok(s)
     }

@@ -179,9 +179,9 @@ impl TargetArgs {
             }
             None => {
                 let settings = self.devices.settings().map_err(|e| e.to_string())?;
-                Ok(cli::Source::local(
-                    service(&settings).map_err(|e| e.to_string())?,
-                ))
+                Ok(cli::Source::local(Arc::new(MemoryService::new(
+                    settings.devices().map_err(|e| e.to_string())?,
+                ))))
             }
         }
     }
@@ -295,11 +295,17 @@ struct ServiceArgs {
     advice: AdviceArgs,
 }
 
+/// What [`ServiceArgs::start`] starts.
+type Started = (Settings, Arc<MemoryService>, Threads);
+
 impl ServiceArgs {
     /// The settings, a running service (keep-alive sweeper and sampler started, owned by the
-    /// service) and the threads of this command (a progress display), stopped when dropped.
-    fn start(&self) -> Result<(Settings, Arc<MemoryService>, Threads), String> {
+    /// service; `token`, --token-file's, is tenant `admin`) and the threads of this command (a
+    /// progress display), stopped when dropped.
+    fn start(&self, token: Option<&str>) -> Result<Started, String> {
         let mut settings = self.devices.settings().map_err(|e| e.to_string())?;
+        let tenants = memcoord::domain::Tenants::new(settings.tenants.clone(), token)
+            .map_err(|e| format!("tenants: {e}"))?;
         if let Some(dir) = &self.state_dir {
             memcoord::service::create_private_dir(dir)
                 .map_err(|e| format!("--state-dir {}: {e}", dir.display()))?;
@@ -312,7 +318,8 @@ impl ServiceArgs {
             ))
             .with_advice_rules(self.advice.rules()?)
             .with_max_waiting(self.max_waiting)
-            .with_max_allocations(self.max_allocations);
+            .with_max_allocations(self.max_allocations)
+            .with_tenants(tenants);
         for spec in &self.model_budgets {
             let (device, size) = spec
                 .split_once('=')
@@ -500,10 +507,6 @@ impl DeviceArgs {
     }
 }
 
-fn service(settings: &Settings) -> Result<Arc<MemoryService>, ConfigError> {
-    Ok(Arc::new(MemoryService::new(settings.devices()?)))
-}
-
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Worker {
@@ -524,7 +527,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     .map_err(|m| format!("--metrics-addr: {m}"))?;
             }
             let max_in_flight = service.max_in_flight;
-            let (settings, service, _threads) = service.start()?;
+            let (settings, service, _threads) = service.start(token.as_deref())?;
             let options = WorkerOptions {
                 max_line_bytes: max_line_bytes.unwrap_or(settings.max_line_bytes),
                 max_in_flight,
@@ -581,7 +584,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 body: timeout_option("--body-timeout-seconds", body_timeout_seconds)?,
             };
             let max_in_flight = service.max_in_flight;
-            let (settings, service, _threads) = service.start()?;
+            let (settings, service, _threads) = service.start(token.as_deref())?;
             let runtime = runtime()?;
             let shutdown = Shutdown::new();
             watch_signals(&runtime, &shutdown, || eprintln!("memcoord: stopping"))?;

@@ -177,6 +177,21 @@ impl Collector for Snapshot {
         )?;
         family(
             &mut e,
+            "tenant_allocated",
+            "Bytes each tenant holds on the device: its allocations (Reservations included) and \
+             the models it loaded; what its quota is checked against.",
+            bytes.clone(),
+            devs.iter().flat_map(|d| {
+                d.tenant_bytes.iter().map(|(tenant, b)| {
+                    (
+                        vec![("tenant", tenant.clone()), ("device", d.device_id.clone())],
+                        gauge_u(*b),
+                    )
+                })
+            }),
+        )?;
+        family(
+            &mut e,
             "model",
             "Bytes of model weights resident on the device.",
             bytes.clone(),

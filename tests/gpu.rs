@@ -251,6 +251,7 @@ fn a_model_loaded_onto_the_gpu_equals_its_file() {
         device_id: "cuda:0".into(),
         keep_alive_seconds: None,
         timeout_seconds: 0.0,
+        holder: memcoord::domain::Caller::anonymous(),
     };
     let info = svc.model_load(&load("m", "m.safetensors")).unwrap();
     assert_eq!(info.tensor_count, tensors.len() as u64);

@@ -67,7 +67,19 @@ fn every_route_answers_as_its_openapi_document_says() {
     let s = InProcessServer::start(
         "64MiB",
         "64MiB",
-        |svc| svc.with_model_root(dir),
+        |svc| {
+            // One tenant declared: requests without a token are `default`'s, as before.
+            let render = memcoord::domain::TenantSpec {
+                token: Some("t-render".into()),
+                quota: Default::default(),
+            };
+            let tenants = memcoord::domain::Tenants::new(
+                std::collections::BTreeMap::from([("render".to_string(), render)]),
+                None,
+            )
+            .unwrap();
+            svc.with_model_root(dir).with_tenants(tenants)
+        },
         ServeOptions::default(),
     );
     let doc = s.get("/v1/openapi.json").json();
@@ -260,6 +272,14 @@ fn every_route_answers_as_its_openapi_document_says() {
     assert_eq!(sessions["sessions"], json!([]));
     assert_eq!(shared["allocation"]["client_pid"], Value::Null);
     assert_eq!(shared["allocation"]["tenant"], "default");
+    // Over HTTP, memory.hello only says whose a token is (each request carries its own).
+    let hello = call(
+        "POST",
+        "/v1/hello",
+        "/v1/hello",
+        Some(json!({"token": "t-render"})),
+    );
+    assert_eq!(hello, json!({"session_id": null, "tenant": "render"}));
     let export_id = x["export_id"].as_str().unwrap().to_string();
     let ended = call(
         "DELETE",

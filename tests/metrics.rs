@@ -209,7 +209,15 @@ fn metrics_parse_as_openmetrics_and_follow_the_operations() {
     ] {
         assert!(value(&m, f, &cpu) >= 0.0);
     }
-    // Bounded labels only: never an id.
+    // Per tenant (section 8.2): without tenants every allocation is `default`'s.
+    assert!(
+        value(
+            &m,
+            "memcoord_tenant_allocated_bytes",
+            &[("tenant", "default"), ("device", "cpu")]
+        ) > 0.0
+    );
+    // Bounded labels only: never an id (tenants are the config file's, a bounded set).
     for f in m.families.values() {
         for label in f.get_label_names() {
             assert!(
@@ -221,6 +229,7 @@ fn metrics_parse_as_openmetrics_and_follow_the_operations() {
                     "direction",
                     "status",
                     "version",
+                    "tenant",
                     "le"
                 ]
                 .contains(&label.as_str()),

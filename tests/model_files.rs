@@ -118,6 +118,7 @@ fn load(name: &str, path: &str, device: &str) -> ModelLoadRequest {
         device_id: device.into(),
         keep_alive_seconds: None,
         timeout_seconds: 0.0,
+        holder: memcoord::domain::Caller::anonymous(),
     }
 }
 

@@ -133,6 +133,7 @@ pub struct Context<'a> {
     admit: Option<Admit<'a>>,
     defaults: super::TransportDefaults,
     caller: Option<&'a Arc<Caller>>,
+    caller_slot: Option<&'a parking_lot::RwLock<Arc<Caller>>>,
 }
 
 impl<'a> Context<'a> {
@@ -148,6 +149,7 @@ impl<'a> Context<'a> {
             admit,
             defaults: super::TransportDefaults::STREAM,
             caller: None,
+            caller_slot: None,
         }
     }
 
@@ -155,6 +157,29 @@ impl<'a> Context<'a> {
     pub fn with_caller(mut self, caller: &'a Arc<Caller>) -> Self {
         self.caller = Some(caller);
         self
+    }
+
+    /// The same context, able to replace its session's caller (`memory.hello`).
+    pub fn with_caller_slot(mut self, slot: &'a parking_lot::RwLock<Arc<Caller>>) -> Self {
+        self.caller_slot = Some(slot);
+        self
+    }
+
+    /// Sets the tenant of the rest of the request's session (`memory.hello`): its next
+    /// requests come from the returned caller. Nothing to set outside a session (HTTP).
+    pub fn set_tenant(&self, tenant: Arc<str>) -> Arc<Caller> {
+        let current = self.caller();
+        let caller = Arc::new(Caller {
+            session: current.session,
+            client_pid: current.client_pid,
+            tenant,
+        });
+        if let (Some(slot), Some(session)) = (self.caller_slot, current.session) {
+            *slot.write() = Arc::clone(&caller);
+            self.service
+                .set_session_caller(&session, Arc::clone(&caller));
+        }
+        caller
     }
 
     /// Who made the request: its session, process and tenant.

@@ -278,6 +278,7 @@ actions! {
     Unexport in unexport,
     ListExports in list_exports,
     ListSessions in list_sessions,
+    Hello in hello,
 }
 
 // The checked requests (defined in `service::requests`, parsed in the action files), where
@@ -292,6 +293,7 @@ pub use actions::get_pressure::OptionalDeviceRequest;
 pub use actions::get_status::GetStatusRequest;
 pub use actions::get_transfer::TransferIdRequest;
 pub use actions::get_usage::DeviceRequest;
+pub use actions::hello::HelloRequest;
 pub use actions::model_acquire::ModelAcquireRequest;
 pub use actions::model_load::ModelLoadRequest;
 pub use actions::model_optimize::{ModelOptimizeRequest, ModelStrategy};

@@ -23,9 +23,14 @@ use std::time::Instant;
 pub struct Dispatcher {
     service: Arc<MemoryService>,
     defaults: TransportDefaults,
-    /// Who its requests come from (the session of the transport that holds this dispatcher).
-    caller: Arc<Caller>,
+    /// Who its requests come from (the session of the transport that holds this dispatcher):
+    /// replaced, never changed in place, when `memory.hello` sets the session's tenant; each
+    /// request reads it once, when it starts.
+    caller: CallerSlot,
 }
+
+/// A session's caller, replaced by `memory.hello`.
+pub type CallerSlot = Arc<parking_lot::RwLock<Arc<Caller>>>;
 
 impl Dispatcher {
     /// A dispatcher over a service, for a stream transport ([`TransportDefaults::STREAM`]).
@@ -33,7 +38,7 @@ impl Dispatcher {
         Dispatcher {
             service,
             defaults: TransportDefaults::STREAM,
-            caller: Caller::anonymous(),
+            caller: Arc::new(parking_lot::RwLock::new(Caller::anonymous())),
         }
     }
 
@@ -49,13 +54,13 @@ impl Dispatcher {
         Dispatcher {
             service: Arc::clone(&self.service),
             defaults: self.defaults,
-            caller,
+            caller: Arc::new(parking_lot::RwLock::new(caller)),
         }
     }
 
-    /// Who its requests come from.
-    pub fn caller(&self) -> &Arc<Caller> {
-        &self.caller
+    /// Who its requests come from now.
+    pub fn caller(&self) -> Arc<Caller> {
+        Arc::clone(&self.caller.read())
     }
 
     /// The service.
@@ -87,6 +92,7 @@ impl Dispatcher {
         admit: Option<Admit<'_>>,
     ) -> Reply<Response> {
         let started = Instant::now();
+        let caller = self.caller();
         let handled = catch_unwind(AssertUnwindSafe(|| {
             if self.service.is_shutting_down() {
                 return Reply::Now(Err(ProtocolError::new(
@@ -98,7 +104,8 @@ impl Dispatcher {
                 Ok(request) => {
                     let cx = Context::new(&self.service, started, admit)
                         .with_defaults(self.defaults)
-                        .with_caller(&self.caller);
+                        .with_caller(&caller)
+                        .with_caller_slot(&self.caller);
                     request.handle(&cx)
                 }
                 Err(e) => Reply::Now(Err(e)),
@@ -109,17 +116,17 @@ impl Dispatcher {
             Ok(Reply::Later(answer)) => Reply::Later(catching_panics(answer)),
             Err(_) => Reply::Now(Err(internal_error())),
         };
-        if self.caller.session.is_none() {
+        if caller.session.is_none() && !self.service.tenants().declared() {
             return reply;
         }
         // A session owns the leases and exports it makes: noted here, released when it ends.
         match reply {
             Reply::Now(answer) => {
-                note_holding(&self.service, &self.caller, &answer);
+                note_holding(&self.service, &caller, &answer);
                 Reply::Now(answer)
             }
             Reply::Later(answer) => {
-                let (service, caller) = (Arc::clone(&self.service), Arc::clone(&self.caller));
+                let service = Arc::clone(&self.service);
                 Reply::later(async move {
                     let answer = answer.await;
                     note_holding(&service, &caller, &answer);
@@ -137,8 +144,14 @@ fn note_holding(
     answer: &Result<Response, ProtocolError>,
 ) {
     match answer {
-        Ok(Response::ModelAcquire(r)) => service.note_lease(caller, &r.lease_id),
-        Ok(Response::Export(r)) => service.note_export(caller, &r.export_id),
+        Ok(Response::ModelAcquire(r)) => {
+            service.note_owner(caller, &r.lease_id);
+            service.note_lease(caller, &r.lease_id);
+        }
+        Ok(Response::Export(r)) => {
+            service.note_owner(caller, &r.export_id);
+            service.note_export(caller, &r.export_id);
+        }
         _ => {}
     }
 }

@@ -7,6 +7,7 @@ mod advice;
 mod caller;
 mod exports;
 mod kinds;
+mod tenants;
 mod trace;
 mod views;
 
@@ -17,6 +18,7 @@ pub use kinds::{
     AllocationId, DeviceId, MemoryAllocationType, MemoryHealthStatus, MemoryOptimizationType,
     MemoryType, ModelState, PressureLevel, RecommendationKind, TransferMode, TransferStatus,
 };
+pub use tenants::{ADMIN_TENANT, TenantSpec, Tenants, may_see};
 pub use trace::TraceOp;
 pub use views::{
     AllocationView, DeviceInfo, Fragmentation, Handle, LeaseView, ModelView, PressureView,

@@ -101,6 +101,8 @@ pub struct UsageStats {
     pub failed_allocations: u64,
     /// Mean time from request to allocation, waiting included, in milliseconds.
     pub average_allocation_time_ms: f64,
+    /// Bytes each tenant holds on the device, by tenant (none holding nothing).
+    pub tenant_bytes: std::collections::BTreeMap<String, u64>,
 }
 
 /// How the free memory of a device is split up.

@@ -72,6 +72,7 @@ impl From<UsageStats> for MemoryUsageStats {
             total_deallocations: u.total_deallocations,
             failed_allocations: u.failed_allocations,
             average_allocation_time_ms: u.average_allocation_time_ms,
+            tenant_bytes: u.tenant_bytes,
         }
     }
 }

@@ -49,11 +49,13 @@ pub enum ErrorCode {
     TooManyRequests,
     /// v1.1 (section 8.7): an unknown or ended `export_id`.
     ExportNotFound,
+    /// v1.1 (section 8.7): the request would take the tenant past its quota on the device.
+    QuotaExceeded,
 }
 
 impl ErrorCode {
     /// Every code, in the order of the contract's table, then this version's extensions.
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 22] = [
         ErrorCode::InvalidRequest,
         ErrorCode::RequestTooLarge,
         ErrorCode::UnknownAction,
@@ -75,6 +77,7 @@ impl ErrorCode {
         ErrorCode::InternalError,
         ErrorCode::TooManyRequests,
         ErrorCode::ExportNotFound,
+        ErrorCode::QuotaExceeded,
     ];
 
     /// The code as it appears in `error_code`.
@@ -101,6 +104,7 @@ impl ErrorCode {
             ErrorCode::InternalError => "INTERNAL_ERROR",
             ErrorCode::TooManyRequests => "TOO_MANY_REQUESTS",
             ErrorCode::ExportNotFound => "EXPORT_NOT_FOUND",
+            ErrorCode::QuotaExceeded => "QUOTA_EXCEEDED",
         }
     }
 
@@ -111,6 +115,7 @@ impl ErrorCode {
             | ErrorCode::InvalidParameter
             | ErrorCode::InvalidTransferParams => 400,
             ErrorCode::Unauthorized => 401,
+            ErrorCode::QuotaExceeded => 403,
             ErrorCode::UnknownAction
             | ErrorCode::InvalidDevice
             | ErrorCode::AllocationNotFound
@@ -199,6 +204,7 @@ mod tests {
                 ("INTERNAL_ERROR", 500),
                 ("TOO_MANY_REQUESTS", 429),
                 ("EXPORT_NOT_FOUND", 404),
+                ("QUOTA_EXCEEDED", 403),
             ]
         );
     }

@@ -32,3 +32,12 @@ pub struct ListSessionsResponse {
     /// Every live session, oldest first.
     pub sessions: Vec<SessionInfo>,
 }
+
+/// `memory.hello` (section 8.2): the session and the tenant the token named.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct HelloResponse {
+    /// The session the tenant now applies to (null over HTTP, which has no sessions).
+    pub session_id: Option<String>,
+    /// The tenant of the token; the session's requests belong to it from now on.
+    pub tenant: String,
+}

@@ -254,6 +254,10 @@ pub struct MemoryUsageStats {
     pub failed_allocations: u64,
     /// Mean time from request to allocation, waiting included, in milliseconds.
     pub average_allocation_time_ms: f64,
+    /// v1.1 (section 8.2): bytes each tenant holds on the device (its allocations,
+    /// Reservations included, and the models it loaded); a tenant holding nothing is left out.
+    #[serde(default)]
+    pub tenant_bytes: std::collections::BTreeMap<String, u64>,
 }
 
 /// Where another process finds an `shm` allocation's bytes.

@@ -110,7 +110,10 @@ impl MemoryService {
                     return TryAllocate::MustWait(req);
                 }
                 Err(err) => {
-                    e.record_failure(d, req.size_bytes);
+                    // A request over its tenant's quota changed nothing, counters included.
+                    if !matches!(err, EngineError::QuotaExceeded { .. }) {
+                        e.record_failure(d, req.size_bytes);
+                    }
                     return TryAllocate::Ready(Err(err.into()));
                 }
             }

@@ -13,6 +13,7 @@ pub mod requests;
 mod sessions;
 mod state;
 mod telemetry;
+mod tenants;
 mod transfers;
 
 pub use state::{StateError, StateWrittenHook, create_private_dir};
@@ -63,6 +64,7 @@ impl From<EngineError> for ProtocolError {
             EngineError::OutOfRange(_) => ErrorCode::InvalidParameter,
             EngineError::InvalidTransfer(_) => ErrorCode::InvalidTransferParams,
             EngineError::InUse(_) => ErrorCode::AllocationInUse,
+            EngineError::QuotaExceeded { .. } => ErrorCode::QuotaExceeded,
         };
         ProtocolError::new(code, e.to_string())
     }
@@ -101,6 +103,10 @@ pub struct MemoryService {
     leases_expired: std::sync::atomic::AtomicU64,
     /// The live sessions and the leases and exports each made.
     sessions: Mutex<crate::managers::sessions::SessionTable>,
+    /// Declared tenants and their quotas (section 8.2; none by default).
+    tenants: Arc<crate::domain::Tenants>,
+    /// The tenant of each live lease and export, with tenants declared (`service/tenants.rs`).
+    owners: Mutex<rustc_hash::FxHashMap<Uuid, Arc<str>>>,
 }
 
 /// See [`MemoryService::with_model_load_hook`].
@@ -145,6 +151,8 @@ impl MemoryService {
             claim_socket: Mutex::new(None),
             leases_expired: Default::default(),
             sessions: Mutex::default(),
+            tenants: Arc::default(),
+            owners: Mutex::default(),
         }
     }
 
@@ -386,6 +394,16 @@ impl MemoryService {
 
     /// `memory.clear`.
     pub fn clear(&self, req: &ClearRequest) -> Result<ClearResponse, ProtocolError> {
+        self.clear_of(req, None)
+    }
+
+    /// `memory.clear` of one tenant's allocations only (`None`: everyone's): what a tenant's
+    /// clear frees, as it may release only what it owns.
+    pub fn clear_of(
+        &self,
+        req: &ClearRequest,
+        tenant: Option<&str>,
+    ) -> Result<ClearResponse, ProtocolError> {
         let _recorded = self.recording();
         let cleared = {
             let mut e = self.engine.lock();
@@ -399,11 +417,12 @@ impl MemoryService {
                         a.device_id == req.device_id
                             && a.owner == "client"
                             && (req.force || !a.persistent)
+                            && tenant.is_none_or(|t| a.tenant == t)
                     })
                 })
                 .collect();
             self.end_exports_holding(&cleared);
-            e.clear(d, req.force)
+            e.clear_of(d, req.force, tenant)
         };
         Ok(ClearResponse {
             device_id: req.device_id.clone(),

@@ -15,6 +15,7 @@ use crate::protocol::{
     ModelStatusResponse, ModelUnloadResponse, ProtocolError,
 };
 use crate::units::format_bytes;
+use std::sync::Arc;
 use std::time::Instant;
 use uuid::Uuid;
 
@@ -166,6 +167,10 @@ impl MemoryService {
                 ),
             ));
         }
+        // Over the loader's quota: refused before anything is evicted or waited for.
+        self.engine
+            .lock()
+            .check_quota(device, &req.holder.tenant, total)?;
         self.wait_for_room(
             &req.device_id,
             device,
@@ -197,7 +202,7 @@ impl MemoryService {
             purpose: tensor.name.clone(),
             persistent: false,
             owner: owner.clone(),
-            holder: crate::domain::Caller::anonymous(),
+            holder: Arc::clone(&req.holder),
         };
         // Memory other processes may map (shm, GPUs) takes the model as one region, its
         // tensors back to back: an export of it is then a few segments (on a GPU, a few
@@ -243,8 +248,12 @@ impl MemoryService {
                 Ok(id) => id,
                 Err(e) => {
                     drop(engine);
+                    let code = match e {
+                        EngineError::QuotaExceeded { .. } => ErrorCode::QuotaExceeded,
+                        _ => ErrorCode::OutOfMemory,
+                    };
                     return Err(ProtocolError::new(
-                        ErrorCode::OutOfMemory,
+                        code,
                         format!(
                             "loading model {} ({} of {} so far) on {}: {e}; {}",
                             req.model_name,

@@ -179,6 +179,10 @@ pub struct ModelLoadRequest {
     pub keep_alive_seconds: Option<f64>,
     /// How long to wait for room (0..3600, default 30).
     pub timeout_seconds: f64,
+    /// Who asks: the model's bytes count against its tenant's quota (set by the action from
+    /// its context; not part of `data`).
+    #[serde(skip)]
+    pub holder: Arc<Caller>,
 }
 
 /// What `memory.model_unload` takes.
@@ -272,4 +276,11 @@ pub struct ExportRequest {
 pub struct ExportIdRequest {
     /// The export.
     pub export_id: String,
+}
+
+/// What `memory.hello` takes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HelloRequest {
+    /// A tenant's token, or the operator's.
+    pub token: String,
 }

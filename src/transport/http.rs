@@ -210,7 +210,10 @@ pub fn metrics_router(service: Arc<MemoryService>, token: Option<String>) -> Rou
         .route("/healthz", get(healthz));
     if let Some(token) = token {
         router = router.layer(axum::middleware::from_fn_with_state(
-            Arc::<str>::from(token),
+            Arc::new(Auth {
+                operator: Some(Arc::<str>::from(token)),
+                tenants: Arc::default(),
+            }),
             require_token,
         ));
     }
@@ -289,9 +292,43 @@ fn query_token(query: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// Who may call: the operator's token (`--token-file`) and, with tenants declared, each
+/// tenant's token, or no token at all (the tenant `default`).
+pub(crate) struct Auth {
+    operator: Option<Arc<str>>,
+    tenants: Arc<crate::domain::Tenants>,
+}
+
+/// The bearer token of a request (`Authorization: Bearer …`, the scheme case-insensitive as
+/// RFC 9110 says), if it carries one.
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.get(..7)
+                .filter(|p| p.eq_ignore_ascii_case("bearer "))
+                .map(|_| v[7..].trim().to_string())
+        })
+}
+
+/// The caller of an HTTP request, by its bearer token: the token's tenant (the operator's is
+/// `admin`), `default` without one. None when no tenants are declared (every request is
+/// `default`, as before tenants).
+fn http_caller(service: &MemoryService, headers: &HeaderMap) -> Option<Arc<crate::domain::Caller>> {
+    let tenants = service.tenants();
+    if !tenants.declared() {
+        return None;
+    }
+    let tenant = bearer(headers)
+        .and_then(|t| tenants.by_token(&t))
+        .unwrap_or_else(|| Arc::from(crate::domain::DEFAULT_TENANT));
+    Some(tenants.caller(&tenant))
+}
+
 /// Bearer-token check, compared in constant time. The token is never logged.
 async fn require_token(
-    State(token): State<Arc<str>>,
+    State(auth): State<Arc<Auth>>,
     request: HttpRequest,
     next: Next,
 ) -> Response {
@@ -304,31 +341,29 @@ async fn require_token(
         .then(|| request.uri().query())
         .flatten()
         .and_then(query_token);
-    let given = request
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        // The scheme is case-insensitive (RFC 9110).
-        .and_then(|v| {
-            v.get(..7)
-                .filter(|p| p.eq_ignore_ascii_case("bearer "))
-                .map(|_| v[7..].trim().to_string())
-        })
-        .or(from_query)
-        .unwrap_or_default();
-    let ok = {
-        use subtle::ConstantTimeEq;
-        given.len() == token.len() && bool::from(given.as_bytes().ct_eq(token.as_bytes()))
+    let given = bearer(request.headers()).or(from_query);
+    let ok = match &given {
+        Some(given) => {
+            use subtle::ConstantTimeEq;
+            let operator = auth.operator.as_ref().is_some_and(|token| {
+                given.len() == token.len() && bool::from(given.as_bytes().ct_eq(token.as_bytes()))
+            });
+            operator || auth.tenants.by_token(given).is_some()
+        }
+        // With tenants declared, a request without a token is the tenant `default`'s.
+        None => auth.tenants.declared(),
     };
     if ok {
         next.run(request).await
     } else {
         let rid = request_id(request.headers());
-        error_response(
-            Some(&rid),
-            ErrorCode::Unauthorized,
-            "a bearer token is required: send `Authorization: Bearer <token>` (the token of --token-file)",
-        )
+        let message = if auth.tenants.declared() {
+            "the bearer token is no tenant's: send `Authorization: Bearer <token>` with your \
+             tenant's token (its token_file in the config file) or the operator's (--token-file)"
+        } else {
+            "a bearer token is required: send `Authorization: Bearer <token>` (the token of --token-file)"
+        };
+        error_response(Some(&rid), ErrorCode::Unauthorized, message)
     }
 }
 
@@ -372,10 +407,14 @@ pub fn serve_router(state: Shared) -> Router {
         .route("/metrics", get(serve_metrics))
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method);
-    // Without a token there is nothing to check: no layer on the request path.
-    if let Some(token) = &state.token {
+    // Without a token or tenants there is nothing to check: no layer on the request path.
+    let tenants = Arc::clone(state.dispatcher.service().tenants());
+    if state.token.is_some() || tenants.declared() {
         api = api.layer(axum::middleware::from_fn_with_state(
-            Arc::<str>::from(token.as_str()),
+            Arc::new(Auth {
+                operator: state.token.as_deref().map(Arc::<str>::from),
+                tenants,
+            }),
             require_token,
         ));
     }

@@ -50,6 +50,11 @@ impl ActionSpec for Clear {
     }
 
     fn handle(cx: &Context<'_>, r: ClearRequest) -> Reply<ClearResponse> {
-        Reply::Now(cx.service().clear(&r))
+        // A tenant clears its own allocations only; the operator (or anyone, without tenants)
+        // every one.
+        let caller = cx.caller();
+        let service = cx.service();
+        let tenant = (!service.sees_all(&caller)).then_some(&*caller.tenant);
+        Reply::Now(service.clear_of(&r, tenant))
     }
 }

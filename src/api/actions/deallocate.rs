@@ -48,6 +48,12 @@ impl ActionSpec for Deallocate {
     }
 
     fn handle(cx: &Context<'_>, r: DeallocateRequest) -> Reply<DeallocateResponse> {
-        Reply::Now(cx.service().deallocate(&r))
+        // Another tenant's allocation is not found, as if it did not exist.
+        let service = cx.service();
+        Reply::Now(
+            service
+                .check_visible(&cx.caller(), &r.allocation_id)
+                .and_then(|()| service.deallocate(&r)),
+        )
     }
 }

@@ -106,6 +106,12 @@ impl ActionSpec for Export {
     }
 
     fn handle(cx: &Context<'_>, r: ExportRequest) -> Reply<ExportInfo> {
+        // Another tenant's allocation is not found, as if it did not exist.
+        if let Some(id) = &r.allocation_id
+            && let Err(e) = cx.service().check_visible(&cx.caller(), id)
+        {
+            return Reply::Now(Err(e));
+        }
         Reply::Now(cx.service().export(&r))
     }
 }

@@ -76,7 +76,16 @@ impl ActionSpec for GetAllocations {
         GetAllocationsRequest::parse(data)
     }
 
-    fn handle(cx: &Context<'_>, r: GetAllocationsRequest) -> Reply<GetAllocationsResponse> {
+    fn handle(cx: &Context<'_>, mut r: GetAllocationsRequest) -> Reply<GetAllocationsResponse> {
+        let caller = cx.caller();
+        if !cx.service().sees_all(&caller) {
+            // A tenant lists its own allocations only: its filter on another tenant matches
+            // nothing (no tenant is named "": names are checked when read).
+            r.tenant = match r.tenant {
+                Some(t) if *t != *caller.tenant => Some(String::new()),
+                _ => Some(caller.tenant.to_string()),
+            };
+        }
         Reply::Now(cx.service().get_allocations(&r))
     }
 }

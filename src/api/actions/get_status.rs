@@ -56,6 +56,16 @@ impl ActionSpec for GetStatus {
     }
 
     fn handle(cx: &Context<'_>, r: GetStatusRequest) -> Reply<GetMemoryStatusResponse> {
-        Reply::Now(cx.service().get_status(&r))
+        let caller = cx.caller();
+        let service = cx.service();
+        let mut status = service.get_status(&r);
+        // A tenant sees its own allocations only (the operator every one).
+        if let Ok(s) = &mut status
+            && !service.sees_all(&caller)
+        {
+            s.allocations
+                .retain(|a| crate::domain::may_see(&caller.tenant, &a.tenant));
+        }
+        Reply::Now(status)
     }
 }

@@ -25,6 +25,10 @@ impl ActionSpec for ListExports {
     }
 
     fn handle(cx: &Context<'_>, (): ()) -> Reply<ListExportsResponse> {
-        Reply::Now(Ok(cx.service().list_exports()))
+        // A tenant lists its own exports only (the operator every one).
+        let (caller, service) = (cx.caller(), cx.service());
+        let mut listed = service.list_exports();
+        listed.exports.retain(|x| service.owns(&caller, &x.export_id));
+        Reply::Now(Ok(listed))
     }
 }

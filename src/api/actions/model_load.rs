@@ -48,6 +48,7 @@ impl ModelLoadRequest {
             device_id: non_empty(w.device_id, "device_id")?,
             keep_alive_seconds: w.keep_alive_seconds,
             timeout_seconds: check_timeout(w.timeout_seconds, 30.0)?,
+            holder: crate::domain::Caller::anonymous(),
         })
     }
 }
@@ -66,7 +67,8 @@ impl ActionSpec for ModelLoad {
         ModelLoadRequest::parse(data)
     }
 
-    fn handle(cx: &Context<'_>, r: ModelLoadRequest) -> Reply<ModelInfo> {
+    fn handle(cx: &Context<'_>, mut r: ModelLoadRequest) -> Reply<ModelInfo> {
+        r.holder = cx.caller();
         cx.blocking(move |s| s.model_load(&r))
     }
 }

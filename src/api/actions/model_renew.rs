@@ -54,6 +54,13 @@ impl ActionSpec for ModelRenew {
     }
 
     fn handle(cx: &Context<'_>, r: RenewRequest) -> Reply<ModelRenewResponse> {
+        // Another tenant's lease is not found, as if it did not exist.
+        if !cx.service().owns(&cx.caller(), &r.lease_id) {
+            return Reply::Now(Err(ProtocolError::new(
+                crate::protocol::ErrorCode::LeaseNotFound,
+                format!("Lease {} not found", r.lease_id),
+            )));
+        }
         Reply::Now(cx.service().model_renew(&r, cx.defaults().lease_ttl_seconds))
     }
 }

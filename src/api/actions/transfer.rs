@@ -77,6 +77,10 @@ impl ActionSpec for Transfer {
     }
 
     fn handle(cx: &Context<'_>, r: TransferRequest) -> Reply<MemoryTransfer> {
+        // Another tenant's allocation is not found, as if it did not exist.
+        if let Err(e) = cx.service().check_visible(&cx.caller(), &r.allocation_id) {
+            return Reply::Now(Err(e));
+        }
         let ticket = match cx.admit() {
             Ok(t) => t,
             Err(e) => return Reply::Now(Err(e)),

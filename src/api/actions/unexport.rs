@@ -45,6 +45,13 @@ impl ActionSpec for Unexport {
     }
 
     fn handle(cx: &Context<'_>, r: ExportIdRequest) -> Reply<UnexportResponse> {
+        // Another tenant's export is not found, as if it did not exist.
+        if !cx.service().owns(&cx.caller(), &r.export_id) {
+            return Reply::Now(Err(ProtocolError::new(
+                crate::protocol::ErrorCode::ExportNotFound,
+                format!("Export {} not found: it ended, or never existed", r.export_id),
+            )));
+        }
         Reply::Now(cx.service().unexport(&r))
     }
 }

@@ -34,6 +34,9 @@ pub(super) struct Device {
     /// a state file that no longer lists them is written ([`AllocationEngine::release_held`]),
     /// so a crash in between never leaves a state file naming memory already given back.
     pub(super) held: Vec<(u64, Placement)>,
+    /// Bytes each tenant holds here (allocations, Reservations and the models it loaded),
+    /// what its quota is checked against. A tenant holding nothing has no entry.
+    pub(super) tenant_bytes: std::collections::HashMap<Arc<str>, u64>,
 }
 
 impl Device {
@@ -108,6 +111,26 @@ impl Device {
         self.peak_reserved = self.peak_reserved.max(self.reserved());
     }
 
+    /// Counts `size` bytes more for `tenant`.
+    pub(super) fn tenant_add(&mut self, tenant: &Arc<str>, size: u64) {
+        match self.tenant_bytes.get_mut(tenant) {
+            Some(b) => *b += size,
+            None => {
+                self.tenant_bytes.insert(Arc::clone(tenant), size);
+            }
+        }
+    }
+
+    /// Counts `size` bytes less for `tenant` (its entry goes when it holds nothing).
+    pub(super) fn untenant(&mut self, tenant: &str, size: u64) {
+        if let Some(b) = self.tenant_bytes.get_mut(tenant) {
+            *b = b.saturating_sub(size);
+            if *b == 0 {
+                self.tenant_bytes.remove(tenant);
+            }
+        }
+    }
+
     /// Takes an allocation's bytes off the device's books (freed, or moved elsewhere).
     pub(super) fn unaccount(&mut self, r: &Record) {
         let now = self.clock.millis();
@@ -124,6 +147,7 @@ impl Device {
             self.model_bytes -= r.size;
         }
         self.tally.remove(r.entry(), r.purpose_slot);
+        self.untenant(&r.holder.tenant, r.size);
         if r.persistent && r.owner == Owner::Client {
             self.persistent_changes += 1;
         }

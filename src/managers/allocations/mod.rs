@@ -11,7 +11,7 @@ use super::room::RoomSignal;
 use super::tally::{Entry, TYPE_COUNT, Tally};
 use crate::backends::{Backend, BackendError};
 use crate::domain::{
-    AllocationView, Caller, DeviceInfo, Fragmentation, MemoryAllocationType, PressureView,
+    AllocationView, Caller, DeviceInfo, Fragmentation, MemoryAllocationType, PressureView, Tenants,
     UsageStats,
 };
 use crate::units::format_bytes;
@@ -52,6 +52,8 @@ pub struct AllocationEngine {
     room: Arc<RoomSignal>,
     /// Where time comes from (see [`Clock`]).
     clock: Arc<dyn Clock>,
+    /// Tenants and their quotas (none by default).
+    tenants: Arc<Tenants>,
 }
 
 /// The most live allocations a device may hold, by default (each costs about 160 bytes of
@@ -98,6 +100,7 @@ impl AllocationEngine {
                     persistent_changes: 0,
                     durable: false,
                     held: Vec::new(),
+                    tenant_bytes: Default::default(),
                 })
                 .collect(),
             records: RecordTable::new(),
@@ -105,12 +108,57 @@ impl AllocationEngine {
             max_allocations: DEFAULT_MAX_ALLOCATIONS,
             room: Arc::default(),
             clock,
+            tenants: Arc::default(),
         }
     }
 
     /// The signal the engine raises whenever bytes go back: wait on it for room.
     pub fn room(&self) -> Arc<RoomSignal> {
         Arc::clone(&self.room)
+    }
+
+    /// Sets the tenants whose quotas every allocation is checked against.
+    pub fn set_tenants(&mut self, tenants: Arc<Tenants>) {
+        self.tenants = tenants;
+    }
+
+    /// Bytes each tenant holds on a device (allocations, Reservations, models it loaded).
+    pub fn tenant_bytes(&self, device: usize) -> Vec<(Arc<str>, u64)> {
+        let mut v: Vec<(Arc<str>, u64)> = self.devices[device]
+            .tenant_bytes
+            .iter()
+            .map(|(t, b)| (Arc::clone(t), *b))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The tenant an allocation belongs to, if it is live and listed.
+    pub fn tenant_of(&self, allocation_id: &str) -> Option<Arc<str>> {
+        let id = self.find(allocation_id)?;
+        let r = self.records.get(&id)?;
+        (!r.hidden).then(|| Arc::clone(&r.holder.tenant))
+    }
+
+    /// Refuses `size` more bytes for `tenant` on `device` when they would take it past its
+    /// quota there (QuotaExceeded); nothing to check without a quota.
+    pub fn check_quota(&self, device: usize, tenant: &str, size: u64) -> Result<(), EngineError> {
+        let dev = &self.devices[device];
+        let device_id = dev.arena.backend().device_id();
+        let Some(quota) = self.tenants.quota(tenant, device_id) else {
+            return Ok(());
+        };
+        let used = dev.tenant_bytes.get(tenant).copied().unwrap_or(0);
+        if used.checked_add(size).is_none_or(|total| total > quota) {
+            return Err(EngineError::QuotaExceeded {
+                tenant: tenant.to_string(),
+                device: device_id.to_string(),
+                quota,
+                used,
+                requested: size,
+            });
+        }
+        Ok(())
     }
 
     /// Sets the most live allocations a device may hold.
@@ -189,10 +237,18 @@ impl AllocationEngine {
 
     /// Frees every client allocation on a device; persistent ones only with `force`.
     pub fn clear(&mut self, device: usize, force: bool) -> Cleared {
+        self.clear_of(device, force, None)
+    }
+
+    /// [`AllocationEngine::clear`] of one tenant's allocations only (`None`: everyone's).
+    pub fn clear_of(&mut self, device: usize, force: bool, tenant: Option<&str>) -> Cleared {
         let mut cleared = Cleared::default();
         let mut victims = Vec::new();
         for r in self.records.iter() {
             if r.device as usize != device || r.owner != Owner::Client || r.busy {
+                continue;
+            }
+            if tenant.is_some_and(|t| *r.holder.tenant != *t) {
                 continue;
             }
             if r.persistent && !force {

@@ -65,6 +65,7 @@ impl AllocationEngine {
         now: SystemTime,
         defer: bool,
     ) -> Result<(Uuid, Option<DeferredCommit>), EngineError> {
+        self.check_quota(device, &spec.holder.tenant, spec.size)?;
         let dev = &mut self.devices[device];
         if dev.live >= self.max_allocations {
             return Err(EngineError::TooMany {
@@ -151,6 +152,10 @@ impl AllocationEngine {
         specs: &[AllocationSpec],
         now: SystemTime,
     ) -> Result<Vec<Uuid>, EngineError> {
+        if let Some(first) = specs.first() {
+            let total = specs.iter().map(|s| s.size).sum();
+            self.check_quota(device, &first.holder.tenant, total)?;
+        }
         let dev = &mut self.devices[device];
         let name = dev.arena.backend().device_id().to_string();
         if dev.live + specs.len() as u64 > self.max_allocations {
@@ -229,6 +234,7 @@ impl AllocationEngine {
         if matches!(spec.owner, Owner::Model(_)) {
             dev.model_bytes += spec.size;
         }
+        dev.tenant_add(&spec.holder.tenant, spec.size);
         if spec.persistent && spec.owner == Owner::Client {
             dev.persistent_changes += 1;
         }

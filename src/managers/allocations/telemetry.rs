@@ -75,6 +75,15 @@ impl AllocationEngine {
             stall_seconds_total: d.pressure.stall_total_ms(now) as f64 / 1000.0,
             max_failed_demand_60s: d.pressure.max_failed_demand(now),
             live_allocations: d.live,
+            tenant_bytes: {
+                let mut v: Vec<(String, u64)> = d
+                    .tenant_bytes
+                    .iter()
+                    .map(|(t, b)| (t.to_string(), *b))
+                    .collect();
+                v.sort();
+                v
+            },
             allocations_total: d.total_allocations,
             deallocations_total: d.total_deallocations,
             failures_total: d.failed_allocations,

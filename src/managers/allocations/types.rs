@@ -49,6 +49,25 @@ pub enum EngineError {
         /// The limit.
         limit: u64,
     },
+    /// The tenant's quota on the device would be passed: refused before anything changed.
+    #[error(
+        "tenant `{tenant}` has a quota of {} ({quota} bytes) on {device} and holds {} ({used} bytes) \
+         there; {} ({requested} bytes) more would pass it (free some of its allocations or unload models it loaded, or ask the operator for a \
+         larger quota)",
+        format_bytes(*quota), format_bytes(*used), format_bytes(*requested)
+    )]
+    QuotaExceeded {
+        /// The tenant.
+        tenant: String,
+        /// The device.
+        device: String,
+        /// Its quota there, bytes.
+        quota: u64,
+        /// What it holds there now, bytes.
+        used: u64,
+        /// Bytes asked for.
+        requested: u64,
+    },
     /// The allocation holds no bytes (a Reservation) or the range is outside it.
     #[error("{0}")]
     OutOfRange(String),
@@ -228,6 +247,8 @@ pub struct DeviceTelemetry {
     pub max_failed_demand_60s: Option<u64>,
     /// Live allocations.
     pub live_allocations: u64,
+    /// Bytes each tenant holds here (section 8.2), by tenant; none holding nothing.
+    pub tenant_bytes: Vec<(String, u64)>,
     /// Allocations since the start.
     pub allocations_total: u64,
     /// Deallocations since the start.

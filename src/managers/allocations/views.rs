@@ -192,6 +192,11 @@ impl AllocationEngine {
             } else {
                 d.allocation_time_ms_sum / d.total_allocations as f64
             },
+            tenant_bytes: d
+                .tenant_bytes
+                .iter()
+                .map(|(t, b)| (t.to_string(), *b))
+                .collect(),
         }
     }
 

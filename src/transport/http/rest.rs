@@ -3,7 +3,8 @@
 //! JSON body; requests that wait run on their own task, undone if the client leaves first.
 
 use super::{
-    Client, HttpState, Shared, answer_response, client_address, error_response, request_id,
+    Client, HttpState, Shared, answer_response, client_address, error_response, http_caller,
+    request_id,
 };
 use crate::api::{Action, Admit, Reply, Request, Response as Answer, internal_error, query};
 use crate::dispatch::Dispatcher;
@@ -95,19 +96,25 @@ async fn undo(dispatcher: &Dispatcher, answer: &Answer, started: SystemTime) {
 async fn dispatch(
     state: &HttpState,
     address: Option<IpAddr>,
+    headers: &HeaderMap,
     call: impl FnOnce(&Dispatcher, Admit<'_>) -> Reply<Answer>,
 ) -> Result<Answer, ProtocolError> {
+    // With tenants declared, the request is its bearer token's tenant's.
+    let dispatcher = match http_caller(state.dispatcher.service(), headers) {
+        Some(caller) => state.dispatcher.with_caller(caller),
+        None => state.dispatcher.clone(),
+    };
     let reply = {
         // The client's bound is looked up only for a request that takes a place.
         let admit = || state.clients.of(address).admit();
-        call(&state.dispatcher, &admit)
+        call(&dispatcher, &admit)
     };
     let answer = match reply {
         Reply::Now(answer) => return answer,
         Reply::Later(answer) => answer,
     };
     let mut guard = UndoIfGone {
-        dispatcher: state.dispatcher.clone(),
+        dispatcher,
         started: SystemTime::now(),
         task: Some(tokio::spawn(answer)),
     };
@@ -167,7 +174,12 @@ async fn read_body(
     }
 }
 
-pub(super) async fn command(State(state): State<Shared>, client: Client, body: Body) -> Response {
+pub(super) async fn command(
+    State(state): State<Shared>,
+    client: Client,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let body = match read_body(&state, body, None).await {
         Ok(b) => b,
         Err(r) => return r,
@@ -176,7 +188,7 @@ pub(super) async fn command(State(state): State<Shared>, client: Client, body: B
         Ok(r) => r,
         Err((id, e)) => return answer_response(id.as_deref(), None, &Err(e)),
     };
-    let answer = dispatch(&state, client_address(client), |d, admit| {
+    let answer = dispatch(&state, client_address(client), &headers, |d, admit| {
         d.call_action(request.action, request.data, Some(admit))
     })
     .await;
@@ -237,7 +249,7 @@ pub(super) async fn rest(
         Ok(d) => d,
         Err(e) => return answer_response(Some(&rid), Some(&rid), &Err(e)),
     };
-    let answer = dispatch(&state, address, |d, admit| {
+    let answer = dispatch(&state, address, &headers, |d, admit| {
         d.call_action(action, Some(&data), Some(admit))
     })
     .await;
