@@ -286,7 +286,7 @@ fn a_server_process_removes_its_claim_socket_on_sigterm() {
     let s = Server::spawn_with(
         &["--no-gpu", "--budget", "cpu=64MiB", "--budget", "shm=64MiB"],
         &[("XDG_RUNTIME_DIR", run.0.to_str().unwrap())],
-        std::process::Stdio::inherit(),
+        std::process::Stdio::inherit,
     );
     let a = s.post(
         "/v1/allocations",

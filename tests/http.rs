@@ -682,7 +682,7 @@ fn tokens_never_reach_the_logs() {
             token_file.to_str().unwrap(),
         ],
         &[("MEMCOORD_LOG", "trace")],
-        std::fs::File::create(&log).unwrap().into(),
+        || std::fs::File::create(&log).unwrap().into(),
     );
     let good = format!("Bearer {secret}");
     let bad = format!("Bearer {wrong}");

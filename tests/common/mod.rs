@@ -402,6 +402,33 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Whether process `pid` holds the socket listening on 127.0.0.1:`port` (its inode in
+/// /proc/net/tcp, in LISTEN state, is one of the process's descriptors).
+pub fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let wanted = format!("0100007F:{port:04X}");
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.len() > 9 && f[1] == wanted && f[3] == "0A").then(|| format!("socket:[{}]", f[9]))
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+    })
+}
+
 /// One HTTP/1.1 request on a fresh connection.
 pub fn http_request(
     port: u16,
@@ -480,30 +507,41 @@ unsafe extern "C" {
 impl Server {
     /// Starts `memcoord serve --listen 127.0.0.1:PORT ARGS` and waits until it listens.
     pub fn spawn(args: &[&str]) -> Server {
-        Server::spawn_with(args, &[], Stdio::inherit())
+        Server::spawn_with(args, &[], Stdio::inherit)
     }
 
-    /// [`Server::spawn`] with environment variables set and stderr sent to `stderr`.
-    pub fn spawn_with(args: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Server {
-        let port = free_port();
-        let child = Command::new(BIN)
-            .arg("serve")
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .args(args)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn memcoord serve");
-        let server = Server { child, port };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return server;
+    /// [`Server::spawn`] with environment variables set and stderr sent to what `stderr` makes.
+    /// The port is one the system just gave out; tests run in parallel, so another test's
+    /// server may take it first. So "listening" means that this child holds the listening
+    /// socket of the port (not merely that something answers there), and a child that could
+    /// not bind it is started again on another port.
+    pub fn spawn_with(args: &[&str], env: &[(&str, &str)], stderr: impl Fn() -> Stdio) -> Server {
+        for _ in 0..5 {
+            let port = free_port();
+            let child = Command::new(BIN)
+                .arg("serve")
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .args(args)
+                .envs(env.iter().copied())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(stderr())
+                .spawn()
+                .expect("spawn memcoord serve");
+            let mut server = Server { child, port };
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if listens_on(server.child.id(), port) {
+                    return server;
+                }
+                if server.child.try_wait().unwrap().is_some() {
+                    break; // it could not bind the port: another server has it
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(50));
+            let _ = server.child.kill();
+            let _ = server.child.wait();
         }
         panic!("memcoord serve did not start listening");
     }
