@@ -7,6 +7,7 @@
 #![allow(unsafe_code)] // test code: recvmsg and memory maps of its own (tests/common/claim.rs)
 
 mod common;
+use common::Scratch;
 
 use common::claim::{Mapped, claim_export};
 use common::inproc::InProcessWorker;
@@ -14,7 +15,7 @@ use common::{Allocate, Deallocate, GetUsage, ModelAcquire, ModelLoad, Requests, 
 use memcoord::api::actions::export::Export;
 use memcoord::protocol::ExportInfo;
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 /// The code block that follows `<!-- name -->` in docs/protocol.md.
@@ -29,24 +30,6 @@ fn block_from_docs(name: &str) -> String {
     let body = &after[start..];
     let body = &body[body.find('\n').unwrap() + 1..];
     body[..body.find("\n```").unwrap()].to_string()
-}
-
-/// A directory of its own, removed at the end.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("mc-claimex-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A worker whose `shm` budget is full but for holes of 5 MiB between allocations, with a model

@@ -7,6 +7,7 @@
 #![allow(unsafe_code)] // test code: recvmsg and memory maps of its own (tests/common/claim.rs)
 
 mod common;
+use common::Scratch;
 
 use common::claim::{Claim, Mapped, claim, claim_export, claim_raw, connect, receive};
 use common::inproc::{InProcessServer, InProcessWorker};
@@ -193,28 +194,7 @@ fn the_http_server_serves_claims_and_removes_its_socket_when_stopped() {
     assert!(s.service.list_exports().exports.is_empty());
 }
 
-/// A directory of its own for `XDG_RUNTIME_DIR`, removed at the end.
-struct RuntimeDir(PathBuf);
-
-impl RuntimeDir {
-    fn new(tag: &str) -> RuntimeDir {
-        let dir = std::env::temp_dir().join(format!("mc-run-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        RuntimeDir(dir)
-    }
-    fn entries(&self) -> usize {
-        std::fs::read_dir(&self.0).unwrap().count()
-    }
-}
-
-impl Drop for RuntimeDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn spawned_worker(run: &RuntimeDir) -> Worker {
+fn spawned_worker(run: &Scratch) -> Worker {
     Worker::spawn_with_env(
         &["--no-gpu", "--budget", "cpu=64MiB", "--budget", "shm=64MiB"],
         &[("XDG_RUNTIME_DIR", run.0.to_str().unwrap())],
@@ -224,7 +204,7 @@ fn spawned_worker(run: &RuntimeDir) -> Worker {
 #[test]
 fn a_worker_process_is_claimed_from_here_and_removes_its_socket_at_eof_and_on_sigterm() {
     for by_signal in [false, true] {
-        let run = RuntimeDir::new(if by_signal { "term" } else { "eof" });
+        let run = Scratch::new(if by_signal { "term" } else { "eof" });
         let mut w = spawned_worker(&run);
         let info = exported(&mut w, 300_000, 6);
         let unclaimed = w
@@ -235,7 +215,7 @@ fn a_worker_process_is_claimed_from_here_and_removes_its_socket_at_eof_and_on_si
             socket.starts_with(&run.0),
             "under XDG_RUNTIME_DIR: {socket:?}"
         );
-        assert_eq!(run.entries(), 1);
+        assert_eq!(entries(&run), 1);
         // Claimed by this process from the worker process: the descriptors cross for real.
         let c = claim_export(&info);
         check_bytes(&c, &info, 6);
@@ -249,7 +229,7 @@ fn a_worker_process_is_claimed_from_here_and_removes_its_socket_at_eof_and_on_si
         };
         assert!(status.success(), "{status:?}");
         assert!(!socket.exists(), "the claim socket is removed");
-        assert_eq!(run.entries(), 0, "and its directory");
+        assert_eq!(entries(&run), 0, "and its directory");
         // The session ended, and its exports with it: nothing answers for them any more.
         assert!(std::os::unix::net::UnixStream::connect(&unclaimed.socket_path).is_err());
         // The claimant's descriptor still holds the file it mapped.
@@ -259,7 +239,7 @@ fn a_worker_process_is_claimed_from_here_and_removes_its_socket_at_eof_and_on_si
 
 #[test]
 fn a_worker_killed_with_sigkill_leaves_its_directory_and_the_next_one_removes_it() {
-    let run = RuntimeDir::new("kill");
+    let run = Scratch::new("kill");
     let mut w = spawned_worker(&run);
     let info = exported(&mut w, 4096, 8);
     w.kill();
@@ -277,12 +257,12 @@ fn a_worker_killed_with_sigkill_leaves_its_directory_and_the_next_one_removes_it
     assert!(other.exists());
     assert!(Path::new(&mine.socket_path).exists());
     assert!(next.close(Duration::from_secs(20)).success());
-    assert_eq!(run.entries(), 1, "only the unrelated directory is left");
+    assert_eq!(entries(&run), 1, "only the unrelated directory is left");
 }
 
 #[test]
 fn a_server_process_removes_its_claim_socket_on_sigterm() {
-    let run = RuntimeDir::new("serve");
+    let run = Scratch::new("serve");
     let s = Server::spawn_with(
         &["--no-gpu", "--budget", "cpu=64MiB", "--budget", "shm=64MiB"],
         &[("XDG_RUNTIME_DIR", run.0.to_str().unwrap())],
@@ -307,8 +287,13 @@ fn a_server_process_removes_its_claim_socket_on_sigterm() {
     s.signal(libc::SIGTERM);
     assert!(s.wait_exit(Duration::from_secs(20)).success());
     assert_eq!(
-        run.entries(),
+        entries(&run),
         0,
         "the claim socket and its directory are gone"
     );
+}
+
+/// How many entries `dir` holds.
+fn entries(dir: &Scratch) -> usize {
+    std::fs::read_dir(&dir.0).unwrap().count()
 }

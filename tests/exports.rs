@@ -8,6 +8,7 @@
 #![allow(unsafe_code)] // test code: recvmsg and memory maps of its own (tests/common/claim.rs)
 
 mod common;
+use common::Scratch;
 
 use common::claim::{Claim, Mapped, claim, claim_export};
 use common::inproc::InProcessWorker;
@@ -163,25 +164,6 @@ fn an_shm_allocation_is_claimed_mapped_and_shared_both_ways() {
         .unwrap();
 }
 
-/// A model root directory of its own, removed at the end.
-struct Root(PathBuf);
-
-impl Root {
-    fn new(tag: &str) -> Root {
-        let dir =
-            std::env::temp_dir().join(format!("memcoord-exports-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Root(dir)
-    }
-}
-
-impl Drop for Root {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Writes a safetensors file of several dtypes and shapes (a scalar and an empty tensor
 /// among them); returns the file's bytes.
 fn write_mixed_model(path: &Path) -> Vec<u8> {
@@ -262,7 +244,7 @@ fn read_header(file: &[u8]) -> HashMap<String, HeaderTensor> {
 
 #[test]
 fn a_model_on_shm_is_exported_with_its_tensors_and_ends_with_its_lease() {
-    let root = Root::new("model");
+    let root = Scratch::new("model");
     let file = write_mixed_model(&root.0.join("mixed.safetensors"));
     let header = read_header(&file);
     let dir = root.0.clone();

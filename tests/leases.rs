@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
+use common::Scratch;
 
 use common::inproc::{InProcessServer, InProcessWorker};
 use common::{
@@ -16,35 +17,20 @@ use memcoord::managers::clock::ManualClock;
 use memcoord::protocol::Timestamp;
 use memcoord::transport::server::ServeOptions;
 use serde_json::json;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 const MIB: u64 = 1 << 20;
 
-/// A folder of model files, removed at the end.
-struct Root(PathBuf);
-
-impl Root {
-    fn new(tag: &str) -> Root {
-        let dir =
-            std::env::temp_dir().join(format!("memcoord-leases-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        // One 4 MiB model (1 Mi f32 values).
-        write_model(&dir.join("m.safetensors"), &[("w", 1_048_576)]);
-        Root(dir)
-    }
-}
-
-impl Drop for Root {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A folder with one 4 MiB model (1 Mi f32 values), `m.safetensors`, removed at the end.
+fn model_root(tag: &str) -> Scratch {
+    let dir = Scratch::new(tag);
+    write_model(&dir.0.join("m.safetensors"), &[("w", 1_048_576)]);
+    dir
 }
 
 /// A worker over cpu and shm of 12 MiB each on a manual clock, with model `m` loaded on `device`.
-fn worker(root: &Root, device: &str) -> (InProcessWorker, Arc<ManualClock>) {
+fn worker(root: &Scratch, device: &str) -> (InProcessWorker, Arc<ManualClock>) {
     let dir = root.0.clone();
     let (mut w, clock) =
         InProcessWorker::on_manual_clock("12MiB", "12MiB", |s| s.with_model_root(dir));
@@ -78,7 +64,7 @@ fn expired_counter(service: &memcoord::service::MemoryService) -> u64 {
 
 #[test]
 fn a_lease_of_one_second_expires_renew_extends_it_and_the_model_can_be_evicted_again() {
-    let root = Root::new("expiry");
+    let root = model_root("expiry");
     let (mut w, clock) = worker(&root, "cpu");
     let acquired_at = w.service.now();
     let lease = w
@@ -160,7 +146,7 @@ fn a_lease_of_one_second_expires_renew_extends_it_and_the_model_can_be_evicted_a
 
 #[test]
 fn a_lease_past_its_deadline_is_gone_before_the_sweeper_comes_by() {
-    let root = Root::new("due");
+    let root = model_root("due");
     let (mut w, clock) = worker(&root, "cpu");
     let a = w
         .send::<ModelAcquire>(json!({"model_name": "m", "ttl_seconds": 2}))
@@ -185,7 +171,7 @@ fn a_lease_past_its_deadline_is_gone_before_the_sweeper_comes_by() {
 
 #[test]
 fn leases_without_a_limit_last_until_released_and_renew_can_give_them_one() {
-    let root = Root::new("nolimit");
+    let root = model_root("nolimit");
     let (mut w, clock) = worker(&root, "cpu");
     // Over stdio no ttl_seconds (or null) means no time limit.
     for data in [
@@ -219,7 +205,7 @@ fn leases_without_a_limit_last_until_released_and_renew_can_give_them_one() {
 
 #[test]
 fn unknown_leases_and_bad_ttl_seconds_are_refused() {
-    let root = Root::new("refused");
+    let root = model_root("refused");
     let (mut w, _clock) = worker(&root, "cpu");
     for id in [uuid::Uuid::new_v4().to_string(), "not-a-uuid".to_string()] {
         let e = w
@@ -265,7 +251,7 @@ fn unknown_leases_and_bad_ttl_seconds_are_refused() {
 
 #[test]
 fn an_expired_lease_ends_the_exports_made_under_it() {
-    let root = Root::new("exports");
+    let root = model_root("exports");
     let (mut w, clock) = worker(&root, "shm");
     let lease = w
         .send::<ModelAcquire>(json!({"model_name": "m", "ttl_seconds": 3}))
@@ -280,7 +266,7 @@ fn an_expired_lease_ends_the_exports_made_under_it() {
 
 #[test]
 fn the_sweeper_thread_releases_an_expired_lease_and_a_waiting_load_gets_the_room() {
-    let root = Root::new("sweeper");
+    let root = model_root("sweeper");
     write_model(&root.0.join("n.safetensors"), &[("w", 1_048_576)]);
     let (mut w, clock) = worker(&root, "cpu");
     w.send::<ModelAcquire>(json!({"model_name": "m", "ttl_seconds": 1}))
@@ -310,7 +296,7 @@ fn the_sweeper_thread_releases_an_expired_lease_and_a_waiting_load_gets_the_room
 
 #[test]
 fn over_http_a_lease_lasts_300_seconds_unless_ttl_seconds_says_otherwise() {
-    let root = Root::new("http");
+    let root = model_root("http");
     let clock = Arc::new(ManualClock::new(1_000_000));
     let service = memcoord::service::MemoryService::with_clock(
         common::inproc::settings("12MiB", "12MiB")

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 mod common;
+use common::Scratch;
 
 use common::inproc::settings;
 use common::{Worker, write_model};
@@ -15,31 +16,10 @@ use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// A fresh directory under the system's temp dir, removed at drop.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        let p = std::env::temp_dir().join(format!(
-            "memcoord-sessions-{name}-{}-{}",
-            std::process::id(),
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        Dir(p)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Polls `done` until it holds or `deadline` passes; whether it held.
 fn poll_until(deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
@@ -129,7 +109,7 @@ fn allocated(service: &MemoryService, device: &str) -> u64 {
 
 #[test]
 fn thirty_two_clients_each_answered_exactly_once_and_nothing_leaks() {
-    let dir = Dir::new("32");
+    let dir = Scratch::new("32");
     let path = dir.0.join("mc.sock");
     let (service, server, _runtime) = in_process_socket(&path);
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
@@ -192,7 +172,7 @@ fn thirty_two_clients_each_answered_exactly_once_and_nothing_leaks() {
 
 #[test]
 fn a_closed_connection_releases_what_its_session_made_but_not_persistent_allocations() {
-    let dir = Dir::new("close");
+    let dir = Scratch::new("close");
     let path = dir.0.join("mc.sock");
     let (service, server, _runtime) = in_process_socket(&path);
     let mut a = Client::connect(&path);
@@ -264,7 +244,7 @@ fn a_sigkilled_client_loses_its_allocations_and_lease_within_a_second() {
         println!("SKIPPED: python3 is missing (the client process this test kills)");
         return;
     }
-    let dir = Dir::new("kill");
+    let dir = Scratch::new("kill");
     let sock = dir.0.join("mc.sock");
     write_model(&dir.0.join("m.safetensors"), &[("w", 4096)]);
     let mut w = Worker::spawn(&[
@@ -386,7 +366,7 @@ time.sleep(600)
 /// `memcoord allocs` show the connection's process; SIGTERM removes the socket.
 #[test]
 fn serve_with_a_socket_beside_http_shows_sessions_in_the_cli() {
-    let dir = Dir::new("serve");
+    let dir = Scratch::new("serve");
     let sock = dir.0.join("mc.sock");
     let mut server = common::Server::spawn(&[
         "--budget",

@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 mod common;
+use common::Scratch;
 
 use common::inproc::{InProcessServer, InProcessWorker, settings};
 use common::{Requests, map, pattern, write_model};
@@ -18,32 +19,11 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * 1024;
-
-/// A fresh directory under the system's temp dir, removed at drop.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        let p = std::env::temp_dir().join(format!(
-            "memcoord-tenants-{name}-{}-{}",
-            std::process::id(),
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        Dir(p)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// `render` (shm 4 MiB, cpu 8 MiB) and `chat` (cpu 1 MiB); the operator's token `t-admin`.
 fn tenants() -> Tenants {
@@ -174,7 +154,7 @@ fn books(u: &Value) -> Value {
 
 #[test]
 fn quotas_hold_to_the_byte_on_every_device_with_models_and_reservations() {
-    let dir = Dir::new("quota");
+    let dir = Scratch::new("quota");
     let model = write_model(&dir.0.join("m.safetensors"), &[("w", 64 * 1024)]); // 256 KiB
     write_model(&dir.0.join("big.safetensors"), &[("w", 128 * 1024)]); // 512 KiB
     write_model(&dir.0.join("small.safetensors"), &[("w", 1024)]); // 4 KiB
@@ -302,7 +282,7 @@ fn quotas_hold_to_the_byte_on_every_device_with_models_and_reservations() {
 
 #[test]
 fn a_tenant_cannot_see_free_transfer_or_export_another_tenants_allocation() {
-    let dir = Dir::new("see");
+    let dir = Scratch::new("see");
     write_model(&dir.0.join("m.safetensors"), &[("w", 1024)]);
     let path = dir.0.join("mc.sock");
     let (_service, _server, _rt) = socket(service(&dir.0), &path);
@@ -418,7 +398,7 @@ fn a_tenant_cannot_see_free_transfer_or_export_another_tenants_allocation() {
 
 #[test]
 fn hello_over_stdio_sets_the_tenant_of_the_session() {
-    let dir = Dir::new("stdio");
+    let dir = Scratch::new("stdio");
     let mut w = InProcessWorker::over(service(&dir.0));
     let before = ok(allocate(&mut w, "cpu", 4 * KIB, "General"));
     assert_eq!(before["allocation"]["tenant"], "default");
@@ -455,7 +435,7 @@ fn hello_over_stdio_sets_the_tenant_of_the_session() {
 
 #[test]
 fn the_bearer_token_names_the_tenant_over_http() {
-    let dir = Dir::new("http");
+    let dir = Scratch::new("http");
     let root = dir.0.clone();
     let s = InProcessServer::over(
         service(&root),
@@ -531,7 +511,7 @@ fn the_bearer_token_names_the_tenant_over_http() {
 
 #[test]
 fn tenants_are_read_from_the_config_file_and_bad_ones_refused() {
-    let dir = Dir::new("config");
+    let dir = Scratch::new("config");
     let token = |name: &str, text: &str| {
         let p = dir.0.join(name);
         std::fs::write(&p, text).unwrap();

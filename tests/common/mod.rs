@@ -369,6 +369,28 @@ pub fn write_model(path: &Path, tensors: &[(&str, usize)]) -> HashMap<String, Ve
     bytes
 }
 
+/// A fresh directory under the system's temp dir, removed (with what is in it) when dropped.
+/// The name is short (`mc-TAG-PID-N`): sockets made in it must fit a socket address.
+pub struct Scratch(pub std::path::PathBuf);
+
+impl Scratch {
+    /// A new empty directory named after `tag`.
+    pub fn new(tag: &str) -> Scratch {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("mc-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A `memcoord serve` child on a free loopback port, and a tiny HTTP/1.1 client for it.
 pub struct Server {
     child: Child,
