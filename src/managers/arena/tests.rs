@@ -8,10 +8,11 @@ fn arena(len: u64) -> Arena {
 }
 
 /// A host backend that remembers which pages were really committed (through the backend
-/// or its committer), as opposed to marked backed.
+/// or its committer), as opposed to marked backed, and every call to its `commit`.
 struct Recording {
     inner: CpuBackend,
     committed: std::sync::Arc<parking_lot::Mutex<std::collections::BTreeSet<u64>>>,
+    calls: std::sync::Arc<parking_lot::Mutex<Vec<(u64, u64)>>>,
 }
 
 struct RecordingCommitter(std::sync::Arc<parking_lot::Mutex<std::collections::BTreeSet<u64>>>);
@@ -43,10 +44,17 @@ impl Backend for Recording {
         4096
     }
     fn commit(&mut self, offset: u64, len: u64) -> Result<(), BackendError> {
+        self.calls.lock().push((offset, len));
         self.committed
             .lock()
             .extend((offset / 4096)..(offset + len) / 4096);
         self.inner.commit(offset, len)
+    }
+    fn host_slice(&self, offset: u64, len: u64) -> Option<&[u8]> {
+        self.inner.host_slice(offset, len)
+    }
+    fn host_slice_mut(&mut self, offset: u64, len: u64) -> Option<&mut [u8]> {
+        self.inner.host_slice_mut(offset, len)
     }
     fn release(&mut self, offset: u64, len: u64) {
         let mut c = self.committed.lock();
@@ -74,6 +82,7 @@ fn a_neighbour_never_shares_a_page_still_to_be_committed() {
     let mut a = Arena::new(Box::new(Recording {
         inner: CpuBackend::new(1 << 24).unwrap(),
         committed: committed.clone(),
+        calls: Default::default(),
     }));
     for (lead, size) in [(0, 10 * 4096 + 100), (100, 3 * 4096), (4000, 4096 + 10)] {
         let lead = (lead > 0).then(|| a.allocate(lead, 0).unwrap());
@@ -223,57 +232,15 @@ fn compaction_moves_down_keeps_bytes_and_pins() {
     assert_eq!(a.free_regions(), 1);
 }
 
-/// A host backend that logs every commit call (offset, len).
-struct CommitLog {
-    inner: CpuBackend,
-    calls: std::sync::Arc<parking_lot::Mutex<Vec<(u64, u64)>>>,
-}
-
-impl Backend for CommitLog {
-    fn device_id(&self) -> &str {
-        "cpu"
-    }
-    fn name(&self) -> &str {
-        "commit log"
-    }
-    fn memory_type(&self) -> crate::domain::MemoryType {
-        crate::domain::MemoryType::RAM
-    }
-    fn capacity(&mut self) -> crate::backends::Capacity {
-        self.inner.capacity()
-    }
-    fn len(&self) -> u64 {
-        self.inner.len()
-    }
-    fn page_size(&self) -> u64 {
-        self.inner.page_size()
-    }
-    fn commit(&mut self, offset: u64, len: u64) -> Result<(), BackendError> {
-        self.calls.lock().push((offset, len));
-        self.inner.commit(offset, len)
-    }
-    fn release(&mut self, offset: u64, len: u64) {
-        self.inner.release(offset, len);
-    }
-    fn host_slice(&self, offset: u64, len: u64) -> Option<&[u8]> {
-        self.inner.host_slice(offset, len)
-    }
-    fn host_slice_mut(&mut self, offset: u64, len: u64) -> Option<&mut [u8]> {
-        self.inner.host_slice_mut(offset, len)
-    }
-    fn handle(&self, _offset: u64) -> Option<crate::domain::Handle> {
-        None
-    }
-}
-
 /// A group (a model's tensors) lies back to back and its pages are backed in one call, so a
 /// GPU backend can hold it in a few physical allocations; each member frees on its own, and
 /// the accounting ends where it began.
 #[test]
 fn a_group_lies_back_to_back_and_is_backed_in_one_commit() {
     let calls = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
-    let mut a = Arena::new(Box::new(CommitLog {
+    let mut a = Arena::new(Box::new(Recording {
         inner: CpuBackend::new(1 << 24).unwrap(),
+        committed: Default::default(),
         calls: calls.clone(),
     }));
     let page = a.backend().page_size();
