@@ -230,6 +230,64 @@ fn a_closed_connection_releases_what_its_session_made_but_not_persistent_allocat
     server.stop();
 }
 
+/// A client that goes away while one of its requests waits for memory: its allocations go
+/// back within a second all the same (the waiting request does not hold the session open),
+/// and the waiting request never allocates afterwards, even when room appears.
+#[test]
+fn a_session_ends_at_once_though_a_request_of_it_still_waits_for_memory() {
+    let dir = Scratch::new("waiting");
+    let path = dir.0.join("mc.sock");
+    let (service, server, _runtime) = in_process_socket(&path);
+    let mut other = Client::connect(&path);
+    let big = other.request(
+        "memory.allocate",
+        json!({"device_id": "cpu", "size_bytes": 200 << 20}),
+    );
+    assert_eq!(big["success"], true, "{big}");
+    let mut gone = Client::connect(&path);
+    let held = gone.request(
+        "memory.allocate",
+        json!({"device_id": "cpu", "size_bytes": 1 << 20}),
+    );
+    assert_eq!(held["success"], true, "{held}");
+    // 100 MiB do not fit beside the other session's 200 MiB (budget 256 MiB): it waits.
+    gone.send(
+        "memory.allocate",
+        json!({"device_id": "cpu", "size_bytes": 100 << 20, "timeout_seconds": 30}),
+    );
+    let sessions = |c: &mut Client| {
+        c.request("memory.list_sessions", json!(null))["data"]["sessions"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(sessions(&mut other), 2);
+    // Give the request time to start waiting.
+    std::thread::sleep(Duration::from_millis(100));
+    drop(gone);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    assert!(
+        poll_until(deadline, || allocated(&service, "cpu") == 200 << 20),
+        "within a second of the close the gone session's allocation is freed, though a request \
+         of it was waiting for memory"
+    );
+    assert_eq!(sessions(&mut other), 1, "only the other session is left");
+    // Room appears: the gone session's waiting request must not take it.
+    let freed = other.request(
+        "memory.deallocate",
+        json!({"allocation_id": big["data"]["allocation"]["allocation_id"]}),
+    );
+    assert_eq!(freed["success"], true, "{freed}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        allocated(&service, "cpu"),
+        0,
+        "nothing allocated for the gone session"
+    );
+    drop(other);
+    server.stop();
+}
+
 /// The done-when of issue 15: a client process holding allocations and a lease over the Unix
 /// socket is SIGKILLed; within one second its allocations and lease are gone and usage is back
 /// where it was; its persistent allocation stays.

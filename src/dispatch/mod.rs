@@ -121,37 +121,69 @@ impl Dispatcher {
         }
         // A session owns the leases and exports it makes: noted here, released when it ends.
         match reply {
-            Reply::Now(answer) => {
-                note_holding(&self.service, &caller, &answer);
-                Reply::Now(answer)
-            }
+            Reply::Now(answer) => Reply::Now(settle(&self.service, &caller, answer)),
             Reply::Later(answer) => {
                 let service = Arc::clone(&self.service);
-                Reply::later(async move {
-                    let answer = answer.await;
-                    note_holding(&service, &caller, &answer);
-                    answer
-                })
+                Reply::later(async move { settle(&service, &caller, answer.await) })
             }
         }
     }
 }
 
 /// Notes a lease or an export a session's request made, so the session's end releases it.
-fn note_holding(
+/// A request that waited past its session's end (the client went away meanwhile) releases
+/// what it made at once, and is answered that it did.
+fn settle(
     service: &MemoryService,
     caller: &Caller,
-    answer: &Result<Response, ProtocolError>,
-) {
-    match answer {
+    answer: Result<Response, ProtocolError>,
+) -> Result<Response, ProtocolError> {
+    let kept = match &answer {
         Ok(Response::ModelAcquire(r)) => {
             service.note_owner(caller, &r.lease_id);
-            service.note_lease(caller, &r.lease_id);
+            service.note_lease(caller, &r.lease_id)
         }
         Ok(Response::Export(r)) => {
             service.note_owner(caller, &r.export_id);
-            service.note_export(caller, &r.export_id);
+            service.note_export(caller, &r.export_id)
         }
-        _ => {}
+        Ok(Response::Allocate(r)) if !r.allocation.persistent => service.session_open(caller),
+        _ => true,
+    };
+    if kept {
+        return answer;
     }
+    let made = match &answer {
+        Ok(Response::ModelAcquire(r)) => {
+            let req = crate::api::LeaseRequest {
+                lease_id: r.lease_id.clone(),
+            };
+            let _ = service.model_release(&req);
+            format!("lease {}", r.lease_id)
+        }
+        Ok(Response::Export(r)) => {
+            let req = crate::api::ExportIdRequest {
+                export_id: r.export_id.clone(),
+            };
+            let _ = service.unexport(&req);
+            format!("export {}", r.export_id)
+        }
+        Ok(Response::Allocate(r)) => {
+            // Freed already when the session's end saw it; NOT_FOUND then.
+            let req = crate::api::DeallocateRequest {
+                allocation_id: r.allocation.allocation_id.clone(),
+                device_id: None,
+            };
+            let _ = service.deallocate(&req);
+            format!("allocation {}", r.allocation.allocation_id)
+        }
+        _ => String::new(),
+    };
+    Err(ProtocolError::new(
+        ErrorCode::ShuttingDown,
+        format!(
+            "the session ended (its connection closed) before this request was answered; \
+             what it made ({made}) was released"
+        ),
+    ))
 }

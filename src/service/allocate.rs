@@ -17,6 +17,20 @@ pub enum TryAllocate {
     Large(AllocateRequest),
 }
 
+/// The answer to an allocate still waiting when its session ended (the client closed the
+/// connection or died): nobody reads it, but it is written if the connection still can be.
+fn session_ended(req: &AllocateRequest) -> ProtocolError {
+    ProtocolError::new(
+        ErrorCode::ShuttingDown,
+        format!(
+            "{}: the session ended (its connection closed) while the allocation of {} waited \
+             for room; it was not made",
+            req.device_id,
+            format_bytes(req.size_bytes)
+        ),
+    )
+}
+
 /// Allocations at least this large fault their pages in without holding the engine, on a
 /// blocking thread, so other requests are answered meanwhile.
 pub const LARGE_ALLOCATION_BYTES: u64 = 16 << 20;
@@ -298,6 +312,9 @@ impl MemoryService {
                         format_bytes(req.size_bytes)
                     ),
                 ));
+            }
+            if !self.session_open(&req.holder) {
+                break Err(session_ended(&req));
             }
             let attempt = {
                 let mut e = self.engine.lock();

@@ -39,31 +39,41 @@ impl MemoryService {
         caller
     }
 
+    /// Whether `caller`'s session is still open (a caller outside a session: always). A
+    /// request that waited can outlive its session; what it made then is released at once.
+    pub fn session_open(&self, caller: &Caller) -> bool {
+        caller
+            .session
+            .is_none_or(|s| self.sessions.lock().get_mut(&s).is_some())
+    }
+
     /// Notes a lease taken in `caller`'s session (nothing outside one): it is released when
-    /// the session ends.
-    pub fn note_lease(&self, caller: &Caller, lease_id: &str) {
+    /// the session ends. False when the session has ended already (the caller releases it).
+    pub fn note_lease(&self, caller: &Caller, lease_id: &str) -> bool {
         let (Some(session), Ok(id)) = (caller.session, Uuid::parse_str(lease_id)) else {
-            return;
+            return true;
         };
         let mut sessions = self.sessions.lock();
         let Some(s) = sessions.get_mut(&session) else {
-            return;
+            return false;
         };
         if s.leases.len() >= PRUNE_AT {
             let models = self.models.lock();
             s.leases.retain(|l| models.lease_model(l).is_some());
         }
         s.leases.push(id);
+        true
     }
 
-    /// Notes an export made in `caller`'s session: it ends when the session ends.
-    pub fn note_export(&self, caller: &Caller, export_id: &str) {
+    /// Notes an export made in `caller`'s session: it ends when the session ends. False when
+    /// the session has ended already (the caller ends the export).
+    pub fn note_export(&self, caller: &Caller, export_id: &str) -> bool {
         let (Some(session), Ok(id)) = (caller.session, Uuid::parse_str(export_id)) else {
-            return;
+            return true;
         };
         let mut sessions = self.sessions.lock();
         let Some(s) = sessions.get_mut(&session) else {
-            return;
+            return false;
         };
         if s.exports.len() >= PRUNE_AT {
             let exports = self.exports.lock();
@@ -71,11 +81,14 @@ impl MemoryService {
                 .retain(|x| exports.all().any(|live| live.id == *x));
         }
         s.exports.push(id);
+        true
     }
 
     /// Ends a session: its exports end, its leases are released and its allocations that
     /// are not persistent are freed, each as if the client had asked (what is already gone
-    /// is skipped). Call it once the session's requests are all answered.
+    /// is skipped). Its requests still waiting for memory are woken and answered at once
+    /// (nothing made); one that finishes after this releases what it made itself (the
+    /// dispatcher sees the session ended).
     pub fn end_session(&self, session: SessionId) -> SessionEnded {
         let mut ended = SessionEnded::default();
         let noted = self.sessions.lock().end(&session);
@@ -111,6 +124,8 @@ impl MemoryService {
                 Err(e) => tracing::warn!("session {session} ended: {}", e.message),
             }
         }
+        // Waiters of this session look again, see it ended and give up.
+        self.room.raise();
         if ended != SessionEnded::default() {
             tracing::info!(
                 "session {session} ended: released {} allocation(s) ({} bytes), {} lease(s), {} export(s)",

@@ -303,8 +303,17 @@ impl Worker {
     }
 
     fn spawn_pending(self: &Arc<Self>, pending: PendingLine) {
+        /// Counts the request as done however its task ends: answered, or dropped unpolled
+        /// by a runtime that shut down (then nothing would answer it, and a finish waiting
+        /// for it would wait forever).
+        struct Done(Arc<Worker>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.in_flight.done();
+            }
+        }
         self.in_flight.add();
-        let worker = Arc::clone(self);
+        let done = Done(Arc::clone(self));
         let task = self.runtime.spawn(pending.response);
         let request_id = pending.request_id;
         self.runtime.spawn(async move {
@@ -316,8 +325,8 @@ impl Worker {
                     out
                 }
             };
-            worker.emit(bytes);
-            worker.in_flight.done();
+            done.0.emit(bytes);
+            drop(done);
         });
     }
 
@@ -420,11 +429,14 @@ impl Worker {
         self.finished.call_once(|| {
             let service = self.dispatcher.service();
             let Role::Process { claim, unix } = &self.role else {
-                self.in_flight.wait_idle();
-                self.close_output();
+                // The session ends first, so what the client held goes back at once even
+                // while some of its requests still wait: those are woken and answered, and
+                // one that makes something after this releases it again (the dispatcher).
                 if let Some(session) = self.dispatcher.caller().session {
                     service.end_session(session);
                 }
+                self.in_flight.wait_idle();
+                self.close_output();
                 return;
             };
             service.begin_shutdown();
