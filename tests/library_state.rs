@@ -77,3 +77,54 @@ fn a_library_user_with_a_state_dir_persists_every_change_before_the_call_returns
     drop(s);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A persistent allocation keeps its tenant across a restart: adopted, it still belongs to
+/// (and counts against) the tenant that made it, not to `default`.
+#[test]
+fn an_adopted_persistent_allocation_keeps_its_tenant() {
+    let dir = std::env::temp_dir().join(format!("memcoord-library-tenant-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (s, _) = service(&dir);
+    let mut req = AllocateRequest::new("shm", MIB);
+    req.persistent = true;
+    req.holder = memcoord::domain::Caller::of_tenant("render");
+    let id = s.allocate_now(req).unwrap().allocation.allocation_id;
+    assert!(
+        listed(&dir).contains("\"tenant\": \"render\""),
+        "{}",
+        listed(&dir)
+    );
+    s.shut_down();
+    drop(s);
+
+    let (s, adopted) = service(&dir);
+    assert_eq!(adopted, 1);
+    let shm = memcoord::api::DeviceRequest {
+        device_id: "shm".into(),
+    };
+    let usage = s.get_usage(&shm).unwrap();
+    assert_eq!(
+        usage.tenant_bytes.get("render"),
+        Some(&MIB),
+        "{:?}",
+        usage.tenant_bytes
+    );
+    assert_eq!(usage.tenant_bytes.get("default"), None);
+    let list = memcoord::api::GetAllocationsRequest {
+        device_id: "shm".into(),
+        allocation_type: None,
+        purpose: None,
+        owner: None,
+        tenant: Some("render".into()),
+        client_pid: None,
+        offset: 0,
+        limit: 10,
+    };
+    let listed_render = s.get_allocations(&list).unwrap();
+    assert_eq!(listed_render.total_count, 1);
+    assert_eq!(listed_render.allocations[0].allocation_id, id);
+    assert_eq!(listed_render.allocations[0].tenant, "render");
+    s.shut_down();
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}

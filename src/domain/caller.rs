@@ -75,6 +75,19 @@ impl Caller {
         Arc::clone(&ANONYMOUS)
     }
 
+    /// A caller outside any session, of `tenant` (what an adopted persistent allocation
+    /// records: the tenant that made it, in an earlier run).
+    pub fn of_tenant(tenant: &str) -> Arc<Caller> {
+        if tenant == DEFAULT_TENANT {
+            return Self::anonymous();
+        }
+        Arc::new(Caller {
+            session: None,
+            client_pid: None,
+            tenant: Arc::from(tenant),
+        })
+    }
+
     /// The caller of a new session.
     pub fn session(session: SessionId, client_pid: Option<u32>) -> Arc<Caller> {
         Arc::new(Caller {

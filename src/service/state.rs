@@ -40,6 +40,13 @@ struct SavedAllocation {
     allocation_type: MemoryAllocationType,
     purpose: String,
     created_us: u64,
+    /// The tenant that made it (state files written before tenants had none: `default`).
+    #[serde(default = "default_tenant")]
+    tenant: String,
+}
+
+fn default_tenant() -> String {
+    crate::domain::DEFAULT_TENANT.to_string()
 }
 
 #[derive(Serialize, Deserialize)]
@@ -324,7 +331,7 @@ impl MemoryService {
                             purpose: a.purpose,
                             persistent: true,
                             owner: Owner::Client,
-                            holder: crate::domain::Caller::anonymous(),
+                            holder: crate::domain::Caller::of_tenant(&a.tenant),
                         },
                         created_us: a.created_us,
                     })
@@ -399,6 +406,7 @@ impl MemoryService {
                         allocation_type: a.spec.kind,
                         purpose: a.spec.purpose,
                         created_us: a.created_us,
+                        tenant: a.spec.holder.tenant.to_string(),
                     })
                     .collect(),
             };

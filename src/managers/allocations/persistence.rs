@@ -136,6 +136,8 @@ impl AllocationEngine {
             dev.live += 1;
             dev.total_allocations += 1;
             dev.note_peaks();
+            // It counts against the tenant that made it, as when it was made.
+            dev.tenant_add(&a.spec.holder.tenant, a.spec.size);
             let purpose_slot = dev.tally.add(Entry {
                 size: a.spec.size,
                 kind: a.spec.kind,
