@@ -291,6 +291,12 @@ struct ServiceArgs {
     /// TOO_MANY_REQUESTS at once.
     #[arg(long, value_name = "N", default_value_t = memcoord::transport::stdio::DEFAULT_MAX_IN_FLIGHT)]
     max_in_flight: usize,
+    /// After answering, how long (µs) a stdin or Unix-socket reader watches for the client's
+    /// next request before it sleeps in `read`: a client that sends one request at a time
+    /// then finds it awake. It spins only while its client is that quick, and at most a
+    /// quarter of the cores spin at once; 0 turns it off (every wait sleeps at once).
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = memcoord::transport::spin::DEFAULT_SPIN_MICROS)]
+    spin_us: u64,
     #[command(flatten)]
     advice: AdviceArgs,
 }
@@ -526,11 +532,12 @@ fn run(cli: Cli) -> Result<(), String> {
                 memcoord::transport::http::check_listen_text(addr, token.is_some())
                     .map_err(|m| format!("--metrics-addr: {m}"))?;
             }
-            let max_in_flight = service.max_in_flight;
+            let (max_in_flight, spin_us) = (service.max_in_flight, service.spin_us);
             let (settings, service, _threads) = service.start(token.as_deref())?;
             let options = WorkerOptions {
                 max_line_bytes: max_line_bytes.unwrap_or(settings.max_line_bytes),
                 max_in_flight,
+                spin: std::time::Duration::from_micros(spin_us),
             };
             let runtime = runtime()?;
             let shutdown = Shutdown::new();
@@ -583,7 +590,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 header: timeout_option("--header-timeout-seconds", header_timeout_seconds)?,
                 body: timeout_option("--body-timeout-seconds", body_timeout_seconds)?,
             };
-            let max_in_flight = service.max_in_flight;
+            let (max_in_flight, spin_us) = (service.max_in_flight, service.spin_us);
             let (settings, service, _threads) = service.start(token.as_deref())?;
             let runtime = runtime()?;
             let shutdown = Shutdown::new();
@@ -597,6 +604,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let lines = WorkerOptions {
                 max_line_bytes: settings.max_line_bytes,
                 max_in_flight,
+                spin: std::time::Duration::from_micros(spin_us),
             };
             let sockets = unix.bind(&Dispatcher::new(Arc::clone(&service)), &runtime, &lines)?;
             let Some(listen) = listen else {

@@ -95,6 +95,19 @@ fn send_one(stream: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Re
     }
 }
 
+/// Whether `fd` has something to read now (data, end of file or an error), without waiting:
+/// `poll` with a timeout of zero. For a reader that spins briefly before it blocks.
+pub fn readable_now(fd: BorrowedFd<'_>) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, borrowed for the call; a timeout of 0 never blocks.
+    let n = unsafe { libc::poll(&raw mut p, 1, 0) };
+    n > 0 && p.revents != 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

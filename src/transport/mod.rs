@@ -8,6 +8,7 @@ pub mod http;
 pub mod lines;
 pub mod openapi;
 pub mod server;
+pub mod spin;
 pub mod stdio;
 pub mod unix;
 

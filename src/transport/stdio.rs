@@ -33,6 +33,9 @@ pub struct WorkerOptions {
     pub max_line_bytes: usize,
     /// Requests of the session that may be in flight at once (see [`InFlightLimit`]).
     pub max_in_flight: usize,
+    /// How long a reader of a descriptor spins for the next request before it blocks
+    /// ([`super::spin`]; zero: never).
+    pub spin: std::time::Duration,
 }
 
 /// The default bound on requests in flight, per stdio session and per HTTP client.
@@ -43,6 +46,7 @@ impl Default for WorkerOptions {
         WorkerOptions {
             max_line_bytes: 1 << 20,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            spin: std::time::Duration::from_micros(super::spin::DEFAULT_SPIN_MICROS),
         }
     }
 }
@@ -332,6 +336,36 @@ impl Worker {
 
     /// Reads and answers requests from `input` until end of input, then finishes.
     pub fn serve<R: Read>(self: &Arc<Self>, input: R, options: &WorkerOptions) {
+        self.serve_with(input, options, None);
+    }
+
+    /// [`Worker::serve`] of a descriptor (stdin, a socket): between requests the reader
+    /// spins briefly before it blocks (`options.spin`, see [`super::spin`]).
+    pub fn serve_polled<R: Read + std::os::fd::AsFd>(
+        self: &Arc<Self>,
+        input: R,
+        options: &WorkerOptions,
+    ) {
+        // The spinner polls a second handle on the same descriptor; the reader owns `input`.
+        let fd = match input.as_fd().try_clone_to_owned() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::debug!("no spin before reads: {e}");
+                None
+            }
+        };
+        let spinner = fd
+            .as_ref()
+            .and_then(|fd| super::spin::Spinner::new(fd, options.spin));
+        self.serve_with(input, options, spinner);
+    }
+
+    fn serve_with<R: Read>(
+        self: &Arc<Self>,
+        input: R,
+        options: &WorkerOptions,
+        mut spinner: Option<super::spin::Spinner<'_>>,
+    ) {
         let mut reader = LineReader::new(input, options.max_line_bytes);
         let limit = InFlightLimit::new(options.max_in_flight);
         let admit = Some(&(|| limit.admit()) as &dyn Fn() -> _);
@@ -374,7 +408,14 @@ impl Worker {
             }
             // No more requests are read while the host leaves too many answers unread.
             self.backlog.wait_for_room();
-            match reader.fill() {
+            if let Some(s) = spinner.as_mut() {
+                s.before_read();
+            }
+            let filled = reader.fill();
+            if let Some(s) = spinner.as_mut() {
+                s.after_read();
+            }
+            match filled {
                 Ok(true) => {}
                 Ok(false) => {
                     // Answer a last line that had no newline, then finish.
@@ -527,7 +568,7 @@ pub fn run(
         .name("memcoord-stdin".into())
         .spawn(move || {
             let _ended = Ended(eof);
-            reader.serve(io::stdin().lock(), &options);
+            reader.serve_polled(io::stdin().lock(), &options);
         })?;
     shutdown.wait_blocking();
     // After a signal: waits for the batch being handled, then finishes (after end of input,

@@ -205,7 +205,7 @@ fn start_connection(
     let thread = std::thread::Builder::new()
         .name(format!("memcoord-unix-{id}"))
         .spawn(move || {
-            worker.serve(&stream, &options);
+            worker.serve_polled(&stream, &options);
             drop(worker);
             registry
                 .lock()
